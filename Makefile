@@ -1,0 +1,45 @@
+# `make run` and `make test` work on a fresh machine: each sets up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Offline machines (CI, this workplace) use the dev copy of MedNIST beside the
+# project instead of downloading the public tarball.
+DEV_ARCHIVE := ../shared/data/mednist/MedNIST-dev.tar.gz
+DEV_ARCHIVE_MD5 := d03cce2066dde455c59d5722b0253855
+ifneq ($(wildcard $(DEV_ARCHIVE)),)
+RUN_ARGS ?= --params "ingest.url=$(abspath $(DEV_ARCHIVE)),ingest.md5=$(DEV_ARCHIVE_MD5)"
+endif
+export KEDRO_DISABLE_TELEMETRY := 1
+
+.PHONY: install run test lint viz mlflow-ui benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+run: install
+	$(BIN)/kedro run $(RUN_ARGS)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+viz: install
+	$(BIN)/kedro viz run
+
+mlflow-ui: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+benchmark: install
+	$(BIN)/python benchmarks/bench_pipeline.py
+
+clean:
+	rm -rf data/0*/* build .viz

@@ -1,0 +1,101 @@
+"""The classifier: a small CNN by default, or any torchvision architecture by name."""
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from medical_ct.preprocessing import IMAGE_SIZE
+
+SMALL_CNN = "small_cnn"
+
+
+class ImageClassifier(nn.Module):
+    """Wraps a backbone with the input scaling, so callers feed the preprocessed uint8 pixels.
+
+    Input: a ``(batch, 1, IMAGE_SIZE, IMAGE_SIZE)`` tensor of pixel values 0..255 (any dtype).
+    Output: ``(batch, num_classes)`` logits.
+    """
+
+    def __init__(self, backbone: nn.Module, input_channels: int = 1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.input_channels = input_channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        scaled = (images.float() - 127.5) / 127.5
+        if self.input_channels != 1:
+            scaled = scaled.expand(-1, self.input_channels, -1, -1)
+        return self.backbone(scaled)
+
+
+def build_classifier(architecture: str, num_classes: int, width: int = 16) -> ImageClassifier:
+    """Build an untrained classifier.
+
+    Args:
+        architecture: ``small_cnn`` or the name of a torchvision classification model
+            (``resnet18``, ``mobilenet_v3_small``...), built without pretrained weights.
+        num_classes: Number of output classes.
+        width: Channels of the small CNN's first block (doubled at each of its 4 blocks).
+
+    Returns:
+        The classifier, in training mode.
+    """
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if architecture == SMALL_CNN:
+        return ImageClassifier(_small_cnn(num_classes, width))
+    available = torchvision.models.list_models(module=torchvision.models)
+    if architecture not in available:
+        raise ValueError(
+            f"unknown architecture {architecture!r}: use {SMALL_CNN!r} or one of "
+            f"torchvision's classification models ({', '.join(sorted(available)[:8])}, ...)"
+        )
+    backbone = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    return ImageClassifier(backbone, input_channels=3)
+
+
+def _small_cnn(num_classes: int, width: int) -> nn.Sequential:
+    """Four conv-BN-ReLU blocks (64 -> 4 pixels), global average pooling and a linear head.
+
+    The first block downsamples with a strided convolution instead of pooling: it halves the
+    cost of a training step on a CPU with no loss of accuracy on 64x64 MedNIST images.
+    """
+    blocks: list[nn.Module] = []
+    channels_in = 1
+    for block in range(4):
+        channels_out = width * 2**block
+        stride = 2 if block == 0 else 1
+        blocks += [
+            nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(channels_out),
+            nn.ReLU(inplace=True),
+        ]
+        if block > 0:
+            blocks.append(nn.MaxPool2d(2))
+        channels_in = channels_out
+    assert IMAGE_SIZE % 2**4 == 0, "the small CNN halves the image four times"
+    return nn.Sequential(
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.1),
+        nn.Linear(channels_in, num_classes),
+    )
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 512
+) -> np.ndarray:
+    """Class probabilities of ``model`` for preprocessed images of shape (n, 1, H, W)."""
+    model.eval()
+    device = next(model.parameters()).device
+    images = torch.as_tensor(images)
+    batches = [
+        torch.softmax(model(images[start : start + batch_size].to(device)), dim=1).cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    if not batches:
+        return np.empty((0, 0), dtype=np.float32)
+    return torch.cat(batches).numpy()

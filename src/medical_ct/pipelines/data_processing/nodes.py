@@ -1,0 +1,228 @@
+"""Nodes of the data_processing pipeline: ingest, decode, dedupe, split and report."""
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
+from medical_ct.preprocessing import IMAGE_SIZE, InvalidImageError, content_hash, preprocess_image
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+# A decoded image set: "pixels" (n, IMAGE_SIZE, IMAGE_SIZE) uint8, and per image "labels",
+# "content_hashes" and "files" (its partition id), plus "rejected": [{"file", "reason"}].
+ImageSet = dict[str, Any]
+
+
+def ingest_mednist(existing_raw_images: dict[str, Callable], ingest: dict[str, Any]) -> dict:
+    """Fetch MedNIST when the raw store has no images yet; otherwise add nothing.
+
+    Args:
+        existing_raw_images: The raw store's partitions, as found before ingest.
+        ingest: ``url`` (http(s), file:// or a local path), ``md5`` and ``timeout_s``.
+
+    Returns:
+        ``{"<Class>/<file>": bytes}`` to add to the raw store; empty when it has images.
+
+    Raises:
+        MedNISTDownloadError: The archive is unreachable or corrupt. Nothing is written.
+    """
+    if existing_raw_images:
+        logger.info("Raw store holds %d files: not downloading MedNIST", len(existing_raw_images))
+        return {}
+    _require_keys(ingest, ("url", "md5"), "ingest")
+    logger.info("Raw store is empty: downloading MedNIST from %s", ingest["url"])
+    try:
+        images = fetch_mednist(ingest["url"], ingest["md5"], float(ingest.get("timeout_s", 60)))
+    except MedNISTDownloadError as error:
+        raise MedNISTDownloadError(
+            f"{error}. To provide the images yourself, put them in the raw store as "
+            "<Class>/<file>.jpeg (data/01_raw/mednist/ by default), or point the run at a "
+            "reachable copy of the tarball: kedro run --params "
+            '"ingest.url=/path/to/MedNIST.tar.gz,ingest.md5=<its md5>"'
+        ) from error
+    logger.info("Fetched %d MedNIST images", len(images))
+    return images
+
+
+def decode_images(
+    partitions: dict[str, Callable[[], bytes]], classes: list[str] | None
+) -> ImageSet:
+    """Decode ``<Class>/<file>`` partitions with the shared preprocessing.
+
+    Files that cannot be decoded, are empty, lie outside a class folder or under a class not
+    in ``classes`` are rejected with a reason, never raised.
+
+    Args:
+        partitions: Partition id to a function returning the file's bytes.
+        classes: The accepted class names; ``None`` accepts every class folder.
+
+    Returns:
+        The decoded images with their labels and content hashes, and the rejected files.
+    """
+    accepted = set(classes) if classes else None
+    pixels, labels, hashes, files, rejected = [], [], [], [], []
+    for file in tqdm(sorted(partitions), desc="Decoding images", unit=" images"):
+        label, _, name = file.partition("/")
+        if not name:
+            rejected.append({"file": file, "reason": "not inside a <Class>/ folder"})
+            continue
+        if accepted is not None and label not in accepted:
+            rejected.append({"file": file, "reason": f"unknown class {label!r}"})
+            continue
+        try:
+            image = preprocess_image(partitions[file]())
+        except InvalidImageError as error:
+            rejected.append({"file": file, "reason": str(error)})
+            continue
+        pixels.append(image)
+        labels.append(label)
+        hashes.append(content_hash(image))
+        files.append(file)
+    for rejection in rejected:
+        logger.warning("Rejected %s: %s", rejection["file"], rejection["reason"])
+    return {
+        "pixels": np.stack(pixels) if pixels else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
+        "labels": labels,
+        "content_hashes": hashes,
+        "files": files,
+        "rejected": rejected,
+    }
+
+
+def build_model_input(
+    raw_images: ImageSet, feedback_images: ImageSet, split: dict[str, float]
+) -> tuple[dict, dict, dict, list[str], dict[str, Any]]:
+    """Dedupe by content hash and split deterministically by content hash.
+
+    A feedback label wins over a raw label for the same image; among raw copies the first by
+    file name wins. An image's split depends only on its hash, so it keeps its split as the
+    data grows.
+
+    Args:
+        raw_images: Decoded raw store.
+        feedback_images: Decoded feedback store (corrected labels from the service).
+        split: ``validation_fraction`` and ``test_fraction``.
+
+    Returns:
+        The train, validation and test sets (``images`` (n, 1, H, W) uint8, ``labels`` int64
+        class indices, ``content_hashes``), the class names, and dedupe statistics.
+    """
+    validation_fraction, test_fraction = _validate_split(split)
+    chosen: dict[str, tuple[str, int, ImageSet]] = {}
+    duplicates = relabelled = 0
+    for source in (feedback_images, raw_images):
+        for index, (digest, label) in enumerate(
+            zip(source["content_hashes"], source["labels"], strict=True)
+        ):
+            if digest in chosen:
+                duplicates += 1
+                relabelled += chosen[digest][0] != label
+                continue
+            chosen[digest] = (label, index, source)
+    class_names = sorted({label for label, _, _ in chosen.values()})
+    if len(class_names) < 2:
+        raise ValueError(
+            f"need images of at least 2 classes to train a classifier, found {class_names}; "
+            "check the raw store and ingest"
+        )
+    class_index = {name: index for index, name in enumerate(class_names)}
+    members: dict[str, list[str]] = {name: [] for name in SPLITS}
+    for digest in sorted(chosen):
+        fraction = int(digest[:15], 16) / 16**15
+        if fraction < test_fraction:
+            members["test"].append(digest)
+        elif fraction < test_fraction + validation_fraction:
+            members["validation"].append(digest)
+        else:
+            members["train"].append(digest)
+    sets = {}
+    for name, digests in members.items():
+        images = np.empty((len(digests), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+        labels = np.empty(len(digests), dtype=np.int64)
+        for row, digest in enumerate(digests):
+            label, index, source = chosen[digest]
+            images[row, 0] = source["pixels"][index]
+            labels[row] = class_index[label]
+        sets[name] = {"images": images, "labels": labels, "content_hashes": digests}
+    stats = {"duplicates": duplicates, "relabelled_by_feedback_or_conflicting": relabelled}
+    return sets["train"], sets["validation"], sets["test"], class_names, stats
+
+
+def report_data(
+    train_set: dict,
+    validation_set: dict,
+    test_set: dict,
+    class_names: list[str],
+    raw_images: ImageSet,
+    feedback_images: ImageSet,
+    dedupe_stats: dict[str, int],
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Summarise the model input: counts per class and split, rejections, duplicates.
+
+    Returns:
+        The data report, its headline numbers as MLflow metrics, and the dataset fingerprint:
+        a hash of every (content hash, label, split), equal for equal training data.
+    """
+    sets = dict(zip(SPLITS, (train_set, validation_set, test_set), strict=True))
+    counts = {
+        split: {class_names[label]: count for label, count in sorted(Counter(data["labels"].tolist()).items())}
+        for split, data in sets.items()
+    }
+    fingerprint = hashlib.sha256()
+    for split, data in sets.items():
+        for digest, label in zip(data["content_hashes"], data["labels"].tolist(), strict=True):
+            fingerprint.update(f"{digest}:{class_names[label]}:{split}\n".encode())
+    rejected = raw_images["rejected"] + [
+        {**rejection, "file": f"feedback/{rejection['file']}"}
+        for rejection in feedback_images["rejected"]
+    ]
+    report = {
+        "dataset_fingerprint": fingerprint.hexdigest(),
+        "class_names": class_names,
+        "images_per_split": {split: len(data["labels"]) for split, data in sets.items()},
+        "images_per_class_and_split": counts,
+        "raw_images_decoded": len(raw_images["labels"]),
+        "feedback_images_decoded": len(feedback_images["labels"]),
+        **dedupe_stats,
+        "rejected_count": len(rejected),
+        "rejected": rejected,
+    }
+    metrics = {
+        f"data.{split}_images": {"value": count, "step": 0}
+        for split, count in report["images_per_split"].items()
+    }
+    metrics["data.rejected_files"] = {"value": len(rejected), "step": 0}
+    metrics["data.duplicates"] = {"value": dedupe_stats["duplicates"], "step": 0}
+    metrics["data.feedback_images"] = {"value": report["feedback_images_decoded"], "step": 0}
+    logger.info(
+        "Model input: %s images per split, %d rejected, %d duplicates, fingerprint %s",
+        report["images_per_split"],
+        len(rejected),
+        dedupe_stats["duplicates"],
+        report["dataset_fingerprint"][:12],
+    )
+    return report, metrics, report["dataset_fingerprint"]
+
+
+def _validate_split(split: dict[str, float]) -> tuple[float, float]:
+    _require_keys(split, ("validation_fraction", "test_fraction"), "data_processing.split")
+    validation, test = float(split["validation_fraction"]), float(split["test_fraction"])
+    if not (0 < validation < 1 and 0 < test < 1 and validation + test < 1):
+        raise ValueError(
+            "data_processing.split: validation_fraction and test_fraction must each be "
+            f"between 0 and 1 and leave room for training, got {validation} and {test}"
+        )
+    return validation, test
+
+
+def _require_keys(params: dict[str, Any], keys: tuple[str, ...], name: str) -> None:
+    missing = [key for key in keys if params.get(key) in (None, "")]
+    if missing:
+        raise ValueError(f"parameters {name}: missing {', '.join(missing)}")

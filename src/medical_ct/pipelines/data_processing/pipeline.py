@@ -1,0 +1,54 @@
+"""Wiring of the data_processing pipeline."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import build_model_input, decode_images, ingest_mednist, report_data
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=ingest_mednist,
+                inputs=["existing_raw_images", "params:ingest"],
+                outputs="raw_images",
+                name="ingest_mednist",
+            ),
+            Node(
+                func=decode_images,
+                inputs=["raw_images", "params:data_processing.classes"],
+                outputs="decoded_raw_images",
+                name="decode_raw_images",
+            ),
+            Node(
+                func=decode_images,
+                inputs=["feedback_images", "params:data_processing.classes"],
+                outputs="decoded_feedback_images",
+                name="decode_feedback_images",
+            ),
+            Node(
+                func=build_model_input,
+                inputs=[
+                    "decoded_raw_images",
+                    "decoded_feedback_images",
+                    "params:data_processing.split",
+                ],
+                outputs=["train_set", "validation_set", "test_set", "class_names", "dedupe_stats"],
+                name="build_model_input",
+            ),
+            Node(
+                func=report_data,
+                inputs=[
+                    "train_set",
+                    "validation_set",
+                    "test_set",
+                    "class_names",
+                    "decoded_raw_images",
+                    "decoded_feedback_images",
+                    "dedupe_stats",
+                ],
+                outputs=["data_report", "data_metrics", "dataset_fingerprint"],
+                name="report_data",
+            ),
+        ]
+    )

@@ -1,0 +1,240 @@
+"""Nodes of the evaluation pipeline: test metrics, plots, registration and the champion gate."""
+
+import logging
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+from torch import nn
+
+from medical_ct import registry
+from medical_ct.model import predict_probabilities
+
+logger = logging.getLogger(__name__)
+
+_MAX_MISCLASSIFIED_SHOWN = 36
+
+
+def evaluate_model(
+    trained_model: nn.Module, test_set: dict, class_names: list[str]
+) -> tuple[dict[str, Any], dict[str, Any], Figure, Figure]:
+    """Score the trained model on the test split.
+
+    Returns:
+        The evaluation (accuracy, macro F1, per-class precision/recall), the same numbers as
+        MLflow metrics, a confusion-matrix figure and a grid of misclassified test images.
+    """
+    if len(test_set["labels"]) == 0:
+        raise ValueError("the test split is empty: add images or raise test_fraction")
+    probabilities = predict_probabilities(trained_model, test_set["images"])
+    predicted = probabilities.argmax(1)
+    truth = test_set["labels"]
+    labels = list(range(len(class_names)))
+    precision, recall, _, support = precision_recall_fscore_support(
+        truth, predicted, labels=labels, zero_division=0
+    )
+    evaluation = {
+        "test_accuracy": float((predicted == truth).mean()),
+        "test_macro_f1": float(f1_score(truth, predicted, labels=labels, average="macro")),
+        "test_images": len(truth),
+        "test_errors": int((predicted != truth).sum()),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "support": int(s)}
+            for name, p, r, s in zip(class_names, precision, recall, support, strict=True)
+        },
+    }
+    metrics = {
+        key: {"value": evaluation[key], "step": 0}
+        for key in ("test_accuracy", "test_macro_f1", "test_errors")
+    }
+    for name, scores in evaluation["per_class"].items():
+        metrics[f"test_precision.{name}"] = {"value": scores["precision"], "step": 0}
+        metrics[f"test_recall.{name}"] = {"value": scores["recall"], "step": 0}
+    logger.info(
+        "Test accuracy %.4f, macro F1 %.4f, %d errors in %d images",
+        evaluation["test_accuracy"], evaluation["test_macro_f1"],
+        evaluation["test_errors"], len(truth),
+    )
+    matrix = confusion_matrix(truth, predicted, labels=labels)
+    return (
+        evaluation,
+        metrics,
+        plot_confusion_matrix(matrix, class_names),
+        plot_misclassified(test_set["images"], truth, probabilities, class_names),
+    )
+
+
+def evaluate_champion(
+    champion: registry.RegisteredClassifier | None, test_set: dict, class_names: list[str]
+) -> dict[str, Any]:
+    """Score the current champion on the same test split, matching classes by name.
+
+    Returns:
+        ``{"version": None}`` when there is no champion yet, else its version and accuracy.
+    """
+    if champion is None:
+        logger.info("No champion registered yet")
+        return {"version": None, "test_accuracy": None}
+    predicted = predict_probabilities(champion.model, test_set["images"]).argmax(1)
+    predicted_names = np.asarray(champion.class_names)[predicted]
+    true_names = np.asarray(class_names)[test_set["labels"]]
+    accuracy = float((predicted_names == true_names).mean())
+    logger.info("Champion version %s: test accuracy %.4f", champion.version, accuracy)
+    return {"version": champion.version, "test_accuracy": accuracy}
+
+
+def decide_promotion(
+    candidate_accuracy: float, champion_accuracy: float | None, champion_gate: dict[str, float]
+) -> tuple[bool, str]:
+    """The champion gate: promote only a model at least as good as required.
+
+    A candidate needs ``min_accuracy``; with a champion it also needs the champion's accuracy
+    plus ``min_improvement``.
+
+    Returns:
+        Whether to promote, and why in words.
+    """
+    min_accuracy, min_improvement = _validate_gate(champion_gate)
+    if candidate_accuracy < min_accuracy:
+        return False, (
+            f"test accuracy {candidate_accuracy:.4f} is below min_accuracy {min_accuracy:.4f}"
+        )
+    if champion_accuracy is None:
+        return True, (
+            f"no champion yet and test accuracy {candidate_accuracy:.4f} "
+            f">= min_accuracy {min_accuracy:.4f}"
+        )
+    required = champion_accuracy + min_improvement
+    if candidate_accuracy < required:
+        return False, (
+            f"test accuracy {candidate_accuracy:.4f} is below the champion's "
+            f"{champion_accuracy:.4f} + min_improvement {min_improvement:.4f}"
+        )
+    return True, (
+        f"test accuracy {candidate_accuracy:.4f} >= the champion's {champion_accuracy:.4f} "
+        f"+ min_improvement {min_improvement:.4f}"
+    )
+
+
+def register_and_promote(
+    trained_model: nn.Module,
+    evaluation: dict[str, Any],
+    champion_evaluation: dict[str, Any],
+    test_set: dict,
+    class_names: list[str],
+    dataset_fingerprint: str,
+    champion_gate: dict[str, float],
+) -> dict[str, Any]:
+    """Register the trained model, then give it alias ``champion`` if it passes the gate.
+
+    A model that does not pass gets alias ``challenger``. Runs last, so nothing is
+    registered when an earlier step fails.
+
+    Returns:
+        The decision, for the MLflow run's artifacts.
+    """
+    promote, reason = decide_promotion(
+        evaluation["test_accuracy"], champion_evaluation["test_accuracy"], champion_gate
+    )
+    version = registry.log_and_register(
+        trained_model,
+        class_names,
+        input_example=test_set["images"][:2],
+        tags={
+            "dataset_fingerprint": dataset_fingerprint,
+            "git_commit": registry.git_commit(),
+            "test_accuracy": f"{evaluation['test_accuracy']:.6f}",
+        },
+    )
+    alias = registry.CHAMPION_ALIAS if promote else registry.CHALLENGER_ALIAS
+    registry.set_alias(version, alias)
+    if promote:
+        logger.info("Version %s is the new champion: %s", version, reason)
+    else:
+        logger.warning(
+            "Version %s is a challenger, champion stays version %s: %s",
+            version, champion_evaluation["version"], reason,
+        )
+    return {
+        "model_name": registry.MODEL_NAME,
+        "version": version,
+        "alias": alias,
+        "promoted": promote,
+        "reason": reason,
+        "test_accuracy": evaluation["test_accuracy"],
+        "previous_champion": champion_evaluation,
+        "dataset_fingerprint": dataset_fingerprint,
+    }
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> Figure:
+    """Counts of true (rows) against predicted (columns) classes."""
+    figure = Figure(figsize=(7, 6))
+    axes = figure.subplots()
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes)
+    ticks = range(len(class_names))
+    axes.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axes.set_yticks(ticks, class_names)
+    axes.set_xlabel("Predicted")
+    axes.set_ylabel("True")
+    axes.set_title("Confusion matrix (test split)")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for row in ticks:
+        for column in ticks:
+            count = matrix[row, column]
+            axes.text(
+                column, row, str(count), ha="center", va="center",
+                color="white" if count > threshold else "black",
+            )
+    figure.tight_layout()
+    return figure
+
+
+def plot_misclassified(
+    images: np.ndarray, truth: np.ndarray, probabilities: np.ndarray, class_names: list[str]
+) -> Figure:
+    """A grid of misclassified images, most confident mistakes first."""
+    predicted = probabilities.argmax(1)
+    wrong = np.flatnonzero(predicted != truth)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:_MAX_MISCLASSIFIED_SHOWN]
+    if len(wrong) == 0:
+        figure = Figure(figsize=(4, 2))
+        axes = figure.subplots()
+        axes.axis("off")
+        axes.text(0.5, 0.5, "No misclassified test images", ha="center", va="center")
+        return figure
+    columns = min(6, len(wrong))
+    rows = -(-len(wrong) // columns)
+    figure = Figure(figsize=(2 * columns, 2.3 * rows))
+    grid = figure.subplots(rows, columns, squeeze=False)
+    for axes in grid.flat:
+        axes.axis("off")
+    for axes, index in zip(grid.flat, wrong, strict=False):
+        axes.imshow(images[index, 0], cmap="gray", vmin=0, vmax=255)
+        axes.set_title(
+            f"true {class_names[truth[index]]}\npred {class_names[predicted[index]]} "
+            f"({probabilities[index, predicted[index]]:.2f})",
+            fontsize=8,
+        )
+    figure.suptitle(f"Misclassified test images ({len(wrong)} shown)")
+    figure.tight_layout()
+    return figure
+
+
+def _validate_gate(champion_gate: dict[str, float]) -> tuple[float, float]:
+    try:
+        min_accuracy = float(champion_gate["min_accuracy"])
+        min_improvement = float(champion_gate["min_improvement"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            "parameters champion_gate need numbers min_accuracy and min_improvement, "
+            f"got {champion_gate!r}"
+        ) from error
+    if not 0 <= min_accuracy <= 1 or not -1 <= min_improvement <= 1:
+        raise ValueError(
+            "champion_gate.min_accuracy must be in [0, 1] and min_improvement in [-1, 1], "
+            f"got {min_accuracy} and {min_improvement}"
+        )
+    return min_accuracy, min_improvement

@@ -1,0 +1,177 @@
+"""Nodes of the training pipeline: train the classifier with early stopping."""
+
+import copy
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from medical_ct.model import build_classifier
+
+logger = logging.getLogger(__name__)
+
+_POSITIVE_INTS = ("max_epochs", "batch_size", "patience")
+_POSITIVE_FLOATS = ("learning_rate",)
+
+
+def train_model(
+    train_set: dict, validation_set: dict, class_names: list[str], training: dict[str, Any]
+) -> tuple[nn.Module, dict[str, list[dict[str, float]]]]:
+    """Train a classifier, stopping when validation loss stops improving.
+
+    Args:
+        train_set: ``images`` (n, 1, H, W) uint8 and ``labels`` int64.
+        validation_set: Same layout, used for early stopping.
+        class_names: Class names, index = label.
+        training: ``architecture``, ``width``, ``max_epochs``, ``batch_size``,
+            ``learning_rate``, ``weight_decay``, ``patience``, ``seed``, ``device``
+            (``auto`` picks CUDA when present), ``num_threads`` (0 = torch's default).
+
+    Returns:
+        The model with the weights of its best validation epoch (on the CPU), and the
+        per-epoch history of train/validation loss and accuracy for MLflow.
+    """
+    _validate_training_params(training, len(train_set["labels"]), len(validation_set["labels"]))
+    _seed_everything(int(training["seed"]))
+    if training.get("num_threads"):
+        torch.set_num_threads(int(training["num_threads"]))
+    device = _select_device(training.get("device", "auto"))
+    model = build_classifier(training["architecture"], len(class_names), int(training["width"]))
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=float(training["learning_rate"]),
+        weight_decay=float(training.get("weight_decay", 0.0)),
+    )
+    max_epochs = int(training["max_epochs"])
+    train_x, train_y = _to_tensors(train_set, device)
+    validation_x, validation_y = _to_tensors(validation_set, device)
+    steps = max_epochs * -(-len(train_y) // int(training["batch_size"]))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=float(training["learning_rate"]), total_steps=steps
+    )
+    generator = torch.Generator().manual_seed(int(training["seed"]))
+    history: dict[str, list[dict[str, float]]] = {}
+    best_loss, best_state, best_epoch = float("inf"), None, 0
+    logger.info(
+        "Training %s on %s: %d train / %d validation images, up to %d epochs",
+        training["architecture"], device, len(train_y), len(validation_y), max_epochs,
+    )
+    for epoch in range(1, max_epochs + 1):
+        started = time.perf_counter()
+        train_loss, train_accuracy = _train_one_epoch(
+            model, optimizer, scheduler, train_x, train_y, int(training["batch_size"]),
+            generator, f"Epoch {epoch}/{max_epochs}",
+        )
+        validation_loss, validation_accuracy = evaluate_loss(model, validation_x, validation_y)
+        for name, value in {
+            "train_loss": train_loss,
+            "train_accuracy": train_accuracy,
+            "val_loss": validation_loss,
+            "val_accuracy": validation_accuracy,
+            "epoch_seconds": time.perf_counter() - started,
+        }.items():
+            history.setdefault(name, []).append({"value": value, "step": epoch})
+        logger.info(
+            "Epoch %d: train loss %.4f acc %.4f | validation loss %.4f acc %.4f",
+            epoch, train_loss, train_accuracy, validation_loss, validation_accuracy,
+        )
+        if validation_loss < best_loss:
+            best_loss, best_epoch = validation_loss, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= int(training["patience"]):
+            logger.info("Early stopping: no validation improvement since epoch %d", best_epoch)
+            break
+    model.load_state_dict(best_state)
+    history["best_epoch"] = [{"value": best_epoch, "step": 0}]
+    return model.to("cpu", memory_format=torch.contiguous_format).eval(), history
+
+
+@torch.inference_mode()
+def evaluate_loss(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1024
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on a labelled set."""
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start : start + batch_size])
+        batch_labels = labels[start : start + batch_size]
+        total_loss += nn.functional.cross_entropy(logits, batch_labels, reduction="sum").item()
+        correct += (logits.argmax(1) == batch_labels).sum().item()
+    count = max(len(labels), 1)
+    return total_loss / count, correct / count
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    description: str,
+) -> tuple[float, float]:
+    model.train()
+    order = torch.randperm(len(labels), generator=generator).to(labels.device)
+    total_loss, correct = 0.0, 0
+    batches = range(0, len(labels), batch_size)
+    with tqdm(batches, desc=description, unit=" batches", leave=False) as progress:
+        for start in progress:
+            index = order[start : start + batch_size]
+            batch_images, batch_labels = images[index], labels[index]
+            logits = model(batch_images)
+            loss = nn.functional.cross_entropy(logits, batch_labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(index)
+            correct += (logits.argmax(1) == batch_labels).sum().item()
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    return total_loss / len(labels), correct / len(labels)
+
+
+def _to_tensors(data: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(data["images"]).to(device)
+    images = images.contiguous(memory_format=torch.channels_last)
+    return images, torch.from_numpy(data["labels"]).to(device)
+
+
+def _select_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"training.device is {requested!r} but no CUDA device is available")
+    return torch.device(requested)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _validate_training_params(training: dict[str, Any], n_train: int, n_validation: int) -> None:
+    problems = []
+    for key in _POSITIVE_INTS:
+        value = training.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{key} must be a positive integer, got {value!r}")
+    for key in _POSITIVE_FLOATS:
+        value = training.get(key)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{key} must be a positive number, got {value!r}")
+    if problems:
+        raise ValueError("invalid parameters training: " + "; ".join(problems))
+    if n_train == 0 or n_validation == 0:
+        raise ValueError(
+            f"cannot train with {n_train} training and {n_validation} validation images; "
+            "add images to the raw store"
+        )

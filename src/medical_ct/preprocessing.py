@@ -1,0 +1,107 @@
+"""The one image preprocessing used by training, evaluation and the service (no train/serve skew).
+
+Any image Pillow reads becomes an ``IMAGE_SIZE`` x ``IMAGE_SIZE`` grayscale ``uint8`` array; the
+model scales pixel values itself, so this array is the whole contract between data and model.
+"""
+
+import hashlib
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SIZE = 64
+# Larger images are refused before their pixels are decoded (decompression bombs).
+MAX_IMAGE_PIXELS = 40_000_000
+
+PREPROCESSING_SPEC = {
+    "function": "medical_ct.preprocessing.preprocess_image",
+    "image_size": IMAGE_SIZE,
+    "color_mode": "L",
+    "resample": "bilinear",
+    "model_input": f"uint8 tensor of shape (batch, 1, {IMAGE_SIZE}, {IMAGE_SIZE})",
+}
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+class InvalidImageError(ValueError):
+    """The bytes are not an image that can be classified; the message says why."""
+
+
+def preprocess_image(data: bytes) -> np.ndarray:
+    """Decode image bytes into the model's grayscale ``IMAGE_SIZE`` x ``IMAGE_SIZE`` array.
+
+    Colour is converted to luminance, transparency is flattened onto black, 16-bit images
+    are scaled to 8 bits, and any other size is resized.
+
+    Args:
+        data: The encoded image (JPEG, PNG or anything Pillow reads).
+
+    Returns:
+        A ``uint8`` array of shape ``(IMAGE_SIZE, IMAGE_SIZE)``.
+
+    Raises:
+        InvalidImageError: The data is empty, not an image, truncated, too large or animated.
+    """
+    if not data:
+        raise InvalidImageError("the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                _check_dimensions(image)
+                image.load()
+                grayscale = _to_grayscale(ImageOps.exif_transpose(image))
+    except UnidentifiedImageError:
+        raise InvalidImageError("the file is not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as error:
+        if isinstance(error, InvalidImageError):
+            raise
+        raise InvalidImageError(f"the image cannot be decoded ({error})") from None
+    if grayscale.size != (IMAGE_SIZE, IMAGE_SIZE):
+        grayscale = grayscale.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+    return np.asarray(grayscale, dtype=np.uint8)
+
+
+def content_hash(pixels: np.ndarray) -> str:
+    """Identify an image by its preprocessed pixels, so re-encoded copies share one hash."""
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+
+
+def _check_dimensions(image: Image.Image) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidImageError(f"the image has no pixels ({width}x{height})")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidImageError(
+            f"the image is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+            "accepted; send a smaller image"
+        )
+    if getattr(image, "n_frames", 1) > 1:
+        raise InvalidImageError(
+            f"the image has {image.n_frames} frames; send a single still image"
+        )
+
+
+def _to_grayscale(image: Image.Image) -> Image.Image:
+    if image.mode == "L":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.uint32) >> 8
+        return Image.fromarray(pixels.astype(np.uint8), mode="L")
+    if image.mode in {"I", "F"}:
+        return Image.fromarray(_stretch_to_uint8(np.asarray(image, dtype=np.float64)), mode="L")
+    if image.mode in {"RGBA", "LA", "PA"} or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("L")
+    return image.convert("RGB").convert("L")
+
+
+def _stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    return np.round((pixels - low) * (255.0 / (high - low))).astype(np.uint8)
