@@ -88,9 +88,9 @@ def _small_cnn(num_classes: int, width: int) -> nn.Sequential:
 def predict_probabilities(
     model: nn.Module, images: np.ndarray | torch.Tensor, batch_size: int = 512
 ) -> np.ndarray:
-    """Class probabilities of ``model`` for preprocessed images of shape (n, 1, H, W)."""
-    model.eval()
-    device = next(model.parameters()).device
+    """Class probabilities of ``model`` (in eval mode) for images of shape (n, 1, H, W)."""
+    first_parameter = next(model.parameters(), None)
+    device = first_parameter.device if first_parameter is not None else torch.device("cpu")
     images = torch.as_tensor(images)
     batches = [
         torch.softmax(model(images[start : start + batch_size].to(device)), dim=1).cpu()

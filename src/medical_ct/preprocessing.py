@@ -56,7 +56,9 @@ def preprocess_image(data: bytes) -> np.ndarray:
                 grayscale = _to_grayscale(ImageOps.exif_transpose(image))
     except UnidentifiedImageError:
         raise InvalidImageError("the file is not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as error:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise InvalidImageError(f"the image is too large to decode safely ({error})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         if isinstance(error, InvalidImageError):
             raise
         raise InvalidImageError(f"the image cannot be decoded ({error})") from None
@@ -76,13 +78,11 @@ def _check_dimensions(image: Image.Image) -> None:
         raise InvalidImageError(f"the image has no pixels ({width}x{height})")
     if width * height > MAX_IMAGE_PIXELS:
         raise InvalidImageError(
-            f"the image is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
-            "accepted; send a smaller image"
+            f"the image is too large: {width}x{height} pixels, more than the "
+            f"{MAX_IMAGE_PIXELS:,} accepted; send a smaller image"
         )
     if getattr(image, "n_frames", 1) > 1:
-        raise InvalidImageError(
-            f"the image has {image.n_frames} frames; send a single still image"
-        )
+        raise InvalidImageError(f"the image has {image.n_frames} frames; send a single still image")
 
 
 def _to_grayscale(image: Image.Image) -> Image.Image:

@@ -54,10 +54,12 @@ def load_alias(
             return None
         raise
     uri = f"models:/{model_name}/{version.version}"
-    model = mlflow.pytorch.load_model(uri, map_location="cpu")
+    # Logged in MLflow's default "pt2" format (torch.export): a traced inference graph that
+    # loads without unpickling code, already in eval mode (it does not support .eval()).
+    model = mlflow.pytorch.load_model(uri)
     metadata = mlflow.models.get_model_info(uri).metadata or {}
     return RegisteredClassifier(
-        model=model.eval(),
+        model=model,
         version=str(version.version),
         class_names=list(metadata["class_names"]),
         tags=dict(version.tags),

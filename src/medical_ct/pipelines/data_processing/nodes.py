@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,11 @@ def ingest_mednist(existing_raw_images: dict[str, Callable], ingest: dict[str, A
         logger.info("Raw store holds %d files: not downloading MedNIST", len(existing_raw_images))
         return {}
     _require_keys(ingest, ("url", "md5"), "ingest")
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", str(ingest["md5"])):
+        raise ValueError(
+            f"parameters ingest: md5 must be the 32 hex digits of the tarball's md5, "
+            f"got {ingest['md5']!r}"
+        )
     logger.info("Raw store is empty: downloading MedNIST from %s", ingest["url"])
     try:
         images = fetch_mednist(ingest["url"], ingest["md5"], float(ingest.get("timeout_s", 60)))
@@ -71,7 +77,7 @@ def decode_images(
     for file in tqdm(sorted(partitions), desc="Decoding images", unit=" images"):
         label, _, name = file.partition("/")
         if not name:
-            rejected.append({"file": file, "reason": "not inside a <Class>/ folder"})
+            rejected.append({"file": file, "reason": "not inside a class folder (<Class>/<file>)"})
             continue
         if accepted is not None and label not in accepted:
             rejected.append({"file": file, "reason": f"unknown class {label!r}"})
@@ -116,14 +122,14 @@ def build_model_input(
     """
     validation_fraction, test_fraction = _validate_split(split)
     chosen: dict[str, tuple[str, int, ImageSet]] = {}
-    duplicates = relabelled = 0
+    duplicates = with_another_label = 0
     for source in (feedback_images, raw_images):
         for index, (digest, label) in enumerate(
             zip(source["content_hashes"], source["labels"], strict=True)
         ):
             if digest in chosen:
                 duplicates += 1
-                relabelled += chosen[digest][0] != label
+                with_another_label += chosen[digest][0] != label
                 continue
             chosen[digest] = (label, index, source)
     class_names = sorted({label for label, _, _ in chosen.values()})
@@ -151,7 +157,7 @@ def build_model_input(
             images[row, 0] = source["pixels"][index]
             labels[row] = class_index[label]
         sets[name] = {"images": images, "labels": labels, "content_hashes": digests}
-    stats = {"duplicates": duplicates, "relabelled_by_feedback_or_conflicting": relabelled}
+    stats = {"duplicates": duplicates, "duplicates_with_another_label": with_another_label}
     return sets["train"], sets["validation"], sets["test"], class_names, stats
 
 
@@ -172,7 +178,10 @@ def report_data(
     """
     sets = dict(zip(SPLITS, (train_set, validation_set, test_set), strict=True))
     counts = {
-        split: {class_names[label]: count for label, count in sorted(Counter(data["labels"].tolist()).items())}
+        split: {
+            class_names[label]: count
+            for label, count in sorted(Counter(data["labels"].tolist()).items())
+        }
         for split, data in sets.items()
     }
     fingerprint = hashlib.sha256()

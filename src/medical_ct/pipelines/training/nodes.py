@@ -60,13 +60,23 @@ def train_model(
     best_loss, best_state, best_epoch = float("inf"), None, 0
     logger.info(
         "Training %s on %s: %d train / %d validation images, up to %d epochs",
-        training["architecture"], device, len(train_y), len(validation_y), max_epochs,
+        training["architecture"],
+        device,
+        len(train_y),
+        len(validation_y),
+        max_epochs,
     )
     for epoch in range(1, max_epochs + 1):
         started = time.perf_counter()
         train_loss, train_accuracy = _train_one_epoch(
-            model, optimizer, scheduler, train_x, train_y, int(training["batch_size"]),
-            generator, f"Epoch {epoch}/{max_epochs}",
+            model,
+            optimizer,
+            scheduler,
+            train_x,
+            train_y,
+            int(training["batch_size"]),
+            generator,
+            f"Epoch {epoch}/{max_epochs}",
         )
         validation_loss, validation_accuracy = evaluate_loss(model, validation_x, validation_y)
         for name, value in {
@@ -79,7 +89,11 @@ def train_model(
             history.setdefault(name, []).append({"value": value, "step": epoch})
         logger.info(
             "Epoch %d: train loss %.4f acc %.4f | validation loss %.4f acc %.4f",
-            epoch, train_loss, train_accuracy, validation_loss, validation_accuracy,
+            epoch,
+            train_loss,
+            train_accuracy,
+            validation_loss,
+            validation_accuracy,
         )
         if validation_loss < best_loss:
             best_loss, best_epoch = validation_loss, epoch

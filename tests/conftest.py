@@ -1,0 +1,126 @@
+"""Shared fixtures: temporary Kedro projects, real `kedro run` subprocesses, real sqlite MLflow."""
+
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = (PROJECT_ROOT / "../shared/data/mednist/sample").resolve()
+CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+KEDRO = str(Path(sys.executable).with_name("kedro"))
+# Small and fast on the 240-image sample; the real settings are exercised by benchmarks/.
+FAST_RUN_PARAMS = (
+    "training.max_epochs=6,training.batch_size=16,training.learning_rate=0.005,"
+    "training.patience=6,champion_gate.min_accuracy=0.7"
+)
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    if not SAMPLE_DIR.is_dir():
+        pytest.fail(f"the MedNIST sample is missing: expected {SAMPLE_DIR}")
+    return SAMPLE_DIR
+
+
+def make_project(root: Path, raw_images_from: Path | None = None) -> Path:
+    """A Kedro project using this repo's conf and installed package, with its own data and store."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(PROJECT_ROOT / "conf", root / "conf", dirs_exist_ok=True)
+    for name in ("pyproject.toml", ".telemetry"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    for folder in ("src", "notebooks"):
+        (root / folder).mkdir(exist_ok=True)
+    if raw_images_from is not None:
+        shutil.copytree(raw_images_from, root / "data/01_raw/mednist")
+    return root
+
+
+def project_env(project: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        "KEDRO_DISABLE_TELEMETRY": "1",
+        "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "200",
+        **extra,
+    }
+    for inherited in ("KEDRO_ENV", "MLFLOW_REGISTRY_URI"):
+        env.pop(inherited, None)
+    return env
+
+
+def kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real kedro CLI in ``project``; output is kept for assertions and failures."""
+    return subprocess.run(
+        [KEDRO, *args],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+
+
+def mlflow_client(project: Path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory, sample_dir) -> Path:
+    """A project after one whole default `kedro run` on the 240-image sample."""
+    project = make_project(tmp_path_factory.mktemp("trained") / "project", sample_dir)
+    result = kedro(project, "run", "--params", FAST_RUN_PARAMS)
+    assert_ok(result)
+    return project
+
+
+def build_mednist_tarball(sample: Path, destination: Path) -> Path:
+    """A tarball in the public MedNIST layout, MedNIST/<Class>/<file>.jpeg, from the sample."""
+    with tarfile.open(destination, "w:gz") as tar:
+        tar.add(sample, arcname="MedNIST")
+    return destination
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str]
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server(tmp_path) -> Iterator[tuple[str, Path, list[str]]]:
+    """A real HTTP server on a free loopback port serving ``tmp_path/www``."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(CountingHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.requests = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", root, server.requests
+    finally:
+        server.shutdown()
+        server.server_close()

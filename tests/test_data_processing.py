@@ -1,0 +1,192 @@
+"""data_processing nodes on real sample images and on bad files."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medical_ct.pipelines.data_processing.nodes import (
+    build_model_input,
+    decode_images,
+    ingest_mednist,
+    report_data,
+)
+
+from .conftest import CLASSES
+
+SPLIT = {"validation_fraction": 0.2, "test_fraction": 0.2}
+
+
+def partitions_from(files: dict[str, bytes]) -> dict:
+    return {name: (lambda data=data: data) for name, data in files.items()}
+
+
+def sample_files(sample_dir, per_class: int = 40) -> dict[str, bytes]:
+    return {
+        f"{path.parent.name}/{path.name}": path.read_bytes()
+        for class_dir in sorted(sample_dir.iterdir())
+        for path in sorted(class_dir.glob("*.jpeg"))[:per_class]
+    }
+
+
+def decode(files: dict[str, bytes]):
+    return decode_images(partitions_from(files), CLASSES)
+
+
+def test_decode_rejects_bad_files_counts_them_and_keeps_the_rest(sample_dir):
+    files = sample_files(sample_dir, per_class=3)
+    jpeg = files["Hand/" + sorted(p.name for p in (sample_dir / "Hand").glob("*.jpeg"))[0]]
+    rgba = io.BytesIO()
+    Image.new("RGBA", (80, 120), (10, 200, 30, 255)).save(rgba, "PNG")
+    bad = {
+        "Hand/zero.jpeg": b"",
+        "Hand/notes.txt": b"not an image at all",
+        "Hand/truncated.jpeg": jpeg[: len(jpeg) // 3],
+        "Dental/xray.jpeg": jpeg,
+        "loose.jpeg": jpeg,
+    }
+    decoded = decode({**files, **bad, "CXR/rgba.png": rgba.getvalue()})
+
+    reasons = {item["file"]: item["reason"] for item in decoded["rejected"]}
+    assert set(reasons) == set(bad)
+    assert "empty" in reasons["Hand/zero.jpeg"]
+    assert "not an image" in reasons["Hand/notes.txt"]
+    assert "cannot be decoded" in reasons["Hand/truncated.jpeg"]
+    assert "unknown class 'Dental'" in reasons["Dental/xray.jpeg"]
+    assert "class" in reasons["loose.jpeg"]
+    assert len(decoded["labels"]) == len(files) + 1
+    assert decoded["pixels"].shape == (len(files) + 1, 64, 64)
+    assert "CXR/rgba.png" in decoded["files"]
+
+
+def test_decode_of_an_empty_store_is_empty():
+    decoded = decode({})
+    assert decoded["pixels"].shape == (0, 64, 64)
+    assert decoded["labels"] == [] and decoded["rejected"] == []
+
+
+def test_null_classes_accept_every_class_folder(sample_dir):
+    files = sample_files(sample_dir, per_class=1)
+    renamed = {name.replace("Hand/", "Dental/"): data for name, data in files.items()}
+    assert "Dental" in decode_images(partitions_from(renamed), None)["labels"]
+
+
+def test_split_is_deterministic_and_stable_as_data_grows(sample_dir):
+    files = sample_files(sample_dir)
+    names = sorted(files)
+    first_half = decode({name: files[name] for name in names[::2]})
+    everything = decode(files)
+    empty = decode({})
+
+    def split_of(result):
+        train, validation, test, *_ = result
+        return {
+            digest: split
+            for split, data in (("train", train), ("validation", validation), ("test", test))
+            for digest in data["content_hashes"]
+        }
+
+    small = split_of(build_model_input(first_half, empty, SPLIT))
+    large = split_of(build_model_input(everything, empty, SPLIT))
+    assert split_of(build_model_input(everything, empty, SPLIT)) == large
+    assert all(large[digest] == split for digest, split in small.items())
+    counts = {split: list(large.values()).count(split) for split in ("train", "validation", "test")}
+    assert counts["train"] > counts["test"] > 10 and counts["validation"] > 10
+
+
+def test_duplicates_are_dropped_and_feedback_label_wins(sample_dir):
+    files = sample_files(sample_dir, per_class=5)
+    hand_file = next(name for name in files if name.startswith("Hand/"))
+    copy = {**files, "Hand/copy-of-first.jpeg": files[hand_file]}
+    feedback = decode({"CXR/" + hand_file.split("/")[1]: files[hand_file]})
+
+    train, validation, test, class_names, stats = build_model_input(decode(copy), feedback, SPLIT)
+    assert stats["duplicates"] == 2
+    assert stats["duplicates_with_another_label"] == 2
+    total = sum(len(data["labels"]) for data in (train, validation, test))
+    assert total == len(files)
+    digest = feedback["content_hashes"][0]
+    for data in (train, validation, test):
+        if digest in data["content_hashes"]:
+            label = data["labels"][data["content_hashes"].index(digest)]
+            assert class_names[label] == "CXR"
+            break
+    else:
+        pytest.fail("the corrected image is missing from the model input")
+
+
+def test_model_input_layout(sample_dir):
+    train, validation, test, class_names, _ = build_model_input(
+        decode(sample_files(sample_dir)), decode({}), SPLIT
+    )
+    assert class_names == sorted(CLASSES)
+    for data in (train, validation, test):
+        assert data["images"].dtype == np.uint8
+        assert data["images"].shape[1:] == (1, 64, 64)
+        assert data["labels"].dtype == np.int64
+        assert len(data["labels"]) == len(data["content_hashes"]) == len(data["images"])
+
+
+@pytest.mark.parametrize(
+    "split",
+    [
+        {"validation_fraction": 0.5, "test_fraction": 0.6},
+        {"validation_fraction": 0, "test_fraction": 0.2},
+        {"validation_fraction": 0.2},
+        {"validation_fraction": "a lot", "test_fraction": 0.2},
+    ],
+)
+def test_bad_split_parameters_are_refused(sample_dir, split):
+    with pytest.raises(ValueError, match=r"split|could not convert"):
+        build_model_input(decode(sample_files(sample_dir, 2)), decode({}), split)
+
+
+def test_one_class_is_not_enough(sample_dir):
+    files = {k: v for k, v in sample_files(sample_dir, 5).items() if k.startswith("Hand/")}
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        build_model_input(decode(files), decode({}), SPLIT)
+
+
+def test_report_counts_and_fingerprint(sample_dir):
+    files = sample_files(sample_dir, per_class=10)
+    raw = decode({**files, "Hand/empty.jpeg": b""})
+    model_input = build_model_input(raw, decode({}), SPLIT)
+    report, metrics, fingerprint = report_data(*model_input[:4], raw, decode({}), model_input[4])
+
+    assert report["rejected_count"] == 1
+    assert sum(report["images_per_split"].values()) == len(files)
+    assert sum(sum(c.values()) for c in report["images_per_class_and_split"].values()) == len(files)
+    assert metrics["data.rejected_files"]["value"] == 1
+    assert fingerprint == report["dataset_fingerprint"]
+
+    again = report_data(
+        *build_model_input(raw, decode({}), SPLIT)[:4],
+        raw,
+        decode({}),
+        {"duplicates": 0, "duplicates_with_another_label": 0},
+    )[2]
+    assert again == fingerprint
+    fewer = decode(dict(list(files.items())[1:]))
+    changed = build_model_input(fewer, decode({}), SPLIT)
+    assert report_data(*changed[:4], fewer, decode({}), changed[4])[2] != fingerprint
+
+
+def test_ingest_adds_nothing_when_the_raw_store_has_images():
+    existing = partitions_from({"Hand/a.jpeg": b"x"})
+    assert ingest_mednist(existing, {"url": "http://127.0.0.1:9/unreachable", "md5": "0"}) == {}
+
+
+@pytest.mark.parametrize(
+    ("ingest", "message"),
+    [
+        ({}, "missing url, md5"),
+        ({"url": "", "md5": "a" * 32}, "missing url"),
+        ({"url": "x"}, "missing md5"),
+        ({"url": "x", "md5": 0}, "md5 must be the 32 hex digits"),
+        ({"url": "x", "md5": "not-a-checksum"}, "md5 must be the 32 hex digits"),
+    ],
+)
+def test_ingest_parameters_are_checked(ingest, message):
+    with pytest.raises(ValueError, match=f"parameters ingest: {message}"):
+        ingest_mednist({}, ingest)

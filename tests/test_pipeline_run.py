@@ -1,0 +1,106 @@
+"""The whole default `kedro run` on the sample, against a real sqlite MLflow store."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from medical_ct import registry
+
+from .conftest import FAST_RUN_PARAMS, assert_ok, kedro, make_project, mlflow_client
+
+
+def champion_version(project) -> str:
+    return (
+        mlflow_client(project).get_model_version_by_alias(registry.MODEL_NAME, "champion").version
+    )
+
+
+def test_first_run_tracks_everything_and_promotes_a_champion(trained_project):
+    client = mlflow_client(trained_project)
+    experiment = client.get_experiment_by_name("medical_ct")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+
+    assert run.data.params["training.architecture"] == "small_cnn"
+    assert run.data.params["training.batch_size"] == "16"
+    assert run.data.params["champion_gate.min_accuracy"] == "0.7"
+    epochs = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert len(epochs) >= 2 and [m.step for m in epochs] == list(range(1, len(epochs) + 1))
+    for metric in ("train_loss", "val_loss", "test_accuracy", "test_macro_f1", "data.train_images"):
+        assert metric in run.data.metrics, metric
+    assert any(key.startswith("test_recall.") for key in run.data.metrics)
+    assert run.data.metrics["test_accuracy"] >= 0.7
+
+    artifacts = {
+        a.path
+        for folder in ("plots", "reports")
+        for a in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert {
+        "plots/confusion_matrix.png",
+        "plots/misclassified_images.png",
+        "reports/data_report.json",
+        "reports/evaluation.json",
+        "reports/promotion.json",
+    } <= artifacts
+
+    version = client.get_model_version_by_alias(registry.MODEL_NAME, "champion")
+    assert version.run_id == run.info.run_id
+    report = json.loads((trained_project / "data/08_reporting/data_report.json").read_text())
+    assert version.tags["dataset_fingerprint"] == report["dataset_fingerprint"]
+    assert float(version.tags["test_accuracy"]) == pytest.approx(run.data.metrics["test_accuracy"])
+    assert version.tags["git_commit"]
+    assert report["rejected_count"] == 0
+    assert sum(report["images_per_split"].values()) + report["duplicates"] == 240
+
+
+def test_registered_model_carries_what_a_consumer_needs(trained_project, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained_project / 'mlflow.db'}")
+    info = mlflow.models.get_model_info(registry.model_uri())
+    assert info.metadata["class_names"] == sorted(
+        ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+    )
+    assert info.metadata["preprocessing"]["image_size"] == 64
+    assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 64, 64)
+    assert info.saved_input_example_info is not None
+
+    loaded = registry.load_alias()
+    assert loaded.class_names == info.metadata["class_names"]
+    example = np.zeros((1, 1, 64, 64), dtype=np.uint8)
+    assert loaded.model(torch.from_numpy(example)).shape == (1, 6)
+    assert loaded.model(torch.zeros((5, 1, 64, 64), dtype=torch.uint8)).shape == (5, 6)
+
+
+def test_a_worse_model_does_not_move_the_champion(trained_project):
+    before = champion_version(trained_project)
+    result = kedro(
+        trained_project, "run", "--params", FAST_RUN_PARAMS + ",training.learning_rate=1e-9"
+    )
+    assert_ok(result)
+    client = mlflow_client(trained_project)
+    assert champion_version(trained_project) == before
+    challenger = client.get_model_version_by_alias(registry.MODEL_NAME, "challenger")
+    assert int(challenger.version) > int(before)
+    promotion = json.loads((trained_project / "data/08_reporting/promotion.json").read_text())
+    assert promotion["promoted"] is False and promotion["alias"] == "challenger"
+    assert "below" in promotion["reason"]
+    assert "is a challenger, champion stays version" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ("training.batch_size=0", "batch_size must be a positive integer"),
+        ("champion_gate.min_accuracy=2", "champion_gate.min_accuracy must be in [0, 1]"),
+        ("data_processing.split.test_fraction=0.95", "leave room for training"),
+    ],
+)
+def test_bad_parameters_fail_the_run_and_register_nothing(tmp_path, sample_dir, params, message):
+    project = make_project(tmp_path / "project", sample_dir)
+    result = kedro(project, "run", "--params", f"{FAST_RUN_PARAMS},{params}")
+    assert result.returncode != 0
+    assert message in " ".join((result.stdout + result.stderr).split())
+    assert mlflow_client(project).search_registered_models() == []

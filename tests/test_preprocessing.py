@@ -1,0 +1,124 @@
+"""The one preprocessing function: every kind of input it may meet."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medical_ct.preprocessing import (
+    IMAGE_SIZE,
+    MAX_IMAGE_PIXELS,
+    InvalidImageError,
+    content_hash,
+    preprocess_image,
+)
+
+
+def encode(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def sample_jpeg(sample_dir) -> bytes:
+    return next((sample_dir / "Hand").glob("*.jpeg")).read_bytes()
+
+
+def test_mednist_jpeg_decodes_to_its_own_pixels(sample_jpeg):
+    pixels = preprocess_image(sample_jpeg)
+    expected = np.asarray(Image.open(io.BytesIO(sample_jpeg)).convert("L"))
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE)
+    np.testing.assert_array_equal(pixels, expected)
+
+
+def test_other_sizes_are_resized():
+    gradient = np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (200, 1))
+    pixels = preprocess_image(encode(Image.fromarray(gradient), "PNG"))
+    assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE)
+    assert pixels[:, 0].mean() < 20 and pixels[:, -1].mean() > 235
+
+
+def test_rgb_and_cmyk_become_grayscale():
+    red = Image.new("RGB", (64, 64), (255, 0, 0))
+    assert preprocess_image(encode(red, "PNG")).mean() == pytest.approx(76, abs=1)
+    cmyk = Image.new("CMYK", (64, 64), (0, 0, 0, 0))  # white
+    assert preprocess_image(encode(cmyk, "JPEG")).mean() == pytest.approx(255, abs=2)
+
+
+def test_rgba_transparency_is_flattened_onto_black():
+    image = Image.new("RGBA", (64, 64), (255, 255, 255, 0))
+    image.paste((255, 255, 255, 255), (0, 0, 32, 64))
+    pixels = preprocess_image(encode(image, "PNG"))
+    assert pixels[:, :32].min() == 255
+    assert pixels[:, 32:].max() == 0
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits():
+    values = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    image = Image.fromarray(values)
+    assert image.mode == "I;16"
+    pixels = preprocess_image(encode(image, "PNG"))
+    np.testing.assert_array_equal(pixels, (values >> 8).astype(np.uint8))
+
+
+def test_same_pixels_in_another_encoding_share_a_content_hash(sample_jpeg):
+    pixels = preprocess_image(sample_jpeg)
+    png = encode(Image.fromarray(pixels), "PNG")
+    assert content_hash(preprocess_image(png)) == content_hash(pixels)
+    assert content_hash(pixels) != content_hash(255 - pixels)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty"),
+        (b"Patient: Jane Doe\nThis is a text file, not an image.\n", "not an image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 10, "not an image|cannot be decoded"),
+    ],
+    ids=["zero-bytes", "text-file", "jpeg-magic-only"],
+)
+def test_non_images_are_refused_with_a_reason(data, message):
+    with pytest.raises(InvalidImageError, match=message):
+        preprocess_image(data)
+
+
+def test_truncated_jpeg_is_refused(sample_jpeg):
+    with pytest.raises(InvalidImageError, match="cannot be decoded"):
+        preprocess_image(sample_jpeg[: len(sample_jpeg) // 2])
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares width x height pixels (a decompression bomb)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 1024))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize("side", [10_000, 50_000])
+def test_decompression_bomb_is_refused_before_decoding(side):
+    assert side * side > MAX_IMAGE_PIXELS
+    with pytest.raises(InvalidImageError, match="too large"):
+        preprocess_image(png_declaring(side, side))
+
+
+def test_animated_gif_is_refused():
+    frames = [Image.new("L", (64, 64), value) for value in (0, 128, 255)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(InvalidImageError, match="3 frames"):
+        preprocess_image(buffer.getvalue())
