@@ -5,6 +5,8 @@ from pathlib import Path
 from kedro.utils import find_kedro_project
 from omegaconf.resolvers import oc
 
+from medical_ct.hooks import NodeTimingHook
+
 
 def sqlite_at_project_root(filename: str) -> str:
     """A sqlite URI for a file at the project root, the same from notebooks/ or any sub-folder."""
@@ -21,3 +23,5 @@ CONFIG_LOADER_ARGS = {
         "sqlite_at_project_root": sqlite_at_project_root,
     },
 }
+
+HOOKS = (NodeTimingHook(),)
