@@ -51,6 +51,8 @@ def project_env(project: Path, **extra: str) -> dict[str, str]:
         "KEDRO_DISABLE_TELEMETRY": "1",
         "PYTHONUNBUFFERED": "1",
         "COLUMNS": "200",
+        # This checkout's code, also when the venv's editable install points at another one.
+        "PYTHONPATH": str(PROJECT_ROOT / "src"),
         **extra,
     }
     for inherited in ("KEDRO_ENV", "MLFLOW_REGISTRY_URI"):
