@@ -1,4 +1,4 @@
-"""Project hooks: how long each node takes, in the log and in the MLflow run."""
+"""Project hooks: parameters checked before anything runs; node timings in MLflow."""
 
 import logging
 import time
@@ -6,9 +6,36 @@ from typing import Any
 
 import mlflow
 from kedro.framework.hooks import hook_impl
-from kedro.pipeline import Node
+from kedro.io import CatalogProtocol
+from kedro.pipeline import Node, Pipeline
 
 logger = logging.getLogger(__name__)
+
+
+class ParameterCheckHook:
+    """Checks the parameters a run will use before its first node starts.
+
+    The nodes check them too, but a typo in the champion gate should fail in seconds, not
+    after a download and a training run.
+    """
+
+    @hook_impl
+    def before_pipeline_run(self, pipeline: Pipeline, catalog: CatalogProtocol) -> None:
+        # Imported here: settings.py loads this module for every kedro command, even --help.
+        from medical_ct.pipelines.data_processing.nodes import validate_ingest, validate_split
+        from medical_ct.pipelines.evaluation.nodes import validate_gate
+        from medical_ct.pipelines.training.nodes import validate_training_params
+
+        checks = {
+            "params:ingest": validate_ingest,
+            "params:data_processing.split": validate_split,
+            "params:training": validate_training_params,
+            "params:champion_gate": validate_gate,
+        }
+        used = pipeline.inputs()
+        for name, check in checks.items():
+            if name in used:
+                check(catalog.load(name))
 
 
 class NodeTimingHook:

@@ -5,7 +5,7 @@ from pathlib import Path
 from kedro.utils import find_kedro_project
 from omegaconf.resolvers import oc
 
-from medical_ct.hooks import NodeTimingHook
+from medical_ct.hooks import NodeTimingHook, ParameterCheckHook
 
 
 def sqlite_at_project_root(filename: str) -> str:
@@ -24,4 +24,4 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-HOOKS = (NodeTimingHook(),)
+HOOKS = (ParameterCheckHook(), NodeTimingHook())

@@ -37,12 +37,7 @@ def ingest_mednist(existing_raw_images: dict[str, Callable], ingest: dict[str, A
     if existing_raw_images:
         logger.info("Raw store holds %d files: not downloading MedNIST", len(existing_raw_images))
         return {}
-    _require_keys(ingest, ("url", "md5"), "ingest")
-    if not re.fullmatch(r"[0-9a-fA-F]{32}", str(ingest["md5"])):
-        raise ValueError(
-            f"parameters ingest: md5 must be the 32 hex digits of the tarball's md5, "
-            f"got {ingest['md5']!r}"
-        )
+    validate_ingest(ingest)
     logger.info("Raw store is empty: downloading MedNIST from %s", ingest["url"])
     try:
         images = fetch_mednist(ingest["url"], ingest["md5"], float(ingest.get("timeout_s", 60)))
@@ -120,7 +115,7 @@ def build_model_input(
         The train, validation and test sets (``images`` (n, 1, H, W) uint8, ``labels`` int64
         class indices, ``content_hashes``), the class names, and dedupe statistics.
     """
-    validation_fraction, test_fraction = _validate_split(split)
+    validation_fraction, test_fraction = validate_split(split)
     chosen: dict[str, tuple[str, int, ImageSet]] = {}
     duplicates = with_another_label = 0
     for source in (feedback_images, raw_images):
@@ -220,7 +215,18 @@ def report_data(
     return report, metrics, report["dataset_fingerprint"]
 
 
-def _validate_split(split: dict[str, float]) -> tuple[float, float]:
+def validate_ingest(ingest: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming what is wrong with the ``ingest`` parameters."""
+    _require_keys(ingest, ("url", "md5"), "ingest")
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", str(ingest["md5"])):
+        raise ValueError(
+            f"parameters ingest: md5 must be the 32 hex digits of the tarball's md5, "
+            f"got {ingest['md5']!r}"
+        )
+
+
+def validate_split(split: dict[str, float]) -> tuple[float, float]:
+    """Return the validation and test fractions; raise ``ValueError`` if they are unusable."""
     _require_keys(split, ("validation_fraction", "test_fraction"), "data_processing.split")
     validation, test = float(split["validation_fraction"]), float(split["test_fraction"])
     if not (0 < validation < 1 and 0 < test < 1 and validation + test < 1):

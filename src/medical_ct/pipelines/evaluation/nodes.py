@@ -97,7 +97,7 @@ def decide_promotion(
     Returns:
         Whether to promote, and why in words.
     """
-    min_accuracy, min_improvement = _validate_gate(champion_gate)
+    min_accuracy, min_improvement = validate_gate(champion_gate)
     # Accuracies are ratios of counts: a tolerance keeps 0.95 + 0.01 >= 0.96 true.
     candidate_accuracy += 1e-9
     if candidate_accuracy < min_accuracy:
@@ -233,7 +233,8 @@ def plot_misclassified(
     return figure
 
 
-def _validate_gate(champion_gate: dict[str, float]) -> tuple[float, float]:
+def validate_gate(champion_gate: dict[str, float]) -> tuple[float, float]:
+    """Return ``min_accuracy`` and ``min_improvement``; raise ``ValueError`` if unusable."""
     try:
         min_accuracy = float(champion_gate["min_accuracy"])
         min_improvement = float(champion_gate["min_improvement"])

@@ -36,7 +36,12 @@ def train_model(
         The model with the weights of its best validation epoch (on the CPU), and the
         per-epoch history of train/validation loss and accuracy for MLflow.
     """
-    _validate_training_params(training, len(train_set["labels"]), len(validation_set["labels"]))
+    validate_training_params(training)
+    if len(train_set["labels"]) == 0 or len(validation_set["labels"]) == 0:
+        raise ValueError(
+            f"cannot train with {len(train_set['labels'])} training and "
+            f"{len(validation_set['labels'])} validation images; add images to the raw store"
+        )
     _seed_everything(int(training["seed"]))
     if training.get("num_threads"):
         torch.set_num_threads(int(training["num_threads"]))
@@ -172,7 +177,8 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _validate_training_params(training: dict[str, Any], n_train: int, n_validation: int) -> None:
+def validate_training_params(training: dict[str, Any]) -> None:
+    """Raise ``ValueError`` listing every unusable ``training`` parameter."""
     problems = []
     for key in _POSITIVE_INTS:
         value = training.get(key)
@@ -184,8 +190,3 @@ def _validate_training_params(training: dict[str, Any], n_train: int, n_validati
             problems.append(f"{key} must be a positive number, got {value!r}")
     if problems:
         raise ValueError("invalid parameters training: " + "; ".join(problems))
-    if n_train == 0 or n_validation == 0:
-        raise ValueError(
-            f"cannot train with {n_train} training and {n_validation} validation images; "
-            "add images to the raw store"
-        )
