@@ -74,6 +74,12 @@ def test_bad_training_parameters_are_refused(model_input, override, message):
         train_model(train, validation, class_names, {**PARAMS, **override})
 
 
+def test_divergence_is_a_clear_error(model_input):
+    train, validation, _, class_names, _ = model_input
+    with pytest.raises(ValueError, match="training diverged"):
+        train_model(train, validation, class_names, {**PARAMS, "learning_rate": 1e30})
+
+
 def test_torchvision_architectures_take_grayscale_input():
     model = build_classifier("resnet18", num_classes=6).eval()
     images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)

@@ -106,6 +106,11 @@ def train_model(
         elif epoch - best_epoch >= int(training["patience"]):
             logger.info("Early stopping: no validation improvement since epoch %d", best_epoch)
             break
+    if best_state is None:
+        raise ValueError(
+            "training diverged: the validation loss was not a number in any epoch; "
+            "lower training.learning_rate"
+        )
     model.load_state_dict(best_state)
     history["best_epoch"] = [{"value": best_epoch, "step": 0}]
     return model.to("cpu", memory_format=torch.contiguous_format).eval(), history
