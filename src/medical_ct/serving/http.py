@@ -1,8 +1,8 @@
 """The HTTP routes users call: the page, /predict, /feedback and /model.
 
 They are a Starlette app mounted on the BentoML service, which gives them full control of
-multipart parsing, size limits and error bodies; the model runs in the service's batchable
-``classify`` API, so concurrent requests share forward passes.
+multipart parsing, size limits and error bodies; the model runs in the service's adaptive
+batcher, so concurrent requests share forward passes.
 """
 
 import hmac
@@ -24,6 +24,7 @@ from starlette.routing import Route
 
 from medical_ct.preprocessing import InvalidImageError, preprocess_image
 from medical_ct.serving import metrics
+from medical_ct.serving.batching import OverloadedError
 from medical_ct.serving.feedback import FeedbackStore, FeedbackStoreError
 from medical_ct.serving.model_holder import ModelHolder
 
@@ -118,7 +119,10 @@ async def predict(request: Request) -> Response:
         return error(503, NO_MODEL_MESSAGE)
     form = await _read_form(request, service.max_upload_bytes)
     pixels = await _preprocess(await _image_field(form))
-    result = await service.classify_pixels(pixels)
+    try:
+        result = await service.classify_pixels(pixels)
+    except OverloadedError as overloaded:
+        return error(503, str(overloaded))
     prediction_id = uuid.uuid4().hex
     service.recent_predictions.add(prediction_id, result["model_version"], result["label"])
     metrics.predictions_total.labels(label=result["label"]).inc()

@@ -17,3 +17,8 @@ serving_model_version = bentoml.metrics.Gauge(
     documentation="Registered version of the model being served (0: none yet)",
     multiprocess_mode="mostrecent",
 )
+batch_size = bentoml.metrics.Histogram(
+    name="medical_ct_batch_size",
+    documentation="Images per forward pass of the adaptive batcher",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
