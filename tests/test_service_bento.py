@@ -43,13 +43,14 @@ def test_bento_serves_the_packaged_champion_without_mlflow(trained_project, tmp_
     # A fresh BentoML home that only has the exported Bento, and a registry nobody answers at.
     serve_env = {**build_env, "BENTOML_HOME": str(serve_home)}
     run([BENTOML, "import", str(archive)], serve_env)
-    bento_src = next((serve_home / "bentos/medical_ct").iterdir()) / "src"
+    bento_dir = next(p for p in (serve_home / "bentos/medical_ct").iterdir() if p.is_dir())
+    bento_src = bento_dir / "src"
     champion = mlflow_client(trained_project).get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS)
 
     with bentoml_server(
         tmp_path,
         "medical_ct:latest",
-        cwd=tmp_path,
+        cwd=bento_src,  # as in a container: relative paths (PYTHONPATH=src) resolve here
         BENTOML_HOME=str(serve_home),
         MEDICAL_CT_PROJECT_DIR=str(bento_src),
         PYTHONPATH=str(bento_src / "src"),

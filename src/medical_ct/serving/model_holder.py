@@ -101,6 +101,7 @@ class ModelHolder:
 
     def set(self, served: ServedModel) -> None:
         self._current = served
+        metrics.serving_model_version.set(int(served.version))
 
     def refresh(self) -> bool:
         """Load the alias's version if it is not the one served; return whether it swapped."""
@@ -116,9 +117,8 @@ class ModelHolder:
             return False
         if served is None:
             return False
-        self._current = served
+        self.set(served)
         self.last_error = None
-        metrics.serving_model_version.set(int(served.version))
         logger.info("Serving %s version %s", registry.MODEL_NAME, served.version)
         return True
 
