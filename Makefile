@@ -12,7 +12,7 @@ RUN_ARGS ?= --params "ingest.url=$(abspath $(DEV_ARCHIVE)),ingest.md5=$(DEV_ARCH
 endif
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint viz mlflow-ui benchmark clean
+.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium benchmark-service
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/kedro run $(RUN_ARGS)
 
-test: install
+test: install chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -37,6 +37,22 @@ viz: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+# The BentoML service on http://localhost:3000 (the page, /predict, /feedback, /model).
+serve: install
+	$(BIN)/bentoml serve service:MedicalCT --port 3000
+
+# A Bento with the current champion inside: serves without the MLflow store.
+bento: install
+	$(BIN)/python -m medical_ct.serving.packaging
+	$(BIN)/bentoml build
+
+# The page's browser test drives Debian's chromium (Playwright's download needs the internet).
+chromium:
+	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+
+benchmark-service: install
+	$(BIN)/python benchmarks/bench_service.py
 
 benchmark: install
 	$(BIN)/python benchmarks/bench_pipeline.py

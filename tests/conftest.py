@@ -1,13 +1,16 @@
 """Shared fixtures: temporary Kedro projects, real `kedro run` subprocesses, real sqlite MLflow."""
 
+import contextlib
 import functools
 import http.server
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,3 +129,101 @@ def http_server(tmp_path) -> Iterator[tuple[str, Path, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- the BentoML service (service.py) as a real `bentoml serve` subprocess ----
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def bentoml_server(
+    project: Path, *serve_args: str, cwd: Path = PROJECT_ROOT, **extra_env: str
+) -> Iterator[str]:
+    """``bentoml serve`` of this repo's service for ``project`` on a free loopback port.
+
+    Yields the base URL once ``/livez`` answers; the server's output is shown on failure.
+    """
+    import httpx
+
+    port = free_port()
+    log_path = project / f"bentoml-serve-{port}.log"
+    env = project_env(project, **{"MEDICAL_CT_PROJECT_DIR": str(project), **extra_env})
+    args = serve_args or ("service:MedicalCT",)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [BENTOML, "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"bentoml serve exited {server.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/livez", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"bentoml serve did not start:\n{log_path.read_text()[-5000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def wait_ready(url: str, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, f"{url} did not become ready"
+        time.sleep(0.5)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's chromium (Playwright's own download needs the internet); installed if missing."""
+    if not CHROMIUM.exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, check=False, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            env=env,
+            check=False,
+            capture_output=True,
+        )
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (see the Makefile)")
+    return CHROMIUM

@@ -17,6 +17,12 @@ def sqlite_at_project_root(filename: str) -> str:
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    "config_patterns": {
+        # conf/<env>/serving.yml: the BentoML service's settings (service.py).
+        "serving": ["serving*", "serving*/**"],
+        # kedro-mlflow adds this pattern in its hook; the service reads mlflow.yml without hooks.
+        "mlflow": ["mlflow*", "mlflow*/**"],
+    },
     "custom_resolvers": {
         # ${oc.env:...} outside credentials.yml, so that MLFLOW_TRACKING_URI overrides mlflow.yml.
         "oc.env": oc.env,

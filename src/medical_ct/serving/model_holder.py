@@ -1,0 +1,136 @@
+"""The served model: loaded from the registry alias, and swapped atomically when it moves."""
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from medical_ct import registry
+from medical_ct.model import predict_probabilities
+from medical_ct.serving import metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A registered classifier and what ``GET /model`` tells about it."""
+
+    classifier: registry.RegisteredClassifier
+    test_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.classifier.version
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.classifier.class_names
+
+    def classify(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """Label, confidence and per-class probabilities of ``(n, H, W)`` uint8 images."""
+        probabilities = predict_probabilities(self.classifier.model, images[:, None])
+        results = []
+        for row in probabilities:
+            best = int(row.argmax())
+            results.append(
+                {
+                    "label": self.class_names[best],
+                    "confidence": float(row[best]),
+                    "probabilities": {
+                        name: float(p) for name, p in zip(self.class_names, row, strict=True)
+                    },
+                    "model_version": self.version,
+                }
+            )
+        return results
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_name": registry.MODEL_NAME,
+            "version": self.version,
+            "classes": self.class_names,
+            "test_metrics": self.test_metrics,
+            "tags": self.classifier.tags,
+        }
+
+
+def load_served_model(alias: str = registry.CHAMPION_ALIAS) -> ServedModel | None:
+    """The version ``alias`` points to, with its run's test metrics; ``None`` when unset."""
+    classifier = registry.load_alias(alias)
+    if classifier is None:
+        return None
+    client = MlflowClient()
+    run_id = client.get_model_version(registry.MODEL_NAME, classifier.version).run_id
+    metrics = client.get_run(run_id).data.metrics if run_id else {}
+    test_metrics = {name: value for name, value in metrics.items() if name.startswith("test_")}
+    return ServedModel(classifier=classifier, test_metrics=test_metrics)
+
+
+def alias_version(alias: str = registry.CHAMPION_ALIAS) -> str | None:
+    """The version an alias points to now, ``None`` when it is not set."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(registry.MODEL_NAME, alias).version)
+    except MlflowException as error:
+        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            return None
+        raise
+
+
+class ModelHolder:
+    """Holds the served model; a background thread follows the registry alias.
+
+    Requests read ``current`` once and use that object to the end: a swap replaces the
+    reference in one assignment, so a request never sees half of two versions.
+    """
+
+    def __init__(self, alias: str = registry.CHAMPION_ALIAS) -> None:
+        self.alias = alias
+        self._current: ServedModel | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    @property
+    def current(self) -> ServedModel | None:
+        return self._current
+
+    def set(self, served: ServedModel) -> None:
+        self._current = served
+        metrics.serving_model_version.set(int(served.version))
+
+    def refresh(self) -> bool:
+        """Load the alias's version if it is not the one served; return whether it swapped."""
+        try:
+            version = alias_version(self.alias)
+            current = self._current
+            if version is None or (current is not None and current.version == version):
+                return False
+            served = load_served_model(self.alias)
+        except Exception as error:  # the registry may be down: keep serving what we have
+            self.last_error = f"{type(error).__name__}: {error}"
+            logger.warning("Checking %s@%s failed: %s", registry.MODEL_NAME, self.alias, error)
+            return False
+        if served is None:
+            return False
+        self.set(served)
+        self.last_error = None
+        logger.info("Serving %s version %s", registry.MODEL_NAME, served.version)
+        return True
+
+    def start_polling(self, interval_s: float) -> None:
+        """Check the alias every ``interval_s`` seconds in a daemon thread."""
+
+        def poll() -> None:
+            while not self._stop.wait(interval_s):
+                self.refresh()
+
+        self._thread = threading.Thread(target=poll, name="champion-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()

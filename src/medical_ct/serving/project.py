@@ -1,0 +1,105 @@
+"""The Kedro project the service belongs to: its config, catalog and MLflow store.
+
+The service reads the same configuration as ``kedro run`` (``KEDRO_ENV`` included), so the
+tracking URI and the feedback store are defined once, in ``conf/``.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from kedro.config import MissingConfigException
+from kedro.framework.project import settings
+from kedro.framework.startup import bootstrap_project
+from kedro.io import CatalogProtocol
+from kedro.utils import find_kedro_project
+
+PROJECT_DIR_VARIABLE = "MEDICAL_CT_PROJECT_DIR"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """conf/<env>/serving.yml, typed."""
+
+    model_poll_interval_s: float
+    max_batch_size: int
+    max_latency_ms: int
+    max_upload_bytes: int
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ServingConfig":
+        try:
+            serving = cls(
+                model_poll_interval_s=float(config["model_poll_interval_s"]),
+                max_batch_size=int(config["max_batch_size"]),
+                max_latency_ms=int(config["max_latency_ms"]),
+                max_upload_bytes=int(config["max_upload_bytes"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"conf serving.yml is invalid ({error!r}): got {config!r}") from None
+        if min(serving.model_poll_interval_s, serving.max_batch_size, serving.max_latency_ms) <= 0:
+            raise ValueError(f"conf serving.yml needs positive numbers, got {serving}")
+        return serving
+
+
+@dataclass(frozen=True)
+class KedroProject:
+    """What the service takes from the Kedro project."""
+
+    path: Path
+    env: str | None
+    serving: ServingConfig
+    catalog: CatalogProtocol
+    tracking_uri: str
+
+
+def project_path() -> Path:
+    """``$MEDICAL_CT_PROJECT_DIR``, else the Kedro project around the working directory."""
+    configured = os.environ.get(PROJECT_DIR_VARIABLE)
+    if configured:
+        return Path(configured).resolve()
+    found = find_kedro_project(Path.cwd())
+    if found is None:
+        raise RuntimeError(
+            f"no Kedro project at or above {Path.cwd()}: run from the project root "
+            f"or set {PROJECT_DIR_VARIABLE}"
+        )
+    return Path(found).resolve()
+
+
+def load_project(path: Path | None = None, env: str | None = None) -> KedroProject:
+    """Load the project's config (environment ``env``, default ``$KEDRO_ENV``) and catalog.
+
+    Kedro resolves relative catalog paths and the default sqlite store against the working
+    directory, so the working directory becomes the project root, as for ``kedro run``.
+    """
+    path = path or project_path()
+    env = env or os.environ.get("KEDRO_ENV") or None
+    os.chdir(path)
+    bootstrap_project(path)
+    config_loader = settings.CONFIG_LOADER_CLASS(
+        conf_source=str(path / settings.CONF_SOURCE), env=env, **settings.CONFIG_LOADER_ARGS
+    )
+    try:
+        credentials = config_loader["credentials"]
+    except MissingConfigException:
+        credentials = {}
+    catalog = settings.DATA_CATALOG_CLASS.from_config(
+        catalog=config_loader["catalog"], credentials=credentials
+    )
+    tracking_uri = config_loader["mlflow"]["server"]["mlflow_tracking_uri"]
+    return KedroProject(
+        path=path,
+        env=env,
+        serving=ServingConfig.from_config(config_loader["serving"]),
+        catalog=catalog,
+        tracking_uri=tracking_uri,
+    )
+
+
+def use_tracking_uri(tracking_uri: str) -> None:
+    """Point MLflow (tracking and registry) at the project's store."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or tracking_uri)

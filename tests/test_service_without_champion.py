@@ -1,0 +1,113 @@
+"""The service before any training, with the feedback token set: it starts and says what to do."""
+
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from tests.conftest import (
+    CLASSES,
+    bentoml_server,
+    make_project,
+    project_env,
+    wait_ready,
+)
+
+TOKEN = "s3cret-feedback-token-for-tests"
+
+
+@pytest.fixture(scope="module")
+def served_project(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("no_champion") / "project")
+    with bentoml_server(
+        project, MEDICAL_CT_FEEDBACK_TOKEN=TOKEN, MEDICAL_CT_MODEL_POLL_INTERVAL_S="1"
+    ) as url:
+        yield project, url
+
+
+@pytest.fixture(scope="module")
+def client(served_project):
+    with httpx.Client(base_url=served_project[1], timeout=30) as session:
+        yield session
+
+
+def test_not_ready_and_predict_says_to_run_make_run(client, sample_dir):
+    image = next((sample_dir / "Hand").iterdir()).read_bytes()
+
+    assert client.get("/livez").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    response = client.post("/predict", files={"image": image})
+    assert response.status_code == 503
+    assert "make run" in response.json()["error"]
+    assert client.get("/model").status_code == 503
+    assert client.get("/").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer wrong", f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN}x"]
+)
+def test_feedback_needs_the_bearer_token(client, sample_dir, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+
+    response = client.post(
+        "/feedback",
+        files={"image": next((sample_dir / "Hand").iterdir()).read_bytes()},
+        data={"label": "Hand"},
+        headers=headers,
+    )
+
+    assert response.status_code == 401
+    assert "Bearer" in response.json()["error"]
+
+
+def test_the_right_token_passes_and_never_reaches_the_log(client, served_project, sample_dir):
+    project, _ = served_project
+
+    response = client.post(
+        "/feedback",
+        files={"image": next((sample_dir / "Hand").iterdir()).read_bytes()},
+        data={"label": "Hand"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+
+    assert response.status_code == 503  # authorized, but no model to check the label against
+    logs = "".join(path.read_text() for path in project.glob("bentoml-serve-*.log"))
+    assert "/feedback" in logs
+    assert TOKEN not in logs
+
+
+REGISTER_UNTRAINED_CHAMPION = f"""
+import mlflow, numpy as np
+from medical_ct import registry
+from medical_ct.model import build_classifier
+with mlflow.start_run():
+    version = registry.log_and_register(
+        build_classifier("small_cnn", {len(CLASSES)}, width=4), {CLASSES!r},
+        np.zeros((1, 1, 64, 64), dtype=np.uint8), tags={{}},
+    )
+registry.set_alias(version, registry.CHAMPION_ALIAS)
+"""
+
+
+def test_the_first_champion_is_picked_up_without_a_restart(client, served_project, sample_dir):
+    """Runs last in this module: after it, the service has a model."""
+    project, url = served_project
+    result = subprocess.run(
+        [sys.executable, "-c", REGISTER_UNTRAINED_CHAMPION],
+        cwd=project,
+        env=project_env(project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+    wait_ready(url)
+    response = client.post(
+        "/predict", files={"image": next((sample_dir / "CXR").iterdir()).read_bytes()}
+    )
+
+    assert response.status_code == 200, response.text
+    assert response.json()["model_version"] == "1"
