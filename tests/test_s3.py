@@ -304,6 +304,56 @@ def test_an_unusable_store_fails_the_run_early_and_keeps_the_champion(
     assert len(client.search_model_versions(f"name='{registry.MODEL_NAME}'")) == versions
 
 
+@pytest.fixture
+def strict_s3_endpoint(tmp_path) -> Iterator[str]:
+    """A moto server that checks credentials: only the first request (creating the bucket) is
+    let through unauthenticated, and no IAM user exists, so every later key is refused."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.2)
+        s3fs.S3FileSystem(endpoint_url=endpoint, key="any", secret="any").mkdir(BUCKET)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_refused_credentials_fail_the_run_early_and_keep_the_champion(
+    s3_run, strict_s3_endpoint, mlflow_server
+):
+    project, _, _ = s3_run
+    client = registry_client(mlflow_server)
+    champion = client.get_model_version_by_alias(registry.MODEL_NAME, registry.CHAMPION_ALIAS)
+    result = kedro_s3(
+        project,
+        strict_s3_endpoint,
+        "--params",
+        FAST_RUN_PARAMS + ",retrain_on_same_data=true",
+        MLFLOW_TRACKING_URI=mlflow_server,
+    )
+    assert result.returncode != 0
+    output = " ".join((result.stdout + result.stderr).split())
+    assert f"S3 bucket '{BUCKET}' at {strict_s3_endpoint} refused the credentials" in output
+    assert "Running node" not in output
+    after = client.get_model_version_by_alias(registry.MODEL_NAME, registry.CHAMPION_ALIAS)
+    assert after.version == champion.version
+
+
 def test_ingest_uploads_mednist_into_an_empty_bucket(
     tmp_path, s3, s3_endpoint, sample_dir, http_server
 ):
