@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 import s3fs
 from moto.server import ThreadedMotoServer
@@ -326,7 +327,13 @@ def strict_s3_endpoint(tmp_path) -> Iterator[str]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail("moto_server did not start")
                 time.sleep(0.2)
-        s3fs.S3FileSystem(endpoint_url=endpoint, key="any", secret="any").mkdir(BUCKET)
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="any",
+            aws_secret_access_key="any",
+            region_name="us-east-1",
+        ).create_bucket(Bucket=BUCKET)
         yield endpoint
     finally:
         process.terminate()
