@@ -12,7 +12,7 @@ RUN_ARGS ?= --params "ingest.url=$(abspath $(DEV_ARCHIVE)),ingest.md5=$(DEV_ARCH
 endif
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium benchmark-service
+.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium benchmark-service benchmark-incremental
 
 install: $(STAMP)
 
@@ -53,6 +53,9 @@ chromium:
 
 benchmark-service: install
 	$(BIN)/python benchmarks/bench_service.py
+
+benchmark-incremental: install
+	$(BIN)/python benchmarks/bench_incremental.py
 
 benchmark: install
 	$(BIN)/python benchmarks/bench_pipeline.py

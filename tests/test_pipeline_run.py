@@ -77,7 +77,10 @@ def test_registered_model_carries_what_a_consumer_needs(trained_project, monkeyp
 def test_a_worse_model_does_not_move_the_champion(trained_project):
     before = champion_version(trained_project)
     result = kedro(
-        trained_project, "run", "--params", FAST_RUN_PARAMS + ",training.learning_rate=1e-9"
+        trained_project,
+        "run",
+        "--params",
+        FAST_RUN_PARAMS + ",training.learning_rate=1e-9,retrain_on_same_data=true",
     )
     assert_ok(result)
     client = mlflow_client(trained_project)

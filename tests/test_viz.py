@@ -22,6 +22,7 @@ def test_viz_build_contains_the_pipelines_and_their_nodes(tmp_path):
         "decode_feedback_images",
         "build_model_input",
         "report_data",
+        "decide_training",
         "train_model",
         "evaluate_model",
         "evaluate_champion",

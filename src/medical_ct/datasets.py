@@ -1,9 +1,17 @@
-"""Kedro datasets of this project: image folders that may be empty, and registered models."""
+"""Kedro datasets of this project: image folders, outputs read back on the next run, reports
+copied to MLflow from any store, and registered models."""
 
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import fsspec
+import mlflow
 from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets.partitions import PartitionedDataset
+from kedro_datasets.pickle import PickleDataset
 
 from medical_ct import registry
 
@@ -13,25 +21,103 @@ _IMAGE_BYTES = {
 }
 
 
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of an image folder: call it for its bytes.
+
+    ``version`` comes from the store's listing (size and ETag on S3, size and modification
+    time on a local disk): it changes when the content does, so decoded pixels can be reused
+    without reading the file again.
+    """
+
+    version: str
+    read: Callable[[], bytes] = field(repr=False)
+
+    def __call__(self) -> bytes:
+        return self.read()
+
+
 class ImageFolderDataset(PartitionedDataset):
-    """Image files as ``{"<Class>/<file>": load function returning bytes}``, on any fsspec store.
+    """Image files as ``{"<Class>/<file>": StoredFile}``, on any fsspec store (local, S3...).
 
     Unlike ``PartitionedDataset``, an empty or missing folder loads as ``{}``: a raw store
     before ingest and a feedback store nobody wrote to yet are normal states, not errors.
-    Saving takes ``{"<Class>/<file>": bytes or a function returning bytes}``.
+    One listing (paginated on S3) gives every file and its version; bytes are read only when
+    a ``StoredFile`` is called. Saving takes ``{"<Class>/<file>": bytes or a function
+    returning bytes}``.
     """
 
     def __init__(self, *, path: str, **kwargs: Any) -> None:
         kwargs.setdefault("dataset", _IMAGE_BYTES)
         super().__init__(path=path, **kwargs)
 
-    def load(self) -> dict[str, Any]:
+    def load(self) -> dict[str, StoredFile]:
+        self._invalidate_caches()
+        filesystem = self._filesystem
         try:
-            return super().load()
-        except DatasetError:
-            if self._list_partitions():
-                raise
+            listing = filesystem.find(self._normalized_path, detail=True, **self._load_args)
+        except FileNotFoundError:
             return {}
+        files = {}
+        for path, info in sorted(listing.items()):
+            if info.get("type") == "directory" or not path.endswith(self._filename_suffix):
+                continue
+            version = info.get("ETag") or info.get("mtime") or info.get("LastModified", "")
+            files[self._path_to_partition(path)] = StoredFile(
+                version=f"{info.get('size')}:{str(version).strip(chr(34))}",
+                read=_file_reader(filesystem, path),
+            )
+        return files
+
+
+def _file_reader(filesystem: fsspec.AbstractFileSystem, path: str) -> Callable[[], bytes]:
+    return lambda: filesystem.cat_file(path)
+
+
+class PreviousOutputDataset(PickleDataset):
+    """A pickled output of an earlier run, read back as ``None`` when there is none yet.
+
+    Declared on the same file as the output it caches, so a node can reuse last run's work.
+    """
+
+    def load(self) -> Any:
+        if not self._exists():
+            return None
+        return super().load()
+
+
+class MlflowReportDataset(AbstractDataset[Any, Any]):
+    """A report saved with any Kedro dataset (local or S3) and copied into the active MLflow run.
+
+    kedro-mlflow's ``MlflowArtifactDataset`` logs the saved file's path, which only works for
+    local files; this copies the saved bytes to a temporary file first, so reports can live
+    in the bucket and in MLflow alike.
+    """
+
+    def __init__(self, *, dataset: dict[str, Any], artifact_path: str = "") -> None:
+        self._dataset_config = dict(dataset)
+        self._dataset = AbstractDataset.from_config("report", dict(dataset))
+        self._artifact_path = artifact_path
+
+    def load(self) -> Any:
+        return self._dataset.load()
+
+    def save(self, data: Any) -> None:
+        self._dataset.save(data)
+        if mlflow.active_run() is None:
+            return
+        filepath = self._dataset_config["filepath"]
+        with tempfile.TemporaryDirectory() as folder:
+            copy = Path(folder) / PurePosixPath(filepath).name
+            with fsspec.open(filepath, "rb") as stored:
+                copy.write_bytes(stored.read())
+            mlflow.log_artifact(str(copy), self._artifact_path or None)
+
+    def _exists(self) -> bool:
+        return self._dataset.exists()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"dataset": self._dataset_config, "artifact_path": self._artifact_path}
 
 
 class RegisteredModelDataset(AbstractDataset[None, registry.RegisteredClassifier | None]):

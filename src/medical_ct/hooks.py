@@ -1,10 +1,14 @@
 """Project hooks: parameters checked before anything runs; node timings in MLflow."""
 
 import logging
+import os
 import time
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlparse
 
 import mlflow
+from kedro.framework.context import KedroContext
 from kedro.framework.hooks import hook_impl
 from kedro.io import CatalogProtocol
 from kedro.pipeline import Node, Pipeline
@@ -58,3 +62,82 @@ class NodeTimingHook:
         logger.info("Node %s took %.1f s", node.name, seconds)
         if mlflow.active_run() is not None:
             mlflow.log_metric(f"node_seconds.{node.name}", seconds)
+
+
+class StoreUnavailableError(RuntimeError):
+    """The S3 store of the catalog cannot be used; the message names the endpoint and bucket."""
+
+
+class StoreCheckHook:
+    """Fails a run before its first node when an S3 bucket of the catalog is not usable.
+
+    An unreachable endpoint, refused credentials or a missing bucket would otherwise surface
+    deep inside a node, possibly after minutes of retries; this check answers in seconds,
+    before the MLflow run starts, so nothing is trained or registered.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: list[str] = []
+
+    @hook_impl
+    def after_context_created(self, context: KedroContext) -> None:
+        catalog = context.config_loader["catalog"]
+        self._buckets = sorted(set(_s3_buckets(catalog)))
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self) -> None:
+        for bucket in self._buckets:
+            check_bucket(bucket)
+
+
+def check_bucket(bucket: str, timeout_s: float = 10.0) -> None:
+    """Raise ``StoreUnavailableError`` unless ``bucket`` exists and the credentials may read it."""
+    import botocore.exceptions
+    import s3fs
+
+    endpoint = (
+        os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "the AWS default S3 endpoint"
+    )
+    where = f"S3 bucket {bucket!r} at {endpoint}"
+    filesystem = s3fs.S3FileSystem(
+        skip_instance_cache=True,
+        config_kwargs={
+            "connect_timeout": timeout_s,
+            "read_timeout": timeout_s,
+            "retries": {"max_attempts": 1},
+        },
+    )
+    filesystem.retries = 1  # s3fs's own retry loop, on top of botocore's
+    try:
+        filesystem.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise StoreUnavailableError(
+            f"{where} does not exist: create it or set MEDICAL_CT_S3_BUCKET"
+        ) from None
+    except PermissionError as error:
+        raise StoreUnavailableError(
+            f"{where} refused the credentials ({error}): check AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from None
+    except (OSError, botocore.exceptions.BotoCoreError) as error:
+        raise StoreUnavailableError(
+            f"{where} is not reachable ({error}): check AWS_ENDPOINT_URL and the network"
+        ) from None
+    logger.info("Store check: %s is reachable", where)
+
+
+def _s3_buckets(config: Any) -> Iterator[str]:
+    """Buckets of every ``s3://`` path or filepath in a catalog configuration."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key in {"path", "filepath"} and isinstance(value, str):
+                url = urlparse(value)
+                if url.scheme in {"s3", "s3a", "s3n"}:
+                    yield url.netloc
+            else:
+                yield from _s3_buckets(value)
+    elif isinstance(config, list):
+        for item in config:
+            yield from _s3_buckets(item)

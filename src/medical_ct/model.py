@@ -1,5 +1,7 @@
 """The classifier: a small CNN by default, or any torchvision architecture by name."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torchvision
@@ -99,3 +101,14 @@ def predict_probabilities(
     if not batches:
         return np.empty((0, 0), dtype=np.float32)
     return torch.cat(batches).numpy()
+
+
+@dataclass(frozen=True)
+class TrainingSkipped:
+    """Stands for the trained model when a run decided not to train; says why.
+
+    Kedro cannot skip nodes, so the training and evaluation nodes pass this through instead
+    of a model, and the registration node registers nothing.
+    """
+
+    reason: str

@@ -1,17 +1,25 @@
 """Project settings: see https://docs.kedro.org/en/stable/configure/configuration_basics/."""
 
+import os
 from pathlib import Path
 
 from kedro.utils import find_kedro_project
 from omegaconf.resolvers import oc
 
-from medical_ct.hooks import NodeTimingHook, ParameterCheckHook
+from medical_ct.hooks import NodeTimingHook, ParameterCheckHook, StoreCheckHook
 
 
 def sqlite_at_project_root(filename: str) -> str:
     """A sqlite URI for a file at the project root, the same from notebooks/ or any sub-folder."""
     root = find_kedro_project(Path.cwd()) or Path.cwd()
     return f"sqlite:///{(root / filename).resolve().as_posix()}"
+
+
+def s3_root() -> str:
+    """``s3://<bucket>[/<prefix>]`` from MEDICAL_CT_S3_BUCKET and MEDICAL_CT_S3_PREFIX."""
+    bucket = os.environ.get("MEDICAL_CT_S3_BUCKET", "").strip() or "medical-ct"
+    prefix = os.environ.get("MEDICAL_CT_S3_PREFIX", "").strip("/ ")
+    return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
 
 
 CONFIG_LOADER_ARGS = {
@@ -27,7 +35,8 @@ CONFIG_LOADER_ARGS = {
         # ${oc.env:...} outside credentials.yml, so that MLFLOW_TRACKING_URI overrides mlflow.yml.
         "oc.env": oc.env,
         "sqlite_at_project_root": sqlite_at_project_root,
+        "s3_root": s3_root,  # conf/s3/catalog.yml: every path under the bucket and prefix
     },
 }
 
-HOOKS = (ParameterCheckHook(), NodeTimingHook())
+HOOKS = (StoreCheckHook(), ParameterCheckHook(), NodeTimingHook())

@@ -16,13 +16,21 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=decode_images,
-                inputs=["raw_images", "params:data_processing.classes"],
+                inputs=[
+                    "raw_images",
+                    "params:data_processing.classes",
+                    "previous_decoded_raw_images",
+                ],
                 outputs="decoded_raw_images",
                 name="decode_raw_images",
             ),
             Node(
                 func=decode_images,
-                inputs=["feedback_images", "params:data_processing.classes"],
+                inputs=[
+                    "feedback_images",
+                    "params:data_processing.classes",
+                    "previous_decoded_feedback_images",
+                ],
                 outputs="decoded_feedback_images",
                 name="decode_feedback_images",
             ),

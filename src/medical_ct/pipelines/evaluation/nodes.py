@@ -9,7 +9,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from torch import nn
 
 from medical_ct import registry
-from medical_ct.model import predict_probabilities
+from medical_ct.model import TrainingSkipped, predict_probabilities
 
 logger = logging.getLogger(__name__)
 
@@ -17,14 +17,22 @@ _MAX_MISCLASSIFIED_SHOWN = 36
 
 
 def evaluate_model(
-    trained_model: nn.Module, test_set: dict, class_names: list[str]
+    trained_model: nn.Module | TrainingSkipped, test_set: dict, class_names: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any], Figure, Figure]:
     """Score the trained model on the test split.
 
     Returns:
         The evaluation (accuracy, macro F1, per-class precision/recall), the same numbers as
         MLflow metrics, a confusion-matrix figure and a grid of misclassified test images.
+        When training was skipped: ``{"skipped": reason}``, no metrics and figures saying so.
     """
+    if isinstance(trained_model, TrainingSkipped):
+        return (
+            {"skipped": trained_model.reason},
+            {},
+            _message_figure("Training skipped"),
+            _message_figure("Training skipped"),
+        )
     if len(test_set["labels"]) == 0:
         raise ValueError("the test split is empty: add images or raise test_fraction")
     probabilities = predict_probabilities(trained_model, test_set["images"])
@@ -68,13 +76,19 @@ def evaluate_model(
 
 
 def evaluate_champion(
-    champion: registry.RegisteredClassifier | None, test_set: dict, class_names: list[str]
+    champion: registry.RegisteredClassifier | None,
+    test_set: dict,
+    class_names: list[str],
+    training_decision: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score the current champion on the same test split, matching classes by name.
 
     Returns:
-        ``{"version": None}`` when there is no champion yet, else its version and accuracy.
+        ``{"version": None}`` when there is no champion yet, else its version and accuracy
+        (``None`` when training was skipped: there is nothing to compare it with).
     """
+    if training_decision is not None and not training_decision["train"]:
+        return {"version": champion.version if champion else None, "test_accuracy": None}
     if champion is None:
         logger.info("No champion registered yet")
         return {"version": None, "test_accuracy": None}
@@ -122,7 +136,7 @@ def decide_promotion(
 
 
 def register_and_promote(
-    trained_model: nn.Module,
+    trained_model: nn.Module | TrainingSkipped,
     evaluation: dict[str, Any],
     champion_evaluation: dict[str, Any],
     test_set: dict,
@@ -136,8 +150,21 @@ def register_and_promote(
     registered when an earlier step fails.
 
     Returns:
-        The decision, for the MLflow run's artifacts.
+        The decision, for the MLflow run's artifacts. When training was skipped nothing is
+        registered and the decision says why.
     """
+    if isinstance(trained_model, TrainingSkipped):
+        logger.info("Nothing registered: %s", trained_model.reason)
+        return {
+            "model_name": registry.MODEL_NAME,
+            "version": None,
+            "alias": None,
+            "promoted": False,
+            "skipped": True,
+            "reason": trained_model.reason,
+            "previous_champion": champion_evaluation,
+            "dataset_fingerprint": dataset_fingerprint,
+        }
     promote, reason = decide_promotion(
         evaluation["test_accuracy"], champion_evaluation["test_accuracy"], champion_gate
     )
@@ -167,6 +194,7 @@ def register_and_promote(
         "version": version,
         "alias": alias,
         "promoted": promote,
+        "skipped": False,
         "reason": reason,
         "test_accuracy": evaluation["test_accuracy"],
         "previous_champion": champion_evaluation,
@@ -210,11 +238,7 @@ def plot_misclassified(
     wrong = np.flatnonzero(predicted != truth)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:_MAX_MISCLASSIFIED_SHOWN]
     if len(wrong) == 0:
-        figure = Figure(figsize=(4, 2))
-        axes = figure.subplots()
-        axes.axis("off")
-        axes.text(0.5, 0.5, "No misclassified test images", ha="center", va="center")
-        return figure
+        return _message_figure("No misclassified test images")
     columns = min(6, len(wrong))
     rows = -(-len(wrong) // columns)
     figure = Figure(figsize=(2 * columns, 2.3 * rows))
@@ -230,6 +254,14 @@ def plot_misclassified(
         )
     figure.suptitle(f"Misclassified test images ({len(wrong)} shown)")
     figure.tight_layout()
+    return figure
+
+
+def _message_figure(message: str) -> Figure:
+    figure = Figure(figsize=(4, 2))
+    axes = figure.subplots()
+    axes.axis("off")
+    axes.text(0.5, 0.5, message, ha="center", va="center")
     return figure
 
 

@@ -21,7 +21,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=evaluate_champion,
-                inputs=["champion_model", "test_set", "class_names"],
+                inputs=["champion_model", "test_set", "class_names", "training_decision"],
                 outputs="champion_evaluation",
                 name="evaluate_champion",
             ),

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from medical_ct.model import build_classifier
+from medical_ct.model import TrainingSkipped, build_classifier
+from medical_ct.registry import RegisteredClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +20,60 @@ _POSITIVE_INTS = ("max_epochs", "batch_size", "patience")
 _POSITIVE_FLOATS = ("learning_rate",)
 
 
+def decide_training(
+    dataset_fingerprint: str,
+    champion: RegisteredClassifier | None,
+    retrain_on_same_data: bool,
+) -> dict[str, Any]:
+    """Train only when the data differs from the data the current champion was trained on.
+
+    A weekly run that finds no new data then costs seconds and registers nothing.
+
+    Args:
+        dataset_fingerprint: This run's model input fingerprint (from the data report).
+        champion: The registry's champion, whose version tag ``dataset_fingerprint`` says what
+            it was trained on; ``None`` before the first promotion.
+        retrain_on_same_data: Train anyway (e.g. after changing the training parameters).
+
+    Returns:
+        ``{"train": bool, "reason": str}``.
+    """
+    if not isinstance(retrain_on_same_data, bool):
+        raise ValueError(
+            f"training.retrain_on_same_data must be true or false, got {retrain_on_same_data!r}"
+        )
+    if champion is None:
+        decision = {"train": True, "reason": "no champion yet"}
+    elif champion.tags.get("dataset_fingerprint") != dataset_fingerprint:
+        decision = {
+            "train": True,
+            "reason": f"the data differs from champion version {champion.version}'s",
+        }
+    elif retrain_on_same_data:
+        decision = {
+            "train": True,
+            "reason": "same data as the champion, but training.retrain_on_same_data is true",
+        }
+    else:
+        decision = {
+            "train": False,
+            "reason": (
+                f"dataset fingerprint {dataset_fingerprint[:12]} is the one champion version "
+                f"{champion.version} was trained on: skipping training and evaluation, "
+                "registering nothing"
+            ),
+        }
+    logger.info("Training decision: %s", decision["reason"])
+    return decision
+
+
 def train_model(
-    train_set: dict, validation_set: dict, class_names: list[str], training: dict[str, Any]
-) -> tuple[nn.Module, dict[str, list[dict[str, float]]]]:
+    train_set: dict,
+    validation_set: dict,
+    class_names: list[str],
+    training: dict[str, Any],
+    training_decision: dict[str, Any] | None = None,
+) -> tuple[nn.Module | TrainingSkipped, dict[str, list[dict[str, float]]]]:
     """Train a classifier, stopping when validation loss stops improving.
 
     Args:
@@ -31,11 +83,15 @@ def train_model(
         training: ``architecture``, ``width``, ``max_epochs``, ``batch_size``,
             ``learning_rate``, ``weight_decay``, ``patience``, ``seed``, ``device``
             (``auto`` picks CUDA when present), ``num_threads`` (0 = torch's default).
+        training_decision: From ``decide_training``; ``None`` trains.
 
     Returns:
         The model with the weights of its best validation epoch (on the CPU), and the
-        per-epoch history of train/validation loss and accuracy for MLflow.
+        per-epoch history of train/validation loss and accuracy for MLflow; or
+        ``TrainingSkipped`` and no history when the decision was not to train.
     """
+    if training_decision is not None and not training_decision["train"]:
+        return TrainingSkipped(training_decision["reason"]), {}
     validate_training_params(training)
     if len(train_set["labels"]) == 0 or len(validation_set["labels"]) == 0:
         raise ValueError(

@@ -2,15 +2,31 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import train_model
+from .nodes import decide_training, train_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             Node(
+                func=decide_training,
+                inputs=[
+                    "dataset_fingerprint",
+                    "champion_model",
+                    "params:retrain_on_same_data",
+                ],
+                outputs="training_decision",
+                name="decide_training",
+            ),
+            Node(
                 func=train_model,
-                inputs=["train_set", "validation_set", "class_names", "params:training"],
+                inputs=[
+                    "train_set",
+                    "validation_set",
+                    "class_names",
+                    "params:training",
+                    "training_decision",
+                ],
                 outputs=["trained_model", "training_history"],
                 name="train_model",
             ),

@@ -1,0 +1,419 @@
+"""The `s3` environment against real servers on loopback: moto's S3 server and `mlflow server`.
+
+No boto or s3fs mocks: the kedro subprocesses talk HTTP to a moto server (as s3fs's own test
+suite does), and track runs in an `mlflow server` whose artifacts live in the same bucket.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import s3fs
+from moto.server import ThreadedMotoServer
+
+from medical_ct import registry
+from medical_ct.datasets import ImageFolderDataset
+
+from .conftest import FAST_RUN_PARAMS, KEDRO, PROJECT_ROOT, assert_ok, make_project, project_env
+
+BUCKET = "medical-ct-test"
+PREFIX = "team/weekly"
+ROOT = f"{BUCKET}/{PREFIX}"
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's server mode) on a free loopback port, stopped afterwards."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint) -> s3fs.S3FileSystem:
+    filesystem = s3fs.S3FileSystem(
+        endpoint_url=s3_endpoint,
+        key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        skip_instance_cache=True,
+    )
+    filesystem.mkdir(BUCKET)
+    return filesystem
+
+
+def s3_env(endpoint: str, **extra: str) -> dict[str, str]:
+    env = {
+        **CREDENTIALS,
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MEDICAL_CT_S3_BUCKET": BUCKET,
+        "MEDICAL_CT_S3_PREFIX": PREFIX,
+        **extra,
+    }
+    return env
+
+
+def kedro_s3(project: Path, endpoint: str, *args: str, **extra: str) -> subprocess.CompletedProcess:
+    env = project_env(project, **s3_env(endpoint, **extra))
+    for inherited in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        env.pop(inherited, None)
+    return subprocess.run(
+        [KEDRO, "run", "--env", "s3", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, s3_endpoint, s3) -> Iterator[str]:
+    """A real `mlflow server`: sqlite backend, artifacts proxied into the moto bucket."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, **s3_env(s3_endpoint)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(
+        [
+            MLFLOW,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlartifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=(folder / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(folder / 'server.log').read_text()}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def upload_sample(s3: s3fs.S3FileSystem, sample_dir: Path, root: str) -> int:
+    files = {
+        f"{root}/01_raw/mednist/{path.parent.name}/{path.name}": path.read_bytes()
+        for path in sorted(sample_dir.glob("*/*.jpeg"))
+    }
+    s3.pipe(files)
+    return len(files)
+
+
+def registry_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.fixture(scope="module")
+def s3_run(tmp_path_factory, s3, s3_endpoint, mlflow_server, sample_dir):
+    """One whole default `kedro run --env s3` on the sample (plus bad objects) in the bucket."""
+    uploaded = upload_sample(s3, sample_dir, ROOT)
+    s3.pipe(
+        {
+            f"{ROOT}/01_raw/mednist/Hand/corrupt.jpeg": b"\xff\xd8\xff\xe0 not really a jpeg",
+            f"{ROOT}/01_raw/mednist/Hand/empty.jpeg": b"",
+            f"{ROOT}/01_raw/mednist/Dental/000000.jpeg": (
+                sample_dir / "Hand/000000.jpeg"
+            ).read_bytes(),
+        }
+    )
+    project = make_project(tmp_path_factory.mktemp("s3") / "project")
+    result = kedro_s3(
+        project, s3_endpoint, "--params", FAST_RUN_PARAMS, MLFLOW_TRACKING_URI=mlflow_server
+    )
+    assert_ok(result)
+    return project, result, uploaded
+
+
+def read_json(s3: s3fs.S3FileSystem, key: str) -> dict:
+    return json.loads(s3.cat_file(f"{ROOT}/{key}"))
+
+
+def test_the_whole_pipeline_runs_on_the_bucket(s3_run, s3):
+    project, _, uploaded = s3_run
+    for key in (
+        "02_intermediate/decoded_raw_images.pkl",
+        "05_model_input/train_set.pkl",
+        "05_model_input/test_set.pkl",
+        "05_model_input/dataset_fingerprint.txt",
+        "06_models/trained_model.pkl",
+        "08_reporting/data_report.json",
+        "08_reporting/evaluation.json",
+        "08_reporting/promotion.json",
+        "08_reporting/confusion_matrix.png",
+    ):
+        assert s3.exists(f"{ROOT}/{key}"), key
+    report = read_json(s3, "08_reporting/data_report.json")
+    assert sum(report["images_per_split"].values()) + report["duplicates"] == uploaded
+    assert read_json(s3, "08_reporting/promotion.json")["alias"] == registry.CHAMPION_ALIAS
+    assert not any(path.is_file() for path in (project / "data").rglob("*")), "wrote locally"
+
+
+def test_bad_objects_are_skipped_and_counted(s3_run, s3):
+    report = read_json(s3, "08_reporting/data_report.json")
+    reasons = {rejection["file"]: rejection["reason"] for rejection in report["rejected"]}
+    assert reasons["Hand/empty.jpeg"] == "the file is empty"
+    assert "Pillow" in reasons["Hand/corrupt.jpeg"] or "decoded" in reasons["Hand/corrupt.jpeg"]
+    assert reasons["Dental/000000.jpeg"] == "unknown class 'Dental'"
+    assert report["rejected_count"] == 3
+
+
+def test_run_artifacts_and_champion_are_visible_through_the_mlflow_server(
+    s3_run, s3, mlflow_server
+):
+    client = registry_client(mlflow_server)
+    champion = client.get_model_version_by_alias(registry.MODEL_NAME, registry.CHAMPION_ALIAS)
+    fingerprint = s3.cat_file(f"{ROOT}/05_model_input/dataset_fingerprint.txt").decode()
+    assert champion.tags["dataset_fingerprint"] == fingerprint
+    run = client.get_run(champion.run_id)
+    assert run.data.metrics["test_accuracy"] >= 0.7
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id, "reports")}
+    assert {"reports/data_report.json", "reports/promotion.json"} <= artifacts
+    local = Path(client.download_artifacts(run.info.run_id, "reports/data_report.json"))
+    assert json.loads(local.read_text())["dataset_fingerprint"] == fingerprint
+    # The server proxies artifacts into the bucket: the model's files are there.
+    assert s3.find(f"{BUCKET}/mlartifacts", maxdepth=None), "no artifacts in the bucket"
+    assert any(path.endswith("MLmodel") for path in s3.find(f"{BUCKET}/mlartifacts"))
+
+
+def test_a_rerun_on_the_same_data_skips_training_and_registers_nothing(
+    s3_run, s3, s3_endpoint, mlflow_server
+):
+    project, _, _ = s3_run
+    client = registry_client(mlflow_server)
+    versions = len(client.search_model_versions(f"name='{registry.MODEL_NAME}'"))
+    result = kedro_s3(
+        project, s3_endpoint, "--params", FAST_RUN_PARAMS, MLFLOW_TRACKING_URI=mlflow_server
+    )
+    assert_ok(result)
+    output = result.stdout + result.stderr
+    assert "skipping training and evaluation, registering nothing" in " ".join(output.split())
+    assert len(client.search_model_versions(f"name='{registry.MODEL_NAME}'")) == versions
+    promotion = read_json(s3, "08_reporting/promotion.json")
+    assert promotion["skipped"] is True and promotion["version"] is None
+    report = read_json(s3, "08_reporting/data_report.json")
+    assert report["files_reused_from_last_run"] == report["raw_images_decoded"] + 2
+
+
+def test_new_images_are_the_only_ones_decoded_again(s3_run, s3, s3_endpoint, mlflow_server):
+    project, _, _ = s3_run
+    before = read_json(s3, "08_reporting/data_report.json")
+    source = s3.cat_file(f"{ROOT}/01_raw/mednist/CXR/000000.jpeg")
+    s3.pipe(
+        {
+            f"{ROOT}/01_raw/mednist/CXR/new-1.jpeg": source,  # a copy: a duplicate after decoding
+            f"{ROOT}/01_raw/mednist/Hand/empty.jpeg": b"",  # rewritten, same content
+        }
+    )
+    result = kedro_s3(
+        project,
+        s3_endpoint,
+        "--pipeline",
+        "data_processing",
+        MLFLOW_TRACKING_URI=mlflow_server,
+    )
+    assert_ok(result)
+    report = read_json(s3, "08_reporting/data_report.json")
+    # Only the new file is read; the rewritten empty one has the same size and ETag.
+    assert report["files_reused_from_last_run"] == before["files_reused_from_last_run"]
+    assert report["raw_images_decoded"] == before["raw_images_decoded"] + 1
+    assert report["duplicates"] == before["duplicates"] + 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"MEDICAL_CT_S3_BUCKET": "no-such-bucket"}, "does not exist"),
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:{closed_port}"}, "is not reachable"),
+    ],
+)
+def test_an_unusable_store_fails_the_run_early_and_keeps_the_champion(
+    s3_run, s3_endpoint, mlflow_server, extra, expected
+):
+    project, _, _ = s3_run
+    client = registry_client(mlflow_server)
+    champion = client.get_model_version_by_alias(registry.MODEL_NAME, registry.CHAMPION_ALIAS)
+    versions = len(client.search_model_versions(f"name='{registry.MODEL_NAME}'"))
+    extra = {key: value.format(closed_port=free_port()) for key, value in extra.items()}
+    started = time.monotonic()
+    result = kedro_s3(
+        project,
+        s3_endpoint,
+        "--params",
+        FAST_RUN_PARAMS + ",retrain_on_same_data=true",
+        MLFLOW_TRACKING_URI=mlflow_server,
+        **extra,
+    )
+    assert result.returncode != 0
+    output = " ".join((result.stdout + result.stderr).split())
+    endpoint = extra.get("AWS_ENDPOINT_URL", s3_endpoint)
+    bucket = extra.get("MEDICAL_CT_S3_BUCKET", BUCKET)
+    assert f"S3 bucket '{bucket}' at {endpoint} {expected}" in output
+    assert "Running node" not in output and "train_model" not in output
+    assert time.monotonic() - started < 120
+    after = client.get_model_version_by_alias(registry.MODEL_NAME, registry.CHAMPION_ALIAS)
+    assert after.version == champion.version
+    assert len(client.search_model_versions(f"name='{registry.MODEL_NAME}'")) == versions
+
+
+@pytest.fixture
+def strict_s3_endpoint(tmp_path) -> Iterator[str]:
+    """A moto server that checks credentials: only the first request (creating the bucket) is
+    let through unauthenticated, and no IAM user exists, so every later key is refused."""
+    port = free_port()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("moto_server did not start")
+                time.sleep(0.2)
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="any",
+            aws_secret_access_key="any",
+            region_name="us-east-1",
+        ).create_bucket(Bucket=BUCKET)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_refused_credentials_fail_the_run_early_and_keep_the_champion(
+    s3_run, strict_s3_endpoint, mlflow_server
+):
+    project, _, _ = s3_run
+    client = registry_client(mlflow_server)
+    champion = client.get_model_version_by_alias(registry.MODEL_NAME, registry.CHAMPION_ALIAS)
+    result = kedro_s3(
+        project,
+        strict_s3_endpoint,
+        "--params",
+        FAST_RUN_PARAMS + ",retrain_on_same_data=true",
+        MLFLOW_TRACKING_URI=mlflow_server,
+    )
+    assert result.returncode != 0
+    output = " ".join((result.stdout + result.stderr).split())
+    assert f"S3 bucket '{BUCKET}' at {strict_s3_endpoint} refused the credentials" in output
+    assert "Running node" not in output
+    after = client.get_model_version_by_alias(registry.MODEL_NAME, registry.CHAMPION_ALIAS)
+    assert after.version == champion.version
+
+
+def test_ingest_uploads_mednist_into_an_empty_bucket(
+    tmp_path, s3, s3_endpoint, sample_dir, http_server
+):
+    from .conftest import build_mednist_tarball
+
+    url, www, _ = http_server
+    tarball = build_mednist_tarball(sample_dir, www / "MedNIST.tar.gz")
+    import hashlib
+
+    md5 = hashlib.md5(tarball.read_bytes(), usedforsecurity=False).hexdigest()
+    project = make_project(tmp_path / "project")
+    prefix = "ingest-test"
+    result = kedro_s3(
+        project,
+        s3_endpoint,
+        "--pipeline",
+        "data_processing",
+        "--params",
+        f"ingest.url={url}/MedNIST.tar.gz,ingest.md5={md5}",
+        MEDICAL_CT_S3_PREFIX=prefix,
+        MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
+    )
+    assert_ok(result)
+    uploaded = s3.find(f"{BUCKET}/{prefix}/01_raw/mednist")
+    assert len(uploaded) == len(list(sample_dir.glob("*/*.jpeg")))
+    assert s3.exists(f"{BUCKET}/{prefix}/05_model_input/train_set.pkl")
+
+
+def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    root = f"{BUCKET}/many/01_raw"
+    s3.pipe({f"{root}/Hand/{index:05d}.jpeg": str(index).encode() for index in range(2600)})
+    dataset = ImageFolderDataset(path=f"s3://{root}", fs_args={"skip_instance_cache": True})
+    files = dataset.load()
+    assert len(files) == 2600
+    assert files["Hand/02599.jpeg"]() == b"2599"
+    assert files["Hand/00000.jpeg"].version != files["Hand/00001.jpeg"].version
+
+
+def test_the_s3_catalog_overrides_every_persisted_dataset():
+    import yaml
+
+    base = yaml.safe_load((PROJECT_ROOT / "conf/base/catalog.yml").read_text())
+    s3_catalog = yaml.safe_load((PROJECT_ROOT / "conf/s3/catalog.yml").read_text())
+    persisted = {
+        name
+        for name, entry in base.items()
+        if "filepath" in entry or "path" in entry or "filepath" in entry.get("dataset", {})
+    }
+    assert persisted <= set(s3_catalog)
+    for name in persisted:
+        entry = s3_catalog[name]
+        location = entry.get("path") or entry.get("filepath") or entry["dataset"]["filepath"]
+        assert location.startswith("${s3_root:}/"), name
