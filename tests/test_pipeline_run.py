@@ -21,7 +21,8 @@ def champion_version(project) -> str:
 def test_first_run_tracks_everything_and_promotes_a_champion(trained_project):
     client = mlflow_client(trained_project)
     experiment = client.get_experiment_by_name("medical_ct")
-    (run,) = client.search_runs([experiment.experiment_id])
+    # Other tests may add runs to this shared project: the first one is the first kedro run.
+    run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])[0]
     assert run.info.status == "FINISHED"
 
     assert run.data.params["training.architecture"] == "small_cnn"
