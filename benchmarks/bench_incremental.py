@@ -18,37 +18,21 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import s3fs
 from moto.server import ThreadedMotoServer
+from project import PROJECT_ROOT, make_project
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT / "src"))
+from medical_ct.mednist import read_images
+
 DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
 BUCKET = "medical-ct-bench"
 PREFIX = "bench"
 KEDRO = str(Path(sys.executable).with_name("kedro"))
-
-
-def read_archive(archive: Path) -> dict[str, bytes]:
-    images = {}
-    with tarfile.open(archive, "r:*") as tar:
-        for member in tar:
-            parts = PurePosixPath(member.name).parts
-            if member.isfile() and len(parts) == 3 and not parts[1].startswith("."):
-                images[f"{parts[1]}/{parts[2]}"] = tar.extractfile(member).read()
-    return images
-
-
-def make_project(root: Path) -> Path:
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf")
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    (root / "src").mkdir()
-    return root
 
 
 def timed_run(project: Path, env: dict[str, str]) -> float:
@@ -73,7 +57,7 @@ def main() -> None:
     parser.add_argument("--new-fraction", type=float, default=0.01)
     args = parser.parse_args()
 
-    images = read_archive(args.archive)
+    images = read_images(args.archive)
     names = sorted(images)
     new = set(names[:: round(1 / args.new_fraction)])
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

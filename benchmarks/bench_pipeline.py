@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
+from project import PROJECT_ROOT, make_project
 from torch import nn
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
-from medical_ct.model import build_classifier  # noqa: E402
+from medical_ct.model import build_classifier
 
 DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
 
@@ -50,14 +50,6 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
-def make_project(root: Path) -> Path:
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf")
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    (root / "src").mkdir()
-    return root
 
 
 def bare_training_loop(data_dir: Path, params: dict, epochs: int) -> float:
