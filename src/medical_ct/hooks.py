@@ -23,7 +23,7 @@ class ParameterCheckHook:
     after a download and a training run.
     """
 
-    @hook_impl
+    @hook_impl(tryfirst=True)
     def before_pipeline_run(self, pipeline: Pipeline, catalog: CatalogProtocol) -> None:
         # Imported here: settings.py loads this module for every kedro command, even --help.
         from medical_ct.pipelines.data_processing.nodes import validate_ingest, validate_split
@@ -62,6 +62,74 @@ class NodeTimingHook:
         logger.info("Node %s took %.1f s", node.name, seconds)
         if mlflow.active_run() is not None:
             mlflow.log_metric(f"node_seconds.{node.name}", seconds)
+
+
+class AirflowRunTrackingHook:
+    """Makes all tasks of one Airflow DAG run log into one MLflow run, as one `kedro run` does.
+
+    Each task of the generated DAG runs its node in a new Kedro session, often in another
+    process or on another worker, and kedro-mlflow would start an MLflow run per task. Airflow
+    exports the DAG run's identity to its tasks' environment (``AIRFLOW_CTX_DAG_ID``,
+    ``AIRFLOW_CTX_DAG_RUN_ID``): the first task creates an MLflow run tagged with it and the
+    next tasks resume that run. Outside Airflow this hook does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._context: KedroContext | None = None
+
+    @hook_impl
+    def after_context_created(self, context: KedroContext) -> None:
+        self._context = context
+
+    # tryfirst: before kedro-mlflow starts its run. The store and parameter checks (tryfirst
+    # too, registered after this hook in settings.HOOKS) still come first, so that a task
+    # failing them leaves no empty MLflow run behind.
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self) -> None:
+        dag_id = os.environ.get("AIRFLOW_CTX_DAG_ID")
+        dag_run_id = os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
+        mlflow_config = getattr(self._context, "mlflow", None)  # set by kedro-mlflow's hook
+        if not (dag_id and dag_run_id) or mlflow_config is None:
+            return
+        experiment = mlflow.get_experiment_by_name(mlflow_config.tracking.experiment.name)
+        run = dag_run_tracking_run(
+            mlflow.MlflowClient(), experiment.experiment_id, dag_id, dag_run_id
+        )
+        mlflow_config.tracking.run.id = run.info.run_id
+        mlflow_config.tracking.run.name = run.info.run_name
+        logger.info(
+            "Airflow DAG run %s/%s logs into MLflow run %s", dag_id, dag_run_id, run.info.run_id
+        )
+
+
+DAG_ID_TAG = "airflow.dag_id"
+DAG_RUN_ID_TAG = "airflow.dag_run_id"
+
+
+def dag_run_tracking_run(
+    client: mlflow.MlflowClient, experiment_id: str, dag_id: str, dag_run_id: str
+) -> mlflow.entities.Run:
+    """The MLflow run of an Airflow DAG run: found by its tags, created by the first task.
+
+    Tasks of a DAG run must not run concurrently the first time (the DAG's
+    ``max_active_tasks: 1``), or two of them could both create one.
+    """
+    # No quoting needed: Airflow's ids match [A-Za-z0-9_.~:+-]+ (allowed_run_id_pattern).
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{DAG_ID_TAG}` = '{dag_id}' and tags.`{DAG_RUN_ID_TAG}` = '{dag_run_id}'"
+        ),
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
+    )
+    if found:
+        return found[0]
+    return client.create_run(
+        experiment_id,
+        run_name=dag_run_id,
+        tags={DAG_ID_TAG: dag_id, DAG_RUN_ID_TAG: dag_run_id},
+    )
 
 
 class StoreUnavailableError(RuntimeError):

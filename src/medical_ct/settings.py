@@ -6,7 +6,12 @@ from pathlib import Path
 from kedro.utils import find_kedro_project
 from omegaconf.resolvers import oc
 
-from medical_ct.hooks import NodeTimingHook, ParameterCheckHook, StoreCheckHook
+from medical_ct.hooks import (
+    AirflowRunTrackingHook,
+    NodeTimingHook,
+    ParameterCheckHook,
+    StoreCheckHook,
+)
 
 
 def sqlite_at_project_root(filename: str) -> str:
@@ -39,4 +44,5 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-HOOKS = (StoreCheckHook(), ParameterCheckHook(), NodeTimingHook())
+# Hooks marked tryfirst run in the reverse of this order: store and parameter checks first.
+HOOKS = (AirflowRunTrackingHook(), StoreCheckHook(), ParameterCheckHook(), NodeTimingHook())
