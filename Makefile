@@ -12,14 +12,17 @@ RUN_ARGS ?= --params "ingest.url=$(abspath $(DEV_ARCHIVE)),ingest.md5=$(DEV_ARCH
 endif
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium benchmark-service benchmark-incremental
+.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium dag benchmark-service benchmark-incremental
 
 install: $(STAMP)
 
+# A fresh .venv whenever pyproject.toml changes: everything (Airflow included) must resolve
+# in one pip call, which installing on top of an older environment does not do.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,airflow]"
 	touch $(STAMP)
 
 run: install
@@ -37,6 +40,11 @@ viz: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+# The weekly Airflow DAG of the default pipeline in the s3 environment (conf/s3/airflow.yml).
+dag: install
+	$(BIN)/kedro airflow create --env s3 --pipelines __default__ --target-dir airflow_dags \
+		--jinja-file src/medical_ct/airflow_dag_template.j2
 
 # The BentoML service on http://localhost:3000 (the page, /predict, /feedback, /model).
 serve: install
