@@ -51,7 +51,7 @@ def run_kedro_nodes(*node_names: str) -> None:
     default_args={
         "owner": "medical_ct",
         "depends_on_past": False,
-        "retries": 1,
+        "retries": 0,
         "retry_delay": timedelta(minutes=5),
     },
 )
