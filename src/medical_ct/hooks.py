@@ -72,10 +72,15 @@ class AirflowRunTrackingHook:
     exports the DAG run's identity to its tasks' environment (``AIRFLOW_CTX_DAG_ID``,
     ``AIRFLOW_CTX_DAG_RUN_ID``): the first task creates an MLflow run tagged with it and the
     next tasks resume that run. Outside Airflow this hook does nothing.
+
+    A task that fails is listed in the run's tag ``airflow.failed_tasks`` until a retry of it
+    succeeds; while the list is not empty the run stays ``FAILED``, even when tasks that do
+    not depend on the failed one finish after it.
     """
 
     def __init__(self) -> None:
         self._context: KedroContext | None = None
+        self._run_id: str | None = None
 
     @hook_impl
     def after_context_created(self, context: KedroContext) -> None:
@@ -95,15 +100,52 @@ class AirflowRunTrackingHook:
         run = dag_run_tracking_run(
             mlflow.MlflowClient(), experiment.experiment_id, dag_id, dag_run_id
         )
-        mlflow_config.tracking.run.id = run.info.run_id
+        mlflow_config.tracking.run.id = self._run_id = run.info.run_id
         mlflow_config.tracking.run.name = run.info.run_name
         logger.info(
             "Airflow DAG run %s/%s logs into MLflow run %s", dag_id, dag_run_id, run.info.run_id
         )
 
+    # trylast: after kedro-mlflow has ended the run as FINISHED or FAILED.
+    @hook_impl(trylast=True)
+    def after_pipeline_run(self) -> None:
+        self._settle_run(task_failed=False)
+
+    @hook_impl(trylast=True)
+    def on_pipeline_error(self) -> None:
+        self._settle_run(task_failed=True)
+
+    def _settle_run(self, task_failed: bool) -> None:
+        if self._run_id is None:
+            return
+        client = mlflow.MlflowClient()
+        run = client.get_run(self._run_id)
+        recorded = run.data.tags.get(FAILED_TASKS_TAG, "")
+        failed_tasks = set(filter(None, recorded.split(",")))
+        task_id = os.environ.get("AIRFLOW_CTX_TASK_ID", "unknown")
+        if task_failed:
+            failed_tasks.add(task_id)
+        else:
+            failed_tasks.discard(task_id)
+        if ",".join(sorted(failed_tasks)) != recorded:
+            client.set_tag(self._run_id, FAILED_TASKS_TAG, ",".join(sorted(failed_tasks)))
+        status = "FAILED" if failed_tasks else "FINISHED"
+        # kedro-mlflow reopens the run in before_node_run and ends it once: without this the
+        # run stays active in this process, and is ended FINISHED when the process exits.
+        while (active := mlflow.active_run()) is not None and active.info.run_id == self._run_id:
+            mlflow.end_run(status)
+        if failed_tasks:
+            client.set_terminated(self._run_id, "FAILED")
+            logger.warning(
+                "MLflow run %s stays FAILED: task(s) %s failed in this DAG run",
+                self._run_id,
+                ", ".join(sorted(failed_tasks)),
+            )
+
 
 DAG_ID_TAG = "airflow.dag_id"
 DAG_RUN_ID_TAG = "airflow.dag_run_id"
+FAILED_TASKS_TAG = "airflow.failed_tasks"
 
 
 def dag_run_tracking_run(
