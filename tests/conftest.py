@@ -11,7 +11,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,8 +48,11 @@ def make_project(root: Path, raw_images_from: Path | None = None) -> Path:
 
 
 def project_env(project: Path, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
+    env = {**os.environ}
+    for inherited in ("KEDRO_ENV", "MLFLOW_REGISTRY_URI"):
+        env.pop(inherited, None)
+    return {
+        **env,
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
         "KEDRO_DISABLE_TELEMETRY": "1",
         "PYTHONUNBUFFERED": "1",
@@ -58,9 +61,6 @@ def project_env(project: Path, **extra: str) -> dict[str, str]:
         "PYTHONPATH": str(PROJECT_ROOT / "src"),
         **extra,
     }
-    for inherited in ("KEDRO_ENV", "MLFLOW_REGISTRY_URI"):
-        env.pop(inherited, None)
-    return env
 
 
 def kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -129,6 +129,61 @@ def http_server(tmp_path) -> Iterator[tuple[str, Path, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---- S3: moto's server mode on loopback, a real S3 API over HTTP ----
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's server mode) on a free loopback port, stopped afterwards."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def s3_with_bucket(endpoint: str, bucket: str):
+    """An s3fs client of the S3 server at ``endpoint``, with ``bucket`` created."""
+    import s3fs
+
+    filesystem = s3fs.S3FileSystem(
+        endpoint_url=endpoint,
+        key=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        skip_instance_cache=True,
+    )
+    filesystem.mkdir(bucket)
+    return filesystem
+
+
+def bucket_env(endpoint: str, bucket: str, prefix: str = "", **extra: str) -> dict[str, str]:
+    """The environment of a `kedro run --env s3` on ``s3://bucket/prefix`` at ``endpoint``."""
+    return {
+        **S3_CREDENTIALS,
+        "AWS_ENDPOINT_URL": endpoint,
+        "MLFLOW_S3_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MEDICAL_CT_S3_BUCKET": bucket,
+        "MEDICAL_CT_S3_PREFIX": prefix,
+        **extra,
+    }
+
+
+def upload_images(s3, images: Iterable[Path], root: str) -> int:
+    """Copy ``<Class>/<file>`` images into the raw store under ``root`` (bucket[/prefix])."""
+    files = {
+        f"{root}/01_raw/mednist/{path.parent.name}/{path.name}": path.read_bytes()
+        for path in images
+    }
+    s3.pipe(files)
+    return len(files)
 
 
 # ---- the BentoML service (service.py) as a real `bentoml serve` subprocess ----

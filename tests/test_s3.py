@@ -17,55 +17,37 @@ from pathlib import Path
 import boto3
 import pytest
 import s3fs
-from moto.server import ThreadedMotoServer
 
 from medical_ct import registry
 from medical_ct.datasets import ImageFolderDataset
 
-from .conftest import FAST_RUN_PARAMS, KEDRO, PROJECT_ROOT, assert_ok, make_project, project_env
+from .conftest import (
+    FAST_RUN_PARAMS,
+    KEDRO,
+    PROJECT_ROOT,
+    S3_CREDENTIALS,
+    assert_ok,
+    bucket_env,
+    free_port,
+    make_project,
+    project_env,
+    s3_with_bucket,
+    upload_images,
+)
 
 BUCKET = "medical-ct-test"
 PREFIX = "team/weekly"
 ROOT = f"{BUCKET}/{PREFIX}"
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3 API (moto's server mode) on a free loopback port, stopped afterwards."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
 def s3(s3_endpoint) -> s3fs.S3FileSystem:
-    filesystem = s3fs.S3FileSystem(
-        endpoint_url=s3_endpoint,
-        key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        skip_instance_cache=True,
-    )
-    filesystem.mkdir(BUCKET)
-    return filesystem
+    return s3_with_bucket(s3_endpoint, BUCKET)
 
 
 def s3_env(endpoint: str, **extra: str) -> dict[str, str]:
-    env = {
-        **CREDENTIALS,
-        "AWS_ENDPOINT_URL": endpoint,
-        "MLFLOW_S3_ENDPOINT_URL": endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "MEDICAL_CT_S3_BUCKET": BUCKET,
-        "MEDICAL_CT_S3_PREFIX": PREFIX,
-        **extra,
-    }
-    return env
+    return bucket_env(endpoint, BUCKET, PREFIX, **extra)
 
 
 def kedro_s3(project: Path, endpoint: str, *args: str, **extra: str) -> subprocess.CompletedProcess:
@@ -81,12 +63,6 @@ def kedro_s3(project: Path, endpoint: str, *args: str, **extra: str) -> subproce
         timeout=600,
         check=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -138,15 +114,6 @@ def mlflow_server(tmp_path_factory, s3_endpoint, s3) -> Iterator[str]:
             process.wait()
 
 
-def upload_sample(s3: s3fs.S3FileSystem, sample_dir: Path, root: str) -> int:
-    files = {
-        f"{root}/01_raw/mednist/{path.parent.name}/{path.name}": path.read_bytes()
-        for path in sorted(sample_dir.glob("*/*.jpeg"))
-    }
-    s3.pipe(files)
-    return len(files)
-
-
 def registry_client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -156,7 +123,7 @@ def registry_client(uri: str):
 @pytest.fixture(scope="module")
 def s3_run(tmp_path_factory, s3, s3_endpoint, mlflow_server, sample_dir):
     """One whole default `kedro run --env s3` on the sample (plus bad objects) in the bucket."""
-    uploaded = upload_sample(s3, sample_dir, ROOT)
+    uploaded = upload_images(s3, sorted(sample_dir.glob("*/*.jpeg")), ROOT)
     s3.pipe(
         {
             f"{ROOT}/01_raw/mednist/Hand/corrupt.jpeg": b"\xff\xd8\xff\xe0 not really a jpeg",
@@ -391,7 +358,7 @@ def test_ingest_uploads_mednist_into_an_empty_bucket(
 
 def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    for name, value in CREDENTIALS.items():
+    for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     root = f"{BUCKET}/many/01_raw"
     s3.pipe({f"{root}/Hand/{index:05d}.jpeg": str(index).encode() for index in range(2600)})

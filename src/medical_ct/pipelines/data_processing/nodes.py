@@ -180,13 +180,7 @@ def build_model_input(
     class_index = {name: index for index, name in enumerate(class_names)}
     members: dict[str, list[str]] = {name: [] for name in SPLITS}
     for digest in sorted(chosen):
-        fraction = int(digest[:15], 16) / 16**15
-        if fraction < test_fraction:
-            members["test"].append(digest)
-        elif fraction < test_fraction + validation_fraction:
-            members["validation"].append(digest)
-        else:
-            members["train"].append(digest)
+        members[split_of(digest, validation_fraction, test_fraction)].append(digest)
     sets = {}
     for name, digests in members.items():
         images = np.empty((len(digests), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
@@ -198,6 +192,16 @@ def build_model_input(
         sets[name] = {"images": images, "labels": labels, "content_hashes": digests}
     stats = {"duplicates": duplicates, "duplicates_with_another_label": with_another_label}
     return sets["train"], sets["validation"], sets["test"], class_names, stats
+
+
+def split_of(content_hash: str, validation_fraction: float, test_fraction: float) -> str:
+    """The split ("train", "validation" or "test") of an image, from its content hash alone."""
+    fraction = int(content_hash[:15], 16) / 16**15
+    if fraction < test_fraction:
+        return "test"
+    if fraction < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
 
 
 def report_data(

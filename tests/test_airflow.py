@@ -1,0 +1,439 @@
+"""The weekly DAG that kedro-airflow generates, run by real Airflow 3.
+
+Airflow runs with a temporary AIRFLOW_HOME and a sqlite metadata database; the DAG's tasks
+read and write a bucket of moto's S3 server on loopback and log into a sqlite MLflow store.
+"""
+
+import contextlib
+import json
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import s3fs
+import yaml
+
+from medical_ct.pipelines import data_processing, evaluation, training
+from medical_ct.pipelines.data_processing.nodes import split_of
+from medical_ct.preprocessing import content_hash, preprocess_image
+from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
+
+from .conftest import (
+    PROJECT_ROOT,
+    assert_ok,
+    bentoml_server,
+    bucket_env,
+    kedro,
+    make_project,
+    mlflow_client,
+    project_env,
+    s3_with_bucket,
+    upload_images,
+    wait_ready,
+)
+
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+DAGS_FOLDER = PROJECT_ROOT / "airflow_dags"
+DAG_FILE = DAGS_FOLDER / "medical_ct_s3_dag.py"
+DAG_TEMPLATE = PROJECT_ROOT / "src/medical_ct/airflow_dag_template.j2"
+DAG_ID = "medical_ct"
+BUCKET = "medical-ct-airflow"
+# Few epochs on the sample (conf/s3/parameters_test.yml in the test projects).
+FAST_PARAMETERS = {
+    "training": {"max_epochs": 6, "batch_size": 16, "learning_rate": 0.005, "patience": 6},
+    "champion_gate": {"min_accuracy": 0.7},
+}
+# The default pipeline, as pipeline_registry.py sums it.
+DEFAULT_PIPELINE = sum(
+    module.create_pipeline() for module in (data_processing, training, evaluation)
+)
+NODE_NAMES = sorted(node.name for node in DEFAULT_PIPELINE.nodes)
+
+
+def test_the_committed_dag_is_what_make_dag_generates(tmp_path):
+    project = make_project(tmp_path / "project")
+    target = tmp_path / "dags"
+
+    result = kedro(
+        project,
+        "airflow",
+        "create",
+        "--env",
+        "s3",
+        "--pipelines",
+        "__default__",
+        "--target-dir",
+        str(target),
+        "--jinja-file",
+        str(DAG_TEMPLATE),
+    )
+
+    assert_ok(result)
+    generated = (target / DAG_FILE.name).read_text()
+    assert generated == DAG_FILE.read_text(), f"{DAG_FILE} is out of date: run `make dag`"
+
+
+# ---- Airflow: one metadata database for the module, a project and a bucket prefix per test ----
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory) -> dict[str, str]:
+    """Airflow's settings: a temporary home, a migrated sqlite database, this repo's DAGs."""
+    home = tmp_path_factory.mktemp("airflow-home")
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+    }
+    for command in (("db", "migrate"), ("dags", "reserialize")):
+        assert_ok(run_airflow({**project_env(home), **env}, *command))
+    return env
+
+
+def run_airflow(env: dict[str, str], *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [AIRFLOW, *args],
+        cwd=env["AIRFLOW_HOME"],  # not the project: the DAG finds it from MEDICAL_CT_PROJECT_DIR
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_airflow_ok(result: subprocess.CompletedProcess) -> None:
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"exit {result.returncode}\n{output[-15000:]}"
+    assert "state=failed" not in output, output[-15000:]
+
+
+@pytest.fixture(scope="module")
+def s3(s3_endpoint) -> s3fs.S3FileSystem:
+    return s3_with_bucket(s3_endpoint, BUCKET)
+
+
+def set_parameters(project: Path, overrides: dict[str, dict]) -> None:
+    """Write conf/s3/parameters_test.yml: the base parameters with ``overrides`` merged in."""
+    base = {}
+    for path in (project / "conf/base").glob("parameters*.yml"):
+        base.update(yaml.safe_load(path.read_text()))
+    merged = {key: {**base[key], **values} for key, values in overrides.items()}
+    (project / "conf/s3/parameters_test.yml").write_text(yaml.safe_dump(merged))
+
+
+def split_sample(sample_dir: Path, per_class: int) -> tuple[list[Path], list[Path]]:
+    """The first ``per_class`` images of each class of the sample, and the others."""
+    first, rest = [], []
+    for folder in sorted(sample_dir.iterdir()):
+        images = sorted(folder.glob("*.jpeg"))
+        first += images[:per_class]
+        rest += images[per_class:]
+    return first, rest
+
+
+class WeeklyProject:
+    """A Kedro project whose stores are a prefix of the test bucket, driven by Airflow."""
+
+    def __init__(self, root: Path, prefix: str, endpoint: str, airflow_env: dict[str, str]):
+        self.path = make_project(root)
+        self.root = f"{BUCKET}/{prefix}"
+        self.endpoint = endpoint
+        set_parameters(self.path, FAST_PARAMETERS)
+        self.env = {
+            **project_env(self.path, MEDICAL_CT_PROJECT_DIR=str(self.path)),
+            **bucket_env(endpoint, BUCKET, prefix),
+            **airflow_env,
+        }
+        for inherited in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            self.env.pop(inherited, None)
+
+    def airflow(self, *args: str) -> subprocess.CompletedProcess:
+        return run_airflow(self.env, *args)
+
+    def run_dag(self) -> tuple[subprocess.CompletedProcess, float]:
+        """One whole DAG run (`airflow dags test`) and its wall time in seconds."""
+        started = time.perf_counter()
+        result = self.airflow("dags", "test", DAG_ID)
+        return result, time.perf_counter() - started
+
+    def mlflow_runs(self) -> list:
+        client = mlflow_client(self.path)
+        experiment = client.get_experiment_by_name("medical_ct")
+        if experiment is None:
+            return []
+        return client.search_runs([experiment.experiment_id], order_by=["start_time ASC"])
+
+    def versions(self) -> list[str]:
+        found = mlflow_client(self.path).search_model_versions(f"name='{MODEL_NAME}'")
+        return sorted((str(version.version) for version in found), key=int)
+
+    def champion(self) -> str:
+        client = mlflow_client(self.path)
+        return str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version)
+
+    def read_pickle(self, s3: s3fs.S3FileSystem, key: str):
+        return pickle.loads(s3.cat_file(f"{self.root}/{key}"))
+
+
+def dag_of(airflow_env: dict[str, str]) -> dict:
+    """The DAG as Airflow's DagBag loads it from airflow_dags/, described in a subprocess."""
+    script = """
+import json
+from airflow.dag_processing.dagbag import DagBag
+
+bag = DagBag(dag_folder=__import__("os").environ["AIRFLOW__CORE__DAGS_FOLDER"])
+dag = bag.get_dag("medical_ct")
+print("DAG " + json.dumps({
+    "import_errors": {path: str(error) for path, error in bag.import_errors.items()},
+    "dag_ids": sorted(bag.dag_ids),
+    "schedule": dag.schedule,
+    "catchup": dag.catchup,
+    "max_active_tasks": dag.max_active_tasks,
+    "order": [task.task_id for task in dag.topological_sort()],
+    "tasks": {
+        task.task_id: {
+            "upstream": sorted(task.upstream_task_ids),
+            "retries": task.retries,
+            "retry_exponential_backoff": task.retry_exponential_backoff,
+            "max_retry_delay_s": task.max_retry_delay and task.max_retry_delay.total_seconds(),
+        }
+        for task in dag.tasks
+    },
+}))
+"""
+    env = {**project_env(Path(airflow_env["AIRFLOW_HOME"])), **airflow_env}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=False
+    )
+    assert_ok(result)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("DAG "))
+    return json.loads(line.removeprefix("DAG "))
+
+
+def test_dagbag_loads_a_weekly_dag_whose_tasks_are_the_nodes(airflow_env):
+    dag = dag_of(airflow_env)
+    producers = {output: node.name for node in DEFAULT_PIPELINE.nodes for output in node.outputs}
+
+    assert dag["import_errors"] == {}
+    assert dag["dag_ids"] == [DAG_ID]
+    assert dag["schedule"] == "@weekly"
+    assert dag["catchup"] is False
+    assert dag["max_active_tasks"] == 1
+    assert sorted(dag["tasks"]) == NODE_NAMES
+    for node in DEFAULT_PIPELINE.nodes:
+        upstream = {producers[name] for name in node.inputs if name in producers}
+        assert dag["tasks"][node.name]["upstream"] == sorted(upstream), node.name
+    order = dag["order"]
+    assert order.index("ingest_mednist") < order.index("decode_raw_images")
+    assert order.index("decide_training") < order.index("train_model")
+    assert order[-1] == "register_and_promote"
+    ingest = dag["tasks"]["ingest_mednist"]
+    assert ingest["retries"] == 4
+    assert ingest["retry_exponential_backoff"] == 2
+    assert ingest["max_retry_delay_s"] == 30 * 60
+
+
+# ---- whole DAG runs, `airflow dags test` ----
+@pytest.fixture(scope="module")
+def weekly(tmp_path_factory, s3, s3_endpoint, airflow_env, sample_dir) -> dict:
+    """Three weekly runs of one project: the first, one with no new data, one that fails."""
+    project = WeeklyProject(
+        tmp_path_factory.mktemp("weekly") / "project", "weekly", s3_endpoint, airflow_env
+    )
+    first_part, new_images = split_sample(sample_dir, 36)
+    upload_images(s3, first_part, project.root)
+    weeks = {}
+    for week in ("first", "no_new_data"):
+        result, seconds = project.run_dag()
+        assert_airflow_ok(result)
+        weeks[week] = {
+            "seconds": seconds,
+            "versions": project.versions(),
+            "champion": project.champion(),
+            "runs": project.mlflow_runs(),
+        }
+    # New images arrive, and training fails on them: train_model raises, nothing after it runs.
+    upload_images(s3, new_images, project.root)
+    diverging = {**FAST_PARAMETERS["training"], "learning_rate": 1e30}
+    set_parameters(project.path, {**FAST_PARAMETERS, "training": diverging})
+    result, _ = project.run_dag()
+    weeks["failed"] = {
+        "result": result,
+        "versions": project.versions(),
+        "champion": project.champion(),
+        "runs": project.mlflow_runs(),
+    }
+    return weeks
+
+
+def node_seconds(run) -> set[str]:
+    prefix = "node_seconds."
+    return {name.removeprefix(prefix) for name in run.data.metrics if name.startswith(prefix)}
+
+
+def test_the_first_dag_run_promotes_a_champion_and_logs_one_mlflow_run(weekly):
+    first = weekly["first"]
+
+    assert first["versions"] == ["1"]
+    assert first["champion"] == "1"
+    (run,) = first["runs"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["airflow.dag_id"] == DAG_ID
+    assert run.data.tags["airflow.dag_run_id"].startswith("manual__")
+    assert node_seconds(run) == set(NODE_NAMES)  # every task logged into this run
+    assert run.data.metrics["test_accuracy"] >= 0.7
+    assert run.data.params["training.max_epochs"] == "6"
+
+
+def test_a_week_without_new_data_registers_nothing(weekly):
+    first, second = weekly["first"], weekly["no_new_data"]
+
+    assert second["versions"] == first["versions"]
+    assert second["champion"] == first["champion"]
+    run = second["runs"][-1]
+    assert len(second["runs"]) == 2
+    assert run.info.status == "FINISHED"
+    assert "test_accuracy" not in run.data.metrics  # training and evaluation were skipped
+    assert run.data.metrics["node_seconds.train_model"] < 1
+    print(
+        f"\nDAG run: first week {first['seconds']:.1f} s, "
+        f"no new data {second['seconds']:.1f} s (10 tasks)"
+    )
+
+
+def test_a_failed_task_never_moves_the_champion(weekly):
+    failed = weekly["failed"]
+    output = failed["result"].stdout + failed["result"].stderr
+
+    assert "training diverged" in output
+    assert "state=failed" in output
+    assert failed["versions"] == weekly["no_new_data"]["versions"]
+    assert failed["champion"] == weekly["no_new_data"]["champion"]
+    run = failed["runs"][-1]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["airflow.failed_tasks"] == "train_model"
+    assert "node_seconds.register_and_promote" not in run.data.metrics
+
+
+# ---- one task per process, `airflow tasks test` ----
+def test_tasks_run_one_by_one_in_separate_processes_log_into_one_mlflow_run(
+    tmp_path, s3, s3_endpoint, airflow_env, sample_dir
+):
+    project = WeeklyProject(tmp_path / "project", "by-task", s3_endpoint, airflow_env)
+    upload_images(s3, sorted(sample_dir.glob("*/*.jpeg")), project.root)
+    run_id = "by_task_check"
+    assert_airflow_ok(project.airflow("dags", "trigger", DAG_ID, "--run-id", run_id))
+
+    for task_id in dag_of(airflow_env)["order"]:
+        result = project.airflow("tasks", "test", DAG_ID, task_id, run_id)
+        assert_airflow_ok(result)
+
+    (run,) = project.mlflow_runs()
+    assert run.data.tags["airflow.dag_run_id"] == run_id
+    assert run.info.run_name == run_id
+    assert run.info.status == "FINISHED"
+    assert node_seconds(run) == set(NODE_NAMES)
+    assert project.champion() == "1"
+
+
+# ---- the loop: service, feedback, weekly run, new champion served ----
+POLL_INTERVAL_S = 2
+
+
+def test_feedback_to_the_service_is_trained_on_and_served_by_the_next_dag_run(
+    tmp_path, s3, s3_endpoint, airflow_env, sample_dir
+):
+    project = WeeklyProject(tmp_path / "project", "loop", s3_endpoint, airflow_env)
+    # The gate promotes any model above min_accuracy, so that the loop closes on the sample.
+    gate = {"min_accuracy": 0.7, "min_improvement": -1.0}
+    set_parameters(project.path, {**FAST_PARAMETERS, "champion_gate": gate})
+    split = yaml.safe_load((project.path / "conf/base/parameters_data_processing.yml").read_text())
+    fractions = split["data_processing"]["split"]
+    validation, test = fractions["validation_fraction"], fractions["test_fraction"]
+    first_part, held_out = split_sample(sample_dir, 30)
+    upload_images(s3, first_part, project.root)
+    result, _ = project.run_dag()
+    assert_airflow_ok(result)
+    assert project.champion() == "1"
+
+    feedback = {}
+    for path in held_out:
+        digest = content_hash(preprocess_image(path.read_bytes()))
+        if split_of(digest, validation, test) == "train":
+            feedback[digest] = path
+    assert len(feedback) >= 10
+
+    service_env = {
+        "KEDRO_ENV": "s3",
+        "MEDICAL_CT_MODEL_POLL_INTERVAL_S": str(POLL_INTERVAL_S),
+        **bucket_env(s3_endpoint, BUCKET, "loop"),
+    }
+    with bentoml_server(project.path, **service_env) as url:
+        wait_ready(url)
+        with httpx.Client(base_url=url, timeout=30) as client:
+            assert client.get("/model").json()["version"] == "1"
+            for path in feedback.values():
+                response = client.post(
+                    "/feedback",
+                    files={"image": path.read_bytes()},
+                    data={"label": path.parent.name},
+                )
+                assert response.status_code == 201, response.text
+
+            with predicting(url, held_out[0].read_bytes()) as (seen, failures):
+                result, _ = project.run_dag()
+                finished = time.monotonic()
+                assert_airflow_ok(result)
+                assert project.champion() == "2"
+                while "2" not in seen and time.monotonic() - finished < 30:
+                    time.sleep(0.1)
+                switched_after = time.monotonic() - finished
+                count = len(seen)
+                while len(seen) < count + 10:
+                    time.sleep(0.1)
+
+    assert failures == []
+    assert seen[0] == "1" and seen[-1] == "2"
+    # The next poll of the alias finds version 2; loading it takes a moment more.
+    assert switched_after < POLL_INTERVAL_S + 5, f"switched after {switched_after:.1f} s"
+    print(f"\nthe service answered with version 2 {switched_after:.1f} s after the DAG run")
+    train_set = project.read_pickle(s3, "05_model_input/train_set.pkl")
+    class_names = json.loads(s3.cat_file(f"{project.root}/05_model_input/class_names.json"))
+    for digest, path in feedback.items():
+        row = train_set["content_hashes"].index(digest)
+        assert class_names[train_set["labels"][row]] == path.parent.name
+    second = project.mlflow_runs()[-1]
+    assert second.data.metrics["test_accuracy"] >= 0.7
+
+
+@contextlib.contextmanager
+def predicting(url: str, image: bytes) -> Iterator[tuple[list[str], list[str]]]:
+    """Requests to /predict from 4 threads while the block runs: versions seen, failures."""
+    seen: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def keep_predicting() -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while not stop.is_set():
+                response = client.post("/predict", files={"image": image})
+                if response.status_code == 200:
+                    seen.append(response.json()["model_version"])
+                else:
+                    failures.append(f"{response.status_code} {response.text}")
+
+    threads = [threading.Thread(target=keep_predicting) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield seen, failures
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
