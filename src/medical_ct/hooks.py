@@ -91,6 +91,7 @@ class AirflowRunTrackingHook:
     # failing them leaves no empty MLflow run behind.
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self) -> None:
+        self._run_id = None  # this instance serves every session of the process
         dag_id = os.environ.get("AIRFLOW_CTX_DAG_ID")
         dag_run_id = os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
         mlflow_config = getattr(self._context, "mlflow", None)  # set by kedro-mlflow's hook
