@@ -181,7 +181,8 @@ class WeeklyProject:
         return pickle.loads(s3.cat_file(f"{self.root}/{key}"))
 
 
-def dag_of(airflow_env: dict[str, str]) -> dict:
+@pytest.fixture(scope="module")
+def dag(airflow_env: dict[str, str]) -> dict:
     """The DAG as Airflow's DagBag loads it from airflow_dags/, described in a subprocess."""
     script = """
 import json
@@ -216,8 +217,7 @@ print("DAG " + json.dumps({
     return json.loads(line.removeprefix("DAG "))
 
 
-def test_dagbag_loads_a_weekly_dag_whose_tasks_are_the_nodes(airflow_env):
-    dag = dag_of(airflow_env)
+def test_dagbag_loads_a_weekly_dag_whose_tasks_are_the_nodes(dag):
     producers = {output: node.name for node in DEFAULT_PIPELINE.nodes for output in node.outputs}
 
     assert dag["import_errors"] == {}
@@ -323,14 +323,14 @@ def test_a_failed_task_never_moves_the_champion(weekly):
 
 # ---- one task per process, `airflow tasks test` ----
 def test_tasks_run_one_by_one_in_separate_processes_log_into_one_mlflow_run(
-    tmp_path, s3, s3_endpoint, airflow_env, sample_dir
+    tmp_path, s3, s3_endpoint, airflow_env, dag, sample_dir
 ):
     project = WeeklyProject(tmp_path / "project", "by-task", s3_endpoint, airflow_env)
     upload_images(s3, sorted(sample_dir.glob("*/*.jpeg")), project.root)
     run_id = "by_task_check"
     assert_airflow_ok(project.airflow("dags", "trigger", DAG_ID, "--run-id", run_id))
 
-    for task_id in dag_of(airflow_env)["order"]:
+    for task_id in dag["order"]:
         result = project.airflow("tasks", "test", DAG_ID, task_id, run_id)
         assert_airflow_ok(result)
 
