@@ -1,40 +1,64 @@
 """The BentoML service: `bentoml serve` (or `make serve`) from the project root.
 
 Serves the registry's champion (``medical_ct_classifier@champion``) from the MLflow store the
-pipelines use; the routes users call live in ``medical_ct.serving.http``.
+pipelines use. ``/predict`` and ``/feedback`` are BentoML APIs (``/docs`` shows them); the
+logic behind them lives in ``medical_ct.serving``.
 """
 
 import logging
-from typing import Any
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any
 
+import anyio
 import bentoml
 import numpy as np
+import torch
+from bentoml.validators import ContentType
 
+from medical_ct.preprocessing import InvalidImageError, preprocess_image
 from medical_ct.serving import metrics
-from medical_ct.serving.batching import AdaptiveBatcher
-from medical_ct.serving.feedback import FeedbackStore
-from medical_ct.serving.http import NO_MODEL_MESSAGE, RecentPredictions, create_app
-from medical_ct.serving.model_holder import ModelHolder
+from medical_ct.serving.batching import AdaptiveBatcher, OverloadedError
+from medical_ct.serving.feedback import FeedbackStore, FeedbackStoreError
+from medical_ct.serving.http import (
+    FEEDBACK_TOKEN_VARIABLE,
+    NO_MODEL_MESSAGE,
+    BearerTokenGuard,
+    ServiceError,
+    UploadGuard,
+    answers_errors,
+    pages,
+)
+from medical_ct.serving.model_holder import ModelHolder, ServedModel
 from medical_ct.serving.packaging import load_packaged, packaged_model
+from medical_ct.serving.prediction_log import PREDICTION_LOG, PredictionLog, new_prediction_id
 from medical_ct.serving.project import load_project, use_tracking_uri
+from medical_ct.serving.schemas import CorrectedPrediction, FeedbackReceipt, Prediction
 
 logger = logging.getLogger(__name__)
 project = load_project()
 serving = project.serving
 PACKAGED_MODEL = packaged_model()
+Image = Annotated[Path, ContentType("image/*")]
 
 
-@bentoml.asgi_app(create_app(), path="/")
-@bentoml.service(name="medical_ct", traffic={"timeout": 60}, workers=1)
+@bentoml.asgi_app(pages(), path="/")
+@bentoml.service(name="medical_ct", traffic={"timeout": 60}, workers=serving.workers)
 class MedicalCT:
     # Declared so that `bentoml build` ships it (see `make bento`); None when not imported.
     packaged_model = PACKAGED_MODEL
 
     def __init__(self) -> None:
+        # Workers share the cores: one torch thread pool each would oversubscribe them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // serving.workers))
         use_tracking_uri(project.tracking_uri)
-        self.max_upload_bytes = serving.max_upload_bytes
         self.feedback_store = FeedbackStore(project.catalog)
-        self.recent_predictions = RecentPredictions()
+        self.prediction_log = PredictionLog(
+            project.catalog.get(PREDICTION_LOG),
+            serving.prediction_log_flush_interval_s,
+            serving.log_pixels,
+        )
         self.holder = ModelHolder()
         if not self.holder.refresh() and PACKAGED_MODEL is not None:
             logger.info("No champion reachable in the registry: serving the packaged model")
@@ -43,24 +67,96 @@ class MedicalCT:
             logger.warning(NO_MODEL_MESSAGE)
         self.holder.start_polling(serving.model_poll_interval_s)
         self.batcher = AdaptiveBatcher(
-            self.classify, serving.max_batch_size, serving.max_latency_ms
+            self.holder.classify, serving.max_batch_size, serving.max_latency_ms
         )
 
     def __is_ready__(self) -> bool:
         return self.holder.current is not None
 
-    def classify(self, images: np.ndarray) -> list[dict[str, Any]]:
-        """Preprocessed ``(n, 64, 64)`` uint8 images -> one prediction each, by one model."""
+    @bentoml.api(route="/predict")
+    @answers_errors
+    async def predict(self, image: Image, ctx: bentoml.Context) -> Prediction:
+        """Classify one image (multipart field `image`, any format Pillow reads)."""
+        self._served()
+        pixels = await _preprocess(image.read_bytes())
+        try:
+            result = await self.batcher.submit(pixels)
+        except OverloadedError as overloaded:
+            raise ServiceError(503, str(overloaded)) from None
+        prediction_id = new_prediction_id()
+        self.prediction_log.append(prediction_id, result, pixels)
+        metrics.predictions_total.labels(label=result["label"]).inc()
+        return Prediction(**result, prediction_id=prediction_id)
+
+    @bentoml.api(route="/feedback")
+    @answers_errors
+    async def feedback(
+        self, image: Image, label: str, ctx: bentoml.Context, prediction_id: str | None = None
+    ) -> FeedbackReceipt:
+        """Send the correct `label` of an image, with the `prediction_id` it corrects if known.
+
+        Needs `Authorization: Bearer <token>` when the service has a feedback token.
+        """
+        served = self._served()
+        if label not in served.class_names:
+            raise ServiceError(
+                422,
+                f"unknown label {label!r}: use one of {', '.join(served.class_names)}",
+                valid_labels=served.class_names,
+            )
+        data = image.read_bytes()
+        await _preprocess(data)  # only images the training pipeline can decode are stored
+        logged = None
+        if prediction_id:
+            logged = await anyio.to_thread.run_sync(self.prediction_log.find, prediction_id)
+        corrected = (
+            CorrectedPrediction(model_version=logged["model_version"], label=logged["label"])
+            if logged
+            else None
+        )
+        record = {
+            "prediction_id": prediction_id,
+            "corrected_model_version": corrected.model_version if corrected else None,
+            "corrected_label": corrected.label if corrected else None,
+            "serving_model_version": served.version,
+        }
+        try:
+            receipt = await anyio.to_thread.run_sync(self.feedback_store.save, data, label, record)
+        except FeedbackStoreError as failure:
+            logger.error("Feedback not stored: %s", failure.__cause__)
+            raise ServiceError(503, f"{failure}; nothing was stored, try again later") from None
+        metrics.feedback_total.labels(label=label).inc()
+        ctx.response.status_code = 201
+        return FeedbackReceipt(**asdict(receipt), label=label, corrected=corrected)
+
+    def model_info(self) -> dict[str, Any]:
+        """``GET /model``: the serving version, its classes and test metrics."""
+        return self._served().describe()
+
+    def _served(self) -> ServedModel:
         served = self.holder.current
         if served is None:
-            raise RuntimeError(NO_MODEL_MESSAGE)
-        metrics.batch_size.observe(len(images))
-        return served.classify(images)
-
-    async def classify_pixels(self, pixels: np.ndarray) -> dict[str, Any]:
-        """One image through ``classify``, batched with whatever else is in flight."""
-        return await self.batcher.submit(pixels)
+            raise ServiceError(503, NO_MODEL_MESSAGE)
+        return served
 
     @bentoml.on_shutdown
-    def stop_polling(self) -> None:
+    def stop(self) -> None:
         self.holder.stop()
+        self.prediction_log.close()
+
+
+async def _preprocess(data: bytes) -> np.ndarray:
+    try:
+        return await anyio.to_thread.run_sync(preprocess_image, data)
+    except InvalidImageError as invalid:
+        raise ServiceError(422, f"the image cannot be classified: {invalid}") from None
+
+
+MedicalCT.add_asgi_middleware(
+    BearerTokenGuard, routes={"/feedback"}, variable=FEEDBACK_TOKEN_VARIABLE
+)
+MedicalCT.add_asgi_middleware(
+    UploadGuard,
+    uploads={"/predict": {"image"}, "/feedback": {"image"}},
+    limit=serving.max_upload_bytes,
+)

@@ -210,7 +210,9 @@ def bentoml_server(
 
     port = free_port()
     log_path = project / f"bentoml-serve-{port}.log"
-    env = project_env(project, **{"MEDICAL_CT_PROJECT_DIR": str(project), **extra_env})
+    # A BentoML home per server: two servers sharing one would wipe each other's metrics.
+    home = {"BENTOML_HOME": str(project / f"bentoml-home-{port}")}
+    env = project_env(project, **{"MEDICAL_CT_PROJECT_DIR": str(project), **home, **extra_env})
     args = serve_args or ("service:MedicalCT",)
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
@@ -244,6 +246,11 @@ def bentoml_server(
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def jpeg(image: bytes, name: str = "image.jpeg") -> tuple[str, bytes, str]:
+    """A multipart file of ``image`` as a browser or curl sends a .jpeg (the APIs take image/*)."""
+    return name, image, "image/jpeg"
 
 
 def wait_ready(url: str, timeout: float = 60) -> None:

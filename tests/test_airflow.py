@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import pytest
 import s3fs
 import yaml
@@ -29,6 +30,7 @@ from .conftest import (
     assert_ok,
     bentoml_server,
     bucket_env,
+    jpeg,
     kedro,
     make_project,
     mlflow_client,
@@ -381,7 +383,7 @@ def test_feedback_to_the_service_is_trained_on_and_served_by_the_next_dag_run(
             for path in feedback.values():
                 response = client.post(
                     "/feedback",
-                    files={"image": path.read_bytes()},
+                    files={"image": jpeg(path.read_bytes())},
                     data={"label": path.parent.name},
                 )
                 assert response.status_code == 201, response.text
@@ -400,6 +402,14 @@ def test_feedback_to_the_service_is_trained_on_and_served_by_the_next_dag_run(
 
     assert failures == []
     assert seen[0] == "1" and seen[-1] == "2"
+    # Every answer of /predict is in the bucket's prediction log (written at the latest when
+    # the service stopped), and nothing else: feedback is not a prediction.
+    logged = [
+        pd.read_parquet(s3.open(path))
+        for path in s3.find(f"{project.root}/01_raw/prediction_log")
+        if path.endswith(".parquet")
+    ]
+    assert sorted(pd.concat(logged)["model_version"]) == sorted(seen)
     # The next poll of the alias finds version 2; loading it takes a moment more.
     assert switched_after < POLL_INTERVAL_S + 5, f"switched after {switched_after:.1f} s"
     print(f"\nthe service answered with version 2 {switched_after:.1f} s after the DAG run")
@@ -422,7 +432,7 @@ def predicting(url: str, image: bytes) -> Iterator[tuple[list[str], list[str]]]:
     def keep_predicting() -> None:
         with httpx.Client(base_url=url, timeout=30) as client:
             while not stop.is_set():
-                response = client.post("/predict", files={"image": image})
+                response = client.post("/predict", files={"image": jpeg(image)})
                 if response.status_code == 200:
                     seen.append(response.json()["model_version"])
                 else:

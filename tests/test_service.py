@@ -9,24 +9,29 @@ import threading
 import time
 from pathlib import Path
 
+import bentoml
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
+from medical_ct.serving.prediction_log import new_prediction_id
 from tests.conftest import (
     CLASSES,
     FAST_RUN_PARAMS,
     assert_ok,
     bentoml_server,
+    jpeg,
     kedro,
     mlflow_client,
     wait_ready,
 )
 
 FEEDBACK_DIR = Path("data/01_raw/feedback")
+PREDICTION_LOG_DIR = Path("data/01_raw/prediction_log")
 METADATA_DIR = Path("data/01_raw/feedback_metadata")
 
 
@@ -38,9 +43,14 @@ def project(trained_project, tmp_path_factory) -> Path:
     return copy
 
 
+POLL_INTERVAL_S = 1
+# Two workers, as in production: ids, feedback and swaps must not depend on which one answers.
+SERVE_ENV = {"MEDICAL_CT_MODEL_POLL_INTERVAL_S": str(POLL_INTERVAL_S), "MEDICAL_CT_WORKERS": "2"}
+
+
 @pytest.fixture(scope="module")
 def server(project) -> str:
-    with bentoml_server(project, MEDICAL_CT_MODEL_POLL_INTERVAL_S="1") as url:
+    with bentoml_server(project, **SERVE_ENV) as url:
         wait_ready(url)
         yield url
 
@@ -81,7 +91,7 @@ def test_predictions_are_right_on_the_sample(client, sample_dir):
     for label in CLASSES:
         for index in range(3):
             image = sample_image(sample_dir, label, index)
-            right += client.post("/predict", files={"image": image}).json()["label"] == label
+            right += client.post("/predict", files={"image": jpeg(image)}).json()["label"] == label
     assert right >= 0.8 * 3 * len(CLASSES)
 
 
@@ -96,7 +106,7 @@ def test_model_describes_the_serving_version(client, project):
 
 
 def test_health_and_metrics(client, sample_dir):
-    client.post("/predict", files={"image": sample_image(sample_dir, "CXR")})
+    client.post("/predict", files={"image": jpeg(sample_image(sample_dir, "CXR"))})
 
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").status_code == 200
@@ -104,6 +114,141 @@ def test_health_and_metrics(client, sample_dir):
     assert 'medical_ct_predictions_total{label="CXR"}' in metrics
     assert "medical_ct_serving_model_version 1.0" in metrics
     assert "medical_ct_batch_size_bucket" in metrics
+    # BentoML's own request metrics cover the APIs, refusals included.
+    assert 'bentoml_service_request_total{endpoint="/predict",http_response_code="200"' in metrics
+    deadline = time.monotonic() + 10
+    while 'medical_ct_prediction_log_records_total{outcome="written"}' not in metrics:
+        assert time.monotonic() < deadline, "the prediction log wrote nothing"
+        time.sleep(0.5)
+        metrics = client.get("/metrics").text
+
+
+def test_bentoml_client_predicts_and_sends_feedback(server, project, sample_dir):
+    image = sorted((sample_dir / "Hand").iterdir())[2]
+
+    with bentoml.SyncHTTPClient(server) as bento:
+        prediction = bento.predict(image=image)
+        receipt = bento.feedback(
+            image=image, label="Hand", prediction_id=prediction["prediction_id"]
+        )
+
+    assert prediction["model_version"] == champion_version(project)
+    assert receipt["label"] == "Hand"
+    assert receipt["corrected"] == {
+        "model_version": prediction["model_version"],
+        "label": prediction["label"],
+    }
+
+
+def test_openapi_documents_predict_and_feedback_and_swagger_serves_it(client):
+    spec = client.get("/docs.json").json()
+
+    for route, fields in (
+        ("/predict", {"image"}),
+        ("/feedback", {"image", "label", "prediction_id"}),
+    ):
+        body = spec["paths"][route]["post"]["requestBody"]["content"]
+        schema = body["multipart/form-data"]["schema"]
+        assert set(schema["properties"]) == fields, route
+        assert schema["properties"]["image"]["format"] == "binary"
+        assert {"image"} <= set(schema["required"]) <= {"image", "label"}
+    assert "200" in spec["paths"]["/predict"]["post"]["responses"]
+    swagger = client.get("/docs")
+    assert swagger.status_code == 200 and "swagger-ui" in swagger.text
+    assert "http://" not in swagger.text and "https://" not in swagger.text  # works offline
+    for asset in ("swagger-ui-bundle.js", "swagger-initializer.js", "swagger-ui.css"):
+        assert client.get(f"/static_content/{asset}").status_code == 200, asset
+
+
+def read_prediction_log(project: Path) -> pd.DataFrame:
+    files = sorted((project / PREDICTION_LOG_DIR).rglob("*.parquet"))
+    return pd.concat([pd.read_parquet(path) for path in files]) if files else pd.DataFrame()
+
+
+def logged_records(project: Path, prediction_ids: list[str], timeout: float = 10) -> pd.DataFrame:
+    """The log's records of ``prediction_ids``, once all are written (within a flush or two)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = read_prediction_log(project)
+        found = log[log["prediction_id"].isin(prediction_ids)] if len(log) else log
+        if len(found) >= len(prediction_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_every_answer_is_in_the_prediction_log_and_refusals_are_not(client, project, sample_dir):
+    started = pd.Timestamp.now(tz="UTC")
+    images = [sample_image(sample_dir, label, 4) for label in ("CXR", "HeadCT", "BreastMRI")]
+    answers = [client.post("/predict", files={"image": jpeg(image)}).json() for image in images]
+    refused = [
+        client.post("/predict", files={"image": jpeg(b"not an image")}).status_code,
+        client.post("/predict", json={"image": "x"}).status_code,
+        client.post("/predict", files={"picture": b"1"}).status_code,
+    ]
+
+    ids = [answer["prediction_id"] for answer in answers]
+    records = logged_records(project, ids).set_index("prediction_id").loc[ids]
+    assert refused == [422, 415, 400]
+    time.sleep(2.5)  # two more flush intervals: a refused request would be written by now
+    log = read_prediction_log(project)
+    assert set(log[log["predicted_at"] >= started]["prediction_id"]) == set(ids)
+    for image, answer, (_, record) in zip(images, answers, records.iterrows(), strict=True):
+        pixels = preprocess_image(image)
+        assert record["label"] == answer["label"]
+        assert record["model_version"] == answer["model_version"]
+        assert record["confidence"] == pytest.approx(answer["confidence"])
+        assert list(record["class_names"]) == CLASSES
+        assert list(record["probabilities"]) == pytest.approx(
+            [answer["probabilities"][name] for name in CLASSES]
+        )
+        assert record["pixel_hash"] == content_hash(pixels)
+        assert record["pixels"] == pixels.tobytes()
+
+
+def test_feedback_resolves_ids_from_every_worker_and_after_a_restart(server, project, sample_dir):
+    images = {path: path.parent.name for path in sorted(sample_dir.glob("*/*.jpeg"))[::4][:50]}
+    # A new connection per request, so the two workers share the requests.
+    with httpx.Client(
+        base_url=server, timeout=30, limits=httpx.Limits(max_keepalive_connections=0)
+    ) as fresh:
+        predictions = {
+            path: fresh.post("/predict", files={"image": jpeg(path.read_bytes())}).json()
+            for path in images
+        }
+    ids = [prediction["prediction_id"] for prediction in predictions.values()]
+    writers = set(logged_records(project, ids)["writer"])
+    assert len(writers) == 2, f"both workers should have answered: {writers}"
+
+    # Another `bentoml serve` on the same stores: a restart, or a second replica.
+    with bentoml_server(project, **SERVE_ENV) as replica:
+        wait_ready(replica)
+        with httpx.Client(base_url=replica, timeout=30) as other:
+            receipts = [
+                other.post(
+                    "/feedback",
+                    files={"image": jpeg(path.read_bytes())},
+                    data={"label": label, "prediction_id": predictions[path]["prediction_id"]},
+                )
+                for path, label in images.items()
+            ]
+
+    assert [receipt.status_code for receipt in receipts] == [201] * len(images)
+    for receipt, prediction in zip(receipts, predictions.values(), strict=True):
+        assert receipt.json()["corrected"] == {
+            "model_version": prediction["model_version"],
+            "label": prediction["label"],
+        }
+
+
+def test_feedback_with_an_unknown_prediction_id_corrects_nothing(client, sample_dir):
+    image = jpeg(sample_image(sample_dir, "ChestCT", 6))
+    for unknown in ("0" * 32, "not-an-id", new_prediction_id()):
+        response = client.post(
+            "/feedback", files={"image": image}, data={"label": "ChestCT", "prediction_id": unknown}
+        )
+
+        assert response.status_code == 201, response.text
+        assert response.json()["corrected"] is None
 
 
 def test_page_is_self_contained(client):
@@ -189,12 +334,24 @@ def gif_frames() -> bytes:
     [
         ("empty body", {}, 400, "empty"),
         ("json body", {"json": {"image": "x"}}, 415, "multipart"),
-        ("missing field", {"files": {"picture": b"123"}}, 400, "'image' is missing"),
+        ("missing field", {"files": {"picture": b"123"}}, 400, "'image' (a file) is missing"),
         ("text field", {"data": {"image": "not a file"}, "files": {"x": b"1"}}, 400, "file"),
-        ("non-image bytes", {"files": {"image": b"hello, not an image"}}, 422, "not an image"),
-        ("multi-frame GIF", {"files": {"image": gif_frames()}}, 422, "3 frames"),
-        ("PNG bomb", {"files": {"image": png_declaring(50_000, 50_000)}}, 422, "too large"),
-        ("over the size limit", {"files": {"image": b"\xff" * 11_000_000}}, 413, "limit"),
+        (
+            "URL instead of a file",
+            {"data": {"image": "http://127.0.0.1:9/hand.jpeg"}, "files": {"x": b"1"}},
+            400,
+            "not fetched",
+        ),
+        ("not an image type", {"files": {"image": b"\x89PNG"}}, 400, "expected image/*"),
+        (
+            "non-image bytes",
+            {"files": {"image": jpeg(b"hello, not an image")}},
+            422,
+            "not an image",
+        ),
+        ("multi-frame GIF", {"files": {"image": ("x.gif", gif_frames())}}, 422, "3 frames"),
+        ("PNG bomb", {"files": {"image": ("x.png", png_declaring(50_000, 50_000))}}, 422, "large"),
+        ("over the size limit", {"files": {"image": jpeg(b"\xff" * 11_000_000)}}, 413, "limit"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(
@@ -203,15 +360,16 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(
     response = client.post("/predict", **request_kwargs)
 
     assert response.status_code == status, f"{case}: {response.status_code} {response.text}"
-    assert message in response.json()["error"], case
-    healthy = client.post("/predict", files={"image": sample_image(sample_dir, "Hand")})
+    assert response.json()["error"], case
+    assert message in response.text, case
+    healthy = client.post("/predict", files={"image": jpeg(sample_image(sample_dir, "Hand"))})
     assert healthy.status_code == 200
 
 
 def test_truncated_jpeg_is_refused(client, sample_dir):
     whole = sample_image(sample_dir, "ChestCT")
 
-    response = client.post("/predict", files={"image": whole[: len(whole) // 2]})
+    response = client.post("/predict", files={"image": jpeg(whole[: len(whole) // 2])})
 
     assert response.status_code == 422
     assert "cannot be decoded" in response.json()["error"] or "truncated" in response.text
@@ -226,7 +384,7 @@ def test_sixteen_bit_and_cmyk_images_are_classified(client, mode):
     else:
         image = encoded(Image.new("CMYK", (80, 80), (10, 20, 30, 40)), "JPEG")
 
-    response = client.post("/predict", files={"image": image})
+    response = client.post("/predict", files={"image": jpeg(image)})
 
     assert response.status_code == 200, response.text
     assert response.json()["label"] in CLASSES
@@ -239,7 +397,7 @@ def stored_feedback(project: Path) -> list[Path]:
 
 def test_feedback_is_stored_once_with_its_metadata(client, project, sample_dir):
     image = sample_image(sample_dir, "Hand", 1)
-    prediction = client.post("/predict", files={"image": image}).json()
+    prediction = client.post("/predict", files={"image": jpeg(image)}).json()
     form = {"label": "HeadCT", "prediction_id": prediction["prediction_id"]}
 
     first = client.post("/feedback", files={"image": ("x.jpeg", image)}, data=form)
@@ -267,7 +425,9 @@ def test_feedback_with_an_unknown_label_lists_the_classes_and_stores_nothing(
     before = stored_feedback(project)
 
     response = client.post(
-        "/feedback", files={"image": sample_image(sample_dir, "CXR", 2)}, data={"label": "Knee"}
+        "/feedback",
+        files={"image": jpeg(sample_image(sample_dir, "CXR", 2))},
+        data={"label": "Knee"},
     )
 
     assert response.status_code == 422
@@ -280,8 +440,13 @@ def test_feedback_with_an_unknown_label_lists_the_classes_and_stores_nothing(
     ("request_kwargs", "status"),
     [
         ({"data": {"label": "CXR"}, "files": {"x": b"1"}}, 400),
-        ({"files": {"image": b"\x89PNG broken"}, "data": {"label": "CXR"}}, 422),
-        ({"files": {"image": b"1"}}, 400),
+        ({"files": {"image": ("x.png", b"\x89PNG broken")}, "data": {"label": "CXR"}}, 422),
+        ({"files": {"image": jpeg(b"1")}}, 400),  # no label
+        ({"files": {"image": b"1"}, "data": {"label": "CXR"}}, 400),  # not an image type
+        (
+            {"data": {"image": "http://127.0.0.1:9/x.jpeg", "label": "CXR"}, "files": {"x": b""}},
+            400,
+        ),
         ({}, 400),
     ],
 )
@@ -296,17 +461,16 @@ def test_bad_feedback_is_refused(client, project, request_kwargs, status):
 
 
 def test_feedback_store_failure_is_503_and_not_acknowledged(client, project, sample_dir):
-    blocker = project / FEEDBACK_DIR / "BreastMRI"  # a file where the class folder should be
-    blocker.parent.mkdir(parents=True, exist_ok=True)
-    blocker.write_bytes(b"")
+    image = sample_image(sample_dir, "CXR", 3)
+    # A folder where the image's file should be: the store refuses the write.
+    blocker = project / FEEDBACK_DIR / "BreastMRI" / f"{hashlib.sha256(image).hexdigest()}.jpeg"
+    blocker.mkdir(parents=True)
     try:
         response = client.post(
-            "/feedback",
-            files={"image": sample_image(sample_dir, "CXR", 3)},
-            data={"label": "BreastMRI"},
+            "/feedback", files={"image": jpeg(image)}, data={"label": "BreastMRI"}
         )
     finally:
-        blocker.unlink()
+        blocker.rmdir()
 
     assert response.status_code == 503, response.text
     assert "nothing was stored" in response.json()["error"]
@@ -322,7 +486,7 @@ def retrained(client, project, sample_dir) -> dict:
         image = path.read_bytes()
         if content_hash(preprocess_image(image)) in train_hashes:
             break
-    response = client.post("/feedback", files={"image": image}, data={"label": "CXR"})
+    response = client.post("/feedback", files={"image": jpeg(image)}, data={"label": "CXR"})
     assert response.status_code == 201, response.text
     assert_ok(kedro(project, "run", "--params", FAST_RUN_PARAMS))
     return {"image": image, "label": "CXR"}
@@ -358,18 +522,25 @@ def test_a_new_champion_is_swapped_in_while_requests_keep_succeeding(
     old, new = str(versions[0]), str(versions[-1])
     # Whatever the gate decided for the retrained model, serve the old version first.
     registry_client.set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, old)
-    wait_for_version(client, old)
-    image = sample_image(sample_dir, "AbdomenCT")
-    seen, failures, stop = [], [], threading.Event()
+    time.sleep(POLL_INTERVAL_S + 5)  # both workers follow within a poll interval and a load
+    image = jpeg(sample_image(sample_dir, "AbdomenCT"))
+    seen: list[tuple[float, str, str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
 
     def keep_predicting() -> None:
-        with httpx.Client(base_url=str(client.base_url), timeout=30) as session:
+        # A new connection per request, so that both workers keep answering.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=str(client.base_url), timeout=30, limits=limits) as session:
             while not stop.is_set():
                 response = session.post("/predict", files={"image": image})
                 if response.status_code != 200:
-                    failures.append(response.text)
+                    failures.append(f"{response.status_code} {response.text}")
                 else:
-                    seen.append(response.json()["model_version"])
+                    answer = response.json()
+                    seen.append(
+                        (time.monotonic(), answer["model_version"], answer["prediction_id"])
+                    )
 
     threads = [threading.Thread(target=keep_predicting) for _ in range(4)]
     for thread in threads:
@@ -378,12 +549,9 @@ def test_a_new_champion_is_swapped_in_while_requests_keep_succeeding(
         while len(seen) < 20:
             time.sleep(0.1)
         registry_client.set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, new)
-        waited = 0.0
-        while (not seen or seen[-1] != new) and waited < 60:
-            time.sleep(0.2)
-            waited += 0.2
-        count_at_swap = len(seen)
-        while len(seen) < count_at_swap + 20:
+        promoted = time.monotonic()
+        deadline = promoted + POLL_INTERVAL_S + 5
+        while time.monotonic() < deadline + 3 or sum(at > deadline for at, *_ in seen) < 40:
             time.sleep(0.1)
     finally:
         stop.set()
@@ -391,6 +559,8 @@ def test_a_new_champion_is_swapped_in_while_requests_keep_succeeding(
             thread.join()
 
     assert failures == []
-    assert old in seen and seen[-1] == new
-    assert seen[seen.index(new) :].count(old) <= 4  # only requests already in flight
+    assert {version for at, version, _ in seen if at < promoted} == {old}
+    assert {version for at, version, _ in seen if at > deadline} == {new}
+    late = [prediction_id for at, _, prediction_id in seen if at > deadline]
+    assert len(set(logged_records(project, late)["writer"])) == 2, "both workers answered"
     assert client.get("/model").json()["version"] == new

@@ -10,6 +10,7 @@ from tests.conftest import (
     PROJECT_ROOT,
     bentoml_server,
     free_port,
+    jpeg,
     mlflow_client,
     project_env,
     wait_ready,
@@ -60,7 +61,7 @@ def test_bento_serves_the_packaged_champion_without_mlflow(trained_project, tmp_
     ) as url:
         wait_ready(url)
         image = next((sample_dir / "HeadCT").iterdir()).read_bytes()
-        response = httpx.post(f"{url}/predict", files={"image": image}, timeout=30)
+        response = httpx.post(f"{url}/predict", files={"image": jpeg(image)}, timeout=30)
         model = httpx.get(f"{url}/model", timeout=30).json()
 
     assert response.status_code == 200, response.text

@@ -9,6 +9,7 @@ import pytest
 from tests.conftest import (
     CLASSES,
     bentoml_server,
+    jpeg,
     make_project,
     project_env,
     wait_ready,
@@ -37,7 +38,7 @@ def test_not_ready_and_predict_says_to_run_make_run(client, sample_dir):
 
     assert client.get("/livez").status_code == 200
     assert client.get("/readyz").status_code == 503
-    response = client.post("/predict", files={"image": image})
+    response = client.post("/predict", files={"image": jpeg(image)})
     assert response.status_code == 503
     assert "make run" in response.json()["error"]
     assert client.get("/model").status_code == 503
@@ -52,7 +53,7 @@ def test_feedback_needs_the_bearer_token(client, sample_dir, authorization):
 
     response = client.post(
         "/feedback",
-        files={"image": next((sample_dir / "Hand").iterdir()).read_bytes()},
+        files={"image": jpeg(next((sample_dir / "Hand").iterdir()).read_bytes())},
         data={"label": "Hand"},
         headers=headers,
     )
@@ -66,7 +67,7 @@ def test_the_right_token_passes_and_never_reaches_the_log(client, served_project
 
     response = client.post(
         "/feedback",
-        files={"image": next((sample_dir / "Hand").iterdir()).read_bytes()},
+        files={"image": jpeg(next((sample_dir / "Hand").iterdir()).read_bytes())},
         data={"label": "Hand"},
         headers={"Authorization": f"Bearer {TOKEN}"},
     )
@@ -106,7 +107,7 @@ def test_the_first_champion_is_picked_up_without_a_restart(client, served_projec
 
     wait_ready(url)
     response = client.post(
-        "/predict", files={"image": next((sample_dir / "CXR").iterdir()).read_bytes()}
+        "/predict", files={"image": jpeg(next((sample_dir / "CXR").iterdir()).read_bytes())}
     )
 
     assert response.status_code == 200, response.text

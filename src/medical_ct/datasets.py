@@ -138,3 +138,39 @@ class RegisteredModelDataset(AbstractDataset[None, registry.RegisteredClassifier
 
     def _describe(self) -> dict[str, Any]:
         return {"model_uri": registry.model_uri(self._alias, self._model_name)}
+
+
+class PredictionLogDataset(PartitionedDataset):
+    """The service's prediction log: Parquet files that are only ever added, never rewritten.
+
+    Partitions are ``date=YYYY-MM-DD/hour=HH/<writer>-<first ms>-<last ms>.parquet``: one file
+    per flush of one service worker, so workers and replicas never write the same object, and
+    a reader (monitoring, review) takes only the hours it has not read yet. Saving takes
+    ``{partition: DataFrame}`` and adds those files; loading returns ``{partition: loader}``
+    (``{}`` before the first prediction) like ``PartitionedDataset``.
+    """
+
+    def __init__(self, *, path: str, **kwargs: Any) -> None:
+        kwargs.setdefault("dataset", {"type": "pandas.ParquetDataset"})
+        kwargs.setdefault("filename_suffix", ".parquet")
+        super().__init__(path=path, **kwargs)
+
+    def load(self) -> dict[str, Callable[[], Any]]:
+        self._invalidate_caches()
+        if not self._filesystem.exists(self._normalized_path):
+            return {}
+        return super().load()
+
+    def hour_partitions(self, hour: str) -> dict[str, Callable[[], Any]]:
+        """The partitions of one ``hour`` (``date=YYYY-MM-DD/hour=HH``), listing nothing else."""
+        folder = f"{self._normalized_path.rstrip('/')}/{hour}"
+        try:
+            paths = self._filesystem.find(folder)
+        except FileNotFoundError:
+            return {}
+        partitions = {}
+        for path in sorted(paths):
+            if path.endswith(self._filename_suffix):
+                config = {**self._dataset_config, self._filepath_arg: self._join_protocol(path)}
+                partitions[self._path_to_partition(path)] = self._dataset_type(**config).load
+        return partitions

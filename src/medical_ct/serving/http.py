@@ -1,210 +1,204 @@
-"""The HTTP routes users call: the page, /predict, /feedback and /model.
+"""What the service's BentoML APIs need around them over HTTP: guards, errors and the pages.
 
-They are a Starlette app mounted on the BentoML service, which gives them full control of
-multipart parsing, size limits and error bodies; the model runs in the service's adaptive
-batcher, so concurrent requests share forward passes.
+``/predict`` and ``/feedback`` are ``@bentoml.api`` methods of ``service.MedicalCT``, so they are
+in BentoML's OpenAPI (``/docs.json``, the Swagger page at ``/docs``) and work with
+``bentoml.SyncHTTPClient``. Two ASGI middlewares answer before BentoML parses a request:
+``BearerTokenGuard`` (401 without the feedback token, before the body is read) and
+``UploadGuard`` (413 before an oversized body is read, 415 for a body that is not multipart,
+400 for an empty one or for text, such as a URL, where a file belongs: BentoML would fetch a
+URL given in place of a file). The page (``/``), ``GET /model`` and ``/docs`` are a small
+Starlette app mounted beside the APIs.
 """
 
+import functools
 import hmac
-import logging
 import os
-import uuid
-from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection
 from importlib.resources import files
-from typing import Any, Protocol
+from typing import Any
 
-import anyio
-import numpy as np
+import bentoml
+from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-
-from medical_ct.preprocessing import InvalidImageError, preprocess_image
-from medical_ct.serving import metrics
-from medical_ct.serving.batching import OverloadedError
-from medical_ct.serving.feedback import FeedbackStore, FeedbackStoreError
-from medical_ct.serving.model_holder import ModelHolder
-
-logger = logging.getLogger(__name__)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 FEEDBACK_TOKEN_VARIABLE = "MEDICAL_CT_FEEDBACK_TOKEN"
 NO_MODEL_MESSAGE = (
     "no champion model is registered yet: train one with `make run`; "
     "the service picks it up without a restart"
 )
-_REMEMBERED_PREDICTIONS = 10_000
 
 
-class ServiceState(Protocol):
-    """What the routes need from the BentoML service instance."""
+class ServiceError(Exception):
+    """A request the service answers with ``status`` and ``{"error": message, **details}``."""
 
-    holder: ModelHolder
-    feedback_store: FeedbackStore
-    max_upload_bytes: int
-    recent_predictions: "RecentPredictions"
-
-    async def classify_pixels(self, pixels: np.ndarray) -> dict[str, Any]: ...
+    def __init__(self, status: int, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": message, **details}
 
 
-class RecentPredictions:
-    """The last predictions by id, so feedback can record what it corrected."""
+def answers_errors(api: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Turn a ``ServiceError`` raised by an API method into its status code and JSON body.
 
-    def __init__(self, size: int = _REMEMBERED_PREDICTIONS) -> None:
-        self._size = size
-        self._items: OrderedDict[str, dict[str, str]] = OrderedDict()
+    BentoML maps its own exceptions to a status but hides the message of every 5xx, and our
+    503s (no model yet, overloaded, store down) must say what to do. The method takes
+    ``ctx: bentoml.Context``: BentoML sets the response's status from it.
+    """
 
-    def add(self, prediction_id: str, model_version: str, label: str) -> None:
-        self._items[prediction_id] = {"model_version": model_version, "label": label}
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
+    @functools.wraps(api)
+    async def wrapper(*args: Any, ctx: bentoml.Context, **kwargs: Any) -> Any:
+        try:
+            return await api(*args, ctx=ctx, **kwargs)
+        except ServiceError as failure:
+            ctx.response.status_code = failure.status
+            return JSONResponse(failure.body, status_code=failure.status)
 
-    def get(self, prediction_id: str) -> dict[str, str] | None:
-        return self._items.get(prediction_id)
-
-
-def error(status: int, message: str, **details: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **details}, status_code=status)
-
-
-def _service() -> ServiceState:
-    import bentoml
-
-    return bentoml.get_current_service()
+    return wrapper
 
 
-async def _read_form(request: Request, limit: int):
-    """The multipart form, refusing bodies over ``limit`` bytes before reading them whole."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"the upload is {int(declared):,} bytes; the limit is {limit:,}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"the upload is over the limit of {limit:,} bytes")
-    if not body:
-        raise HTTPException(400, "the request body is empty: send a multipart form")
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise HTTPException(
-            415, f"send multipart/form-data with an 'image' file field, not {content_type!r}"
-        )
-    request._body = bytes(body)  # Starlette's form parser reads the cached body
-    return await request.form(max_files=2, max_fields=10)
+async def _answer(send: Send, status: int, message: str, headers: dict | None = None) -> None:
+    response = JSONResponse({"error": message}, status_code=status, headers=headers)
+    await response({"type": "http"}, _no_body, send)
 
 
-async def _image_field(form) -> bytes:
-    image = form.get("image")
-    if image is None:
-        raise HTTPException(400, "the multipart field 'image' is missing")
-    if not isinstance(image, UploadFile):
-        raise HTTPException(400, "the field 'image' must be a file upload")
-    return await image.read()
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}
 
 
-async def _preprocess(data: bytes) -> np.ndarray:
-    try:
-        return await anyio.to_thread.run_sync(preprocess_image, data)
-    except InvalidImageError as invalid:
-        raise HTTPException(422, f"the image cannot be classified: {invalid}") from None
+class BearerTokenGuard:
+    """401 for a POST to ``routes`` without ``Authorization: Bearer $<variable>``.
+
+    No token set means no check (a deployment behind its own authentication). Answered before
+    the body is read; the token is compared in constant time and never logged.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Collection[str], variable: str) -> None:
+        self.app = app
+        self.routes = frozenset(routes)
+        self.variable = variable
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        token = os.environ.get(self.variable)
+        if token and scope["type"] == "http" and scope["path"] in self.routes:
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                await _answer(
+                    send,
+                    401,
+                    f"{scope['path']} needs the header 'Authorization: Bearer <token>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                return
+        await self.app(scope, receive, send)
 
 
-async def predict(request: Request) -> Response:
-    """``POST /predict``: multipart ``image`` -> label, confidence, probabilities."""
-    service = _service()
-    if service.holder.current is None:
-        return error(503, NO_MODEL_MESSAGE)
-    form = await _read_form(request, service.max_upload_bytes)
-    pixels = await _preprocess(await _image_field(form))
-    try:
-        result = await service.classify_pixels(pixels)
-    except OverloadedError as overloaded:
-        return error(503, str(overloaded))
-    prediction_id = uuid.uuid4().hex
-    service.recent_predictions.add(prediction_id, result["model_version"], result["label"])
-    metrics.predictions_total.labels(label=result["label"]).inc()
-    return JSONResponse({**result, "prediction_id": prediction_id})
+class UploadGuard:
+    """Checks a POST to ``uploads`` (route -> its file fields) before BentoML parses it."""
+
+    def __init__(self, app: ASGIApp, uploads: dict[str, Collection[str]], limit: int) -> None:
+        self.app = app
+        self.uploads = uploads
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fields = self.uploads.get(scope["path"]) if scope["type"] == "http" else None
+        if fields is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await self._checked_body(Headers(scope=scope), receive, fields)
+        except ServiceError as refused:
+            await _answer(send, refused.status, refused.body["error"])
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _checked_body(self, headers: Headers, receive: Receive, fields) -> bytes:
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.limit:
+            raise ServiceError(
+                413, f"the upload is {int(declared):,} bytes; the limit is {self.limit:,}"
+            )
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                raise ServiceError(413, f"the upload is over the limit of {self.limit:,} bytes")
+            if not message.get("more_body", False):
+                break
+        if not body:
+            raise ServiceError(400, "the request body is empty: send a multipart form")
+        content_type, options = parse_options_header(headers.get("content-type", ""))
+        if content_type != b"multipart/form-data" or not options.get(b"boundary"):
+            raise ServiceError(
+                415,
+                f"send multipart/form-data with an 'image' file field, "
+                f"not {headers.get('content-type', 'no content type')!r}",
+            )
+        _check_file_fields(bytes(body), options[b"boundary"], fields)
+        return bytes(body)
 
 
-def _authorized(request: Request) -> bool:
-    token = os.environ.get(FEEDBACK_TOKEN_VARIABLE)
-    if not token:
-        return True
-    given = request.headers.get("authorization", "")
-    return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+def _check_file_fields(body: bytes, boundary: bytes, fields: Collection[str]) -> None:
+    """Each file field is there, as a file: BentoML would fetch a URL sent as text there."""
+    missing = set(fields)
+    for part in body.split(b"--" + boundary):
+        head = part.partition(b"\r\n\r\n")[0]
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() != b"content-disposition":
+                continue
+            _, options = parse_options_header(value.strip())
+            field = options.get(b"name", b"").decode(errors="replace")
+            missing.discard(field)
+            if field in fields and b"filename" not in options:
+                raise ServiceError(
+                    400,
+                    f"the field {field!r} must be a file upload, not text "
+                    f"(a URL is not fetched: send the image itself)",
+                )
+    if missing:
+        raise ServiceError(400, f"the multipart field {sorted(missing)[0]!r} (a file) is missing")
 
 
-async def feedback(request: Request) -> Response:
-    """``POST /feedback``: ``image``, ``label``, optional ``prediction_id`` -> 201 and an id."""
-    service = _service()
-    if not _authorized(request):
-        return JSONResponse(
-            {"error": "feedback needs the header 'Authorization: Bearer <token>'"},
-            status_code=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    served = service.holder.current
-    if served is None:
-        return error(503, NO_MODEL_MESSAGE)
-    form = await _read_form(request, service.max_upload_bytes)
-    label = form.get("label")
-    if not isinstance(label, str) or not label:
-        raise HTTPException(400, "the multipart field 'label' (a class name) is missing")
-    if label not in served.class_names:
-        return error(
-            422,
-            f"unknown label {label!r}: use one of {', '.join(served.class_names)}",
-            valid_labels=served.class_names,
-        )
-    image = await _image_field(form)
-    await _preprocess(image)  # only images the training pipeline can decode are stored
-    prediction_id = form.get("prediction_id") or None
-    corrected = service.recent_predictions.get(prediction_id) if prediction_id else None
-    record = {
-        "prediction_id": prediction_id,
-        "corrected_model_version": corrected["model_version"] if corrected else None,
-        "corrected_label": corrected["label"] if corrected else None,
-        "serving_model_version": served.version,
-    }
-    try:
-        receipt = await anyio.to_thread.run_sync(service.feedback_store.save, image, label, record)
-    except FeedbackStoreError as failure:
-        logger.error("Feedback not stored: %s", failure.__cause__)
-        return error(503, f"{failure}; nothing was stored, try again later")
-    metrics.feedback_total.labels(label=label).inc()
-    return JSONResponse(
-        {"feedback_id": receipt.feedback_id, "stored_as": receipt.stored_as, "label": label},
-        status_code=201,
-    )
+def pages() -> Starlette:
+    """``GET /`` (the upload page), ``GET /model`` and ``GET /docs`` (BentoML's Swagger UI).
 
+    BentoML serves its Swagger UI at ``/``, where users of this service find the page; the
+    same UI is served at ``/docs`` from BentoML's own ``/static_content`` and ``/docs.json``,
+    without the analytics tag of BentoML's index page (the service must work offline).
+    """
 
-async def model_info(_: Request) -> Response:
-    """``GET /model``: the serving version, its classes and test metrics."""
-    served = _service().holder.current
-    if served is None:
-        return error(503, NO_MODEL_MESSAGE)
-    return JSONResponse(served.describe())
+    async def page(_: Request) -> Response:
+        return HTMLResponse(files("medical_ct.serving").joinpath("page.html").read_text())
 
+    async def swagger(_: Request) -> Response:
+        return HTMLResponse(files("medical_ct.serving").joinpath("docs.html").read_text())
 
-async def page(_: Request) -> Response:
-    """``GET /``: the upload page (self-contained HTML, works offline)."""
-    return HTMLResponse(files("medical_ct.serving").joinpath("page.html").read_text())
+    async def model(_: Request) -> Response:
+        try:
+            return JSONResponse(bentoml.get_current_service().model_info())
+        except ServiceError as failure:
+            return JSONResponse(failure.body, status_code=failure.status)
 
-
-async def _http_error(_: Request, exc: HTTPException) -> Response:
-    return error(exc.status_code, exc.detail)
-
-
-def create_app() -> Starlette:
     return Starlette(
         routes=[
             Route("/", page, methods=["GET"]),
-            Route("/model", model_info, methods=["GET"]),
-            Route("/predict", predict, methods=["POST"]),
-            Route("/feedback", feedback, methods=["POST"]),
-        ],
-        exception_handlers={HTTPException: _http_error},
+            Route("/docs", swagger, methods=["GET"]),
+            Route("/model", model, methods=["GET"]),
+        ]
     )

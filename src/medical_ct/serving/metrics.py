@@ -22,3 +22,8 @@ batch_size = bentoml.metrics.Histogram(
     documentation="Images per forward pass of the adaptive batcher",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+prediction_log_records = bentoml.metrics.Counter(
+    name="medical_ct_prediction_log_records",
+    documentation="Prediction log records: written to the store, or dropped while it was down",
+    labelnames=["outcome"],
+)

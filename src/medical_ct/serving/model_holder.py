@@ -99,6 +99,14 @@ class ModelHolder:
     def current(self) -> ServedModel | None:
         return self._current
 
+    def classify(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """Preprocessed ``(n, 64, 64)`` uint8 images -> one prediction each, by one version."""
+        served = self._current
+        if served is None:
+            raise RuntimeError("no model is loaded yet")
+        metrics.batch_size.observe(len(images))
+        return served.classify(images)
+
     def set(self, served: ServedModel) -> None:
         self._current = served
         metrics.serving_model_version.set(int(served.version))

@@ -27,6 +27,9 @@ class ServingConfig:
     max_batch_size: int
     max_latency_ms: int
     max_upload_bytes: int
+    workers: int
+    prediction_log_flush_interval_s: float
+    log_pixels: bool
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ServingConfig":
@@ -36,12 +39,32 @@ class ServingConfig:
                 max_batch_size=int(config["max_batch_size"]),
                 max_latency_ms=int(config["max_latency_ms"]),
                 max_upload_bytes=int(config["max_upload_bytes"]),
+                workers=int(config["workers"]),
+                prediction_log_flush_interval_s=float(config["prediction_log"]["flush_interval_s"]),
+                log_pixels=_boolean(config["prediction_log"]["log_pixels"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"conf serving.yml is invalid ({error!r}): got {config!r}") from None
-        if min(serving.model_poll_interval_s, serving.max_batch_size, serving.max_latency_ms) <= 0:
+        positive = (
+            serving.model_poll_interval_s,
+            serving.max_batch_size,
+            serving.max_latency_ms,
+            serving.workers,
+            serving.prediction_log_flush_interval_s,
+        )
+        if min(positive) <= 0:
             raise ValueError(f"conf serving.yml needs positive numbers, got {serving}")
         return serving
+
+
+def _boolean(value: Any) -> bool:
+    """A YAML boolean, or the text of an environment variable (true/false, 1/0, yes/no)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in {"true", "false", "1", "0", "yes", "no"}:
+        raise ValueError(f"{value!r} is not a boolean: use true or false")
+    return text in {"true", "1", "yes"}
 
 
 @dataclass(frozen=True)

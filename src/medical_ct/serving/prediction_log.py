@@ -1,0 +1,190 @@
+"""The prediction log: every answer of /predict, appended through the catalog off the request path.
+
+A request only adds its record to this worker's buffer; a background thread writes the buffer
+every ``flush_interval_s`` seconds as one Parquet file per hour (``prediction_log`` in the
+catalog: local files by default, the bucket in the ``s3`` environment). A crash loses at most
+the records of the last interval. The log is also what resolves a ``prediction_id`` in
+/feedback, whichever worker, replica or earlier run of the service issued it: the id starts
+with its time, which names the hour to read.
+"""
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medical_ct.datasets import PredictionLogDataset
+from medical_ct.preprocessing import content_hash
+from medical_ct.serving import metrics
+
+logger = logging.getLogger(__name__)
+
+PREDICTION_LOG = "prediction_log"
+_TIME_DIGITS = 12  # hex digits of the milliseconds since the epoch: enough until year 10889
+_ID_LENGTH = 32
+# Records kept in memory while the store refuses writes; past this the oldest are dropped
+# (counted in medical_ct_prediction_log_records_total{outcome="dropped"}).
+_MAX_PENDING = 200_000
+
+
+def new_prediction_id(now_ms: int | None = None) -> str:
+    """32 hex digits: the time in milliseconds, then 80 random bits."""
+    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return f"{now_ms:0{_TIME_DIGITS}x}{secrets.token_hex((_ID_LENGTH - _TIME_DIGITS) // 2)}"
+
+
+def prediction_time_ms(prediction_id: str) -> int | None:
+    """When the prediction was made, from its id; ``None`` for an id this service never issues."""
+    if len(prediction_id) != _ID_LENGTH:
+        return None
+    try:
+        int(prediction_id, 16)
+    except ValueError:
+        return None
+    return int(prediction_id[:_TIME_DIGITS], 16)
+
+
+def hour_partition(time_ms: int) -> str:
+    """The log folder of the hour ``time_ms`` falls in: ``date=YYYY-MM-DD/hour=HH``."""
+    moment = datetime.fromtimestamp(time_ms / 1000, UTC)
+    return f"date={moment:%Y-%m-%d}/hour={moment:%H}"
+
+
+def _covers(partition: str, time_ms: int) -> bool:
+    """Whether a file named ``<first ms>-<last ms>-<writer>`` can hold a record of ``time_ms``."""
+    first, last, *_ = partition.rsplit("/", 1)[-1].split("-")
+    return int(first) <= time_ms <= int(last)
+
+
+class PredictionLog:
+    """This worker's writer of the prediction log, and the reader that resolves ids.
+
+    Args:
+        dataset: The catalog's ``prediction_log``.
+        flush_interval_s: Seconds between writes: the most a crash can lose.
+        log_pixels: Keep the preprocessed 64x64 pixels; when off, only their content hash.
+    """
+
+    def __init__(
+        self, dataset: PredictionLogDataset, flush_interval_s: float, log_pixels: bool
+    ) -> None:
+        self._dataset = dataset
+        self._flush_interval_s = flush_interval_s
+        self._log_pixels = log_pixels
+        self._writer = f"{socket.gethostname()}_{os.getpid()}_{secrets.token_hex(3)}"
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[int, dict[str, Any], np.ndarray]] = {}
+        self._writing: dict[str, tuple[int, dict[str, Any], np.ndarray]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+
+    def append(self, prediction_id: str, result: dict[str, Any], pixels: np.ndarray) -> None:
+        """Queue one answer of /predict; written within ``flush_interval_s`` seconds."""
+        time_ms = prediction_time_ms(prediction_id)
+        with self._lock:
+            self._pending[prediction_id] = (time_ms, result, pixels)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._flush_interval_s):
+            self.flush()
+
+    def flush(self) -> int:
+        """Write what is queued, one file per hour; return how many records were written."""
+        with self._lock:
+            batch, self._pending = self._pending, {}
+            self._writing = batch
+        if not batch:
+            return 0
+        try:
+            self._dataset.save(self._partitions(batch))
+        except Exception as error:  # the store is down: keep the records for the next flush
+            logger.error(
+                "Prediction log write failed, retrying in %ss: %r", self._flush_interval_s, error
+            )
+            self._requeue(batch)
+            return 0
+        finally:
+            self._writing = {}
+        metrics.prediction_log_records.labels(outcome="written").inc(len(batch))
+        return len(batch)
+
+    def _partitions(self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]):
+        rows_by_hour: dict[str, list[dict[str, Any]]] = {}
+        for prediction_id, (time_ms, result, pixels) in batch.items():
+            rows_by_hour.setdefault(hour_partition(time_ms), []).append(
+                {
+                    "predicted_at": pd.Timestamp(time_ms, unit="ms", tz="UTC"),
+                    "prediction_id": prediction_id,
+                    "model_version": result["model_version"],
+                    "label": result["label"],
+                    "confidence": result["confidence"],
+                    "class_names": list(result["probabilities"]),
+                    "probabilities": list(result["probabilities"].values()),
+                    "pixel_hash": content_hash(pixels),
+                    "pixels": pixels.tobytes() if self._log_pixels else None,
+                    "writer": self._writer,
+                }
+            )
+        partitions = {}
+        for hour, rows in rows_by_hour.items():
+            times = [int(row["predicted_at"].value // 1_000_000) for row in rows]
+            name = f"{hour}/{min(times)}-{max(times)}-{self._writer}"
+            partitions[name] = pd.DataFrame(rows)
+        return partitions
+
+    def _requeue(self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]) -> None:
+        with self._lock:
+            self._pending = {**batch, **self._pending}
+            dropped = len(self._pending) - _MAX_PENDING
+            for prediction_id in list(self._pending)[: max(dropped, 0)]:
+                del self._pending[prediction_id]
+        if dropped > 0:
+            metrics.prediction_log_records.labels(outcome="dropped").inc(dropped)
+            logger.error("Prediction log: dropped the %d oldest unwritten records", dropped)
+
+    def find(self, prediction_id: str, wait_s: float | None = None) -> dict[str, Any] | None:
+        """The logged record of ``prediction_id``, from any worker; ``None`` if there is none.
+
+        A record made moments ago may not be written yet by the worker that made it: the
+        store is read again for up to ``wait_s`` seconds (default: two flush intervals and a
+        second) after the prediction's time, never longer.
+        """
+        time_ms = prediction_time_ms(prediction_id)
+        if time_ms is None:
+            return None
+        wait_s = 2 * self._flush_interval_s + 1 if wait_s is None else wait_s
+        deadline = time_ms / 1000 + wait_s
+        while True:
+            with self._lock:
+                queued = self._pending.get(prediction_id) or self._writing.get(prediction_id)
+            if queued is not None:
+                return {"prediction_id": prediction_id, **queued[1]}
+            found = self._read(prediction_id, time_ms)
+            if found is not None or time.time() > deadline:
+                return found
+            time.sleep(0.2)
+
+    def _read(self, prediction_id: str, time_ms: int) -> dict[str, Any] | None:
+        hour = self._dataset.hour_partitions(hour_partition(time_ms))
+        for partition, load in hour.items():
+            if not _covers(partition, time_ms):
+                continue
+            records = load()
+            match = records[records["prediction_id"] == prediction_id]
+            if len(match):
+                return match.iloc[0].to_dict()
+        return None
+
+    def close(self) -> None:
+        """Stop the writer thread and write what is left."""
+        self._stop.set()
+        self._thread.join(timeout=self._flush_interval_s + 5)
+        self.flush()

@@ -1,0 +1,34 @@
+"""The typed answers of the service's APIs: BentoML's OpenAPI (``/docs.json``) shows them."""
+
+from pydantic import BaseModel, Field
+
+
+class Prediction(BaseModel):
+    """The answer of ``POST /predict``."""
+
+    label: str = Field(description="the most probable class")
+    confidence: float = Field(description="the probability of `label`")
+    probabilities: dict[str, float] = Field(description="the probability of every class")
+    model_version: str = Field(description="the registered version that answered")
+    prediction_id: str = Field(
+        description="send it with a correction to POST /feedback, from any replica, any time"
+    )
+
+
+class CorrectedPrediction(BaseModel):
+    """What a feedback corrected, found in the prediction log by its ``prediction_id``."""
+
+    model_version: str
+    label: str
+
+
+class FeedbackReceipt(BaseModel):
+    """The answer of ``POST /feedback`` (status 201)."""
+
+    feedback_id: str = Field(description="the same image and label always get the same id")
+    stored_as: str = Field(description="<label>/<sha256 of the file>.<format> in the store")
+    label: str
+    corrected: CorrectedPrediction | None = Field(
+        description="the prediction this feedback corrected; null when no prediction_id was "
+        "sent or the prediction log has no such id"
+    )

@@ -1,0 +1,170 @@
+"""The prediction log in process: records, partitions, ids across writers, a store that fails."""
+
+import time
+
+import numpy as np
+import pytest
+
+from medical_ct.datasets import PredictionLogDataset
+from medical_ct.preprocessing import content_hash
+from medical_ct.serving.prediction_log import (
+    PredictionLog,
+    hour_partition,
+    new_prediction_id,
+    prediction_time_ms,
+)
+from medical_ct.serving.project import ServingConfig
+
+CLASSES = ["Hand", "CXR"]
+
+
+def result(label: str = "Hand", version: str = "3") -> dict:
+    probabilities = {"Hand": 0.9, "CXR": 0.1} if label == "Hand" else {"Hand": 0.2, "CXR": 0.8}
+    return {
+        "label": label,
+        "confidence": probabilities[label],
+        "probabilities": probabilities,
+        "model_version": version,
+    }
+
+
+def pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (64, 64), dtype=np.uint8)
+
+
+@pytest.fixture
+def dataset(tmp_path) -> PredictionLogDataset:
+    return PredictionLogDataset(path=str(tmp_path / "prediction_log"))
+
+
+def open_log(dataset, log_pixels: bool = True, flush_interval_s: float = 60) -> PredictionLog:
+    """A log whose thread will not flush during a test: the test flushes."""
+    return PredictionLog(dataset, flush_interval_s=flush_interval_s, log_pixels=log_pixels)
+
+
+def test_ids_carry_their_time_and_name_the_hour():
+    at = 1_795_465_510_697  # 2026-11-23 20:25:10.697 UTC
+
+    prediction_id = new_prediction_id(at)
+
+    assert len(prediction_id) == 32 and int(prediction_id, 16) >= 0
+    assert prediction_time_ms(prediction_id) == at
+    assert hour_partition(at) == "date=2026-11-23/hour=20"
+    assert new_prediction_id(at) != prediction_id
+    for malformed in ("", "x" * 32, prediction_id[:-1], prediction_id + "0"):
+        assert prediction_time_ms(malformed) is None
+
+
+def test_a_flush_writes_one_parquet_file_per_hour_with_every_field(dataset):
+    log = open_log(dataset)
+    first, second = new_prediction_id(), new_prediction_id()
+    log.append(first, result("Hand"), pixels(1))
+    log.append(second, result("CXR"), pixels(2))
+
+    assert dataset.load() == {}
+    assert log.flush() == 2
+    log.close()
+
+    (partition, load), *others = dataset.load().items()
+    assert others == []
+    assert partition.startswith(hour_partition(prediction_time_ms(first)) + "/")
+    records = load().set_index("prediction_id")
+    assert list(records.index) == [first, second]
+    assert list(records["label"]) == ["Hand", "CXR"]
+    assert list(records.loc[second, "probabilities"]) == [0.2, 0.8]
+    assert list(records.loc[second, "class_names"]) == CLASSES
+    assert records.loc[first, "pixels"] == pixels(1).tobytes()
+    assert records.loc[first, "pixel_hash"] == content_hash(pixels(1))
+    assert records["predicted_at"].dt.tz is not None
+
+
+def test_pixels_can_be_left_out_and_the_hash_stays(dataset):
+    log = open_log(dataset, log_pixels=False)
+    log.append(new_prediction_id(), result(), pixels(3))
+    log.close()
+
+    records = next(iter(dataset.load().values()))()
+    assert records["pixels"].isna().all()
+    assert records["pixel_hash"].tolist() == [content_hash(pixels(3))]
+
+
+def test_an_id_resolves_from_another_writer_only_in_its_hour(dataset):
+    worker, other_worker = open_log(dataset), open_log(dataset)
+    prediction_id = new_prediction_id()
+    worker.append(prediction_id, result("CXR", version="7"), pixels(4))
+
+    assert worker.find(prediction_id)["label"] == "CXR"  # not written yet: from memory
+    worker.flush()
+    found = other_worker.find(prediction_id)
+    assert (found["label"], found["model_version"]) == ("CXR", "7")
+    an_hour_earlier = new_prediction_id(prediction_time_ms(prediction_id) - 3_600_000)
+    assert other_worker.find(an_hour_earlier) is None
+    assert other_worker.find("not an id") is None
+    for log in (worker, other_worker):
+        log.close()
+
+
+def test_a_fresh_id_is_waited_for_while_its_writer_has_not_flushed(dataset):
+    writer = open_log(dataset, flush_interval_s=0.5)  # its own thread flushes
+    reader = open_log(dataset, flush_interval_s=0.5)
+    prediction_id = new_prediction_id()
+    writer.append(prediction_id, result(), pixels(5))
+
+    started = time.monotonic()
+    found = reader.find(prediction_id)
+
+    assert found is not None and found["prediction_id"] == prediction_id
+    assert time.monotonic() - started < 2
+    started = time.monotonic()
+    assert reader.find(new_prediction_id()) is None  # gives up after 2 intervals and a second
+    assert 1.5 < time.monotonic() - started < 4
+    for log in (writer, reader):
+        log.close()
+
+
+def test_records_survive_a_store_that_refuses_writes(tmp_path):
+    blocked = tmp_path / "prediction_log"
+    blocked.write_text("a file where the log folder should be")
+    log = open_log(PredictionLogDataset(path=str(blocked)))
+    prediction_id = new_prediction_id()
+    log.append(prediction_id, result(), pixels(6))
+
+    assert log.flush() == 0
+    assert log.find(prediction_id)["label"] == "Hand"  # still queued
+    blocked.unlink()
+    assert log.flush() == 1
+    log.close()
+    assert len(next(iter(PredictionLogDataset(path=str(blocked)).load().values()))()) == 1
+
+
+SERVING = {
+    "model_poll_interval_s": 30,
+    "max_batch_size": 64,
+    "max_latency_ms": 1000,
+    "max_upload_bytes": 1000,
+    "workers": 2,
+    "prediction_log": {"flush_interval_s": 1.0, "log_pixels": "false"},
+}
+
+
+def test_serving_config_reads_environment_text():
+    config = ServingConfig.from_config(SERVING)
+
+    assert config.workers == 2
+    assert config.log_pixels is False
+    assert config.prediction_log_flush_interval_s == 1.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"workers": 0}, "positive"),
+        ({"workers": "two"}, "invalid"),
+        ({"prediction_log": {"flush_interval_s": 1.0, "log_pixels": "maybe"}}, "not a boolean"),
+        ({"prediction_log": {"flush_interval_s": 0, "log_pixels": True}}, "positive"),
+        ({"prediction_log": {"log_pixels": True}}, "flush_interval_s"),
+    ],
+)
+def test_bad_serving_config_is_refused_with_what_is_wrong(change, message):
+    with pytest.raises(ValueError, match=message):
+        ServingConfig.from_config({**SERVING, **change})
