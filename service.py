@@ -58,6 +58,7 @@ class MedicalCT:
             project.catalog.get(PREDICTION_LOG),
             serving.prediction_log_flush_interval_s,
             serving.log_pixels,
+            serving.prediction_log_enabled,
         )
         self.holder = ModelHolder()
         if not self.holder.refresh() and PACKAGED_MODEL is not None:

@@ -122,6 +122,17 @@ def test_a_fresh_id_is_waited_for_while_its_writer_has_not_flushed(dataset):
         log.close()
 
 
+def test_a_disabled_log_writes_and_resolves_nothing(dataset):
+    log = PredictionLog(dataset, flush_interval_s=60, log_pixels=True, enabled=False)
+    prediction_id = new_prediction_id()
+    log.append(prediction_id, result(), pixels(7))
+
+    assert log.flush() == 0
+    assert log.find(prediction_id, wait_s=0) is None
+    log.close()
+    assert dataset.load() == {}
+
+
 def test_records_survive_a_store_that_refuses_writes(tmp_path):
     blocked = tmp_path / "prediction_log"
     blocked.write_text("a file where the log folder should be")
@@ -137,13 +148,14 @@ def test_records_survive_a_store_that_refuses_writes(tmp_path):
     assert len(next(iter(PredictionLogDataset(path=str(blocked)).load().values()))()) == 1
 
 
+LOG = {"flush_interval_s": 1.0, "log_pixels": True, "enabled": True}
 SERVING = {
     "model_poll_interval_s": 30,
     "max_batch_size": 64,
     "max_latency_ms": 1000,
     "max_upload_bytes": 1000,
     "workers": 2,
-    "prediction_log": {"flush_interval_s": 1.0, "log_pixels": "false"},
+    "prediction_log": {"flush_interval_s": 1.0, "log_pixels": "false", "enabled": True},
 }
 
 
@@ -160,9 +172,9 @@ def test_serving_config_reads_environment_text():
     [
         ({"workers": 0}, "positive"),
         ({"workers": "two"}, "invalid"),
-        ({"prediction_log": {"flush_interval_s": 1.0, "log_pixels": "maybe"}}, "not a boolean"),
-        ({"prediction_log": {"flush_interval_s": 0, "log_pixels": True}}, "positive"),
-        ({"prediction_log": {"log_pixels": True}}, "flush_interval_s"),
+        ({"prediction_log": {**LOG, "log_pixels": "maybe"}}, "not a boolean"),
+        ({"prediction_log": {**LOG, "flush_interval_s": 0}}, "positive"),
+        ({"prediction_log": {"log_pixels": True, "enabled": True}}, "flush_interval_s"),
     ],
 )
 def test_bad_serving_config_is_refused_with_what_is_wrong(change, message):

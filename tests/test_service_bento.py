@@ -46,6 +46,11 @@ def test_bento_serves_the_packaged_champion_without_mlflow(trained_project, tmp_
     run([BENTOML, "import", str(archive)], serve_env)
     bento_dir = next(p for p in (serve_home / "bentos/medical_ct").iterdir() if p.is_dir())
     bento_src = bento_dir / "src"
+    # What `bentoml containerize` builds from (docker is not run here).
+    dockerfile = (bento_dir / "env/docker/Dockerfile").read_text()
+    assert "bentoml" in dockerfile and "requirements.txt" in dockerfile
+    requirements = (bento_dir / "env/python/requirements.txt").read_text()
+    assert "torch==2.14.1" in requirements and "pandas-parquetdataset" in requirements
     champion = mlflow_client(trained_project).get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS)
 
     with bentoml_server(

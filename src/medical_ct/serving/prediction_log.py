@@ -70,11 +70,17 @@ class PredictionLog:
         dataset: The catalog's ``prediction_log``.
         flush_interval_s: Seconds between writes: the most a crash can lose.
         log_pixels: Keep the preprocessed 64x64 pixels; when off, only their content hash.
+        enabled: When off, nothing is logged and no id resolves (to measure the log's cost).
     """
 
     def __init__(
-        self, dataset: PredictionLogDataset, flush_interval_s: float, log_pixels: bool
+        self,
+        dataset: PredictionLogDataset,
+        flush_interval_s: float,
+        log_pixels: bool,
+        enabled: bool = True,
     ) -> None:
+        self._enabled = enabled
         self._dataset = dataset
         self._flush_interval_s = flush_interval_s
         self._log_pixels = log_pixels
@@ -88,6 +94,8 @@ class PredictionLog:
 
     def append(self, prediction_id: str, result: dict[str, Any], pixels: np.ndarray) -> None:
         """Queue one answer of /predict; written within ``flush_interval_s`` seconds."""
+        if not self._enabled:
+            return
         time_ms = prediction_time_ms(prediction_id)
         with self._lock:
             self._pending[prediction_id] = (time_ms, result, pixels)

@@ -30,6 +30,7 @@ class ServingConfig:
     workers: int
     prediction_log_flush_interval_s: float
     log_pixels: bool
+    prediction_log_enabled: bool
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ServingConfig":
@@ -42,6 +43,7 @@ class ServingConfig:
                 workers=int(config["workers"]),
                 prediction_log_flush_interval_s=float(config["prediction_log"]["flush_interval_s"]),
                 log_pixels=_boolean(config["prediction_log"]["log_pixels"]),
+                prediction_log_enabled=_boolean(config["prediction_log"]["enabled"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"conf serving.yml is invalid ({error!r}): got {config!r}") from None
