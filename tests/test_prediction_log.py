@@ -51,8 +51,10 @@ def test_ids_carry_their_time_and_name_the_hour():
     assert prediction_time_ms(prediction_id) == at
     assert hour_partition(at) == "date=2026-11-23/hour=20"
     assert new_prediction_id(at) != prediction_id
-    for malformed in ("", "x" * 32, prediction_id[:-1], prediction_id + "0"):
+    from_the_future = new_prediction_id(int(time.time() * 1000) + 2 * 24 * 3600 * 1000)
+    for malformed in ("", "x" * 32, prediction_id[:-1], prediction_id + "0", "f" * 32):
         assert prediction_time_ms(malformed) is None
+    assert prediction_time_ms(from_the_future) is None  # forged: would be waited for
 
 
 def test_a_flush_writes_one_parquet_file_per_hour_with_every_field(dataset):

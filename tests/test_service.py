@@ -242,7 +242,7 @@ def test_feedback_resolves_ids_from_every_worker_and_after_a_restart(server, pro
 
 def test_feedback_with_an_unknown_prediction_id_corrects_nothing(client, sample_dir):
     image = jpeg(sample_image(sample_dir, "ChestCT", 6))
-    for unknown in ("0" * 32, "not-an-id", new_prediction_id()):
+    for unknown in ("0" * 32, "f" * 32, "not-an-id", new_prediction_id()):
         response = client.post(
             "/feedback", files={"image": image}, data={"label": "ChestCT", "prediction_id": unknown}
         )

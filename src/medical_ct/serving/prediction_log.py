@@ -32,6 +32,7 @@ _ID_LENGTH = 32
 # Records kept in memory while the store refuses writes; past this the oldest are dropped
 # (counted in medical_ct_prediction_log_records_total{outcome="dropped"}).
 _MAX_PENDING = 200_000
+_MAX_CLOCK_SKEW_MS = 24 * 3600 * 1000
 
 
 def new_prediction_id(now_ms: int | None = None) -> str:
@@ -41,14 +42,18 @@ def new_prediction_id(now_ms: int | None = None) -> str:
 
 
 def prediction_time_ms(prediction_id: str) -> int | None:
-    """When the prediction was made, from its id; ``None`` for an id this service never issues."""
+    """When the prediction was made, from its id; ``None`` for an id this service never issues.
+
+    An id from the future (more than a day of clock skew between replicas) is forged.
+    """
     if len(prediction_id) != _ID_LENGTH:
         return None
     try:
         int(prediction_id, 16)
     except ValueError:
         return None
-    return int(prediction_id[:_TIME_DIGITS], 16)
+    time_ms = int(prediction_id[:_TIME_DIGITS], 16)
+    return time_ms if time_ms <= time.time_ns() // 1_000_000 + _MAX_CLOCK_SKEW_MS else None
 
 
 def hour_partition(time_ms: int) -> str:
@@ -169,7 +174,7 @@ class PredictionLog:
         if time_ms is None:
             return None
         wait_s = 2 * self._flush_interval_s + 1 if wait_s is None else wait_s
-        deadline = time_ms / 1000 + wait_s
+        deadline = min(time_ms / 1000, time.time()) + wait_s
         while True:
             with self._lock:
                 queued = self._pending.get(prediction_id) or self._writing.get(prediction_id)
