@@ -344,6 +344,12 @@ def gif_frames() -> bytes:
         ),
         ("not an image type", {"files": {"image": b"\x89PNG"}}, 400, "expected image/*"),
         (
+            "too many fields",
+            {"files": {"image": jpeg(b"1")}, "data": {f"f{i}": "x" for i in range(20)}},
+            400,
+            "at most 10",
+        ),
+        (
             "non-image bytes",
             {"files": {"image": jpeg(b"hello, not an image")}},
             422,

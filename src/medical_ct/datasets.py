@@ -143,7 +143,7 @@ class RegisteredModelDataset(AbstractDataset[None, registry.RegisteredClassifier
 class PredictionLogDataset(PartitionedDataset):
     """The service's prediction log: Parquet files that are only ever added, never rewritten.
 
-    Partitions are ``date=YYYY-MM-DD/hour=HH/<writer>-<first ms>-<last ms>.parquet``: one file
+    Partitions are ``date=YYYY-MM-DD/hour=HH/<first ms>-<last ms>-<writer>.parquet``: one file
     per flush of one service worker, so workers and replicas never write the same object, and
     a reader (monitoring, review) takes only the hours it has not read yet. Saving takes
     ``{partition: DataFrame}`` and adds those files; loading returns ``{partition: loader}``

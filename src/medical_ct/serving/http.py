@@ -27,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 FEEDBACK_TOKEN_VARIABLE = "MEDICAL_CT_FEEDBACK_TOKEN"
+_MAX_PARTS = 10  # the APIs take at most 3 fields
 NO_MODEL_MESSAGE = (
     "no champion model is registered yet: train one with `make run`; "
     "the service picks it up without a restart"
@@ -156,7 +157,10 @@ class UploadGuard:
 def _check_file_fields(body: bytes, boundary: bytes, fields: Collection[str]) -> None:
     """Each file field is there, as a file: BentoML would fetch a URL sent as text there."""
     missing = set(fields)
-    for part in body.split(b"--" + boundary):
+    parts = body.split(b"--" + boundary)
+    if len(parts) > _MAX_PARTS + 2:  # the preamble and the closing "--" are not parts
+        raise ServiceError(400, f"the form has {len(parts) - 2} parts; at most {_MAX_PARTS}")
+    for part in parts:
         head = part.partition(b"\r\n\r\n")[0]
         for line in head.split(b"\r\n"):
             name, _, value = line.partition(b":")

@@ -129,10 +129,16 @@ class PredictionLog:
         metrics.prediction_log_records.labels(outcome="written").inc(len(batch))
         return len(batch)
 
-    def _partitions(self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]):
+    def _partitions(
+        self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]
+    ) -> dict[str, pd.DataFrame]:
+        """``{date=.../hour=.../<first ms>-<last ms>-<writer>: records}``, one per hour."""
         rows_by_hour: dict[str, list[dict[str, Any]]] = {}
+        times_by_hour: dict[str, list[int]] = {}
         for prediction_id, (time_ms, result, pixels) in batch.items():
-            rows_by_hour.setdefault(hour_partition(time_ms), []).append(
+            hour = hour_partition(time_ms)
+            times_by_hour.setdefault(hour, []).append(time_ms)
+            rows_by_hour.setdefault(hour, []).append(
                 {
                     "predicted_at": pd.Timestamp(time_ms, unit="ms", tz="UTC"),
                     "prediction_id": prediction_id,
@@ -146,12 +152,10 @@ class PredictionLog:
                     "writer": self._writer,
                 }
             )
-        partitions = {}
-        for hour, rows in rows_by_hour.items():
-            times = [int(row["predicted_at"].value // 1_000_000) for row in rows]
-            name = f"{hour}/{min(times)}-{max(times)}-{self._writer}"
-            partitions[name] = pd.DataFrame(rows)
-        return partitions
+        return {
+            f"{hour}/{min(times)}-{max(times)}-{self._writer}": pd.DataFrame(rows_by_hour[hour])
+            for hour, times in times_by_hour.items()
+        }
 
     def _requeue(self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]) -> None:
         with self._lock:
