@@ -134,3 +134,21 @@ def test_rollback_tags_carry_the_data_rolled_back_from():
         "by": "me",
         "from_version": "3",
     }
+
+
+def test_decide_training_refuses_the_data_rolled_back_from_unless_told():
+    from medical_ct.pipelines.training.nodes import decide_training
+    from medical_ct.registry import RegisteredClassifier
+
+    champion = RegisteredClassifier(
+        model=None,
+        version="2",
+        class_names=[],
+        tags={lifecycle.DATASET_FINGERPRINT: "f2", lifecycle.ROLLED_BACK_DATA: "3:f3"},
+    )
+
+    assert decide_training("f3", champion, False)["train"] is False
+    assert "version 3 was trained on" in decide_training("f3", champion, False)["reason"]
+    assert decide_training("f3", champion, True)["train"] is True
+    assert decide_training("f4", champion, False)["train"] is True
+    assert decide_training("f2", champion, False)["train"] is False
