@@ -78,6 +78,10 @@ def medical_ct():
     def build_model_input():
         run_kedro_nodes("build_model_input")
 
+    @task(task_id="build_training_manifest")
+    def build_training_manifest():
+        run_kedro_nodes("build_training_manifest")
+
     @task(task_id="report_data")
     def report_data():
         run_kedro_nodes("report_data")
@@ -107,6 +111,7 @@ def medical_ct():
         "ingest_mednist": ingest_mednist(),
         "decode_raw_images": decode_raw_images(),
         "build_model_input": build_model_input(),
+        "build_training_manifest": build_training_manifest(),
         "report_data": report_data(),
         "decide_training": decide_training(),
         "evaluate_champion": evaluate_champion(),
@@ -117,6 +122,9 @@ def medical_ct():
     tasks["ingest_mednist"] >> tasks["decode_raw_images"]
     tasks["decode_feedback_images"] >> tasks["build_model_input"]
     tasks["decode_raw_images"] >> tasks["build_model_input"]
+    tasks["build_model_input"] >> tasks["build_training_manifest"]
+    tasks["decode_feedback_images"] >> tasks["build_training_manifest"]
+    tasks["decode_raw_images"] >> tasks["build_training_manifest"]
     tasks["build_model_input"] >> tasks["report_data"]
     tasks["decode_feedback_images"] >> tasks["report_data"]
     tasks["decode_raw_images"] >> tasks["report_data"]
@@ -128,6 +136,7 @@ def medical_ct():
     tasks["build_model_input"] >> tasks["evaluate_model"]
     tasks["train_model"] >> tasks["evaluate_model"]
     tasks["build_model_input"] >> tasks["register_and_promote"]
+    tasks["build_training_manifest"] >> tasks["register_and_promote"]
     tasks["evaluate_champion"] >> tasks["register_and_promote"]
     tasks["evaluate_model"] >> tasks["register_and_promote"]
     tasks["report_data"] >> tasks["register_and_promote"]

@@ -1,4 +1,4 @@
-"""`kedro viz build` produces a static site showing the three pipelines."""
+"""`kedro viz build` produces a static site showing the pipelines."""
 
 import json
 
@@ -12,15 +12,17 @@ def test_viz_build_contains_the_pipelines_and_their_nodes(tmp_path):
     site = project / "build"
     assert (site / "index.html").is_file()
     graph = json.loads((site / "api/main").read_text())
-    assert {"data_processing", "training", "evaluation", "__default__"} <= {
+    assert {"data_processing", "training", "evaluation", "rollback", "rebuild", "__default__"} <= {
         pipeline["id"] for pipeline in graph["pipelines"]
     }
+    # The default pipeline: rollback and rebuild run on demand only.
     tasks = {node["name"] for node in graph["nodes"] if node["type"] == "task"}
     assert {
         "ingest_mednist",
         "decode_raw_images",
         "decode_feedback_images",
         "build_model_input",
+        "build_training_manifest",
         "report_data",
         "decide_training",
         "train_model",

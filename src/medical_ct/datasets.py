@@ -9,11 +9,12 @@ from typing import Any
 
 import fsspec
 import mlflow
+import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets.partitions import PartitionedDataset
 from kedro_datasets.pickle import PickleDataset
 
-from medical_ct import registry
+from medical_ct import manifest, registry
 
 _IMAGE_BYTES = {
     "type": "text.TextDataset",
@@ -140,7 +141,94 @@ class RegisteredModelDataset(AbstractDataset[None, registry.RegisteredClassifier
         return {"model_uri": registry.model_uri(self._alias, self._model_name)}
 
 
-class PredictionLogDataset(PartitionedDataset):
+class OptionalPartitionedDataset(PartitionedDataset):
+    """``PartitionedDataset`` that loads an empty or missing folder as ``{}``.
+
+    For stores another process fills in (the service's feedback metadata): having nothing
+    there yet is normal, not an error.
+    """
+
+    def load(self) -> dict[str, Callable[[], Any]]:
+        self._invalidate_caches()
+        try:
+            if not self._list_partitions():
+                return {}
+        except FileNotFoundError:
+            return {}
+        return super().load()
+
+
+class MlflowInputDataset(MlflowReportDataset):
+    """A table saved with any Kedro dataset, copied into the active MLflow run as an artifact
+    and logged as the run's input dataset (``mlflow.log_input``), so the MLflow UI lists it
+    under the run's (and so the registered version's) datasets.
+
+    The MLflow dataset's digest and tag ``dataset_fingerprint`` are the model input's
+    fingerprint, the one registered versions are tagged with.
+    """
+
+    def __init__(
+        self, *, dataset: dict[str, Any], artifact_path: str = "", name: str, context: str
+    ) -> None:
+        super().__init__(dataset=dataset, artifact_path=artifact_path)
+        self._name = name
+        self._context = context
+
+    def save(self, data: pd.DataFrame) -> None:
+        super().save(data)
+        if mlflow.active_run() is None:
+            return
+        fingerprint = manifest.manifest_fingerprint(data)
+        logged = mlflow.data.from_pandas(
+            data,
+            source=str(self._dataset_config["filepath"]),
+            name=self._name,
+            digest=fingerprint[:32],  # MLflow keeps at most 36 characters
+        )
+        mlflow.log_input(logged, context=self._context, tags={"dataset_fingerprint": fingerprint})
+
+    def _describe(self) -> dict[str, Any]:
+        return {**super()._describe(), "name": self._name, "context": self._context}
+
+
+class RegisteredVersionsDataset(AbstractDataset[None, dict[str, registry.RegisteredVersion]]):
+    """Every version of the registered model, by version number; metadata read on demand.
+
+    Read-only. ``manifest_artifact`` is where ``training_manifest`` is logged in a run.
+    """
+
+    def __init__(self, *, manifest_artifact: str, model_name: str = registry.MODEL_NAME):
+        self._manifest_artifact = manifest_artifact
+        self._model_name = model_name
+
+    def load(self) -> dict[str, registry.RegisteredVersion]:
+        return registry.registered_versions(self._manifest_artifact, self._model_name)
+
+    def save(self, data: None) -> None:
+        raise DatasetError(f"{type(self).__name__} is read-only")
+
+    def _describe(self) -> dict[str, Any]:
+        return {"model_name": self._model_name, "manifest_artifact": self._manifest_artifact}
+
+
+class ChampionAliasDataset(AbstractDataset[dict[str, Any], str | None]):
+    """The ``champion`` alias: loads the version it points to (``None`` when unset); saving a
+    move (see ``pipelines.rollback``) tags the versions involved, then moves the alias."""
+
+    def __init__(self, model_name: str = registry.MODEL_NAME):
+        self._model_name = model_name
+
+    def load(self) -> str | None:
+        return registry.alias_version(registry.CHAMPION_ALIAS, self._model_name)
+
+    def save(self, data: dict[str, Any]) -> None:
+        registry.apply_champion_move(data, self._model_name)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"model_uri": registry.model_uri(registry.CHAMPION_ALIAS, self._model_name)}
+
+
+class PredictionLogDataset(OptionalPartitionedDataset):
     """The service's prediction log: Parquet files that are only ever added, never rewritten.
 
     Partitions are ``date=YYYY-MM-DD/hour=HH/<first ms>-<last ms>-<writer>.parquet``: one file
@@ -154,12 +242,6 @@ class PredictionLogDataset(PartitionedDataset):
         kwargs.setdefault("dataset", {"type": "pandas.ParquetDataset"})
         kwargs.setdefault("filename_suffix", ".parquet")
         super().__init__(path=path, **kwargs)
-
-    def load(self) -> dict[str, Callable[[], Any]]:
-        self._invalidate_caches()
-        if not self._filesystem.exists(self._normalized_path):
-            return {}
-        return super().load()
 
     def hour_partitions(self, hour: str) -> dict[str, Callable[[], Any]]:
         """The partitions of one ``hour`` (``date=YYYY-MM-DD/hour=HH``), listing nothing else."""

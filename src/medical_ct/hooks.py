@@ -28,6 +28,8 @@ class ParameterCheckHook:
         # Imported here: settings.py loads this module for every kedro command, even --help.
         from medical_ct.pipelines.data_processing.nodes import validate_ingest, validate_split
         from medical_ct.pipelines.evaluation.nodes import validate_gate
+        from medical_ct.pipelines.rebuild.nodes import validate_rebuild
+        from medical_ct.pipelines.rollback.nodes import validate_rollback
         from medical_ct.pipelines.training.nodes import validate_training_params
 
         checks = {
@@ -35,6 +37,8 @@ class ParameterCheckHook:
             "params:data_processing.split": validate_split,
             "params:training": validate_training_params,
             "params:champion_gate": validate_gate,
+            "params:rollback": validate_rollback,
+            "params:rebuild": validate_rebuild,
         }
         used = pipeline.inputs()
         for name, check in checks.items():

@@ -6,18 +6,22 @@ and a model logged with a data-dependent signature and metadata, are done here d
 
 import logging
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
 import mlflow.pytorch
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema, TensorSpec
 
+from medical_ct import lifecycle
 from medical_ct.preprocessing import IMAGE_SIZE, PREPROCESSING_SPEC
 
 logger = logging.getLogger(__name__)
@@ -114,7 +118,116 @@ def git_commit() -> str:
     return result.stdout.strip()
 
 
-def describe_version(version: str, model_name: str = MODEL_NAME) -> dict[str, Any]:
-    """Aliases and tags of a registered version, for reports."""
-    details = MlflowClient().get_model_version(model_name, version)
-    return {"version": version, "aliases": list(details.aliases), "tags": dict(details.tags)}
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A registered version as the registry lists it; its model metadata is read on demand.
+
+    Listing every version is one query; reading a version's metadata downloads its
+    ``MLmodel`` file, so only the versions a node looks at pay for it.
+    """
+
+    version: str
+    run_id: str | None
+    tags: dict[str, str]
+    read_metadata: Callable[[], dict[str, Any]] = field(repr=False, compare=False)
+    # The training manifest logged in the version's run (medical_ct.manifest); raises
+    # FileNotFoundError when the run has none (versions registered before manifests).
+    read_manifest: Callable[[], pd.DataFrame] = field(repr=False, compare=False)
+
+    def missing_serving_metadata(self) -> list[str]:
+        """What the service would lack to serve this version: empty when it can serve it."""
+        try:
+            metadata = self.read_metadata()
+        except (MlflowException, OSError) as error:
+            return [f"its model cannot be read ({error})"]
+        missing = []
+        class_names = metadata.get("class_names")
+        if not class_names or not all(isinstance(name, str) for name in class_names):
+            missing.append("class_names")
+        if metadata.get("preprocessing") != PREPROCESSING_SPEC:
+            missing.append(f"preprocessing (expected {PREPROCESSING_SPEC})")
+        return missing
+
+
+def registered_versions(
+    manifest_artifact: str, model_name: str = MODEL_NAME
+) -> dict[str, RegisteredVersion]:
+    """Every version of the registered model, by version number (as a string).
+
+    Args:
+        manifest_artifact: Where the training manifest lies in a version's run, e.g.
+            ``model_input/training_manifest.csv.gz``.
+        model_name: The registered model.
+    """
+    client = MlflowClient()
+    found = {}
+    page_token = None
+    while True:
+        page = client.search_model_versions(f"name='{model_name}'", page_token=page_token)
+        for details in page:
+            version = str(details.version)
+            found[version] = RegisteredVersion(
+                version=version,
+                run_id=details.run_id,
+                tags=dict(details.tags),
+                read_metadata=_metadata_reader(f"models:/{model_name}/{version}"),
+                read_manifest=_manifest_reader(details.run_id, manifest_artifact),
+            )
+        page_token = page.token
+        if not page_token:
+            return found
+
+
+def _metadata_reader(uri: str) -> Callable[[], dict[str, Any]]:
+    return lambda: mlflow.models.get_model_info(uri).metadata or {}
+
+
+def _manifest_reader(run_id: str | None, artifact: str) -> Callable[[], pd.DataFrame]:
+    def read() -> pd.DataFrame:
+        if not run_id:
+            raise FileNotFoundError("the version has no MLflow run, so no training manifest")
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                path = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=artifact, dst_path=folder
+                )
+                return pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (MlflowException, OSError) as error:
+            raise FileNotFoundError(
+                f"run {run_id} has no artifact {artifact} ({error}): the version was "
+                "registered before training manifests were logged"
+            ) from error
+
+    return read
+
+
+def alias_version(alias: str = CHAMPION_ALIAS, model_name: str = MODEL_NAME) -> str | None:
+    """The version an alias points to now, ``None`` when it is not set."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(model_name, alias).version)
+    except MlflowException as error:
+        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            return None
+        raise
+
+
+def apply_champion_move(move: dict[str, Any], model_name: str = MODEL_NAME) -> None:
+    """Tag the versions a move of ``champion`` involves, then move the alias.
+
+    Tags come first: a service that sees the alias move loads the version with its new tags
+    (its lineage). The active MLflow run, if any, is tagged as the move's record, so the
+    alias history is the experiment's runs with tag ``champion_move``.
+    """
+    client = MlflowClient()
+    for version, tags in move["version_tags"].items():
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version, key, value)
+    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, move["to_version"])
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(
+            {
+                lifecycle.MOVE_KIND: move["kind"],
+                lifecycle.MOVE_FROM: move["from_version"] or "",
+                lifecycle.MOVE_TO: move["to_version"],
+            }
+        )

@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from medical_ct import registry
+from medical_ct import lifecycle, registry
 from medical_ct.model import predict_probabilities
 from medical_ct.serving import metrics
 
@@ -50,12 +49,18 @@ class ServedModel:
         return results
 
     def describe(self) -> dict[str, Any]:
+        """``GET /model``; ``lineage`` comes from the version's tags, read when it was loaded.
+
+        Promotions and rollbacks tag a version before moving the alias to it, so the tags a
+        worker loads with a version already say how it became champion.
+        """
         return {
             "model_name": registry.MODEL_NAME,
             "version": self.version,
             "classes": self.class_names,
             "test_metrics": self.test_metrics,
             "tags": self.classifier.tags,
+            "lineage": lifecycle.lineage(self.classifier.tags),
         }
 
 
@@ -73,12 +78,7 @@ def load_served_model(alias: str = registry.CHAMPION_ALIAS) -> ServedModel | Non
 
 def alias_version(alias: str = registry.CHAMPION_ALIAS) -> str | None:
     """The version an alias points to now, ``None`` when it is not set."""
-    try:
-        return str(MlflowClient().get_model_version_by_alias(registry.MODEL_NAME, alias).version)
-    except MlflowException as error:
-        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
-            return None
-        raise
+    return registry.alias_version(alias)
 
 
 class ModelHolder:

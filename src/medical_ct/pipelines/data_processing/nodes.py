@@ -1,6 +1,5 @@
 """Nodes of the data_processing pipeline: ingest, decode, dedupe, split and report."""
 
-import hashlib
 import logging
 import re
 from collections import Counter
@@ -8,14 +7,23 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
+from medical_ct.manifest import (
+    FEEDBACK,
+    RAW,
+    SPLITS,
+    build_manifest,
+    choose_images,
+    fingerprint,
+    model_input_rows,
+)
 from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
 from medical_ct.preprocessing import IMAGE_SIZE, InvalidImageError, content_hash, preprocess_image
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 # A decoded image set: "pixels" (n, IMAGE_SIZE, IMAGE_SIZE) uint8, and per image "labels",
 # "content_hashes" and "files" (its partition id), plus "rejected": [{"file", "reason"}].
 ImageSet = dict[str, Any]
@@ -160,18 +168,9 @@ def build_model_input(
         class indices, ``content_hashes``), the class names, and dedupe statistics.
     """
     validation_fraction, test_fraction = validate_split(split)
-    chosen: dict[str, tuple[str, int, ImageSet]] = {}
-    duplicates = with_another_label = 0
-    for source in (feedback_images, raw_images):
-        for index, (digest, label) in enumerate(
-            zip(source["content_hashes"], source["labels"], strict=True)
-        ):
-            if digest in chosen:
-                duplicates += 1
-                with_another_label += chosen[digest][0] != label
-                continue
-            chosen[digest] = (label, index, source)
-    class_names = sorted({label for label, _, _ in chosen.values()})
+    chosen, duplicates, with_another_label = choose_images(raw_images, feedback_images)
+    sources = {RAW: raw_images, FEEDBACK: feedback_images}
+    class_names = sorted({image.label for image in chosen.values()})
     if len(class_names) < 2:
         raise ValueError(
             f"need images of at least 2 classes to train a classifier, found {class_names}; "
@@ -186,9 +185,9 @@ def build_model_input(
         images = np.empty((len(digests), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
         labels = np.empty(len(digests), dtype=np.int64)
         for row, digest in enumerate(digests):
-            label, index, source = chosen[digest]
-            images[row, 0] = source["pixels"][index]
-            labels[row] = class_index[label]
+            image = chosen[digest]
+            images[row, 0] = sources[image.source]["pixels"][image.index]
+            labels[row] = class_index[image.label]
         sets[name] = {"images": images, "labels": labels, "content_hashes": digests}
     stats = {"duplicates": duplicates, "duplicates_with_another_label": with_another_label}
     return sets["train"], sets["validation"], sets["test"], class_names, stats
@@ -227,16 +226,12 @@ def report_data(
         }
         for split, data in sets.items()
     }
-    fingerprint = hashlib.sha256()
-    for split, data in sets.items():
-        for digest, label in zip(data["content_hashes"], data["labels"].tolist(), strict=True):
-            fingerprint.update(f"{digest}:{class_names[label]}:{split}\n".encode())
     rejected = raw_images["rejected"] + [
         {**rejection, "file": f"feedback/{rejection['file']}"}
         for rejection in feedback_images["rejected"]
     ]
     report = {
-        "dataset_fingerprint": fingerprint.hexdigest(),
+        "dataset_fingerprint": fingerprint(model_input_rows(sets, class_names)),
         "class_names": class_names,
         "images_per_split": {split: len(data["labels"]) for split, data in sets.items()},
         "images_per_class_and_split": counts,
@@ -263,6 +258,44 @@ def report_data(
         report["dataset_fingerprint"][:12],
     )
     return report, metrics, report["dataset_fingerprint"]
+
+
+def build_training_manifest(
+    train_set: dict,
+    validation_set: dict,
+    test_set: dict,
+    class_names: list[str],
+    raw_images: ImageSet,
+    feedback_images: ImageSet,
+    feedback_records: dict[str, Callable[[], dict]],
+) -> pd.DataFrame:
+    """The manifest of the model input: each image's split, label and where it came from.
+
+    Logged with the run (and so with the version it registers), it is what a rebuild of the
+    model input reads, and what tells which feedback a version was trained on.
+
+    Args:
+        train_set, validation_set, test_set: The model input.
+        class_names: Class names, index = label.
+        raw_images, feedback_images: The decoded stores the model input was built from.
+        feedback_records: The service's feedback metadata, ``{feedback_id: record}``; a
+            record's ``image`` is the feedback file it describes.
+
+    Returns:
+        One row per image, in the order of the dataset fingerprint.
+    """
+    chosen, _, _ = choose_images(raw_images, feedback_images)
+    feedback_ids = {}
+    for feedback_id, load in feedback_records.items():
+        record = load()
+        feedback_ids[record.get("image", "")] = record.get("feedback_id", feedback_id)
+    return build_manifest(
+        dict(zip(SPLITS, (train_set, validation_set, test_set), strict=True)),
+        class_names,
+        chosen,
+        {RAW: raw_images["files"], FEEDBACK: feedback_images["files"]},
+        feedback_ids,
+    )
 
 
 def validate_ingest(ingest: dict[str, Any]) -> None:

@@ -2,7 +2,13 @@
 
 from kedro.pipeline import Node, Pipeline
 
-from .nodes import build_model_input, decode_images, ingest_mednist, report_data
+from .nodes import (
+    build_model_input,
+    build_training_manifest,
+    decode_images,
+    ingest_mednist,
+    report_data,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -57,6 +63,20 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=["data_report", "data_metrics", "dataset_fingerprint"],
                 name="report_data",
+            ),
+            Node(
+                func=build_training_manifest,
+                inputs=[
+                    "train_set",
+                    "validation_set",
+                    "test_set",
+                    "class_names",
+                    "decoded_raw_images",
+                    "decoded_feedback_images",
+                    "feedback_records",
+                ],
+                outputs="training_manifest",
+                name="build_training_manifest",
             ),
         ]
     )

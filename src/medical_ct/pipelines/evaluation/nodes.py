@@ -4,11 +4,13 @@ import logging
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch import nn
 
-from medical_ct import registry
+from medical_ct import lifecycle, registry
+from medical_ct.manifest import train_image_counts
 from medical_ct.model import TrainingSkipped, predict_probabilities
 
 logger = logging.getLogger(__name__)
@@ -142,12 +144,15 @@ def register_and_promote(
     test_set: dict,
     class_names: list[str],
     dataset_fingerprint: str,
+    training_manifest: pd.DataFrame,
     champion_gate: dict[str, float],
 ) -> dict[str, Any]:
     """Register the trained model, then give it alias ``champion`` if it passes the gate.
 
     A model that does not pass gets alias ``challenger``. Runs last, so nothing is
-    registered when an earlier step fails.
+    registered when an earlier step fails. The version is tagged with what it was trained
+    on (fingerprint, images by source) and, when promoted, with when and why, so that
+    anyone reading the registry (the service's ``GET /model``) can tell.
 
     Returns:
         The decision, for the MLflow run's artifacts. When training was skipped nothing is
@@ -168,21 +173,28 @@ def register_and_promote(
     promote, reason = decide_promotion(
         evaluation["test_accuracy"], champion_evaluation["test_accuracy"], champion_gate
     )
+    counts = train_image_counts(training_manifest)
     version = registry.log_and_register(
         trained_model,
         class_names,
         input_example=test_set["images"][:2],
         tags={
-            "dataset_fingerprint": dataset_fingerprint,
+            lifecycle.DATASET_FINGERPRINT: dataset_fingerprint,
             "git_commit": registry.git_commit(),
             "test_accuracy": f"{evaluation['test_accuracy']:.6f}",
+            lifecycle.TRAIN_IMAGES_RAW: str(counts["raw"]),
+            lifecycle.TRAIN_IMAGES_FEEDBACK: str(counts["feedback"]),
+            lifecycle.MODEL_INPUT_IMAGES: str(counts["model_input"]),
         },
     )
     alias = registry.CHAMPION_ALIAS if promote else registry.CHALLENGER_ALIAS
-    registry.set_alias(version, alias)
     if promote:
+        registry.apply_champion_move(
+            lifecycle.promotion_move(version, champion_evaluation["version"], reason)
+        )
         logger.info("Version %s is the new champion: %s", version, reason)
     else:
+        registry.set_alias(version, alias)
         logger.warning(
             "Version %s is a challenger, champion stays version %s: %s",
             version,

@@ -34,6 +34,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "test_set",
                     "class_names",
                     "dataset_fingerprint",
+                    "training_manifest",
                     "params:champion_gate",
                 ],
                 outputs="promotion",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from medical_ct import lifecycle
 from medical_ct.model import TrainingSkipped, build_classifier
 from medical_ct.registry import RegisteredClassifier
 
@@ -25,9 +26,12 @@ def decide_training(
     champion: RegisteredClassifier | None,
     retrain_on_same_data: bool,
 ) -> dict[str, Any]:
-    """Train only when the data differs from the data the current champion was trained on.
+    """Train only on data that neither the champion nor a version rolled back from saw.
 
-    A weekly run that finds no new data then costs seconds and registers nothing.
+    A weekly run that finds no new data then costs seconds and registers nothing. After a
+    rollback the data of the version rolled back away from is refused the same way (the
+    champion's tag ``champion.rolled_back_data``): retraining on it would most likely
+    promote that version's twin again. New data, or ``retrain_on_same_data``, trains.
 
     Args:
         dataset_fingerprint: This run's model input fingerprint (from the data report).
@@ -42,8 +46,20 @@ def decide_training(
         raise ValueError(
             f"training.retrain_on_same_data must be true or false, got {retrain_on_same_data!r}"
         )
+    rolled_back_from = lifecycle.rolled_back_data(champion.tags if champion else {})
     if champion is None:
         decision = {"train": True, "reason": "no champion yet"}
+    elif dataset_fingerprint in rolled_back_from and not retrain_on_same_data:
+        decision = {
+            "train": False,
+            "reason": (
+                f"dataset fingerprint {dataset_fingerprint[:12]} is the one version "
+                f"{rolled_back_from[dataset_fingerprint]} was trained on, and that version was "
+                f"rolled back to champion version {champion.version}: skipping training and "
+                "evaluation, registering nothing until new data arrives (or set "
+                "retrain_on_same_data=true)"
+            ),
+        }
     elif champion.tags.get("dataset_fingerprint") != dataset_fingerprint:
         decision = {
             "train": True,

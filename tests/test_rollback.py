@@ -1,0 +1,307 @@
+"""Rolling back the champion: real `kedro run --pipeline rollback`, sqlite registry,
+`bentoml serve`."""
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+import yaml
+
+from medical_ct import lifecycle, registry
+from medical_ct.manifest import manifest_fingerprint
+from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
+from tests.conftest import (
+    FAST_RUN_PARAMS,
+    assert_ok,
+    bentoml_server,
+    kedro,
+    mlflow_client,
+    project_env,
+    wait_ready,
+)
+
+MANIFEST_ARTIFACT = "model_input/training_manifest.csv.gz"
+POLL_INTERVAL_S = 2
+REASON = "Hand recall dropped in production"
+
+
+def champion(project: Path) -> str:
+    return str(
+        mlflow_client(project).get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version
+    )
+
+
+def output_of(result) -> str:
+    return " ".join((result.stdout + result.stderr).split())
+
+
+@pytest.fixture(scope="module")
+def project(trained_project, tmp_path_factory, sample_dir) -> dict:
+    """A copy of the trained project, then a second promotion trained on new data.
+
+    The new data is one corrected label in the feedback store, with the record the service
+    writes, so the second version's data differs from the first's and includes feedback.
+    """
+    copy = tmp_path_factory.mktemp("rollback") / "project"
+    shutil.copytree(trained_project, copy)
+    first = champion(copy)
+    image = sorted((sample_dir / "Hand").iterdir())[0]
+    stored_as = f"CXR/{image.stem}.jpeg"
+    (copy / "data/01_raw/feedback/CXR").mkdir(parents=True)
+    shutil.copy(image, copy / "data/01_raw/feedback" / stored_as)
+    (copy / "data/01_raw/feedback_metadata").mkdir(parents=True)
+    record = {"feedback_id": "CXR-test", "image": stored_as, "label": "CXR"}
+    (copy / "data/01_raw/feedback_metadata/CXR-test.json").write_text(json.dumps(record))
+    started = time.monotonic()
+    assert_ok(kedro(copy, "run", "--params", f"{FAST_RUN_PARAMS},champion_gate.min_improvement=-1"))
+    second = champion(copy)
+    assert second != first, "the retraining on new data was promoted"
+    return {"path": copy, "first": first, "second": second, "train_s": time.monotonic() - started}
+
+
+def test_second_version_was_promoted_with_its_lineage(project, monkeypatch):
+    path = project["path"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(path)["MLFLOW_TRACKING_URI"])
+    versions = registry.registered_versions(MANIFEST_ARTIFACT)
+    second = versions[project["second"]]
+    assert second.tags[lifecycle.PREVIOUS_CHAMPION] == project["first"]
+    assert "min_improvement" in second.tags[lifecycle.PROMOTED_REASON]
+    assert int(second.tags[lifecycle.TRAIN_IMAGES_RAW]) > 100
+
+    manifest = second.read_manifest()
+    feedback = manifest[manifest["source"] == "feedback"].to_dict("records")
+    assert len(feedback) == 1
+    assert feedback[0]["feedback_id"] == "CXR-test" and feedback[0]["label"] == "CXR"
+    assert feedback[0]["review_decision"] == ""  # no reviews yet
+    in_train = int(feedback[0]["split"] == "train")
+    assert second.tags[lifecycle.TRAIN_IMAGES_FEEDBACK] == str(in_train)
+    assert manifest_fingerprint(manifest) == second.tags[lifecycle.DATASET_FINGERPRINT]
+    first_manifest = versions[project["first"]].read_manifest()
+    assert manifest_fingerprint(first_manifest) != second.tags[lifecycle.DATASET_FINGERPRINT]
+
+
+@pytest.fixture(scope="module")
+def rolled_back(project, sample_dir) -> dict:
+    """`kedro run --pipeline rollback` (to the previous champion) while a served model answers
+    /predict from four clients; what they saw, and how long the service took to follow."""
+    path, first = project["path"], project["first"]
+    image = sorted((sample_dir / "AbdomenCT").iterdir())[0].read_bytes()
+    with bentoml_server(path, MEDICAL_CT_MODEL_POLL_INTERVAL_S=str(POLL_INTERVAL_S)) as url:
+        wait_ready(url)
+        served_before = httpx.get(f"{url}/model").json()["version"]
+        seen, failures, stop = [], [], threading.Event()
+
+        def keep_predicting() -> None:
+            with httpx.Client(base_url=url, timeout=30) as session:
+                while not stop.is_set():
+                    response = session.post("/predict", files={"image": ("a.jpeg", image)})
+                    if response.status_code == 200:
+                        seen.append((time.monotonic(), response.json()["model_version"]))
+                    else:
+                        failures.append(f"{response.status_code} {response.text}")
+
+        moved = []
+
+        def watch_alias() -> None:  # when the registry's alias moved, to a tenth of a second
+            registry_client = mlflow_client(path)
+            while not stop.is_set() and not moved:
+                alias = registry_client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS)
+                if str(alias.version) == first:
+                    moved.append(time.monotonic())
+                time.sleep(0.1)
+
+        threads = [threading.Thread(target=keep_predicting) for _ in range(4)]
+        threads.append(threading.Thread(target=watch_alias))
+        for thread in threads:
+            thread.start()
+        try:
+            started = time.monotonic()
+            result = kedro(
+                path, "run", "--pipeline", "rollback", "--params", f"rollback.reason={REASON}"
+            )
+            assert_ok(result)
+            finished = time.monotonic()
+            while not (seen and seen[-1][1] == first) and time.monotonic() - finished < 60:
+                time.sleep(0.05)
+            served_at = next(at for at, version in seen if version == first)
+            time.sleep(1)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        moved_at = moved[0]
+        followed_s = served_at - moved_at
+        described = httpx.get(f"{url}/model").json()
+    print(
+        f"\nrollback run {finished - started:.1f} s; service served the old version "
+        f"{followed_s:.1f} s after the alias moved; "
+        f"{len(seen)} predictions, {len(failures)} failed"
+    )
+    return {
+        "served_before": served_before,
+        "seen": seen,
+        "failures": failures,
+        "served_at": served_at,
+        "followed_s": followed_s,
+        "described": described,
+    }
+
+
+def test_the_service_follows_a_rollback_within_the_poll_interval_and_no_request_fails(
+    project, rolled_back
+):
+    first = project["first"]
+    assert rolled_back["served_before"] == project["second"]
+    assert rolled_back["failures"] == []
+    assert rolled_back["followed_s"] <= POLL_INTERVAL_S + 5
+    settled = rolled_back["served_at"]
+    assert [version for at, version in rolled_back["seen"] if at > settled + 0.5] != []
+    assert all(version == first for at, version in rolled_back["seen"] if at > settled + 0.5)
+    assert champion(project["path"]) == first
+
+
+def test_get_model_tells_the_served_version_s_lineage(project, rolled_back):
+    described = rolled_back["described"]
+    lineage = described["lineage"]
+    assert described["version"] == project["first"]
+    assert lineage["rolled_back_to"]["reason"] == REASON
+    assert lineage["rolled_back_to"]["from_version"] == project["second"]
+    assert lineage["rolled_back_to"]["by"] and lineage["rolled_back_to"]["at"]
+    assert lineage["promoted"]["at"] and "min_accuracy" in lineage["promoted"]["reason"]
+    assert lineage["trained_on"]["raw"] > 100 and lineage["trained_on"]["feedback"] == 0
+
+
+def test_the_alias_history_records_each_move_with_its_reason(project, rolled_back):
+    path, first, second = project["path"], project["first"], project["second"]
+    client = mlflow_client(path)
+    experiment = client.get_experiment_by_name("medical_ct")
+    history = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.{lifecycle.MOVE_KIND} = 'rollback'"
+    )
+    assert len(history) == 1
+    run = history[0]
+    assert run.data.tags[lifecycle.MOVE_FROM] == second
+    assert run.data.tags[lifecycle.MOVE_TO] == first
+    assert run.data.params["rollback.reason"] == REASON
+    record_path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id,
+        artifact_path="reports/rollback.json",
+        tracking_uri=project_env(path)["MLFLOW_TRACKING_URI"],
+    )
+    record = json.loads(Path(record_path).read_text())
+    assert record["from_version"] == second and record["to_version"] == first
+    assert record["reason"] == REASON and record["by"] and record["at"]
+    promotions = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.{lifecycle.MOVE_KIND} = 'promotion'"
+    )
+    assert {r.data.tags[lifecycle.MOVE_TO] for r in promotions} >= {first, second}
+    rolled_from = client.get_model_version(MODEL_NAME, second).tags
+    assert rolled_from[lifecycle.ROLLED_BACK_REASON] == REASON
+    rolled_to = client.get_model_version(MODEL_NAME, first).tags
+    assert lifecycle.rolled_back_data(rolled_to) == {
+        rolled_from[lifecycle.DATASET_FINGERPRINT]: second
+    }
+
+
+def test_the_next_run_does_not_retrain_on_the_data_rolled_back_from(project, rolled_back):
+    path = project["path"]
+    assert champion(path) == project["first"]
+    versions_before = len(mlflow_client(path).search_model_versions(f"name='{MODEL_NAME}'"))
+
+    result = kedro(path, "run", "--params", FAST_RUN_PARAMS)
+
+    assert_ok(result)
+    assert f"is the one version {project['second']} was trained on" in output_of(result)
+    assert champion(path) == project["first"]
+    assert len(mlflow_client(path).search_model_versions(f"name='{MODEL_NAME}'")) == (
+        versions_before
+    )
+
+
+def test_rollback_to_a_version_that_does_not_exist_is_refused(project):
+    path = project["path"]
+    before = champion(path)
+
+    result = kedro(
+        path,
+        "run",
+        "--pipeline",
+        "rollback",
+        "--params",
+        "rollback.to_version=999,rollback.reason=x",
+    )
+
+    assert result.returncode != 0
+    assert "version 999 of medical_ct_classifier does not exist" in output_of(result)
+    assert champion(path) == before
+
+
+def test_rollback_to_a_version_without_serving_metadata_is_refused(project, tmp_path, monkeypatch):
+    """A version whose model lacks class names and the preprocessing spec (as one logged by
+    hand, or before the metadata existed) cannot be served: the champion must not move."""
+    path = project["path"]
+    before = champion(path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(path)["MLFLOW_TRACKING_URI"])
+    model = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{MODEL_NAME}/{before}", dst_path=str(tmp_path / "model")
+        )
+    )
+    mlmodel = yaml.safe_load((model / "MLmodel").read_text())
+    mlmodel.pop("metadata")
+    (model / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    incomplete = mlflow_client(path).create_model_version(MODEL_NAME, str(model), None)
+
+    result = kedro(
+        path,
+        "run",
+        "--pipeline",
+        "rollback",
+        "--params",
+        f"rollback.to_version={incomplete.version},rollback.reason=x",
+    )
+
+    assert result.returncode != 0
+    output = output_of(result)
+    assert f"version {incomplete.version} lacks what the service needs" in output
+    assert "class_names" in output and "preprocessing" in output
+    assert champion(path) == before
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ("rollback.to_version=abc,rollback.reason=x", "to_version must be a registered version"),
+        ("rollback.to_version=0,rollback.reason=x", "to_version must be a registered version"),
+        ("rollback.to_version=1", "reason is required"),
+    ],
+)
+def test_bad_rollback_parameters_fail_before_anything_moves(project, params, message):
+    path = project["path"]
+    before = champion(path)
+
+    result = kedro(path, "run", "--pipeline", "rollback", "--params", params)
+
+    output = output_of(result)
+    assert result.returncode != 0
+    assert message in output
+    assert "Running node" not in output, "parameters are checked before the first node"
+    assert champion(path) == before
+
+
+def test_rollback_and_rebuild_are_not_part_of_the_default_pipeline():
+    from kedro.framework.project import configure_project
+
+    configure_project("medical_ct")
+    from medical_ct.pipeline_registry import register_pipelines
+
+    pipelines = register_pipelines()
+    default = {node.name for node in pipelines["__default__"].nodes}
+    assert "register_and_promote" in default
+    assert "roll_back_champion" not in default and "rebuild_model_input" not in default
+    assert {node.name for node in pipelines["rollback"].nodes} == {"roll_back_champion"}
