@@ -132,30 +132,35 @@ class PredictionLog:
     def _partitions(
         self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]
     ) -> dict[str, pd.DataFrame]:
-        """``{date=.../hour=.../<first ms>-<last ms>-<writer>: records}``, one per hour."""
-        rows_by_hour: dict[str, list[dict[str, Any]]] = {}
-        times_by_hour: dict[str, list[int]] = {}
-        for prediction_id, (time_ms, result, pixels) in batch.items():
-            hour = hour_partition(time_ms)
-            times_by_hour.setdefault(hour, []).append(time_ms)
-            rows_by_hour.setdefault(hour, []).append(
+        """``{date=.../hour=.../<first ms>-<last ms>-<writer>: records}``, one per hour.
+
+        Built column by column: this runs once a second beside the request path, in the
+        same process, so it must hold the interpreter as briefly as it can.
+        """
+        by_hour: dict[str, list[str]] = {}
+        for prediction_id, (time_ms, _, _) in batch.items():
+            by_hour.setdefault(hour_partition(time_ms), []).append(prediction_id)
+        partitions = {}
+        for hour, ids in by_hour.items():
+            times = [batch[prediction_id][0] for prediction_id in ids]
+            results = [batch[prediction_id][1] for prediction_id in ids]
+            images = [batch[prediction_id][2] for prediction_id in ids]
+            records = pd.DataFrame(
                 {
-                    "predicted_at": pd.Timestamp(time_ms, unit="ms", tz="UTC"),
-                    "prediction_id": prediction_id,
-                    "model_version": result["model_version"],
-                    "label": result["label"],
-                    "confidence": result["confidence"],
-                    "class_names": list(result["probabilities"]),
-                    "probabilities": list(result["probabilities"].values()),
-                    "pixel_hash": content_hash(pixels),
-                    "pixels": pixels.tobytes() if self._log_pixels else None,
+                    "predicted_at": pd.to_datetime(times, unit="ms", utc=True),
+                    "prediction_id": ids,
+                    "model_version": [result["model_version"] for result in results],
+                    "label": [result["label"] for result in results],
+                    "confidence": [result["confidence"] for result in results],
+                    "class_names": [list(result["probabilities"]) for result in results],
+                    "probabilities": [list(result["probabilities"].values()) for result in results],
+                    "pixel_hash": [content_hash(image) for image in images],
+                    "pixels": [image.tobytes() if self._log_pixels else None for image in images],
                     "writer": self._writer,
                 }
             )
-        return {
-            f"{hour}/{min(times)}-{max(times)}-{self._writer}": pd.DataFrame(rows_by_hour[hour])
-            for hour, times in times_by_hour.items()
-        }
+            partitions[f"{hour}/{min(times)}-{max(times)}-{self._writer}"] = records
+        return partitions
 
     def _requeue(self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]) -> None:
         with self._lock:
