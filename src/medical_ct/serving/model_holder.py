@@ -76,11 +76,6 @@ def load_served_model(alias: str = registry.CHAMPION_ALIAS) -> ServedModel | Non
     return ServedModel(classifier=classifier, test_metrics=test_metrics)
 
 
-def alias_version(alias: str = registry.CHAMPION_ALIAS) -> str | None:
-    """The version an alias points to now, ``None`` when it is not set."""
-    return registry.alias_version(alias)
-
-
 class ModelHolder:
     """Holds the served model; a background thread follows the registry alias.
 
@@ -114,7 +109,7 @@ class ModelHolder:
     def refresh(self) -> bool:
         """Load the alias's version if it is not the one served; return whether it swapped."""
         try:
-            version = alias_version(self.alias)
+            version = registry.alias_version(self.alias)
             current = self._current
             if version is None or (current is not None and current.version == version):
                 return False
