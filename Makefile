@@ -12,7 +12,7 @@ RUN_ARGS ?= --params "ingest.url=$(abspath $(DEV_ARCHIVE)),ingest.md5=$(DEV_ARCH
 endif
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium dag benchmark-service benchmark-incremental
+.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium prometheus dag benchmark-service benchmark-incremental
 
 install: $(STAMP)
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/kedro run $(RUN_ARGS)
 
-test: install chromium
+test: install chromium prometheus
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -58,6 +58,11 @@ bento: install
 # The page's browser test drives Debian's chromium (Playwright's download needs the internet).
 chromium:
 	test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium)
+
+# The monitoring test scrapes the service with Debian's prometheus (and checks rules with promtool).
+prometheus:
+	test -x /usr/bin/prometheus || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus)
 
 benchmark-service: install
 	$(BIN)/python benchmarks/bench_service.py

@@ -87,6 +87,7 @@ class MedicalCT:
         prediction_id = new_prediction_id()
         self.prediction_log.append(prediction_id, result, pixels)
         metrics.predictions_total.labels(label=result["label"]).inc()
+        metrics.prediction_confidence.observe(result["confidence"])
         return Prediction(**result, prediction_id=prediction_id)
 
     @bentoml.api(route="/feedback")

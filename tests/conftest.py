@@ -253,12 +253,41 @@ def jpeg(image: bytes, name: str = "image.jpeg") -> tuple[str, bytes, str]:
     return name, image, "image/jpeg"
 
 
-def wait_ready(url: str, timeout: float = 60) -> None:
+def wait_ready(url: str, timeout: float = 60, workers: int = 2) -> None:
+    """Wait until every worker serves a model (``workers``: conf/base/serving.yml's default).
+
+    /readyz answers 200 as soon as the worker that gets the probe has a model; a request to
+    a worker still loading would get 503.
+    """
     import httpx
 
     deadline = time.monotonic() + timeout
     while httpx.get(f"{url}/readyz", timeout=5).status_code != 200:
         assert time.monotonic() < deadline, f"{url} did not become ready"
+        time.sleep(0.5)
+    wait_workers_serving(url, workers, timeout=max(deadline - time.monotonic(), 5))
+
+
+def served_versions(url: str) -> list[str]:
+    """The model version each worker of the service reports in /metrics (one line per pid)."""
+    import httpx
+
+    lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+    return [
+        line.rsplit(" ", 1)[1]
+        for line in lines
+        if line.startswith("medical_ct_serving_model_version{")
+    ]
+
+
+def wait_workers_serving(url: str, workers: int, timeout: float = 60) -> None:
+    """Wait until every worker has loaded a model: /readyz answers as soon as one has."""
+    deadline = time.monotonic() + timeout
+    while True:
+        versions = served_versions(url)
+        if len(versions) == workers and "0.0" not in versions:
+            return
+        assert time.monotonic() < deadline, f"workers serving at {url}: {versions}"
         time.sleep(0.5)
 
 

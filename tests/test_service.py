@@ -27,6 +27,7 @@ from tests.conftest import (
     jpeg,
     kedro,
     mlflow_client,
+    served_versions,
     wait_ready,
 )
 
@@ -112,7 +113,7 @@ def test_health_and_metrics(client, sample_dir):
     assert client.get("/readyz").status_code == 200
     metrics = client.get("/metrics").text
     assert 'medical_ct_predictions_total{label="CXR"}' in metrics
-    assert "medical_ct_serving_model_version 1.0" in metrics
+    assert served_versions(str(client.base_url)) == ["1.0", "1.0"]  # one series per worker
     assert "medical_ct_batch_size_bucket" in metrics
     # BentoML's own request metrics cover the APIs, refusals included.
     assert 'bentoml_service_request_total{endpoint="/predict",http_response_code="200"' in metrics

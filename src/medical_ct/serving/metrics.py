@@ -1,4 +1,7 @@
-"""Prometheus metrics of the service, shown by BentoML's /metrics with its own."""
+"""Prometheus metrics of the service, shown by BentoML's /metrics with its own.
+
+``monitoring/`` holds the scrape config, alert rules and the dashboard that read them.
+"""
 
 import bentoml
 
@@ -14,8 +17,14 @@ feedback_total = bentoml.metrics.Counter(
 )
 serving_model_version = bentoml.metrics.Gauge(
     name="medical_ct_serving_model_version",
-    documentation="Registered version of the model being served (0: none yet)",
-    multiprocess_mode="mostrecent",
+    documentation="Registered version of the model each worker serves (label pid)",
+    # One series per worker: each follows the champion alias on its own.
+    multiprocess_mode="liveall",
+)
+prediction_confidence = bentoml.metrics.Histogram(
+    name="medical_ct_prediction_confidence",
+    documentation="Top-class probability of each answer of /predict",
+    buckets=(0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0),
 )
 batch_size = bentoml.metrics.Histogram(
     name="medical_ct_batch_size",

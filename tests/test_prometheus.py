@@ -1,0 +1,192 @@
+"""A real Prometheus (Debian's package) scrapes a real `bentoml serve` with the committed config.
+
+Every query of the committed Grafana dashboard runs against it and returns data, the alert
+rules load and evaluate, and the counters move by exactly the traffic sent.
+"""
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import (
+    PROJECT_ROOT,
+    bentoml_server,
+    free_port,
+    jpeg,
+    wait_ready,
+)
+
+MONITORING = PROJECT_ROOT / "monitoring"
+PROMETHEUS = Path("/usr/bin/prometheus")
+PROMTOOL = Path("/usr/bin/promtool")
+SCRAPE_INTERVAL_S = 1
+
+
+@pytest.fixture(scope="module")
+def service(trained_project, tmp_path_factory) -> Iterator[str]:
+    project = tmp_path_factory.mktemp("prometheus") / "project"
+    shutil.copytree(trained_project, project)
+    with bentoml_server(project, MEDICAL_CT_WORKERS="2") as url:
+        wait_ready(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def prometheus(service, tmp_path_factory) -> Iterator[str]:
+    """Prometheus with monitoring/prometheus.yml, pointed at the test's service, scraping fast."""
+    if not PROMETHEUS.exists():
+        pytest.fail(f"{PROMETHEUS} is missing: `make prometheus` installs Debian's package")
+    folder = tmp_path_factory.mktemp("prometheus-server")
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = f"{SCRAPE_INTERVAL_S}s"
+    config["global"]["evaluation_interval"] = f"{SCRAPE_INTERVAL_S}s"
+    config["rule_files"] = [str(MONITORING / name) for name in config["rule_files"]]
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [service.removeprefix("http://")]}]
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (folder / "prometheus.log").open("w")
+    server = subprocess.Popen(
+        [
+            str(PROMETHEUS),
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"{url}/-/ready"):
+            assert server.poll() is None, (folder / "prometheus.log").read_text()
+            assert time.monotonic() < deadline, (folder / "prometheus.log").read_text()
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def query(prometheus: str, expr: str) -> list[dict]:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", f"{expr}: {body}"
+    return body["data"]["result"]
+
+
+def scalar(prometheus: str, expr: str) -> float:
+    result = query(prometheus, expr)
+    return float(result[0]["value"][1]) if result else 0.0
+
+
+def wait_for(prometheus: str, expr: str, predicate, timeout: float = 30) -> float:
+    """The value of ``expr`` once ``predicate`` holds for it (fresh scrapes arrive each second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = scalar(prometheus, expr)
+        if predicate(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(SCRAPE_INTERVAL_S)
+
+
+@pytest.fixture(scope="module")
+def traffic(service, prometheus, sample_dir) -> dict:
+    """30 predictions and 3 feedback posted after Prometheus saw the service's counters."""
+    target_up = wait_for(prometheus, 'up{job="medical_ct"}', lambda value: value == 1)
+    assert target_up == 1, "Prometheus does not scrape the service"
+    before = scalar(prometheus, "sum(medical_ct_predictions_total)")
+    images = sorted(sample_dir.glob("*/*.jpeg"))[::8][:30]
+    with httpx.Client(base_url=service, timeout=30) as client:
+        for path in images:
+            assert client.post("/predict", files={"image": jpeg(path.read_bytes())}).is_success
+        for path in images[:3]:
+            response = client.post(
+                "/feedback",
+                files={"image": jpeg(path.read_bytes())},
+                data={"label": path.parent.name},
+            )
+            assert response.status_code == 201, response.text
+    return {"before": before, "predictions": len(images), "feedback": 3}
+
+
+def test_counters_rise_by_the_traffic_sent(prometheus, traffic):
+    expected = traffic["before"] + traffic["predictions"]
+
+    predictions = wait_for(
+        prometheus, "sum(medical_ct_predictions_total)", lambda value: value >= expected
+    )
+
+    assert predictions == expected
+    confidence = scalar(prometheus, "sum(medical_ct_prediction_confidence_count)")
+    assert confidence == predictions
+    assert scalar(prometheus, "sum(medical_ct_feedback_total)") == traffic["feedback"]
+    served = query(prometheus, "medical_ct_serving_model_version")
+    assert len(served) == 2 and {series["value"][1] for series in served} == {"1"}
+
+
+def test_every_dashboard_query_returns_data(prometheus, traffic):
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    wait_for(  # the prediction log writes once a second; rates need two scrapes after it
+        prometheus,
+        'sum(medical_ct_prediction_log_records_total{outcome="written"})',
+        lambda value: value >= traffic["predictions"],
+    )
+    time.sleep(3 * SCRAPE_INTERVAL_S)
+
+    empty = [
+        f"{panel['title']}: {target['expr']}"
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        if not query(prometheus, target["expr"])
+    ]
+
+    assert len(dashboard["panels"]) >= 6
+    assert empty == []
+
+
+def promtool(*args: str) -> None:
+    result = subprocess.run(
+        [str(PROMTOOL), *args], cwd=MONITORING, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_each_alert_fires_on_its_case_and_not_on_healthy_traffic():
+    """monitoring/alerts_test.yml: synthetic series for a down replica, no model, 10% 5xx,
+    confidence falling from 0.98 to 0.80, and healthy traffic (nothing fires)."""
+    promtool("check", "config", "prometheus.yml")
+    promtool("test", "rules", "alerts_test.yml")
+
+
+def test_alert_rules_load_and_evaluate_on_the_live_service(prometheus, traffic):
+    time.sleep(2 * SCRAPE_INTERVAL_S)  # an evaluation after the traffic
+
+    groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+
+    assert set(rules) == {
+        "MedicalCTServiceDown",
+        "MedicalCTNoChampionServed",
+        "MedicalCTErrorRateHigh",
+        "MedicalCTConfidenceDropping",
+    }
+    assert {rule["health"] for rule in rules.values()} == {"ok"}
+    # A healthy service with a champion: nothing fires.
+    assert [rule["name"] for rule in rules.values() if rule["state"] != "inactive"] == []
