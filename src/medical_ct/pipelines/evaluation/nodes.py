@@ -10,6 +10,11 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_
 from torch import nn
 
 from medical_ct import lifecycle, registry
+from medical_ct.calibration import (
+    CalibratedClassifier,
+    expected_calibration_error,
+    reliability_table,
+)
 from medical_ct.manifest import train_image_counts
 from medical_ct.model import TrainingSkipped, predict_probabilities
 
@@ -19,14 +24,26 @@ _MAX_MISCLASSIFIED_SHOWN = 36
 
 
 def evaluate_model(
-    trained_model: nn.Module | TrainingSkipped, test_set: dict, class_names: list[str]
-) -> tuple[dict[str, Any], dict[str, Any], Figure, Figure]:
+    trained_model: nn.Module | TrainingSkipped,
+    test_set: dict,
+    class_names: list[str],
+    calibration: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], Figure, Figure, Figure]:
     """Score the trained model on the test split.
 
+    Args:
+        trained_model: The calibrated model from ``train_model``.
+        test_set: ``images`` and ``labels``.
+        class_names: Class names, index = label.
+        calibration: From ``train_model``: ``temperature``, ``review_threshold`` and the
+            ``ece_bins`` the validation ECE was computed with (the test ECE uses the same).
+
     Returns:
-        The evaluation (accuracy, macro F1, per-class precision/recall), the same numbers as
-        MLflow metrics, a confusion-matrix figure and a grid of misclassified test images.
-        When training was skipped: ``{"skipped": reason}``, no metrics and figures saying so.
+        The evaluation (accuracy, macro F1, per-class precision/recall, ECE before and after
+        calibration, the share of images to review and the error rate of the others), the
+        same numbers as MLflow metrics, a confusion-matrix figure, a grid of misclassified
+        test images and a reliability diagram. When training was skipped:
+        ``{"skipped": reason}``, no metrics and figures saying so.
     """
     if isinstance(trained_model, TrainingSkipped):
         return (
@@ -34,10 +51,16 @@ def evaluate_model(
             {},
             _message_figure("Training skipped"),
             _message_figure("Training skipped"),
+            _message_figure("Training skipped"),
         )
     if len(test_set["labels"]) == 0:
         raise ValueError("the test split is empty: add images or raise test_fraction")
     probabilities = predict_probabilities(trained_model, test_set["images"])
+    uncalibrated = (
+        predict_probabilities(trained_model.classifier, test_set["images"])
+        if isinstance(trained_model, CalibratedClassifier)
+        else probabilities
+    )
     predicted = probabilities.argmax(1)
     truth = test_set["labels"]
     labels = list(range(len(class_names)))
@@ -49,6 +72,7 @@ def evaluate_model(
         "test_macro_f1": float(f1_score(truth, predicted, labels=labels, average="macro")),
         "test_images": len(truth),
         "test_errors": int((predicted != truth).sum()),
+        **_calibration_scores(uncalibrated, probabilities, truth, calibration),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "support": int(s)}
             for name, p, r, s in zip(class_names, precision, recall, support, strict=True)
@@ -56,7 +80,15 @@ def evaluate_model(
     }
     metrics = {
         key: {"value": evaluation[key], "step": 0}
-        for key in ("test_accuracy", "test_macro_f1", "test_errors")
+        for key in (
+            "test_accuracy",
+            "test_macro_f1",
+            "test_errors",
+            "test_ece_uncalibrated",
+            "test_ece",
+            "test_review_rate",
+            "test_answered_error_rate",
+        )
     }
     for name, scores in evaluation["per_class"].items():
         metrics[f"test_precision.{name}"] = {"value": scores["precision"], "step": 0}
@@ -74,7 +106,61 @@ def evaluate_model(
         metrics,
         plot_confusion_matrix(matrix, class_names),
         plot_misclassified(test_set["images"], truth, probabilities, class_names),
+        plot_reliability(uncalibrated, probabilities, truth, calibration),
     )
+
+
+def _calibration_scores(
+    uncalibrated: np.ndarray, calibrated: np.ndarray, truth: np.ndarray, calibration: dict
+) -> dict[str, float]:
+    """Test ECE before and after calibration; what the review threshold does on the test split."""
+    bins = int(calibration["ece_bins"])
+    answered = calibrated.max(1) >= calibration["review_threshold"]
+    wrong = calibrated.argmax(1) != truth
+    return {
+        "test_ece_uncalibrated": expected_calibration_error(uncalibrated, truth, bins),
+        "test_ece": expected_calibration_error(calibrated, truth, bins),
+        "test_review_rate": float(1 - answered.mean()),
+        "test_answered_error_rate": float(wrong[answered].mean()) if answered.any() else 0.0,
+    }
+
+
+def plot_reliability(
+    uncalibrated: np.ndarray, calibrated: np.ndarray, truth: np.ndarray, calibration: dict
+) -> Figure:
+    """Accuracy against confidence per bin on the test split, before and after calibration.
+
+    A calibrated model's bars follow the diagonal: of the answers given with 80% confidence,
+    80% are right. The review threshold is drawn as a vertical line.
+    """
+    bins = int(calibration["ece_bins"])
+    figure = Figure(figsize=(10, 4.5))
+    for axes, (title, probabilities) in zip(
+        figure.subplots(1, 2),
+        (("Before calibration", uncalibrated), ("After calibration", calibrated)),
+        strict=True,
+    ):
+        rows = reliability_table(probabilities.max(1), probabilities.argmax(1) == truth, bins)
+        axes.bar(
+            [(row["low"] + row["high"]) / 2 for row in rows],
+            [row["accuracy"] for row in rows],
+            width=1 / bins,
+            edgecolor="black",
+            alpha=0.7,
+            label="accuracy",
+        )
+        axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        axes.axvline(calibration["review_threshold"], color="tab:red", label="review threshold")
+        ece = expected_calibration_error(probabilities, truth, bins)
+        axes.set_title(f"{title} (test ECE {ece:.4f})")
+        axes.set_xlabel("Confidence")
+        axes.set_ylabel("Accuracy")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.legend(loc="upper left", fontsize=8)
+    figure.suptitle(f"Reliability diagram, temperature {calibration['temperature']:.3f}")
+    figure.tight_layout()
+    return figure
 
 
 def evaluate_champion(
@@ -146,13 +232,15 @@ def register_and_promote(
     dataset_fingerprint: str,
     training_manifest: pd.DataFrame,
     champion_gate: dict[str, float],
+    calibration: dict[str, Any],
 ) -> dict[str, Any]:
     """Register the trained model, then give it alias ``champion`` if it passes the gate.
 
     A model that does not pass gets alias ``challenger``. Runs last, so nothing is
     registered when an earlier step fails. The version is tagged with what it was trained
     on (fingerprint, images by source) and, when promoted, with when and why, so that
-    anyone reading the registry (the service's ``GET /model``) can tell.
+    anyone reading the registry (the service's ``GET /model``) can tell. The review
+    threshold and temperature travel in the model's metadata, with the class names.
 
     Returns:
         The decision, for the MLflow run's artifacts. When training was skipped nothing is
@@ -178,6 +266,11 @@ def register_and_promote(
         trained_model,
         class_names,
         input_example=test_set["images"][:2],
+        calibration={
+            "review_threshold": calibration["review_threshold"],
+            "temperature": calibration["temperature"],
+            "review_target_error_rate": calibration["review_target_error_rate"],
+        },
         tags={
             lifecycle.DATASET_FINGERPRINT: dataset_fingerprint,
             "git_commit": registry.git_commit(),
