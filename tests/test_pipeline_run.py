@@ -113,6 +113,16 @@ def test_a_worse_model_does_not_move_the_champion(trained_project):
     promotion = json.loads((trained_project / "data/08_reporting/promotion.json").read_text())
     assert promotion["promoted"] is False and promotion["alias"] == "challenger"
     assert "below" in promotion["reason"]
+    # Both models on the same test split: per-class recall and the paired comparison.
+    assert set(promotion["per_class_recall"]) == {"challenger", "champion"}
+    assert set(promotion["per_class_recall"]["champion"]) == set(
+        promotion["per_class_recall"]["challenger"]
+    )
+    paired = promotion["paired_comparison"]
+    assert paired["errors_only_challenger"] > paired["errors_only_champion"]
+    assert 0 <= paired["mcnemar_p_value"] <= 1
+    assert promotion["gate"]["min_class_recall"] == 0.5
+    assert "correct" not in promotion["previous_champion"]
     assert "is a challenger, champion stays version" in result.stdout + result.stderr
 
 

@@ -1,11 +1,13 @@
 """Nodes of the evaluation pipeline: test metrics, plots, registration and the champion gate."""
 
 import logging
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch import nn
 
@@ -172,8 +174,10 @@ def evaluate_champion(
     """Score the current champion on the same test split, matching classes by name.
 
     Returns:
-        ``{"version": None}`` when there is no champion yet, else its version and accuracy
-        (``None`` when training was skipped: there is nothing to compare it with).
+        ``{"version": None}`` when there is no champion yet, else its version, accuracy,
+        per-class recall and which test images it gets right (``correct``, 0/1 in the test
+        split's order, for the paired comparison with the new model); ``test_accuracy`` is
+        ``None`` when training was skipped: there is nothing to compare it with.
     """
     if training_decision is not None and not training_decision["train"]:
         return {"version": champion.version if champion else None, "test_accuracy": None}
@@ -183,29 +187,93 @@ def evaluate_champion(
     predicted = predict_probabilities(champion.model, test_set["images"]).argmax(1)
     predicted_names = np.asarray(champion.class_names)[predicted]
     true_names = np.asarray(class_names)[test_set["labels"]]
-    accuracy = float((predicted_names == true_names).mean())
+    correct = predicted_names == true_names
+    accuracy = float(correct.mean())
     logger.info("Champion version %s: test accuracy %.4f", champion.version, accuracy)
-    return {"version": champion.version, "test_accuracy": accuracy}
+    return {
+        "version": champion.version,
+        "test_accuracy": accuracy,
+        "per_class_recall": {
+            name: float(correct[true_names == name].mean())
+            for name in class_names
+            if (true_names == name).any()
+        },
+        "correct": correct.astype(int).tolist(),
+    }
+
+
+@dataclass(frozen=True)
+class ChampionGate:
+    """Parameters ``champion_gate``, checked (``validate_gate``) before the first node."""
+
+    min_accuracy: float
+    min_improvement: float
+    min_class_recall: float = 0.0  # every class's test recall must reach it
+    max_ece: float = 1.0  # the calibrated test ECE must not exceed it
+
+
+def paired_comparison(champion_correct: list[int], challenger_correct: np.ndarray) -> dict:
+    """Errors only one of the two models makes on the same test images, and McNemar's test.
+
+    McNemar's exact test: under "both models are as good", an image that only one of them
+    gets wrong is equally likely to be either's; the p-value says how surprising the split
+    of those images is.
+    """
+    champion = np.asarray(champion_correct, dtype=bool)
+    only_champion = int((~champion & challenger_correct).sum())
+    only_challenger = int((champion & ~challenger_correct).sum())
+    discordant = only_champion + only_challenger
+    p_value = (
+        float(binomtest(min(only_champion, only_challenger), discordant, 0.5).pvalue)
+        if discordant
+        else 1.0
+    )
+    return {
+        "errors_only_champion": only_champion,
+        "errors_only_challenger": only_challenger,
+        "errors_both": int((~champion & ~challenger_correct).sum()),
+        "mcnemar_p_value": p_value,
+    }
 
 
 def decide_promotion(
-    candidate_accuracy: float, champion_accuracy: float | None, champion_gate: dict[str, float]
+    candidate_accuracy: float,
+    champion_accuracy: float | None,
+    champion_gate: dict[str, float],
+    candidate_recalls: dict[str, float] | None = None,
+    candidate_ece: float | None = None,
 ) -> tuple[bool, str]:
     """The champion gate: promote only a model at least as good as required.
 
-    A candidate needs ``min_accuracy``; with a champion it also needs the champion's accuracy
-    plus ``min_improvement``.
+    A candidate needs ``min_accuracy``, every class's recall at least ``min_class_recall``
+    (an overall accuracy can hide one weak class), a test ECE of at most ``max_ece``, and,
+    with a champion, the champion's accuracy plus ``min_improvement``.
 
     Returns:
-        Whether to promote, and why in words.
+        Whether to promote, and why in words: the figure, or the class, that decided.
     """
-    min_accuracy, min_improvement = validate_gate(champion_gate)
+    gate = validate_gate(champion_gate)
+    min_accuracy, min_improvement = gate.min_accuracy, gate.min_improvement
     # Accuracies are ratios of counts: a tolerance keeps 0.95 + 0.01 >= 0.96 true.
     candidate_accuracy += 1e-9
     if candidate_accuracy < min_accuracy:
         return False, (
             f"test accuracy {candidate_accuracy:.4f} is below min_accuracy {min_accuracy:.4f}"
         )
+    weak = {
+        name: recall
+        for name, recall in (candidate_recalls or {}).items()
+        if recall + 1e-9 < gate.min_class_recall
+    }
+    if weak:
+        worst = min(weak, key=weak.get)
+        return False, (
+            f"class {worst} has test recall {weak[worst]:.4f}, below min_class_recall "
+            f"{gate.min_class_recall:.4f}"
+            + (f" (also {', '.join(sorted(set(weak) - {worst}))})" if len(weak) > 1 else "")
+        )
+    if candidate_ece is not None and candidate_ece > gate.max_ece + 1e-12:
+        return False, f"test ECE {candidate_ece:.4f} is above max_ece {gate.max_ece:.4f}"
     if champion_accuracy is None:
         return True, (
             f"no champion yet and test accuracy {candidate_accuracy:.4f} "
@@ -259,8 +327,13 @@ def register_and_promote(
             "dataset_fingerprint": dataset_fingerprint,
         }
     promote, reason = decide_promotion(
-        evaluation["test_accuracy"], champion_evaluation["test_accuracy"], champion_gate
+        evaluation["test_accuracy"],
+        champion_evaluation["test_accuracy"],
+        champion_gate,
+        candidate_recalls={name: c["recall"] for name, c in evaluation["per_class"].items()},
+        candidate_ece=evaluation.get("test_ece"),
     )
+    comparison = _comparison(trained_model, test_set, class_names, evaluation, champion_evaluation)
     counts = train_image_counts(training_manifest)
     version = registry.log_and_register(
         trained_model,
@@ -302,9 +375,38 @@ def register_and_promote(
         "skipped": False,
         "reason": reason,
         "test_accuracy": evaluation["test_accuracy"],
-        "previous_champion": champion_evaluation,
+        "test_ece": evaluation.get("test_ece"),
+        "gate": asdict(validate_gate(champion_gate)),
+        **comparison,
+        "previous_champion": {k: v for k, v in champion_evaluation.items() if k != "correct"},
         "dataset_fingerprint": dataset_fingerprint,
     }
+
+
+def _comparison(
+    trained_model: nn.Module,
+    test_set: dict,
+    class_names: list[str],
+    evaluation: dict[str, Any],
+    champion_evaluation: dict[str, Any],
+) -> dict[str, Any]:
+    """Per-class recall of challenger and champion, and their paired comparison (if any)."""
+    recalls = {"challenger": {n: c["recall"] for n, c in evaluation["per_class"].items()}}
+    if "correct" not in champion_evaluation:
+        return {"per_class_recall": recalls, "paired_comparison": None}
+    recalls["champion"] = champion_evaluation["per_class_recall"]
+    predicted = predict_probabilities(trained_model, test_set["images"]).argmax(1)
+    paired = paired_comparison(champion_evaluation["correct"], predicted == test_set["labels"])
+    logger.info(
+        "Paired comparison with champion version %s on %d test images: %d errors only the "
+        "champion makes, %d only the challenger makes, McNemar p = %.3g",
+        champion_evaluation["version"],
+        len(predicted),
+        paired["errors_only_champion"],
+        paired["errors_only_challenger"],
+        paired["mcnemar_p_value"],
+    )
+    return {"per_class_recall": recalls, "paired_comparison": paired}
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> Figure:
@@ -370,19 +472,31 @@ def _message_figure(message: str) -> Figure:
     return figure
 
 
-def validate_gate(champion_gate: dict[str, float]) -> tuple[float, float]:
-    """Return ``min_accuracy`` and ``min_improvement``; raise ``ValueError`` if unusable."""
+def validate_gate(champion_gate: dict[str, float]) -> ChampionGate:
+    """The gate's parameters, typed; raise ``ValueError`` saying what to set if unusable.
+
+    ``min_class_recall`` and ``max_ece`` are optional (0 and 1: no limit).
+    """
     try:
-        min_accuracy = float(champion_gate["min_accuracy"])
-        min_improvement = float(champion_gate["min_improvement"])
-    except (KeyError, TypeError, ValueError) as error:
+        gate = ChampionGate(
+            min_accuracy=float(champion_gate["min_accuracy"]),
+            min_improvement=float(champion_gate["min_improvement"]),
+            min_class_recall=float(champion_gate.get("min_class_recall", 0.0)),
+            max_ece=float(champion_gate.get("max_ece", 1.0)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(
-            "parameters champion_gate need numbers min_accuracy and min_improvement, "
-            f"got {champion_gate!r}"
+            "parameters champion_gate need numbers min_accuracy and min_improvement (and "
+            f"optionally min_class_recall, max_ece), got {champion_gate!r}"
         ) from error
-    if not 0 <= min_accuracy <= 1 or not -1 <= min_improvement <= 1:
+    if not 0 <= gate.min_accuracy <= 1 or not -1 <= gate.min_improvement <= 1:
         raise ValueError(
             "champion_gate.min_accuracy must be in [0, 1] and min_improvement in [-1, 1], "
-            f"got {min_accuracy} and {min_improvement}"
+            f"got {gate.min_accuracy} and {gate.min_improvement}"
         )
-    return min_accuracy, min_improvement
+    if not 0 <= gate.min_class_recall <= 1 or not 0 <= gate.max_ece <= 1:
+        raise ValueError(
+            "champion_gate.min_class_recall and max_ece must be in [0, 1], "
+            f"got {gate.min_class_recall} and {gate.max_ece}"
+        )
+    return gate
