@@ -34,7 +34,8 @@ SAMPLE_DIR = (PROJECT_ROOT / "../shared/data/mednist/sample").resolve()
 BIN = Path(sys.executable).parent
 FAST_RUN_PARAMS = (
     "training.max_epochs=6,training.batch_size=16,training.learning_rate=0.005,"
-    "training.patience=6,champion_gate.min_accuracy=0.7"
+    "training.patience=6,champion_gate.min_accuracy=0.7,"
+    "champion_gate.min_class_recall=0.5,champion_gate.max_ece=0.5"
 )
 
 

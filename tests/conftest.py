@@ -23,7 +23,8 @@ KEDRO = str(Path(sys.executable).with_name("kedro"))
 # Small and fast on the 240-image sample; the real settings are exercised by benchmarks/.
 FAST_RUN_PARAMS = (
     "training.max_epochs=6,training.batch_size=16,training.learning_rate=0.005,"
-    "training.patience=6,champion_gate.min_accuracy=0.7"
+    "training.patience=6,champion_gate.min_accuracy=0.7,"
+    "champion_gate.min_class_recall=0.5,champion_gate.max_ece=0.5"
 )
 
 

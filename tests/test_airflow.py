@@ -49,7 +49,7 @@ BUCKET = "medical-ct-airflow"
 # Few epochs on the sample (conf/s3/parameters_test.yml in the test projects).
 FAST_PARAMETERS = {
     "training": {"max_epochs": 6, "batch_size": 16, "learning_rate": 0.005, "patience": 6},
-    "champion_gate": {"min_accuracy": 0.7},
+    "champion_gate": {"min_accuracy": 0.7, "min_class_recall": 0.5, "max_ece": 0.5},
 }
 # The default pipeline, as pipeline_registry.py sums it.
 DEFAULT_PIPELINE = sum(
@@ -353,7 +353,12 @@ def test_feedback_to_the_service_is_trained_on_and_served_by_the_next_dag_run(
 ):
     project = WeeklyProject(tmp_path / "project", "loop", s3_endpoint, airflow_env)
     # The gate promotes any model above min_accuracy, so that the loop closes on the sample.
-    gate = {"min_accuracy": 0.7, "min_improvement": -1.0}
+    gate = {
+        "min_accuracy": 0.7,
+        "min_improvement": -1.0,
+        "min_class_recall": 0.5,
+        "max_ece": 0.5,
+    }
     set_parameters(project.path, {**FAST_PARAMETERS, "champion_gate": gate})
     split = yaml.safe_load((project.path / "conf/base/parameters_data_processing.yml").read_text())
     fractions = split["data_processing"]["split"]

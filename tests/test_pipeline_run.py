@@ -34,6 +34,19 @@ def test_first_run_tracks_everything_and_promotes_a_champion(trained_project):
         assert metric in run.data.metrics, metric
     assert any(key.startswith("test_recall.") for key in run.data.metrics)
     assert run.data.metrics["test_accuracy"] >= 0.7
+    # Calibration: fitted after training, ECE before (_uncalibrated) and after on both splits.
+    for metric in (
+        "temperature",
+        "review_threshold",
+        "val_ece_uncalibrated",
+        "val_ece",
+        "test_ece_uncalibrated",
+        "test_ece",
+        "test_review_rate",
+    ):
+        assert metric in run.data.metrics, metric
+    assert run.data.metrics["temperature"] != 1.0
+    assert run.data.metrics["val_ece"] < run.data.metrics["val_ece_uncalibrated"]
 
     artifacts = {
         a.path
@@ -43,6 +56,8 @@ def test_first_run_tracks_everything_and_promotes_a_champion(trained_project):
     assert {
         "plots/confusion_matrix.png",
         "plots/misclassified_images.png",
+        "plots/reliability_diagram.png",
+        "reports/calibration.json",
         "reports/data_report.json",
         "reports/evaluation.json",
         "reports/promotion.json",
@@ -65,13 +80,20 @@ def test_registered_model_carries_what_a_consumer_needs(trained_project, monkeyp
         ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
     )
     assert info.metadata["preprocessing"]["image_size"] == 64
+    calibration = info.metadata["calibration"]
+    assert 0 < calibration["review_threshold"] <= 1
+    assert calibration["review_target_error_rate"] == 0.001
     assert tuple(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 1, 64, 64)
     assert info.saved_input_example_info is not None
 
     loaded = registry.load_alias()
     assert loaded.class_names == info.metadata["class_names"]
+    assert loaded.review_threshold == calibration["review_threshold"]
     example = np.zeros((1, 1, 64, 64), dtype=np.uint8)
     assert loaded.model(torch.from_numpy(example)).shape == (1, 6)
+    # The temperature is inside the exported model: its output is calibrated log-probabilities.
+    images = torch.randint(0, 256, (4, 1, 64, 64), dtype=torch.uint8)
+    torch.testing.assert_close(loaded.model(images).exp().sum(1), torch.ones(4))
     assert loaded.model(torch.zeros((5, 1, 64, 64), dtype=torch.uint8)).shape == (5, 6)
 
 
@@ -91,6 +113,16 @@ def test_a_worse_model_does_not_move_the_champion(trained_project):
     promotion = json.loads((trained_project / "data/08_reporting/promotion.json").read_text())
     assert promotion["promoted"] is False and promotion["alias"] == "challenger"
     assert "below" in promotion["reason"]
+    # Both models on the same test split: per-class recall and the paired comparison.
+    assert set(promotion["per_class_recall"]) == {"challenger", "champion"}
+    assert set(promotion["per_class_recall"]["champion"]) == set(
+        promotion["per_class_recall"]["challenger"]
+    )
+    paired = promotion["paired_comparison"]
+    assert paired["errors_only_challenger"] > paired["errors_only_champion"]
+    assert 0 <= paired["mcnemar_p_value"] <= 1
+    assert promotion["gate"]["min_class_recall"] == 0.5
+    assert "correct" not in promotion["previous_champion"]
     assert "is a challenger, champion stays version" in result.stdout + result.stderr
 
 
@@ -100,6 +132,10 @@ def test_a_worse_model_does_not_move_the_champion(trained_project):
         ("training.batch_size=0", "batch_size must be a positive integer"),
         ("champion_gate.min_accuracy=2", "champion_gate.min_accuracy must be in [0, 1]"),
         ("data_processing.split.test_fraction=0.95", "leave room for training"),
+        (
+            "calibration.review_target_error_rate=1.5",
+            "review_target_error_rate must be a number strictly between 0 and 1",
+        ),
     ],
 )
 def test_bad_parameters_fail_the_run_and_register_nothing(tmp_path, sample_dir, params, message):

@@ -78,7 +78,14 @@ def test_predict_answers_label_probabilities_and_version(client, project, sample
 
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"label", "confidence", "probabilities", "model_version", "prediction_id"}
+    assert set(body) == {
+        "label",
+        "confidence",
+        "needs_review",
+        "probabilities",
+        "model_version",
+        "prediction_id",
+    }
     assert set(body["probabilities"]) == set(CLASSES)
     assert sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-4)
     assert body["label"] == max(body["probabilities"], key=body["probabilities"].get)
@@ -104,6 +111,88 @@ def test_model_describes_the_serving_version(client, project):
     assert body["version"] == champion_version(project)
     assert body["classes"] == CLASSES
     assert 0.7 <= body["test_metrics"]["test_accuracy"] <= 1
+
+
+@pytest.fixture
+def project_store(project, monkeypatch) -> Path:
+    """MLflow calls in this process read the served project's store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    return project
+
+
+def blended_jpeg(sample_dir: Path, first: str, second: str) -> bytes:
+    """A 50/50 pixel blend of one image of each of two classes: built to be ambiguous."""
+    a, b = (
+        preprocess_image(sample_image(sample_dir, label)).astype(np.uint16)
+        for label in (first, second)
+    )
+    output = io.BytesIO()
+    Image.fromarray(((a + b) // 2).astype(np.uint8)).save(output, "JPEG", quality=95)
+    return output.getvalue()
+
+
+def test_model_shows_the_review_threshold_chosen_by_the_training_run(client, project_store):
+    import mlflow
+
+    project = project_store
+    uri = f"models:/{MODEL_NAME}/{champion_version(project)}"
+    calibration = mlflow.models.get_model_info(uri).metadata["calibration"]
+    training_report = json.loads((project / "data/08_reporting/calibration.json").read_text())
+
+    body = client.get("/model").json()
+
+    assert 0 < body["review_threshold"] <= 1
+    assert body["review_threshold"] == pytest.approx(calibration["review_threshold"])
+    assert body["review_threshold"] == pytest.approx(training_report["review_threshold"])
+
+
+def test_an_ambiguous_image_needs_review_and_a_clear_one_does_not(client, sample_dir):
+    threshold = client.get("/model").json()["review_threshold"]
+    blends = [(a, b) for i, a in enumerate(CLASSES) for b in CLASSES[i + 1 :]]
+    answers = {
+        pair: client.post("/predict", files={"image": jpeg(blended_jpeg(sample_dir, *pair))}).json()
+        for pair in blends
+    }
+    clear = {
+        label: client.post(
+            "/predict", files={"image": jpeg(sample_image(sample_dir, label))}
+        ).json()
+        for label in CLASSES
+    }
+
+    for answer in [*answers.values(), *clear.values()]:
+        assert answer["needs_review"] is (answer["confidence"] < threshold), answer
+    most_ambiguous = min(answers.values(), key=lambda answer: answer["confidence"])
+    assert most_ambiguous["confidence"] < threshold
+    assert most_ambiguous["needs_review"] is True
+    clearest = max(clear.values(), key=lambda answer: answer["confidence"])
+    assert clearest["confidence"] >= threshold
+    assert clearest["needs_review"] is False
+
+
+def test_served_probabilities_are_the_registered_models_calibrated_ones(
+    client, project_store, sample_dir
+):
+    import mlflow
+    import torch
+
+    from medical_ct.model import predict_probabilities
+
+    image = blended_jpeg(sample_dir, "Hand", "AbdomenCT")
+    served = client.post("/predict", files={"image": jpeg(image)}).json()
+    model = mlflow.pytorch.load_model(f"models:/{MODEL_NAME}/{champion_version(project_store)}")
+    pixels = torch.from_numpy(preprocess_image(image)[None, None].copy())
+    with torch.inference_mode():
+        # The registered model outputs calibrated log-probabilities: exp() sums to 1.
+        probabilities = model(pixels).exp()[0].numpy()
+
+    assert probabilities.sum() == pytest.approx(1, abs=1e-5)
+    np.testing.assert_allclose(predict_probabilities(model, pixels)[0], probabilities, atol=1e-6)
+    assert served["confidence"] == pytest.approx(float(probabilities.max()), abs=1e-6)
+    assert served["label"] == CLASSES[int(probabilities.argmax())]
+    assert [served["probabilities"][name] for name in CLASSES] == pytest.approx(
+        probabilities.tolist(), abs=1e-6
+    )
 
 
 def test_health_and_metrics(client, sample_dir):
@@ -303,6 +392,44 @@ def test_page_classifies_an_image_and_sends_a_correction(server, project, sample
         image_path.read_bytes()
     )
     assert outside_requests == [], "the page must work offline"
+
+
+def test_page_shows_an_uncertain_answer_as_such_and_asks_for_the_label(
+    client, server, sample_dir, chromium, tmp_path
+):
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import CHROMIUM_ARGS
+
+    threshold = client.get("/model").json()["review_threshold"]
+    blends = {}
+    for i, first in enumerate(CLASSES):
+        for second in CLASSES[i + 1 :]:
+            image = blended_jpeg(sample_dir, first, second)
+            answer = client.post("/predict", files={"image": jpeg(image)}).json()
+            blends[answer["confidence"]] = image
+    assert min(blends) < threshold
+    ambiguous = tmp_path / "ambiguous.jpeg"
+    ambiguous.write_bytes(blends[min(blends)])
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server}/")
+            page.set_input_files("#file", str(ambiguous))
+            page.wait_for_selector("#result:not([hidden])")
+            verdict = page.text_content("#verdict")
+            warning_shown = page.is_visible("#review")
+            warning = page.text_content("#review")
+            invitation = page.text_content("#correct-title")
+            choices = page.locator("#correct option").all_text_contents()
+        finally:
+            browser.close()
+
+    assert verdict.startswith("Uncertain")
+    assert warning_shown and "needs a person's check" in " ".join(warning.split())
+    assert "right class" in invitation
+    assert sorted(choices) == sorted(CLASSES), "an uncertain label may also be confirmed"
 
 
 def png_declaring(width: int, height: int) -> bytes:

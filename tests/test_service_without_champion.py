@@ -112,3 +112,7 @@ def test_the_first_champion_is_picked_up_without_a_restart(client, served_projec
 
     assert response.status_code == 200, response.text
     assert response.json()["model_version"] == "1"
+    # Registered without calibration (as every version before it was): it still serves, its
+    # answers are never marked for review and GET /model says it has no threshold.
+    assert response.json()["needs_review"] is False
+    assert client.get("/model").json()["review_threshold"] is None

@@ -1,8 +1,16 @@
 """training node: learns the sample, is reproducible, refuses bad parameters."""
 
+import numpy as np
 import pytest
 import torch
 
+from medical_ct.calibration import (
+    CalibratedClassifier,
+    CalibrationParams,
+    choose_review_threshold,
+    expected_calibration_error,
+    fit_temperature,
+)
 from medical_ct.model import build_classifier, predict_probabilities
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
 from medical_ct.pipelines.training.nodes import train_model
@@ -21,6 +29,7 @@ PARAMS = {
     "device": "auto",
     "num_threads": 0,
 }
+CALIBRATION = {"review_target_error_rate": 0.001, "ece_bins": 15}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +45,13 @@ def model_input(sample_dir):
 
 def test_training_learns_logs_history_and_returns_a_cpu_model(model_input):
     train, validation, _, class_names, _ = model_input
-    model, history = train_model(train, validation, class_names, PARAMS)
+    model, history, calibration = train_model(train, validation, class_names, PARAMS, CALIBRATION)
 
+    assert isinstance(model, CalibratedClassifier)
+    assert model.temperature.item() == pytest.approx(calibration["temperature"])
+    assert {"temperature", "val_ece_uncalibrated", "val_ece", "review_threshold"} <= set(history)
+    assert calibration["val_ece"] <= calibration["val_ece_uncalibrated"] + 1e-9
+    assert 0 < calibration["review_threshold"] <= 1
     assert next(model.parameters()).device.type == "cpu"
     assert not model.training
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "best_epoch"} <= set(
@@ -52,8 +66,8 @@ def test_training_learns_logs_history_and_returns_a_cpu_model(model_input):
 def test_training_is_reproducible_with_a_seed(model_input):
     train, validation, _, class_names, _ = model_input
     params = {**PARAMS, "max_epochs": 1}
-    first, _ = train_model(train, validation, class_names, params)
-    second, _ = train_model(train, validation, class_names, params)
+    first, _, _ = train_model(train, validation, class_names, params, CALIBRATION)
+    second, _, _ = train_model(train, validation, class_names, params, CALIBRATION)
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
@@ -71,16 +85,89 @@ def test_training_is_reproducible_with_a_seed(model_input):
 def test_bad_training_parameters_are_refused(model_input, override, message):
     train, validation, _, class_names, _ = model_input
     with pytest.raises((ValueError, RuntimeError), match=message):
-        train_model(train, validation, class_names, {**PARAMS, **override})
+        train_model(train, validation, class_names, {**PARAMS, **override}, CALIBRATION)
 
 
 def test_divergence_is_a_clear_error(model_input):
     train, validation, _, class_names, _ = model_input
     with pytest.raises(ValueError, match="training diverged"):
-        train_model(train, validation, class_names, {**PARAMS, "learning_rate": 1e30})
+        train_model(train, validation, class_names, {**PARAMS, "learning_rate": 1e30}, CALIBRATION)
 
 
 def test_torchvision_architectures_take_grayscale_input():
     model = build_classifier("resnet18", num_classes=6).eval()
     images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
     assert predict_probabilities(model, images).shape == (2, 6)
+
+
+def overconfident_logits(seed: int = 0, images: int = 2000, accuracy: float = 0.7):
+    """Logits of a model that is right 70% of the time but always says it is ~99.9% sure."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 6, images)
+    wrong = rng.random(images) > accuracy
+    predicted = np.where(wrong, (labels + rng.integers(1, 6, images)) % 6, labels)
+    logits = rng.normal(0, 0.5, (images, 6))
+    logits[np.arange(images), predicted] += 8.0
+    return logits, labels
+
+
+def test_the_temperature_is_learned_and_lowers_the_ece_of_an_overconfident_model():
+    logits, labels = overconfident_logits()
+    temperature = fit_temperature(logits, labels)
+    before = torch.softmax(torch.from_numpy(logits), 1).numpy()
+    after = torch.softmax(torch.from_numpy(logits / temperature), 1).numpy()
+
+    assert temperature > 2, "an overconfident model must be cooled down, not left at 1.0"
+    ece_before = expected_calibration_error(before, labels, 15)
+    ece_after = expected_calibration_error(after, labels, 15)
+    assert ece_before > 0.25
+    assert ece_after < ece_before / 4
+    # Scaling never changes the predicted class.
+    assert (after.argmax(1) == before.argmax(1)).all()
+
+
+def test_the_calibrated_model_outputs_log_probabilities_of_the_scaled_logits():
+    backbone = build_classifier("small_cnn", num_classes=6, width=4).eval()
+    calibrated = CalibratedClassifier(backbone, temperature=2.5).eval()
+    images = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = torch.softmax(backbone(images) / 2.5, 1)
+        output = calibrated(images)
+    torch.testing.assert_close(output.exp(), expected)
+    torch.testing.assert_close(output.exp().sum(1), torch.ones(3))
+    # predict_probabilities (a softmax of the output) gives the same probabilities.
+    np.testing.assert_allclose(predict_probabilities(calibrated, images), expected, rtol=1e-5)
+
+
+def test_the_review_threshold_is_the_lowest_confidence_that_meets_the_target():
+    # Confidence of 10 answers, most confident first; the 4th and 8th are wrong.
+    confidence = np.array([0.99, 0.98, 0.97, 0.96, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    correct = np.ones(10, dtype=bool)
+    correct[[3, 7]] = False
+    rest = (1 - confidence) / 2
+    probabilities = np.stack([confidence, rest, rest], axis=1)
+    labels = np.where(correct, 0, 1)
+
+    # No error allowed: only the 3 answers above the first error are answered.
+    assert choose_review_threshold(probabilities, labels, 0.001) == 0.97
+    # 15% allowed: down to the 7th answer (1 error in 7); 2 in 8, 9 or 10 is too many.
+    assert choose_review_threshold(probabilities, labels, 0.15) == 0.7
+    # Two errors in 10 allowed: everything is answered.
+    assert choose_review_threshold(probabilities, labels, 0.2) == 0.4
+    # The most confident answer is wrong: every answer needs a review.
+    assert choose_review_threshold(probabilities, 1 - labels, 0.001) >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        ({"review_target_error_rate": 0}, "strictly between 0 and 1"),
+        ({"review_target_error_rate": 1.5}, "strictly between 0 and 1"),
+        ({"review_target_error_rate": "0.1%"}, "strictly between 0 and 1"),
+        ({"review_target_error_rate": 0.01, "ece_bins": 1}, "ece_bins must be an integer"),
+        (None, "must be a mapping"),
+    ],
+)
+def test_bad_calibration_parameters_are_refused(calibration, message):
+    with pytest.raises(ValueError, match=message):
+        CalibrationParams.from_params(calibration)

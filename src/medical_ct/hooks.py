@@ -26,6 +26,7 @@ class ParameterCheckHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, pipeline: Pipeline, catalog: CatalogProtocol) -> None:
         # Imported here: settings.py loads this module for every kedro command, even --help.
+        from medical_ct.calibration import CalibrationParams
         from medical_ct.pipelines.data_processing.nodes import validate_ingest, validate_split
         from medical_ct.pipelines.evaluation.nodes import validate_gate
         from medical_ct.pipelines.rebuild.nodes import validate_rebuild
@@ -36,6 +37,7 @@ class ParameterCheckHook:
             "params:ingest": validate_ingest,
             "params:data_processing.split": validate_split,
             "params:training": validate_training_params,
+            "params:calibration": CalibrationParams.from_params,
             "params:champion_gate": validate_gate,
             "params:rollback": validate_rollback,
             "params:rebuild": validate_rebuild,

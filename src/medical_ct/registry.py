@@ -39,6 +39,9 @@ class RegisteredClassifier:
     version: str
     class_names: list[str]
     tags: dict[str, str]
+    # Answers less confident than this need a human review; None for versions registered
+    # before calibration (their answers are never marked for review).
+    review_threshold: float | None = None
 
 
 def model_uri(alias: str = CHAMPION_ALIAS, model_name: str = MODEL_NAME) -> str:
@@ -67,7 +70,14 @@ def load_alias(
         version=str(version.version),
         class_names=list(metadata["class_names"]),
         tags=dict(version.tags),
+        review_threshold=review_threshold(metadata),
     )
+
+
+def review_threshold(metadata: dict[str, Any]) -> float | None:
+    """The review threshold in a model's metadata; ``None`` for versions registered before it."""
+    value = (metadata.get("calibration") or {}).get("review_threshold")
+    return None if value is None else float(value)
 
 
 def log_and_register(
@@ -75,12 +85,13 @@ def log_and_register(
     class_names: list[str],
     input_example: np.ndarray,
     tags: dict[str, str],
+    calibration: dict[str, float] | None = None,
     model_name: str = MODEL_NAME,
 ) -> str:
     """Log the model to the active run and register it as a new version; return the version.
 
-    The version carries the class names and preprocessing spec (model metadata), a tensor
-    signature, a real input example and ``tags``.
+    The version carries the class names, preprocessing spec and ``calibration`` (temperature,
+    review threshold: model metadata), a tensor signature, a real input example and ``tags``.
     """
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
@@ -91,7 +102,11 @@ def log_and_register(
         name="model",
         signature=signature,
         input_example=input_example,
-        metadata={"class_names": list(class_names), "preprocessing": PREPROCESSING_SPEC},
+        metadata={
+            "class_names": list(class_names),
+            "preprocessing": PREPROCESSING_SPEC,
+            **({"calibration": dict(calibration)} if calibration else {}),
+        },
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "medical_ct"],
         registered_model_name=model_name,
     )

@@ -30,16 +30,28 @@ class ServedModel:
     def class_names(self) -> list[str]:
         return self.classifier.class_names
 
+    @property
+    def review_threshold(self) -> float | None:
+        return self.classifier.review_threshold
+
     def classify(self, images: np.ndarray) -> list[dict[str, Any]]:
-        """Label, confidence and per-class probabilities of ``(n, H, W)`` uint8 images."""
+        """Label, confidence, per-class probabilities and review flag of ``(n, H, W)`` images.
+
+        The probabilities are the registered model's own, calibrated inside it; an answer
+        less confident than the version's review threshold needs a review. A version
+        registered before calibration has no threshold: its answers never do.
+        """
         probabilities = predict_probabilities(self.classifier.model, images[:, None])
+        threshold = self.review_threshold
         results = []
         for row in probabilities:
             best = int(row.argmax())
+            confidence = float(row[best])
             results.append(
                 {
                     "label": self.class_names[best],
-                    "confidence": float(row[best]),
+                    "confidence": confidence,
+                    "needs_review": threshold is not None and confidence < threshold,
                     "probabilities": {
                         name: float(p) for name, p in zip(self.class_names, row, strict=True)
                     },
@@ -58,6 +70,7 @@ class ServedModel:
             "model_name": registry.MODEL_NAME,
             "version": self.version,
             "classes": self.class_names,
+            "review_threshold": self.review_threshold,
             "test_metrics": self.test_metrics,
             "tags": self.classifier.tags,
             "lineage": lifecycle.lineage(self.classifier.tags),

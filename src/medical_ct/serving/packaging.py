@@ -38,6 +38,12 @@ def import_champion() -> bentoml.Model:
             metadata={
                 "mlflow_version": served.version,
                 "class_names": served.class_names,
+                # absent for versions registered before calibration
+                **(
+                    {"review_threshold": served.review_threshold}
+                    if served.review_threshold is not None
+                    else {}
+                ),
                 "test_metrics": served.test_metrics,
                 "tags": served.classifier.tags,
             },
@@ -61,6 +67,7 @@ def load_packaged(stored: bentoml.Model) -> ServedModel:
         version=str(metadata["mlflow_version"]),
         class_names=list(metadata["class_names"]),
         tags=dict(metadata.get("tags", {})),
+        review_threshold=metadata.get("review_threshold"),
     )
     return ServedModel(classifier=classifier, test_metrics=dict(metadata.get("test_metrics", {})))
 

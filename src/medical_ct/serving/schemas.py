@@ -7,7 +7,12 @@ class Prediction(BaseModel):
     """The answer of ``POST /predict``."""
 
     label: str = Field(description="the most probable class")
-    confidence: float = Field(description="the probability of `label`")
+    confidence: float = Field(description="the calibrated probability of `label`")
+    needs_review: bool = Field(
+        description="true when `confidence` is under the model's review threshold (GET /model): "
+        "the answer is uncertain and a person should check it; always false for a model "
+        "registered without a threshold"
+    )
     probabilities: dict[str, float] = Field(description="the probability of every class")
     model_version: str = Field(description="the registered version that answered")
     prediction_id: str = Field(

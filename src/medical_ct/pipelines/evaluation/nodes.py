@@ -1,15 +1,22 @@
 """Nodes of the evaluation pipeline: test metrics, plots, registration and the champion gate."""
 
 import logging
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from scipy.stats import binomtest
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 from torch import nn
 
 from medical_ct import lifecycle, registry
+from medical_ct.calibration import (
+    CalibratedClassifier,
+    expected_calibration_error,
+    reliability_table,
+)
 from medical_ct.manifest import train_image_counts
 from medical_ct.model import TrainingSkipped, predict_probabilities
 
@@ -19,14 +26,26 @@ _MAX_MISCLASSIFIED_SHOWN = 36
 
 
 def evaluate_model(
-    trained_model: nn.Module | TrainingSkipped, test_set: dict, class_names: list[str]
-) -> tuple[dict[str, Any], dict[str, Any], Figure, Figure]:
+    trained_model: nn.Module | TrainingSkipped,
+    test_set: dict,
+    class_names: list[str],
+    calibration: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], Figure, Figure, Figure]:
     """Score the trained model on the test split.
 
+    Args:
+        trained_model: The calibrated model from ``train_model``.
+        test_set: ``images`` and ``labels``.
+        class_names: Class names, index = label.
+        calibration: From ``train_model``: ``temperature``, ``review_threshold`` and the
+            ``ece_bins`` the validation ECE was computed with (the test ECE uses the same).
+
     Returns:
-        The evaluation (accuracy, macro F1, per-class precision/recall), the same numbers as
-        MLflow metrics, a confusion-matrix figure and a grid of misclassified test images.
-        When training was skipped: ``{"skipped": reason}``, no metrics and figures saying so.
+        The evaluation (accuracy, macro F1, per-class precision/recall, ECE before and after
+        calibration, the share of images to review and the error rate of the others), the
+        same numbers as MLflow metrics, a confusion-matrix figure, a grid of misclassified
+        test images and a reliability diagram. When training was skipped:
+        ``{"skipped": reason}``, no metrics and figures saying so.
     """
     if isinstance(trained_model, TrainingSkipped):
         return (
@@ -34,10 +53,16 @@ def evaluate_model(
             {},
             _message_figure("Training skipped"),
             _message_figure("Training skipped"),
+            _message_figure("Training skipped"),
         )
     if len(test_set["labels"]) == 0:
         raise ValueError("the test split is empty: add images or raise test_fraction")
     probabilities = predict_probabilities(trained_model, test_set["images"])
+    uncalibrated = (
+        predict_probabilities(trained_model.classifier, test_set["images"])
+        if isinstance(trained_model, CalibratedClassifier)
+        else probabilities
+    )
     predicted = probabilities.argmax(1)
     truth = test_set["labels"]
     labels = list(range(len(class_names)))
@@ -49,6 +74,7 @@ def evaluate_model(
         "test_macro_f1": float(f1_score(truth, predicted, labels=labels, average="macro")),
         "test_images": len(truth),
         "test_errors": int((predicted != truth).sum()),
+        **_calibration_scores(uncalibrated, probabilities, truth, calibration),
         "per_class": {
             name: {"precision": float(p), "recall": float(r), "support": int(s)}
             for name, p, r, s in zip(class_names, precision, recall, support, strict=True)
@@ -56,7 +82,15 @@ def evaluate_model(
     }
     metrics = {
         key: {"value": evaluation[key], "step": 0}
-        for key in ("test_accuracy", "test_macro_f1", "test_errors")
+        for key in (
+            "test_accuracy",
+            "test_macro_f1",
+            "test_errors",
+            "test_ece_uncalibrated",
+            "test_ece",
+            "test_review_rate",
+            "test_answered_error_rate",
+        )
     }
     for name, scores in evaluation["per_class"].items():
         metrics[f"test_precision.{name}"] = {"value": scores["precision"], "step": 0}
@@ -74,7 +108,61 @@ def evaluate_model(
         metrics,
         plot_confusion_matrix(matrix, class_names),
         plot_misclassified(test_set["images"], truth, probabilities, class_names),
+        plot_reliability(uncalibrated, probabilities, truth, calibration),
     )
+
+
+def _calibration_scores(
+    uncalibrated: np.ndarray, calibrated: np.ndarray, truth: np.ndarray, calibration: dict
+) -> dict[str, float]:
+    """Test ECE before and after calibration; what the review threshold does on the test split."""
+    bins = int(calibration["ece_bins"])
+    answered = calibrated.max(1) >= calibration["review_threshold"]
+    wrong = calibrated.argmax(1) != truth
+    return {
+        "test_ece_uncalibrated": expected_calibration_error(uncalibrated, truth, bins),
+        "test_ece": expected_calibration_error(calibrated, truth, bins),
+        "test_review_rate": float(1 - answered.mean()),
+        "test_answered_error_rate": float(wrong[answered].mean()) if answered.any() else 0.0,
+    }
+
+
+def plot_reliability(
+    uncalibrated: np.ndarray, calibrated: np.ndarray, truth: np.ndarray, calibration: dict
+) -> Figure:
+    """Accuracy against confidence per bin on the test split, before and after calibration.
+
+    A calibrated model's bars follow the diagonal: of the answers given with 80% confidence,
+    80% are right. The review threshold is drawn as a vertical line.
+    """
+    bins = int(calibration["ece_bins"])
+    figure = Figure(figsize=(10, 4.5))
+    for axes, (title, probabilities) in zip(
+        figure.subplots(1, 2),
+        (("Before calibration", uncalibrated), ("After calibration", calibrated)),
+        strict=True,
+    ):
+        rows = reliability_table(probabilities.max(1), probabilities.argmax(1) == truth, bins)
+        axes.bar(
+            [(row["low"] + row["high"]) / 2 for row in rows],
+            [row["accuracy"] for row in rows],
+            width=1 / bins,
+            edgecolor="black",
+            alpha=0.7,
+            label="accuracy",
+        )
+        axes.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+        axes.axvline(calibration["review_threshold"], color="tab:red", label="review threshold")
+        ece = expected_calibration_error(probabilities, truth, bins)
+        axes.set_title(f"{title} (test ECE {ece:.4f})")
+        axes.set_xlabel("Confidence")
+        axes.set_ylabel("Accuracy")
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.legend(loc="upper left", fontsize=8)
+    figure.suptitle(f"Reliability diagram, temperature {calibration['temperature']:.3f}")
+    figure.tight_layout()
+    return figure
 
 
 def evaluate_champion(
@@ -86,8 +174,10 @@ def evaluate_champion(
     """Score the current champion on the same test split, matching classes by name.
 
     Returns:
-        ``{"version": None}`` when there is no champion yet, else its version and accuracy
-        (``None`` when training was skipped: there is nothing to compare it with).
+        ``{"version": None}`` when there is no champion yet, else its version, accuracy,
+        per-class recall and which test images it gets right (``correct``, 0/1 in the test
+        split's order, for the paired comparison with the new model); ``test_accuracy`` is
+        ``None`` when training was skipped: there is nothing to compare it with.
     """
     if training_decision is not None and not training_decision["train"]:
         return {"version": champion.version if champion else None, "test_accuracy": None}
@@ -97,29 +187,93 @@ def evaluate_champion(
     predicted = predict_probabilities(champion.model, test_set["images"]).argmax(1)
     predicted_names = np.asarray(champion.class_names)[predicted]
     true_names = np.asarray(class_names)[test_set["labels"]]
-    accuracy = float((predicted_names == true_names).mean())
+    correct = predicted_names == true_names
+    accuracy = float(correct.mean())
     logger.info("Champion version %s: test accuracy %.4f", champion.version, accuracy)
-    return {"version": champion.version, "test_accuracy": accuracy}
+    return {
+        "version": champion.version,
+        "test_accuracy": accuracy,
+        "per_class_recall": {
+            name: float(correct[true_names == name].mean())
+            for name in class_names
+            if (true_names == name).any()
+        },
+        "correct": correct.astype(int).tolist(),
+    }
+
+
+@dataclass(frozen=True)
+class ChampionGate:
+    """Parameters ``champion_gate``, checked (``validate_gate``) before the first node."""
+
+    min_accuracy: float
+    min_improvement: float
+    min_class_recall: float = 0.0  # every class's test recall must reach it
+    max_ece: float = 1.0  # the calibrated test ECE must not exceed it
+
+
+def paired_comparison(champion_correct: list[int], challenger_correct: np.ndarray) -> dict:
+    """Errors only one of the two models makes on the same test images, and McNemar's test.
+
+    McNemar's exact test: under "both models are as good", an image that only one of them
+    gets wrong is equally likely to be either's; the p-value says how surprising the split
+    of those images is.
+    """
+    champion = np.asarray(champion_correct, dtype=bool)
+    only_champion = int((~champion & challenger_correct).sum())
+    only_challenger = int((champion & ~challenger_correct).sum())
+    discordant = only_champion + only_challenger
+    p_value = (
+        float(binomtest(min(only_champion, only_challenger), discordant, 0.5).pvalue)
+        if discordant
+        else 1.0
+    )
+    return {
+        "errors_only_champion": only_champion,
+        "errors_only_challenger": only_challenger,
+        "errors_both": int((~champion & ~challenger_correct).sum()),
+        "mcnemar_p_value": p_value,
+    }
 
 
 def decide_promotion(
-    candidate_accuracy: float, champion_accuracy: float | None, champion_gate: dict[str, float]
+    candidate_accuracy: float,
+    champion_accuracy: float | None,
+    champion_gate: dict[str, float],
+    candidate_recalls: dict[str, float] | None = None,
+    candidate_ece: float | None = None,
 ) -> tuple[bool, str]:
     """The champion gate: promote only a model at least as good as required.
 
-    A candidate needs ``min_accuracy``; with a champion it also needs the champion's accuracy
-    plus ``min_improvement``.
+    A candidate needs ``min_accuracy``, every class's recall at least ``min_class_recall``
+    (an overall accuracy can hide one weak class), a test ECE of at most ``max_ece``, and,
+    with a champion, the champion's accuracy plus ``min_improvement``.
 
     Returns:
-        Whether to promote, and why in words.
+        Whether to promote, and why in words: the figure, or the class, that decided.
     """
-    min_accuracy, min_improvement = validate_gate(champion_gate)
+    gate = validate_gate(champion_gate)
+    min_accuracy, min_improvement = gate.min_accuracy, gate.min_improvement
     # Accuracies are ratios of counts: a tolerance keeps 0.95 + 0.01 >= 0.96 true.
     candidate_accuracy += 1e-9
     if candidate_accuracy < min_accuracy:
         return False, (
             f"test accuracy {candidate_accuracy:.4f} is below min_accuracy {min_accuracy:.4f}"
         )
+    weak = {
+        name: recall
+        for name, recall in (candidate_recalls or {}).items()
+        if recall + 1e-9 < gate.min_class_recall
+    }
+    if weak:
+        worst = min(weak, key=weak.get)
+        return False, (
+            f"class {worst} has test recall {weak[worst]:.4f}, below min_class_recall "
+            f"{gate.min_class_recall:.4f}"
+            + (f" (also {', '.join(sorted(set(weak) - {worst}))})" if len(weak) > 1 else "")
+        )
+    if candidate_ece is not None and candidate_ece > gate.max_ece + 1e-12:
+        return False, f"test ECE {candidate_ece:.4f} is above max_ece {gate.max_ece:.4f}"
     if champion_accuracy is None:
         return True, (
             f"no champion yet and test accuracy {candidate_accuracy:.4f} "
@@ -146,13 +300,15 @@ def register_and_promote(
     dataset_fingerprint: str,
     training_manifest: pd.DataFrame,
     champion_gate: dict[str, float],
+    calibration: dict[str, Any],
 ) -> dict[str, Any]:
     """Register the trained model, then give it alias ``champion`` if it passes the gate.
 
     A model that does not pass gets alias ``challenger``. Runs last, so nothing is
     registered when an earlier step fails. The version is tagged with what it was trained
     on (fingerprint, images by source) and, when promoted, with when and why, so that
-    anyone reading the registry (the service's ``GET /model``) can tell.
+    anyone reading the registry (the service's ``GET /model``) can tell. The review
+    threshold and temperature travel in the model's metadata, with the class names.
 
     Returns:
         The decision, for the MLflow run's artifacts. When training was skipped nothing is
@@ -171,13 +327,23 @@ def register_and_promote(
             "dataset_fingerprint": dataset_fingerprint,
         }
     promote, reason = decide_promotion(
-        evaluation["test_accuracy"], champion_evaluation["test_accuracy"], champion_gate
+        evaluation["test_accuracy"],
+        champion_evaluation["test_accuracy"],
+        champion_gate,
+        candidate_recalls={name: c["recall"] for name, c in evaluation["per_class"].items()},
+        candidate_ece=evaluation.get("test_ece"),
     )
+    comparison = _comparison(trained_model, test_set, class_names, evaluation, champion_evaluation)
     counts = train_image_counts(training_manifest)
     version = registry.log_and_register(
         trained_model,
         class_names,
         input_example=test_set["images"][:2],
+        calibration={
+            "review_threshold": calibration["review_threshold"],
+            "temperature": calibration["temperature"],
+            "review_target_error_rate": calibration["review_target_error_rate"],
+        },
         tags={
             lifecycle.DATASET_FINGERPRINT: dataset_fingerprint,
             "git_commit": registry.git_commit(),
@@ -209,9 +375,38 @@ def register_and_promote(
         "skipped": False,
         "reason": reason,
         "test_accuracy": evaluation["test_accuracy"],
-        "previous_champion": champion_evaluation,
+        "test_ece": evaluation.get("test_ece"),
+        "gate": asdict(validate_gate(champion_gate)),
+        **comparison,
+        "previous_champion": {k: v for k, v in champion_evaluation.items() if k != "correct"},
         "dataset_fingerprint": dataset_fingerprint,
     }
+
+
+def _comparison(
+    trained_model: nn.Module,
+    test_set: dict,
+    class_names: list[str],
+    evaluation: dict[str, Any],
+    champion_evaluation: dict[str, Any],
+) -> dict[str, Any]:
+    """Per-class recall of challenger and champion, and their paired comparison (if any)."""
+    recalls = {"challenger": {n: c["recall"] for n, c in evaluation["per_class"].items()}}
+    if "correct" not in champion_evaluation:
+        return {"per_class_recall": recalls, "paired_comparison": None}
+    recalls["champion"] = champion_evaluation["per_class_recall"]
+    predicted = predict_probabilities(trained_model, test_set["images"]).argmax(1)
+    paired = paired_comparison(champion_evaluation["correct"], predicted == test_set["labels"])
+    logger.info(
+        "Paired comparison with champion version %s on %d test images: %d errors only the "
+        "champion makes, %d only the challenger makes, McNemar p = %.3g",
+        champion_evaluation["version"],
+        len(predicted),
+        paired["errors_only_champion"],
+        paired["errors_only_challenger"],
+        paired["mcnemar_p_value"],
+    )
+    return {"per_class_recall": recalls, "paired_comparison": paired}
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> Figure:
@@ -277,19 +472,31 @@ def _message_figure(message: str) -> Figure:
     return figure
 
 
-def validate_gate(champion_gate: dict[str, float]) -> tuple[float, float]:
-    """Return ``min_accuracy`` and ``min_improvement``; raise ``ValueError`` if unusable."""
+def validate_gate(champion_gate: dict[str, float]) -> ChampionGate:
+    """The gate's parameters, typed; raise ``ValueError`` saying what to set if unusable.
+
+    ``min_class_recall`` and ``max_ece`` are optional (0 and 1: no limit).
+    """
     try:
-        min_accuracy = float(champion_gate["min_accuracy"])
-        min_improvement = float(champion_gate["min_improvement"])
-    except (KeyError, TypeError, ValueError) as error:
+        gate = ChampionGate(
+            min_accuracy=float(champion_gate["min_accuracy"]),
+            min_improvement=float(champion_gate["min_improvement"]),
+            min_class_recall=float(champion_gate.get("min_class_recall", 0.0)),
+            max_ece=float(champion_gate.get("max_ece", 1.0)),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(
-            "parameters champion_gate need numbers min_accuracy and min_improvement, "
-            f"got {champion_gate!r}"
+            "parameters champion_gate need numbers min_accuracy and min_improvement (and "
+            f"optionally min_class_recall, max_ece), got {champion_gate!r}"
         ) from error
-    if not 0 <= min_accuracy <= 1 or not -1 <= min_improvement <= 1:
+    if not 0 <= gate.min_accuracy <= 1 or not -1 <= gate.min_improvement <= 1:
         raise ValueError(
             "champion_gate.min_accuracy must be in [0, 1] and min_improvement in [-1, 1], "
-            f"got {min_accuracy} and {min_improvement}"
+            f"got {gate.min_accuracy} and {gate.min_improvement}"
         )
-    return min_accuracy, min_improvement
+    if not 0 <= gate.min_class_recall <= 1 or not 0 <= gate.max_ece <= 1:
+        raise ValueError(
+            "champion_gate.min_class_recall and max_ece must be in [0, 1], "
+            f"got {gate.min_class_recall} and {gate.max_ece}"
+        )
+    return gate

@@ -10,12 +10,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=evaluate_model,
-                inputs=["trained_model", "test_set", "class_names"],
+                inputs=["trained_model", "test_set", "class_names", "calibration"],
                 outputs=[
                     "evaluation",
                     "test_metrics",
                     "confusion_matrix_plot",
                     "misclassified_images_plot",
+                    "reliability_diagram_plot",
                 ],
                 name="evaluate_model",
             ),
@@ -36,6 +37,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "dataset_fingerprint",
                     "training_manifest",
                     "params:champion_gate",
+                    "calibration",
                 ],
                 outputs="promotion",
                 name="register_and_promote",

@@ -1,4 +1,4 @@
-"""Nodes of the training pipeline: train the classifier with early stopping."""
+"""Nodes of the training pipeline: train the classifier with early stopping, then calibrate it."""
 
 import copy
 import logging
@@ -12,6 +12,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medical_ct import lifecycle
+from medical_ct.calibration import (
+    CalibratedClassifier,
+    CalibrationParams,
+    choose_review_threshold,
+    expected_calibration_error,
+    fit_temperature,
+)
 from medical_ct.model import TrainingSkipped, build_classifier
 from medical_ct.registry import RegisteredClassifier
 
@@ -88,9 +95,14 @@ def train_model(
     validation_set: dict,
     class_names: list[str],
     training: dict[str, Any],
+    calibration: dict[str, Any],
     training_decision: dict[str, Any] | None = None,
-) -> tuple[nn.Module | TrainingSkipped, dict[str, list[dict[str, float]]]]:
-    """Train a classifier, stopping when validation loss stops improving.
+) -> tuple[nn.Module | TrainingSkipped, dict[str, list[dict[str, float]]], dict[str, Any]]:
+    """Train a classifier, stopping when validation loss stops improving, then calibrate it.
+
+    Calibration is part of training, not of serving: the returned model divides its logits
+    by the temperature fitted on the validation split, so the registered model, and every
+    consumer of it, gives calibrated probabilities.
 
     Args:
         train_set: ``images`` (n, 1, H, W) uint8 and ``labels`` int64.
@@ -99,16 +111,21 @@ def train_model(
         training: ``architecture``, ``width``, ``max_epochs``, ``batch_size``,
             ``learning_rate``, ``weight_decay``, ``patience``, ``seed``, ``device``
             (``auto`` picks CUDA when present), ``num_threads`` (0 = torch's default).
+        calibration: ``review_target_error_rate``, ``ece_bins`` (see ``CalibrationParams``).
         training_decision: From ``decide_training``; ``None`` trains.
 
     Returns:
-        The model with the weights of its best validation epoch (on the CPU), and the
-        per-epoch history of train/validation loss and accuracy for MLflow; or
-        ``TrainingSkipped`` and no history when the decision was not to train.
+        The calibrated model (``CalibratedClassifier``) with the weights of its best
+        validation epoch (on the CPU); the per-epoch history of train/validation loss and
+        accuracy, and the validation ECE before and after calibration, for MLflow; and the
+        calibration (temperature, review threshold, validation ECE). Or ``TrainingSkipped``,
+        no history and ``{"skipped": reason}`` when the decision was not to train.
     """
     if training_decision is not None and not training_decision["train"]:
-        return TrainingSkipped(training_decision["reason"]), {}
+        reason = training_decision["reason"]
+        return TrainingSkipped(reason), {}, {"skipped": reason}
     validate_training_params(training)
+    calibration_params = CalibrationParams.from_params(calibration)
     if len(train_set["labels"]) == 0 or len(validation_set["labels"]) == 0:
         raise ValueError(
             f"cannot train with {len(train_set['labels'])} training and "
@@ -185,7 +202,56 @@ def train_model(
         )
     model.load_state_dict(best_state)
     history["best_epoch"] = [{"value": best_epoch, "step": 0}]
-    return model.to("cpu", memory_format=torch.contiguous_format).eval(), history
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    calibrated, report = calibrate(model, validation_set, calibration_params)
+    for name in ("temperature", "val_ece_uncalibrated", "val_ece", "review_threshold"):
+        history[name] = [{"value": report[name], "step": 0}]
+    return calibrated, history, report
+
+
+@torch.inference_mode()
+def calibrate(
+    model: nn.Module, validation_set: dict, params: CalibrationParams
+) -> tuple[CalibratedClassifier, dict[str, Any]]:
+    """Fit the temperature and choose the review threshold on the validation split.
+
+    Returns:
+        The calibrated model (in eval mode) and what was fitted: ``temperature``,
+        ``review_threshold``, ``review_target_error_rate``, the validation ECE before
+        (``val_ece_uncalibrated``) and after (``val_ece``), and the validation share of
+        images that would need a review.
+    """
+    labels = validation_set["labels"]
+    images = torch.from_numpy(validation_set["images"])
+    logits = torch.cat(
+        [model(images[start : start + 1024]) for start in range(0, len(images), 1024)]
+    )
+    logits = logits.double()
+    temperature = fit_temperature(logits.numpy(), labels)
+    before = torch.softmax(logits, dim=1).numpy()
+    after = torch.softmax(logits / temperature, dim=1).numpy()
+    threshold = choose_review_threshold(after, labels, params.review_target_error_rate)
+    report = {
+        "temperature": temperature,
+        "review_threshold": threshold,
+        "review_target_error_rate": params.review_target_error_rate,
+        "ece_bins": params.ece_bins,
+        "val_ece_uncalibrated": expected_calibration_error(before, labels, params.ece_bins),
+        "val_ece": expected_calibration_error(after, labels, params.ece_bins),
+        "val_review_rate": float((after.max(1) < threshold).mean()),
+        "validation_images": len(labels),
+    }
+    logger.info(
+        "Calibration: temperature %.3f, validation ECE %.4f -> %.4f; review threshold %.4f "
+        "(error rate of answered validation images <= %g, %.1f%% of them to review)",
+        temperature,
+        report["val_ece_uncalibrated"],
+        report["val_ece"],
+        threshold,
+        params.review_target_error_rate,
+        100 * report["val_review_rate"],
+    )
+    return CalibratedClassifier(model, temperature).eval(), report
 
 
 @torch.inference_mode()

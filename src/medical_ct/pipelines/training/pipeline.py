@@ -25,9 +25,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "validation_set",
                     "class_names",
                     "params:training",
+                    "params:calibration",
                     "training_decision",
                 ],
-                outputs=["trained_model", "training_history"],
+                outputs=["trained_model", "training_history", "calibration"],
                 name="train_model",
             ),
         ]
