@@ -88,6 +88,7 @@ class MedicalCT:
         self.prediction_log.append(prediction_id, result, pixels)
         metrics.predictions_total.labels(label=result["label"]).inc()
         metrics.prediction_confidence.observe(result["confidence"])
+        metrics.needs_review_total.inc(result["needs_review"])
         return Prediction(**result, prediction_id=prediction_id)
 
     @bentoml.api(route="/feedback")

@@ -114,8 +114,10 @@ def traffic(service, prometheus, sample_dir) -> dict:
     before = scalar(prometheus, "sum(medical_ct_predictions_total)")
     images = sorted(sample_dir.glob("*/*.jpeg"))[::8][:30]
     with httpx.Client(base_url=service, timeout=30) as client:
-        for path in images:
-            assert client.post("/predict", files={"image": jpeg(path.read_bytes())}).is_success
+        answers = [
+            client.post("/predict", files={"image": jpeg(path.read_bytes())}) for path in images
+        ]
+        assert all(answer.is_success for answer in answers)
         for path in images[:3]:
             response = client.post(
                 "/feedback",
@@ -123,7 +125,8 @@ def traffic(service, prometheus, sample_dir) -> dict:
                 data={"label": path.parent.name},
             )
             assert response.status_code == 201, response.text
-    return {"before": before, "predictions": len(images), "feedback": 3}
+    uncertain = sum(answer.json()["needs_review"] for answer in answers)
+    return {"before": before, "predictions": len(images), "feedback": 3, "uncertain": uncertain}
 
 
 def test_counters_rise_by_the_traffic_sent(prometheus, traffic):
@@ -136,6 +139,8 @@ def test_counters_rise_by_the_traffic_sent(prometheus, traffic):
     assert predictions == expected
     confidence = scalar(prometheus, "sum(medical_ct_prediction_confidence_count)")
     assert confidence == predictions
+    assert query(prometheus, "medical_ct_needs_review_total"), "the counter is exported"
+    assert scalar(prometheus, "sum(medical_ct_needs_review_total)") == traffic["uncertain"]
     assert scalar(prometheus, "sum(medical_ct_feedback_total)") == traffic["feedback"]
     served = query(prometheus, "medical_ct_serving_model_version")
     assert len(served) == 2 and {series["value"][1] for series in served} == {"1"}

@@ -36,3 +36,7 @@ prediction_log_records = bentoml.metrics.Counter(
     documentation="Prediction log records: written to the store, or dropped while it was down",
     labelnames=["outcome"],
 )
+needs_review_total = bentoml.metrics.Counter(
+    name="medical_ct_needs_review_total",
+    documentation="Answers of /predict under the served model's review threshold",
+)
