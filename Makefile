@@ -12,7 +12,7 @@ RUN_ARGS ?= --params "ingest.url=$(abspath $(DEV_ARCHIVE)),ingest.md5=$(DEV_ARCH
 endif
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium prometheus dag benchmark-service benchmark-incremental
+.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium prometheus dag airflow benchmark-service benchmark-incremental
 
 install: $(STAMP)
 
@@ -45,6 +45,18 @@ mlflow-ui: install
 dag: install
 	$(BIN)/kedro airflow create --env s3 --pipelines __default__ --target-dir airflow_dags \
 		--jinja-file src/medical_ct/airflow_dag_template.j2
+
+# Airflow on this machine (scheduler, DAG processor, triggerer, UI on :8080) with the weekly DAG.
+# `airflow standalone` starts its parts as `airflow ...` from PATH, so .venv/bin goes first;
+# variables already set in the environment (the bucket's, AIRFLOW__*) win over these defaults.
+AIRFLOW_HOME ?= $(CURDIR)/.airflow
+airflow: install
+	mkdir -p $(AIRFLOW_HOME)
+	PATH="$(abspath $(BIN)):$$PATH" AIRFLOW_HOME="$(AIRFLOW_HOME)" \
+		AIRFLOW__CORE__DAGS_FOLDER="$${AIRFLOW__CORE__DAGS_FOLDER:-$(CURDIR)/airflow_dags}" \
+		AIRFLOW__CORE__LOAD_EXAMPLES="$${AIRFLOW__CORE__LOAD_EXAMPLES:-False}" \
+		MEDICAL_CT_PROJECT_DIR="$${MEDICAL_CT_PROJECT_DIR:-$(CURDIR)}" \
+		airflow standalone
 
 # The BentoML service on http://localhost:3000 (the page, /predict, /feedback, /model).
 serve: install

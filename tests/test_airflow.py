@@ -6,7 +6,9 @@ read and write a bucket of moto's S3 server on loopback and log into a sqlite ML
 
 import contextlib
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +32,7 @@ from .conftest import (
     assert_ok,
     bentoml_server,
     bucket_env,
+    free_port,
     jpeg,
     kedro,
     make_project,
@@ -342,6 +345,82 @@ def test_tasks_run_one_by_one_in_separate_processes_log_into_one_mlflow_run(
     assert run.info.status == "FINISHED"
     assert node_seconds(run) == set(NODE_NAMES)
     assert project.champion() == "1"
+
+
+# ---- the README's way: `make airflow` (airflow standalone), the real scheduler ----
+def test_make_airflow_runs_the_weekly_dag_under_the_real_scheduler(
+    tmp_path, s3, s3_endpoint, airflow_env, sample_dir
+):
+    """`make airflow`, then unpause: the scheduler starts last week's run and it succeeds.
+
+    Without `.venv/bin` on PATH (pytest is not run from an activated virtualenv), as a user
+    who follows the README: standalone's parts are found only because the target puts it there.
+    """
+    project = WeeklyProject(tmp_path / "project", "standalone", s3_endpoint, airflow_env)
+    upload_images(s3, sorted(sample_dir.glob("*/*.jpeg")), project.root)
+    api_port = free_port()
+    env = {
+        **project.env,
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{api_port}/execution/",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        "PATH": os.pathsep.join(
+            part for part in os.environ["PATH"].split(os.pathsep) if Path(part) != VENV_BIN
+        ),
+    }
+    log = tmp_path / "standalone.log"
+    with log.open("wb") as output:
+        standalone = subprocess.Popen(
+            ["make", "--no-print-directory", "airflow"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        assert_airflow_ok(run_airflow(env, "dags", "unpause", DAG_ID))
+        runs = wait_for_dag_run(env, log, timeout=420)
+    finally:
+        stop_group(standalone)
+
+    assert [run["state"] for run in runs] == ["success"], log.read_text()[-5000:]
+    assert runs[0]["run_id"].startswith("scheduled__")  # started by the scheduler, not by us
+    (run,) = project.mlflow_runs()
+    assert run.info.status == "FINISHED"
+    assert node_seconds(run) == set(NODE_NAMES)
+    assert project.champion() == "1"
+
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def wait_for_dag_run(env: dict[str, str], log: Path, timeout: float) -> list[dict]:
+    """The DAG's runs once none is queued or running any more (or at ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    runs = []
+    while time.monotonic() < deadline:
+        listed = run_airflow(env, "dags", "list-runs", DAG_ID, "--output", "json")
+        # Airflow prints its warnings on stdout too: the JSON is the line that is a list.
+        tables = [line for line in listed.stdout.splitlines() if line.startswith("[")]
+        if listed.returncode == 0 and tables:
+            runs = json.loads(tables[-1])
+            if runs and all(run["state"] in ("success", "failed") for run in runs):
+                return runs
+        time.sleep(5)
+    pytest.fail(f"no finished DAG run after {timeout} s: {runs}\n{log.read_text()[-5000:]}")
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Ctrl-C for standalone and its parts, as in a terminal; SIGKILL what is left after 30 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
 
 
 # ---- the loop: service, feedback, weekly run, new champion served ----
