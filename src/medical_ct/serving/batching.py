@@ -34,7 +34,6 @@ class AdaptiveBatcher:
         self._max_wait_s = max_latency_ms / 1000
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []
 
     async def submit(self, item: np.ndarray) -> Any:
         """The result of ``infer`` for ``item``, computed in a batch with concurrent requests."""

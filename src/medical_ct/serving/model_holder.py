@@ -101,7 +101,6 @@ class ModelHolder:
         self._current: ServedModel | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_error: str | None = None
 
     @property
     def current(self) -> ServedModel | None:
@@ -128,13 +127,11 @@ class ModelHolder:
                 return False
             served = load_served_model(self.alias)
         except Exception as error:  # the registry may be down: keep serving what we have
-            self.last_error = f"{type(error).__name__}: {error}"
             logger.warning("Checking %s@%s failed: %s", registry.MODEL_NAME, self.alias, error)
             return False
         if served is None:
             return False
         self.set(served)
-        self.last_error = None
         logger.info("Serving %s version %s", registry.MODEL_NAME, served.version)
         return True
 
