@@ -7,9 +7,8 @@ logic behind them lives in ``medical_ct.serving``.
 
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import bentoml
@@ -20,11 +19,11 @@ from bentoml.validators import ContentType
 from medical_ct.preprocessing import InvalidImageError, preprocess_image
 from medical_ct.serving import metrics
 from medical_ct.serving.batching import AdaptiveBatcher, OverloadedError
-from medical_ct.serving.feedback import FeedbackStore, FeedbackStoreError
 from medical_ct.serving.http import (
     FEEDBACK_TOKEN_VARIABLE,
     NO_MODEL_MESSAGE,
     BearerTokenGuard,
+    ReviewerGuard,
     ServiceError,
     UploadGuard,
     answers_errors,
@@ -34,7 +33,19 @@ from medical_ct.serving.model_holder import ModelHolder, ServedModel
 from medical_ct.serving.packaging import load_packaged, packaged_model
 from medical_ct.serving.prediction_log import PREDICTION_LOG, PredictionLog, new_prediction_id
 from medical_ct.serving.project import load_project, use_tracking_uri
-from medical_ct.serving.schemas import CorrectedPrediction, FeedbackReceipt, Prediction
+from medical_ct.serving.review import (
+    ReviewError,
+    ReviewQueue,
+    StoreError,
+    reviewer_of,
+    reviewer_tokens,
+)
+from medical_ct.serving.schemas import (
+    CorrectedPrediction,
+    FeedbackReceipt,
+    Prediction,
+    ReviewDecision,
+)
 
 logger = logging.getLogger(__name__)
 project = load_project()
@@ -53,7 +64,6 @@ class MedicalCT:
         # Workers share the cores: one torch thread pool each would oversubscribe them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // serving.workers))
         use_tracking_uri(project.tracking_uri)
-        self.feedback_store = FeedbackStore(project.catalog)
         self.prediction_log = PredictionLog(
             project.catalog.get(PREDICTION_LOG),
             serving.prediction_log_flush_interval_s,
@@ -70,6 +80,8 @@ class MedicalCT:
         self.batcher = AdaptiveBatcher(
             self.holder.classify, serving.max_batch_size, serving.max_latency_ms
         )
+        reviewer_tokens()  # a malformed MEDICAL_CT_REVIEWER_TOKENS stops the start, saying why
+        self.reviews = ReviewQueue(project.catalog, project.review)
 
     def __is_ready__(self) -> bool:
         return self.holder.current is not None
@@ -98,15 +110,12 @@ class MedicalCT:
     ) -> FeedbackReceipt:
         """Send the correct `label` of an image, with the `prediction_id` it corrects if known.
 
-        Needs `Authorization: Bearer <token>` when the service has a feedback token.
+        Answers 202: the item waits for a reviewer (GET /review), and only accepted feedback
+        is trained on. Needs `Authorization: Bearer <token>` when the service has a feedback
+        token; 429 with Retry-After past the burst limit of conf/base/review.yml.
         """
         served = self._served()
-        if label not in served.class_names:
-            raise ServiceError(
-                422,
-                f"unknown label {label!r}: use one of {', '.join(served.class_names)}",
-                valid_labels=served.class_names,
-            )
+        _check_label(served, label)
         data = image.read_bytes()
         await _preprocess(data)  # only images the training pipeline can decode are stored
         logged = None
@@ -117,20 +126,74 @@ class MedicalCT:
             if logged
             else None
         )
+        submitter = ctx.request.client.host if ctx.request.client else "unknown"
         record = {
             "prediction_id": prediction_id,
             "corrected_model_version": corrected.model_version if corrected else None,
             "corrected_label": corrected.label if corrected else None,
             "serving_model_version": served.version,
+            "submitter": submitter,
         }
         try:
-            receipt = await anyio.to_thread.run_sync(self.feedback_store.save, data, label, record)
-        except FeedbackStoreError as failure:
+            stored, status = await anyio.to_thread.run_sync(
+                self.reviews.submit, data, label, record, served
+            )
+        except ReviewError as refused:  # past the burst limit
+            raise ServiceError(
+                refused.status, str(refused), {"Retry-After": str(refused.retry_after_s)}
+            ) from None
+        except StoreError as failure:
             logger.error("Feedback not stored: %s", failure.__cause__)
             raise ServiceError(503, f"{failure}; nothing was stored, try again later") from None
         metrics.feedback_total.labels(label=label).inc()
-        ctx.response.status_code = 201
-        return FeedbackReceipt(**asdict(receipt), label=label, corrected=corrected)
+        ctx.response.status_code = 202
+        return FeedbackReceipt(
+            feedback_id=stored["feedback_id"],
+            stored_as=stored["image"],
+            label=label,
+            corrected=corrected,
+            status=status,
+            message=f"received, {'waiting for review' if status == 'pending' else status}",
+        )
+
+    @bentoml.api(route="/review")
+    @answers_errors
+    async def review(
+        self,
+        feedback_id: str,
+        decision: Literal["accept", "reject"],
+        ctx: bentoml.Context,
+        label: str | None = None,
+    ) -> ReviewDecision:
+        """Accept (optionally under a corrected `label`) or reject a pending feedback item.
+
+        Needs a reviewer's `Authorization: Bearer <token>` (MEDICAL_CT_REVIEWER_TOKENS).
+        404 for an unknown id, 422 for a label that is not a class, 409 once decided.
+        """
+        served = self._served()
+        if label is not None:
+            _check_label(served, label)
+        reviewer = reviewer_of(ctx.request.headers.get("authorization", ""))
+        try:
+            record = await anyio.to_thread.run_sync(
+                self.reviews.decide, feedback_id, decision, reviewer, label
+            )
+        except ReviewError as refused:
+            raise ServiceError(refused.status, str(refused)) from None
+        except StoreError as failure:
+            raise ServiceError(503, f"{failure}; nothing was decided, try again") from None
+        return ReviewDecision(**{key: record[key] for key in ReviewDecision.model_fields})
+
+    def review_queue(self, limit: int) -> list[dict[str, Any]]:
+        """``GET /review``: pending items, oldest first, with the champion's view and flags."""
+        return self.reviews.queue(self._served(), limit)
+
+    def review_image(self, feedback_id: str) -> bytes:
+        """``GET /review/image/<feedback_id>``: the submitted image, as it was sent."""
+        try:
+            return self.reviews.store.images([feedback_id])[0]
+        except ReviewError as refused:
+            raise ServiceError(refused.status, str(refused)) from None
 
     def model_info(self) -> dict[str, Any]:
         """``GET /model``: the serving version, its classes and test metrics."""
@@ -148,6 +211,15 @@ class MedicalCT:
         self.prediction_log.close()
 
 
+def _check_label(served: ServedModel, label: str) -> None:
+    if label not in served.class_names:
+        raise ServiceError(
+            422,
+            f"unknown label {label!r}: use one of {', '.join(served.class_names)}",
+            valid_labels=served.class_names,
+        )
+
+
 async def _preprocess(data: bytes) -> np.ndarray:
     try:
         return await anyio.to_thread.run_sync(preprocess_image, data)
@@ -158,6 +230,7 @@ async def _preprocess(data: bytes) -> np.ndarray:
 MedicalCT.add_asgi_middleware(
     BearerTokenGuard, routes={"/feedback"}, variable=FEEDBACK_TOKEN_VARIABLE
 )
+MedicalCT.add_asgi_middleware(ReviewerGuard)
 MedicalCT.add_asgi_middleware(
     UploadGuard,
     uploads={"/predict": {"image"}, "/feedback": {"image"}},

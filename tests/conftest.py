@@ -24,7 +24,7 @@ KEDRO = str(Path(sys.executable).with_name("kedro"))
 FAST_RUN_PARAMS = (
     "training.max_epochs=6,training.batch_size=16,training.learning_rate=0.005,"
     "training.patience=6,champion_gate.min_accuracy=0.7,"
-    "champion_gate.min_class_recall=0.5,champion_gate.max_ece=0.5"
+    "champion_gate.min_class_recall=0.5,champion_gate.max_ece=0.5,min_new_images=1"
 )
 
 
@@ -319,3 +319,16 @@ def chromium() -> Path:
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (see the Makefile)")
     return CHROMIUM
+
+
+@contextlib.contextmanager
+def chromium_browser(executable: Path):
+    """Headless Debian chromium driven by Playwright."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -3,6 +3,7 @@ training."""
 
 import json
 
+import pandas as pd
 import pytest
 
 from medical_ct import registry
@@ -67,24 +68,82 @@ def test_local_image_folder_versions_change_with_the_file(tmp_path):
 CHAMPION = registry.RegisteredClassifier(
     model=None, version="3", class_names=CLASSES, tags={"dataset_fingerprint": "abc"}
 )
+TRAINED_ON = [(f"{n:064x}", "Hand") for n in range(20)]
+
+
+def manifest(pairs: list[tuple[str, str]]) -> pd.DataFrame:
+    return pd.DataFrame(pairs, columns=["content_hash", "label"])
+
+
+def versions(read_manifest=lambda: manifest(TRAINED_ON)) -> dict:
+    version = registry.RegisteredVersion("3", None, {}, dict, read_manifest)
+    return {"3": version}
+
+
+def decide(fingerprint, champion, retrain, pairs=TRAINED_ON, minimum=10, **kwargs):
+    decision, metric = decide_training(
+        fingerprint, manifest(pairs), champion, versions(**kwargs), retrain, minimum
+    )
+    assert metric["training.new_images"]["value"] == (
+        -1 if decision["new_images"] is None else decision["new_images"]
+    )
+    return decision
 
 
 @pytest.mark.parametrize(
     ("champion", "fingerprint", "retrain", "train"),
     [
         (None, "abc", False, True),
-        (CHAMPION, "def", False, True),
         (CHAMPION, "abc", False, False),
         (CHAMPION, "abc", True, True),
     ],
 )
 def test_training_is_decided_by_the_champions_fingerprint(champion, fingerprint, retrain, train):
-    assert decide_training(fingerprint, champion, retrain)["train"] is train
+    assert decide(fingerprint, champion, retrain)["train"] is train
 
 
-def test_a_bad_retrain_flag_is_refused():
-    with pytest.raises(ValueError, match="retrain_on_same_data must be true or false"):
-        decide_training("abc", None, "yes")
+def test_fewer_new_images_than_min_new_images_wait_and_say_how_many():
+    nine_new = TRAINED_ON + [(f"{n:064x}", "CXR") for n in range(100, 109)]
+
+    decision = decide("def", CHAMPION, False, nine_new)
+
+    assert decision["train"] is False and decision["new_images"] == 9
+    assert "9 new or relabelled images" in decision["reason"]
+    assert "min_new_images is 10" in decision["reason"] and "1 more" in decision["reason"]
+    assert "set retrain_on_same_data=true" in decision["reason"]
+    assert "training.retrain" not in decision["reason"]  # the parameter is top-level
+
+
+def test_min_new_images_new_or_relabelled_images_train():
+    relabelled = [(digest, "CXR") for digest, _ in TRAINED_ON[:4]]
+    ten = TRAINED_ON[4:] + relabelled + [(f"{n:064x}", "CXR") for n in range(100, 106)]
+
+    decision = decide("def", CHAMPION, False, ten)
+
+    assert decision == {**decision, "train": True, "new_images": 10}
+
+
+def test_a_champion_without_a_manifest_trains_on_different_data():
+    def missing():
+        raise FileNotFoundError("no manifest")
+
+    decision = decide("def", CHAMPION, False, read_manifest=missing)
+
+    assert decision["train"] is True and decision["new_images"] is None
+    assert "no training manifest" in decision["reason"]
+
+
+@pytest.mark.parametrize(
+    ("retrain", "minimum", "message"),
+    [
+        ("yes", 10, "retrain_on_same_data must be true or false"),
+        (False, 0, "min_new_images must be an integer >= 1"),
+        (False, "10", "min_new_images must be an integer >= 1"),
+    ],
+)
+def test_bad_decision_parameters_are_refused(retrain, minimum, message):
+    with pytest.raises(ValueError, match=message):
+        decide("abc", None, retrain, minimum=minimum)
 
 
 def test_a_local_rerun_on_unchanged_data_skips_training(trained_project):

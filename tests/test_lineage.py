@@ -147,8 +147,12 @@ def test_decide_training_refuses_the_data_rolled_back_from_unless_told():
         tags={lifecycle.DATASET_FINGERPRINT: "f2", lifecycle.ROLLED_BACK_DATA: "3:f3"},
     )
 
-    assert decide_training("f3", champion, False)["train"] is False
-    assert "version 3 was trained on" in decide_training("f3", champion, False)["reason"]
-    assert decide_training("f3", champion, True)["train"] is True
-    assert decide_training("f4", champion, False)["train"] is True
-    assert decide_training("f2", champion, False)["train"] is False
+    def decide(fingerprint, retrain):
+        decision, _ = decide_training(fingerprint, None, champion, {}, retrain, 1)
+        return decision
+
+    assert decide("f3", False)["train"] is False
+    assert "version 3 was trained on" in decide("f3", False)["reason"]
+    assert decide("f3", True)["train"] is True
+    assert decide("f4", False)["train"] is True  # no manifest to count: different data trains
+    assert decide("f2", False)["train"] is False

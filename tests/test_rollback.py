@@ -44,21 +44,23 @@ def output_of(result) -> str:
 def project(trained_project, tmp_path_factory, sample_dir) -> dict:
     """A copy of the trained project, then a second promotion trained on new data.
 
-    The new data is one corrected label in the feedback store, with the record the service
-    writes, so the second version's data differs from the first's and includes feedback.
+    The new data is one corrected label in the accepted feedback store, with the record the
+    review writes, so the second version's data differs from the first's and includes feedback.
     """
     copy = tmp_path_factory.mktemp("rollback") / "project"
     shutil.copytree(trained_project, copy)
     first = champion(copy)
     image = sorted((sample_dir / "Hand").iterdir())[0]
-    stored_as = f"CXR/{image.stem}.jpeg"
-    (copy / "data/01_raw/feedback/CXR").mkdir(parents=True)
-    shutil.copy(image, copy / "data/01_raw/feedback" / stored_as)
-    (copy / "data/01_raw/feedback_metadata").mkdir(parents=True)
-    record = {"feedback_id": "CXR-test", "image": stored_as, "label": "CXR"}
-    (copy / "data/01_raw/feedback_metadata/CXR-test.json").write_text(json.dumps(record))
+    accepted_as = f"CXR/{image.stem}.jpeg"
+    (copy / "data/01_raw/feedback_accepted/images/CXR").mkdir(parents=True)
+    shutil.copy(image, copy / "data/01_raw/feedback_accepted/images" / accepted_as)
+    (copy / "data/01_raw/feedback_accepted/records").mkdir(parents=True)
+    record = {"feedback_id": "CXR-test", "accepted_as": accepted_as, "label": "CXR"}
+    record |= {"decision": "accept", "reviewer": "alice"}
+    (copy / "data/01_raw/feedback_accepted/records/CXR-test.json").write_text(json.dumps(record))
     started = time.monotonic()
-    assert_ok(kedro(copy, "run", "--params", f"{FAST_RUN_PARAMS},champion_gate.min_improvement=-1"))
+    params = f"{FAST_RUN_PARAMS},champion_gate.min_improvement=-1,min_new_images=1"
+    assert_ok(kedro(copy, "run", "--params", params))
     second = champion(copy)
     assert second != first, "the retraining on new data was promoted"
     return {"path": copy, "first": first, "second": second, "train_s": time.monotonic() - started}
@@ -77,7 +79,7 @@ def test_second_version_was_promoted_with_its_lineage(project, monkeypatch):
     feedback = manifest[manifest["source"] == "feedback"].to_dict("records")
     assert len(feedback) == 1
     assert feedback[0]["feedback_id"] == "CXR-test" and feedback[0]["label"] == "CXR"
-    assert feedback[0]["review_decision"] == ""  # no reviews yet
+    assert feedback[0]["review_decision"] == "accept"
     in_train = int(feedback[0]["split"] == "train")
     assert second.tags[lifecycle.TRAIN_IMAGES_FEEDBACK] == str(in_train)
     assert manifest_fingerprint(manifest) == second.tags[lifecycle.DATASET_FINGERPRINT]

@@ -31,9 +31,10 @@ from tests.conftest import (
     wait_ready,
 )
 
-FEEDBACK_DIR = Path("data/01_raw/feedback")
+FEEDBACK_DIR = Path("data/01_raw/feedback_pending/images")
 PREDICTION_LOG_DIR = Path("data/01_raw/prediction_log")
-METADATA_DIR = Path("data/01_raw/feedback_metadata")
+METADATA_DIR = Path("data/01_raw/feedback_pending/records")
+REVIEWER = {"Authorization": "Bearer reviewer-token-for-tests"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,11 @@ def project(trained_project, tmp_path_factory) -> Path:
 
 POLL_INTERVAL_S = 1
 # Two workers, as in production: ids, feedback and swaps must not depend on which one answers.
-SERVE_ENV = {"MEDICAL_CT_MODEL_POLL_INTERVAL_S": str(POLL_INTERVAL_S), "MEDICAL_CT_WORKERS": "2"}
+SERVE_ENV = {
+    "MEDICAL_CT_MODEL_POLL_INTERVAL_S": str(POLL_INTERVAL_S),
+    "MEDICAL_CT_WORKERS": "2",
+    "MEDICAL_CT_REVIEWER_TOKENS": "alice:reviewer-token-for-tests",
+}
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +330,7 @@ def test_feedback_resolves_ids_from_every_worker_and_after_a_restart(server, pro
                 for path, label in images.items()
             ]
 
-    assert [receipt.status_code for receipt in receipts] == [201] * len(images)
+    assert [receipt.status_code for receipt in receipts] == [202] * len(images)
     for receipt, prediction in zip(receipts, predictions.values(), strict=True):
         assert receipt.json()["corrected"] == {
             "model_version": prediction["model_version"],
@@ -340,7 +345,7 @@ def test_feedback_with_an_unknown_prediction_id_corrects_nothing(client, sample_
             "/feedback", files={"image": image}, data={"label": "ChestCT", "prediction_id": unknown}
         )
 
-        assert response.status_code == 201, response.text
+        assert response.status_code == 202, response.text
         assert response.json()["corrected"] is None
 
 
@@ -389,7 +394,7 @@ def test_page_classifies_an_image_and_sends_a_correction(server, project, sample
 
     assert predicted in CLASSES
     assert shown == set(CLASSES)
-    assert f"stored as {correct}" in confirmation
+    assert "waiting for review" in confirmation and f"stored as {correct}" in confirmation
     digest = hashlib.sha256(image_path.read_bytes()).hexdigest()
     assert (project / FEEDBACK_DIR / correct / f"{digest}.jpeg").read_bytes() == (
         image_path.read_bytes()
@@ -540,7 +545,9 @@ def test_feedback_is_stored_once_with_its_metadata(client, project, sample_dir):
     first = client.post("/feedback", files={"image": ("x.jpeg", image)}, data=form)
     second = client.post("/feedback", files={"image": ("y.jpeg", image)}, data=form)
 
-    assert first.status_code == 201, first.text
+    assert first.status_code == 202, first.text
+    assert first.json()["status"] == "pending"
+    assert first.json()["message"] == "received, waiting for review"
     assert second.json()["feedback_id"] == first.json()["feedback_id"]
     digest = hashlib.sha256(image).hexdigest()
     stored = project / FEEDBACK_DIR / "HeadCT" / f"{digest}.jpeg"
@@ -552,7 +559,8 @@ def test_feedback_is_stored_once_with_its_metadata(client, project, sample_dir):
     assert record["prediction_id"] == prediction["prediction_id"]
     assert record["corrected_label"] == prediction["label"]
     assert record["corrected_model_version"] == prediction["model_version"]
-    assert record["label"] == "HeadCT" and record["received_at"]
+    assert record["label"] == "HeadCT" and record["submitted_at"]
+    assert record["submitter"] == "127.0.0.1"
     assert 'medical_ct_feedback_total{label="HeadCT"}' in client.get("/metrics").text
 
 
@@ -624,7 +632,9 @@ def retrained(client, project, sample_dir) -> dict:
         if content_hash(preprocess_image(image)) in train_hashes:
             break
     response = client.post("/feedback", files={"image": jpeg(image)}, data={"label": "CXR"})
-    assert response.status_code == 201, response.text
+    assert response.status_code == 202, response.text
+    decision = {"feedback_id": response.json()["feedback_id"], "decision": "accept"}
+    assert client.post("/review", json=decision, headers=REVIEWER).status_code == 200
     assert_ok(kedro(project, "run", "--params", FAST_RUN_PARAMS))
     return {"image": image, "label": "CXR"}
 

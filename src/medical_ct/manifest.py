@@ -85,7 +85,7 @@ def build_manifest(
     class_names: list[str],
     chosen: Mapping[str, ChosenImage],
     files: Mapping[str, list[str]],
-    feedback_ids: Mapping[str, str],
+    feedback: Mapping[str, Mapping[str, Any]],
 ) -> pd.DataFrame:
     """One row per image of the model input, in the fingerprint's order.
 
@@ -94,12 +94,14 @@ def build_manifest(
         class_names: Class names, index = label.
         chosen: From ``choose_images``: which store and row each content hash came from.
         files: The ``files`` of the decoded raw and feedback sets, by source.
-        feedback_ids: Feedback file (``<Class>/<file>``) -> the service's feedback id.
+        feedback: Accepted feedback file (``<Class>/<file>``) -> its review record
+            (``feedback_id``, ``decision``: accept or auto_accept).
     """
     rows = []
     for content, label, split in model_input_rows(sets, class_names):
         image = chosen[content]
         file = files[image.source][image.index]
+        record = feedback.get(file, {}) if image.source == FEEDBACK else {}
         rows.append(
             {
                 "split": split,
@@ -107,8 +109,8 @@ def build_manifest(
                 "label": label,
                 "source": image.source,
                 "file": file,
-                "feedback_id": feedback_ids.get(file, "") if image.source == FEEDBACK else "",
-                "review_decision": "",
+                "feedback_id": record.get("feedback_id", ""),
+                "review_decision": record.get("decision", ""),
             }
         )
     return pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

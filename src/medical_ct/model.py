@@ -1,5 +1,7 @@
 """The classifier: a small CNN by default, or any torchvision architecture by name."""
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,3 +114,53 @@ class TrainingSkipped:
     """
 
     reason: str
+
+
+def feature_extractor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from images to ``model``'s penultimate-layer features.
+
+    They are the input of the model's last linear layer (the class head): what the model
+    "sees" before it names a class, so a distance there tells how unlike the training images
+    an image is (review's out-of-distribution flag). Works on the registered model (a
+    torch.export graph: the graph is cut before its last ``aten.linear``) and on a module
+    (a forward hook on its last ``nn.Linear``).
+    """
+    if isinstance(model, torch.fx.GraphModule):
+        graph = copy.deepcopy(model.graph)
+        heads = [
+            node
+            for node in graph.nodes
+            if node.op == "call_function" and node.target is torch.ops.aten.linear.default
+        ]
+        if not heads:
+            raise ValueError("the model graph has no linear layer to take features before")
+        next(node for node in graph.nodes if node.op == "output").args = ((heads[-1].args[0],),)
+        cut = torch.fx.GraphModule(model, graph)
+        cut.graph.eliminate_dead_code()
+        cut.recompile()
+        return cut
+    head = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        captured = []
+        hook = head.register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
+        try:
+            model(images)
+        finally:
+            hook.remove()
+        return captured[0]
+
+    return features
+
+
+@torch.inference_mode()
+def embed(
+    extractor: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int = 512
+) -> np.ndarray:
+    """Features of ``feature_extractor`` for images of shape (n, 1, H, W), on the CPU."""
+    images = torch.as_tensor(images)
+    batches = [
+        extractor(images[start : start + batch_size]).cpu()
+        for start in range(0, len(images), batch_size)
+    ]
+    return torch.cat(batches).numpy()

@@ -33,6 +33,8 @@ CONFIG_LOADER_ARGS = {
     "config_patterns": {
         # conf/<env>/serving.yml: the BentoML service's settings (service.py).
         "serving": ["serving*", "serving*/**"],
+        # conf/<env>/review.yml: the review queue's flags and auto-accept policy.
+        "review": ["review*", "review*/**"],
         # kedro-mlflow adds this pattern in its hook; the service reads mlflow.yml without hooks.
         "mlflow": ["mlflow*", "mlflow*/**"],
     },

@@ -12,12 +12,15 @@ Starlette app mounted beside the APIs.
 
 import functools
 import hmac
+import io
 import os
 from collections.abc import Awaitable, Callable, Collection
 from importlib.resources import files
 from typing import Any
 
 import bentoml
+from anyio.to_thread import run_sync
+from PIL import Image as PILImage
 from python_multipart.multipart import parse_options_header
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -25,6 +28,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from medical_ct.serving.review import REVIEWER_TOKENS_VARIABLE, reviewer_of, reviewer_tokens
 
 FEEDBACK_TOKEN_VARIABLE = "MEDICAL_CT_FEEDBACK_TOKEN"
 _MAX_PARTS = 10  # the APIs take at most 3 fields
@@ -37,9 +42,12 @@ NO_MODEL_MESSAGE = (
 class ServiceError(Exception):
     """A request the service answers with ``status`` and ``{"error": message, **details}``."""
 
-    def __init__(self, status: int, message: str, **details: Any) -> None:
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, **details: Any
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.body = {"error": message, **details}
 
 
@@ -57,7 +65,7 @@ def answers_errors(api: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitabl
             return await api(*args, ctx=ctx, **kwargs)
         except ServiceError as failure:
             ctx.response.status_code = failure.status
-            return JSONResponse(failure.body, status_code=failure.status)
+            return JSONResponse(failure.body, status_code=failure.status, headers=failure.headers)
 
     return wrapper
 
@@ -96,6 +104,41 @@ class BearerTokenGuard:
                 )
                 return
         await self.app(scope, receive, send)
+
+
+class ReviewerGuard:
+    """Requests to ``/review`` and below need a reviewer's token (``$MEDICAL_CT_REVIEWER_TOKENS``).
+
+    401 without a known token, 403 for the feedback token (a submitter may not review what
+    they submitted) and 403 when no reviewer is configured: review is never open to anyone.
+    Answered before the body is read; tokens are compared in constant time, never logged.
+    """
+
+    def __init__(self, app: ASGIApp, prefix: str = "/review") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == self.prefix or path.startswith(self.prefix + "/"):
+            refusal = _reviewer_refusal(Headers(scope=scope).get("authorization", ""))
+            if refusal is not None:
+                await _answer(send, *refusal)
+                return
+        await self.app(scope, receive, send)
+
+
+def _reviewer_refusal(authorization: str) -> tuple[int, str, dict] | None:
+    if not reviewer_tokens():
+        return 403, f"review is disabled: set {REVIEWER_TOKENS_VARIABLE}=name:token,...", {}
+    if reviewer_of(authorization) is not None:
+        return None
+    feedback_token = os.environ.get(FEEDBACK_TOKEN_VARIABLE)
+    given = authorization.removeprefix("Bearer ").encode()
+    if feedback_token and hmac.compare_digest(given, feedback_token.encode()):
+        return 403, "the feedback token can submit feedback, not review it", {}
+    challenge = {"WWW-Authenticate": "Bearer"}
+    return 401, "review needs the header 'Authorization: Bearer <reviewer token>'", challenge
 
 
 class UploadGuard:
@@ -194,15 +237,39 @@ def pages() -> Starlette:
         return HTMLResponse(files("medical_ct.serving").joinpath("docs.html").read_text())
 
     async def model(_: Request) -> Response:
+        return await _json(lambda service: service.model_info())
+
+    async def review(request: Request) -> Response:
+        limit = request.query_params.get("limit", "50")
+        if not limit.isdigit() or not 1 <= int(limit) <= 500:
+            return JSONResponse({"error": "limit is a number from 1 to 500"}, status_code=400)
+        return await _json(lambda service: service.review_queue(int(limit)))
+
+    async def review_image(request: Request) -> Response:
+        service = bentoml.get_current_service()
         try:
-            return JSONResponse(bentoml.get_current_service().model_info())
+            data = await run_sync(service.review_image, request.path_params["feedback_id"])
         except ServiceError as failure:
             return JSONResponse(failure.body, status_code=failure.status)
+        with PILImage.open(io.BytesIO(data)) as opened:
+            kind = PILImage.MIME.get(opened.format or "", "application/octet-stream")
+        return Response(data, media_type=kind, headers={"Cache-Control": "private, max-age=3600"})
 
     return Starlette(
         routes=[
             Route("/", page, methods=["GET"]),
             Route("/docs", swagger, methods=["GET"]),
             Route("/model", model, methods=["GET"]),
+            Route("/review", review, methods=["GET"]),
+            Route("/review/image/{feedback_id}", review_image, methods=["GET"]),
         ]
     )
+
+
+async def _json(answer: Callable[[Any], Any]) -> Response:
+    """``answer(service)``, run in a thread (it may read stores), as JSON or its error."""
+    service = bentoml.get_current_service()
+    try:
+        return JSONResponse(await run_sync(answer, service))
+    except ServiceError as failure:
+        return JSONResponse(failure.body, status_code=failure.status)

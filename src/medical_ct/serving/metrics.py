@@ -40,3 +40,14 @@ needs_review_total = bentoml.metrics.Counter(
     name="medical_ct_needs_review_total",
     documentation="Answers of /predict under the served model's review threshold",
 )
+feedback_reviews_total = bentoml.metrics.Counter(
+    name="medical_ct_feedback_reviews_total",
+    documentation="Review decisions on feedback: accept, reject, auto_accept",
+    labelnames=["decision"],
+)
+feedback_pending = bentoml.metrics.Gauge(
+    name="medical_ct_feedback_pending",
+    documentation="Feedback items waiting for a review, as the store said at the last look",
+    # Every worker reads the same store: the latest count, from whichever worker, is true.
+    multiprocess_mode="livemostrecent",
+)

@@ -16,6 +16,8 @@ from kedro.framework.startup import bootstrap_project
 from kedro.io import CatalogProtocol
 from kedro.utils import find_kedro_project
 
+from medical_ct.serving.review import ReviewConfig
+
 PROJECT_DIR_VARIABLE = "MEDICAL_CT_PROJECT_DIR"
 
 
@@ -76,6 +78,7 @@ class KedroProject:
     path: Path
     env: str | None
     serving: ServingConfig
+    review: ReviewConfig
     catalog: CatalogProtocol
     tracking_uri: str
 
@@ -119,6 +122,7 @@ def load_project(path: Path | None = None, env: str | None = None) -> KedroProje
         path=path,
         env=env,
         serving=ServingConfig.from_config(config_loader["serving"]),
+        review=ReviewConfig.from_config(config_loader["review"]),
         catalog=catalog,
         tracking_uri=tracking_uri,
     )

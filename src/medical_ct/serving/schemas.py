@@ -1,5 +1,7 @@
 """The typed answers of the service's APIs: BentoML's OpenAPI (``/docs.json``) shows them."""
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
@@ -28,7 +30,7 @@ class CorrectedPrediction(BaseModel):
 
 
 class FeedbackReceipt(BaseModel):
-    """The answer of ``POST /feedback`` (status 201)."""
+    """The answer of ``POST /feedback`` (status 202: received, waiting for review)."""
 
     feedback_id: str = Field(description="the same image and label always get the same id")
     stored_as: str = Field(description="<label>/<sha256 of the file>.<format> in the store")
@@ -37,3 +39,19 @@ class FeedbackReceipt(BaseModel):
         description="the prediction this feedback corrected; null when no prediction_id was "
         "sent or the prediction log has no such id"
     )
+    status: Literal["pending", "accepted", "rejected"] = Field(
+        description="pending until a reviewer decides (only accepted feedback is trained on); "
+        "a repeat of an item already decided says how it was decided"
+    )
+    message: str
+
+
+class ReviewDecision(BaseModel):
+    """The answer of ``POST /review``: the decision as recorded (and audited)."""
+
+    feedback_id: str
+    decision: Literal["accept", "reject"]
+    label: str | None = Field(description="the accepted label; null when rejected")
+    submitted_label: str
+    reviewer: str
+    decided_at: str

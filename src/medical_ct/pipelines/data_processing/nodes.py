@@ -267,35 +267,80 @@ def build_training_manifest(
     class_names: list[str],
     raw_images: ImageSet,
     feedback_images: ImageSet,
-    feedback_records: dict[str, Callable[[], dict]],
+    accepted_feedback: dict[str, Callable[[], dict]],
 ) -> pd.DataFrame:
     """The manifest of the model input: each image's split, label and where it came from.
 
     Logged with the run (and so with the version it registers), it is what a rebuild of the
-    model input reads, and what tells which feedback a version was trained on.
+    model input reads, and what tells which reviewed feedback a version was trained on.
 
     Args:
         train_set, validation_set, test_set: The model input.
         class_names: Class names, index = label.
         raw_images, feedback_images: The decoded stores the model input was built from.
-        feedback_records: The service's feedback metadata, ``{feedback_id: record}``; a
-            record's ``image`` is the feedback file it describes.
+        accepted_feedback: The review's accepted records, ``{feedback_id: record}``; a
+            record's ``accepted_as`` is the file of the accepted store it describes.
 
     Returns:
         One row per image, in the order of the dataset fingerprint.
     """
     chosen, _, _ = choose_images(raw_images, feedback_images)
-    feedback_ids = {}
-    for feedback_id, load in feedback_records.items():
+    records = {}
+    for feedback_id, load in accepted_feedback.items():
         record = load()
-        feedback_ids[record.get("image", "")] = record.get("feedback_id", feedback_id)
+        records[record.get("accepted_as", "")] = record | {"feedback_id": feedback_id}
     return build_manifest(
         dict(zip(SPLITS, (train_set, validation_set, test_set), strict=True)),
         class_names,
         chosen,
         {RAW: raw_images["files"], FEEDBACK: feedback_images["files"]},
-        feedback_ids,
+        records,
     )
+
+
+def report_feedback(
+    pending: dict[str, Callable[[], dict]],
+    accepted: dict[str, Callable[[], dict]],
+    rejected: dict[str, Callable[[], dict]],
+    raw_images: ImageSet,
+    feedback_images: ImageSet,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Counts of the review queue, and the accepted feedback that changed a raw image's label.
+
+    Only accepted feedback trains; this report shows what is waiting and what a reviewer's
+    decisions changed in the ground truth (the raw store keeps its files untouched).
+
+    Returns:
+        The report and its counts as MLflow metrics (``feedback.pending`` ...).
+    """
+    accepted_records = [load() for load in accepted.values()]
+    decided = accepted.keys() | rejected.keys()
+    raw_labels = dict(zip(raw_images["content_hashes"], raw_images["labels"], strict=True))
+    feedback_hashes = dict(
+        zip(feedback_images["files"], feedback_images["content_hashes"], strict=True)
+    )
+    changed = []
+    for record in accepted_records:
+        raw_label = raw_labels.get(feedback_hashes.get(record.get("accepted_as"), ""))
+        if raw_label is not None and raw_label != record["label"]:
+            changed.append(
+                {"feedback_id": record["feedback_id"], "raw_label": raw_label, **_who(record)}
+            )
+    counts = {
+        "pending": len(pending.keys() - decided),
+        "accepted": sum(r["decision"] == "accept" for r in accepted_records),
+        "auto_accepted": sum(r["decision"] == "auto_accept" for r in accepted_records),
+        "rejected": len(rejected),
+        "changed_raw_label": len(changed),
+    }
+    logger.info("Feedback review: %s", counts)
+    report = {**counts, "accepted_changing_a_raw_label": changed}
+    metrics = {f"feedback.{name}": {"value": value, "step": 0} for name, value in counts.items()}
+    return report, metrics
+
+
+def _who(record: dict) -> dict[str, str]:
+    return {key: record[key] for key in ("label", "submitted_label", "reviewer", "decided_at")}
 
 
 def validate_ingest(ingest: dict[str, Any]) -> None:

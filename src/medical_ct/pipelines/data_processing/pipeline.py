@@ -8,6 +8,7 @@ from .nodes import (
     decode_images,
     ingest_mednist,
     report_data,
+    report_feedback,
 )
 
 
@@ -73,10 +74,22 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "class_names",
                     "decoded_raw_images",
                     "decoded_feedback_images",
-                    "feedback_records",
+                    "accepted_feedback_records",
                 ],
                 outputs="training_manifest",
                 name="build_training_manifest",
+            ),
+            Node(
+                func=report_feedback,
+                inputs=[
+                    "pending_feedback_records",
+                    "accepted_feedback_records",
+                    "rejected_feedback_records",
+                    "decoded_raw_images",
+                    "decoded_feedback_images",
+                ],
+                outputs=["feedback_report", "feedback_metrics"],
+                name="report_feedback",
             ),
         ]
     )

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -20,7 +21,7 @@ from medical_ct.calibration import (
     fit_temperature,
 )
 from medical_ct.model import TrainingSkipped, build_classifier
-from medical_ct.registry import RegisteredClassifier
+from medical_ct.registry import RegisteredClassifier, RegisteredVersion
 
 logger = logging.getLogger(__name__)
 
@@ -30,64 +31,124 @@ _POSITIVE_FLOATS = ("learning_rate",)
 
 def decide_training(
     dataset_fingerprint: str,
+    training_manifest: pd.DataFrame,
     champion: RegisteredClassifier | None,
+    registered_versions: dict[str, RegisteredVersion],
     retrain_on_same_data: bool,
-) -> dict[str, Any]:
-    """Train only on data that neither the champion nor a version rolled back from saw.
+    min_new_images: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train only when enough is new since the champion's data, and never on data rolled back from.
 
-    A weekly run that finds no new data then costs seconds and registers nothing. After a
+    A weekly run that finds nothing new, or only a handful of images, costs seconds and
+    registers nothing: a new version per stray image would churn the champion for noise.
+    New means an image (content hash) with a label the champion's training manifest does not
+    have: a new raw image or an accepted feedback, including a relabelled one. After a
     rollback the data of the version rolled back away from is refused the same way (the
-    champion's tag ``champion.rolled_back_data``): retraining on it would most likely
-    promote that version's twin again. New data, or ``retrain_on_same_data``, trains.
+    champion's tag ``champion.rolled_back_data``). ``retrain_on_same_data`` trains anyway.
 
     Args:
         dataset_fingerprint: This run's model input fingerprint (from the data report).
+        training_manifest: This run's model input, one row per image.
         champion: The registry's champion, whose version tag ``dataset_fingerprint`` says what
             it was trained on; ``None`` before the first promotion.
+        registered_versions: Every version; the champion's training manifest is read from it.
         retrain_on_same_data: Train anyway (e.g. after changing the training parameters).
+        min_new_images: New images needed to train.
 
     Returns:
-        ``{"train": bool, "reason": str}``.
+        ``{"train": bool, "reason": str, "new_images": int | None}``, and the count of new
+        images as an MLflow metric (``training.new_images``; -1 when it cannot be counted).
     """
     if not isinstance(retrain_on_same_data, bool):
         raise ValueError(
-            f"training.retrain_on_same_data must be true or false, got {retrain_on_same_data!r}"
+            f"parameter retrain_on_same_data must be true or false, got {retrain_on_same_data!r}"
         )
-    rolled_back_from = lifecycle.rolled_back_data(champion.tags if champion else {})
+    if (
+        not isinstance(min_new_images, int)
+        or isinstance(min_new_images, bool)
+        or min_new_images < 1
+    ):
+        raise ValueError(
+            f"parameter min_new_images must be an integer >= 1, got {min_new_images!r}"
+        )
     if champion is None:
-        decision = {"train": True, "reason": "no champion yet"}
-    elif dataset_fingerprint in rolled_back_from and not retrain_on_same_data:
-        decision = {
+        new, decision = None, {"train": True, "reason": "no champion yet"}
+    else:
+        new = _new_images(training_manifest, champion, registered_versions)
+        decision = _decision(
+            dataset_fingerprint, champion, new, retrain_on_same_data, min_new_images
+        )
+    decision["new_images"] = new
+    logger.info("Training decision: %s", decision["reason"])
+    metric = {"training.new_images": {"value": -1 if new is None else new, "step": 0}}
+    return decision, metric
+
+
+def _decision(
+    fingerprint: str,
+    champion: RegisteredClassifier,
+    new: int | None,
+    retrain: bool,
+    minimum: int,
+) -> dict[str, Any]:
+    rolled_back_from = lifecycle.rolled_back_data(champion.tags)
+    if fingerprint in rolled_back_from and not retrain:
+        return {
             "train": False,
             "reason": (
-                f"dataset fingerprint {dataset_fingerprint[:12]} is the one version "
-                f"{rolled_back_from[dataset_fingerprint]} was trained on, and that version was "
+                f"dataset fingerprint {fingerprint[:12]} is the one version "
+                f"{rolled_back_from[fingerprint]} was trained on, and that version was "
                 f"rolled back to champion version {champion.version}: skipping training and "
                 "evaluation, registering nothing until new data arrives (or set "
                 "retrain_on_same_data=true)"
             ),
         }
-    elif champion.tags.get("dataset_fingerprint") != dataset_fingerprint:
-        decision = {
-            "train": True,
-            "reason": f"the data differs from champion version {champion.version}'s",
-        }
-    elif retrain_on_same_data:
-        decision = {
-            "train": True,
-            "reason": "same data as the champion, but training.retrain_on_same_data is true",
-        }
-    else:
-        decision = {
+    if retrain:
+        return {"train": True, "reason": "retrain_on_same_data is true"}
+    if champion.tags.get("dataset_fingerprint") == fingerprint:
+        return {
             "train": False,
             "reason": (
-                f"dataset fingerprint {dataset_fingerprint[:12]} is the one champion version "
+                f"dataset fingerprint {fingerprint[:12]} is the one champion version "
                 f"{champion.version} was trained on: skipping training and evaluation, "
                 "registering nothing"
             ),
         }
-    logger.info("Training decision: %s", decision["reason"])
-    return decision
+    if new is None:
+        return {
+            "train": True,
+            "reason": f"the data differs from champion version {champion.version}'s "
+            "(its run has no training manifest to count the new images)",
+        }
+    if new < minimum:
+        return {
+            "train": False,
+            "reason": (
+                f"{new} new or relabelled images since champion version {champion.version}'s "
+                f"data; min_new_images is {minimum}: skipping training until {minimum - new} "
+                "more arrive (or set retrain_on_same_data=true)"
+            ),
+        }
+    return {
+        "train": True,
+        "reason": f"{new} new or relabelled images since champion version "
+        f"{champion.version}'s data (min_new_images {minimum})",
+    }
+
+
+def _new_images(
+    manifest: pd.DataFrame,
+    champion: RegisteredClassifier,
+    versions: dict[str, RegisteredVersion],
+) -> int | None:
+    """(content hash, label) pairs of ``manifest`` absent from the champion's manifest."""
+    try:
+        trained_on = versions[champion.version].read_manifest()
+    except (KeyError, FileNotFoundError):
+        return None
+    seen = set(zip(trained_on["content_hash"], trained_on["label"], strict=True))
+    now = set(zip(manifest["content_hash"], manifest["label"], strict=True))
+    return len(now - seen)
 
 
 def train_model(

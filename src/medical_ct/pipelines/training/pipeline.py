@@ -12,10 +12,13 @@ def create_pipeline(**kwargs) -> Pipeline:
                 func=decide_training,
                 inputs=[
                     "dataset_fingerprint",
+                    "training_manifest",
                     "champion_model",
+                    "registered_versions",
                     "params:retrain_on_same_data",
+                    "params:min_new_images",
                 ],
-                outputs="training_decision",
+                outputs=["training_decision", "training_decision_metrics"],
                 name="decide_training",
             ),
             Node(

@@ -1,0 +1,504 @@
+"""The review queue: feedback waits as *pending* until a reviewer accepts or rejects it.
+
+Anyone holding the feedback token could otherwise rewrite ground truth: the next weekly run
+would train, and the champion gate test, on whatever labels were posted. So ``/feedback``
+only stores the image and its record as pending; ``data_processing`` reads the *accepted*
+store alone (catalog ``feedback_images``), which only a reviewer's decision (or the optional
+``auto_accept`` policy, audited the same way) writes to.
+
+Every store is append-only: a decision adds an accepted or rejected record and a line of the
+audit log (one object per decision: S3 has no append); nothing is deleted or rewritten. The
+records are immutable, so each worker caches what it has read and lists only what is new.
+"""
+
+import contextlib
+import hashlib
+import hmac
+import io
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+from kedro.io import CatalogProtocol
+from PIL import Image
+
+from medical_ct.model import embed, feature_extractor
+from medical_ct.preprocessing import preprocess_image
+from medical_ct.serving import metrics
+from medical_ct.serving.model_holder import ServedModel
+from medical_ct.serving.ood import OodReference, build_reference
+
+REVIEWER_TOKENS_VARIABLE = "MEDICAL_CT_REVIEWER_TOKENS"
+PENDING_IMAGES = "pending_feedback_images"
+PENDING_RECORDS = "pending_feedback_records"
+ACCEPTED_IMAGES = "feedback_images"  # what data_processing trains on
+ACCEPTED_RECORDS = "accepted_feedback_records"
+REJECTED_RECORDS = "rejected_feedback_records"
+AUDIT_LOG = "review_audit"
+AUTO_REVIEWER = "auto:agree_with_model"
+
+
+class ReviewError(Exception):
+    """A review request that cannot be done: ``status`` says why (404, 409, 429)."""
+
+    def __init__(self, status: int, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+class StoreError(RuntimeError):
+    """A store refused a write; nothing was acknowledged."""
+
+
+@dataclass(frozen=True)
+class ReviewConfig:
+    """conf/<env>/review.yml, typed: the flags' thresholds and the auto-accept policy."""
+
+    disagree_max_label_probability: float
+    disagree_min_confidence: float
+    burst_flag_per_minute: int
+    burst_refuse_per_minute: int
+    ood_reference_images_per_class: int
+    ood_max_distance_ratio: float
+    auto_accept: str
+    auto_accept_min_confidence: float
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "ReviewConfig":
+        try:
+            review = cls(
+                disagree_max_label_probability=float(
+                    config["model_disagrees_confidently"]["max_label_probability"]
+                ),
+                disagree_min_confidence=float(
+                    config["model_disagrees_confidently"]["min_confidence"]
+                ),
+                burst_flag_per_minute=int(config["burst"]["flag_per_minute"]),
+                burst_refuse_per_minute=int(config["burst"]["refuse_per_minute"]),
+                ood_reference_images_per_class=int(
+                    config["out_of_distribution"]["reference_images_per_class"]
+                ),
+                ood_max_distance_ratio=float(config["out_of_distribution"]["max_distance_ratio"]),
+                # YAML reads a bare `off` as false
+                auto_accept={"false": "off"}.get(
+                    str(config["auto_accept"]["policy"]).lower(),
+                    str(config["auto_accept"]["policy"]),
+                ),
+                auto_accept_min_confidence=float(config["auto_accept"]["min_confidence"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"conf review.yml is invalid ({error!r}): got {config!r}") from None
+        problems = []
+        for name in ("disagree_max_label_probability", "disagree_min_confidence"):
+            if not 0 < getattr(review, name) < 1:
+                problems.append(f"{name} must be between 0 and 1")
+        if not 0 < review.burst_flag_per_minute <= review.burst_refuse_per_minute:
+            problems.append("burst needs 0 < flag_per_minute <= refuse_per_minute")
+        if review.ood_reference_images_per_class < 2 or review.ood_max_distance_ratio <= 0:
+            problems.append("out_of_distribution needs >= 2 images per class, a ratio > 0")
+        if review.auto_accept not in ("off", "agree_with_model"):
+            problems.append(f"auto_accept.policy is off or agree_with_model, not {review}")
+        if problems:
+            raise ValueError(f"conf review.yml: {'; '.join(problems)}")
+        return review
+
+
+def reviewer_tokens() -> dict[str, str]:
+    """``$MEDICAL_CT_REVIEWER_TOKENS`` (``name:token,name:token``) as token -> reviewer name.
+
+    Raises:
+        ValueError: A pair without a name or a token; names what to fix, never the token.
+    """
+    tokens = {}
+    for position, pair in enumerate(os.environ.get(REVIEWER_TOKENS_VARIABLE, "").split(",")):
+        if not pair.strip():
+            continue
+        name, _, token = pair.strip().partition(":")
+        if not name or not token:
+            raise ValueError(
+                f"{REVIEWER_TOKENS_VARIABLE}: pair {position + 1} is not name:token "
+                "(comma-separated, e.g. alice:s3cret,bob:0ther)"
+            )
+        tokens[token] = name
+    return tokens
+
+
+def reviewer_of(authorization: str) -> str | None:
+    """The reviewer whose token is in ``Authorization: Bearer <token>``; compared in constant
+    time against every token, so the answer's timing tells nothing about the tokens."""
+    given = authorization.removeprefix("Bearer ").encode()
+    found = None
+    for token, name in reviewer_tokens().items():
+        if hmac.compare_digest(given, token.encode()):
+            found = name
+    return found
+
+
+def image_extension(image: bytes) -> str:
+    """The file extension of the image's format (``jpeg``, ``png``...), ``img`` if unknown."""
+    with Image.open(io.BytesIO(image)) as opened:
+        return (opened.format or "img").lower()
+
+
+def feedback_id_of(label: str, digest: str) -> str:
+    return f"{label}-{digest[:32]}"
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _RecordCache:
+    """The records of one partitioned store, read once each (they are never rewritten)."""
+
+    def __init__(self, catalog: CatalogProtocol, name: str) -> None:
+        self._catalog = catalog
+        self._name = name
+        self._records: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def all(self) -> dict[str, dict]:
+        with self._lock:
+            partitions = self._catalog.load(self._name)
+            for key in partitions.keys() - self._records.keys():
+                self._records[key] = partitions[key]()
+            return dict(self._records)
+
+
+class ReviewStore:
+    """Pending, accepted and rejected feedback and the audit log, all through the catalog."""
+
+    def __init__(self, catalog: CatalogProtocol) -> None:
+        self._catalog = catalog
+        self._pending = _RecordCache(catalog, PENDING_RECORDS)
+        self._accepted = _RecordCache(catalog, ACCEPTED_RECORDS)
+        self._rejected = _RecordCache(catalog, REJECTED_RECORDS)
+        self._decide_lock = threading.Lock()
+
+    def submit(self, image: bytes, label: str, record: dict[str, Any]) -> dict[str, Any]:
+        """Store ``image`` under ``label`` as pending; a repeat is stored once (same id).
+
+        Returns:
+            The pending record (the first one, for a repeat).
+        """
+        digest = hashlib.sha256(image).hexdigest()
+        feedback_id = feedback_id_of(label, digest)
+        existing = self._pending.all().get(feedback_id)
+        if existing is not None:
+            return existing
+        stored = {
+            "feedback_id": feedback_id,
+            "image": f"{label}/{digest}.{image_extension(image)}",
+            "sha256": digest,
+            "label": label,
+            "submitted_at": now().isoformat(),
+            **record,
+        }
+        try:
+            self._catalog.save(PENDING_IMAGES, {stored["image"]: image})
+            self._catalog.save(PENDING_RECORDS, {feedback_id: stored})
+        except Exception as error:
+            raise StoreError(
+                f"the feedback store refused the write ({type(error).__name__})"
+            ) from error
+        return stored
+
+    def status_of(self, feedback_id: str) -> str | None:
+        """``pending``, ``accepted``, ``rejected``, or None for an unknown id."""
+        if feedback_id in self._accepted.all():
+            return "accepted"
+        if feedback_id in self._rejected.all():
+            return "rejected"
+        return "pending" if feedback_id in self._pending.all() else None
+
+    def submissions(self) -> dict[str, dict]:
+        return self._pending.all()
+
+    def pending(self) -> list[dict]:
+        """Records still waiting for a decision, oldest first."""
+        decided = self._accepted.all().keys() | self._rejected.all().keys()
+        waiting = [r for key, r in self._pending.all().items() if key not in decided]
+        return sorted(waiting, key=lambda record: record["submitted_at"])
+
+    def decisions(self) -> dict[str, dict]:
+        return {**self._accepted.all(), **self._rejected.all()}
+
+    def images(self, feedback_ids: list[str]) -> list[bytes]:
+        """The submitted images, as sent (one listing of the pending store for all of them)."""
+        records = self._pending.all()
+        unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
+        if unknown:
+            raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
+        files = self._catalog.load(PENDING_IMAGES)
+        return [files[records[feedback_id]["image"]]() for feedback_id in feedback_ids]
+
+    def recent_submissions(self, submitter: str, within: timedelta) -> list[datetime]:
+        """When ``submitter``'s items of the last ``within`` were submitted, oldest first."""
+        since = now() - within
+        times = [
+            datetime.fromisoformat(record["submitted_at"])
+            for record in self._pending.all().values()
+            if record.get("submitter") == submitter
+        ]
+        return sorted(time for time in times if time >= since)
+
+    def decide(
+        self, feedback_id: str, decision: str, reviewer: str, label: str | None = None
+    ) -> dict[str, Any]:
+        """Accept (under ``label`` if given, else the submitted one) or reject a pending item.
+
+        The accepted image is copied into the store ``data_processing`` reads; the decision
+        record and an audit entry are added. Raises ``ReviewError`` 404 (unknown id) or 409
+        (already decided); the caller checks that ``label`` is a class (422).
+        """
+        with self._decide_lock:
+            submitted = self._pending.all().get(feedback_id)
+            if submitted is None:
+                raise ReviewError(404, f"no feedback {feedback_id!r}: GET /review lists the ids")
+            previous = self.status_of(feedback_id)
+            if previous != "pending":
+                raise ReviewError(
+                    409, f"feedback {feedback_id!r} was already {previous}: decisions are final"
+                )
+            accepted = decision in ("accept", "auto_accept")
+            final_label = (label or submitted["label"]) if accepted else None
+            name = submitted["image"].split("/", 1)[1]
+            record = {
+                **submitted,
+                "submitted_label": submitted["label"],
+                "label": final_label,
+                "accepted_as": f"{final_label}/{name}" if accepted else None,
+                "decision": decision,
+                "reviewer": reviewer,
+                "decided_at": now().isoformat(),
+            }
+            audit = {
+                "feedback_id": feedback_id,
+                "reviewer": reviewer,
+                "decided_at": record["decided_at"],
+                "decision": decision,
+                "label": final_label,
+                "previous_state": {"status": previous, "label": submitted["label"]},
+            }
+            try:
+                if accepted:
+                    image = self._catalog.load(PENDING_IMAGES)[submitted["image"]]()
+                    self._catalog.save(ACCEPTED_IMAGES, {record["accepted_as"]: image})
+                    self._catalog.save(ACCEPTED_RECORDS, {feedback_id: record})
+                else:
+                    self._catalog.save(REJECTED_RECORDS, {feedback_id: record})
+                stamp = record["decided_at"].replace(":", "").replace("+0000", "Z")
+                self._catalog.save(AUDIT_LOG, {f"{stamp}-{feedback_id}": audit})
+            except Exception as error:
+                raise StoreError(
+                    f"the review store refused the write ({type(error).__name__})"
+                ) from error
+            return record
+
+
+# ---- flags: each with a reason a person can read ----
+def flags_for(
+    item: dict,
+    model_view: dict,
+    ood_ratio: float | None,
+    submissions: dict[str, dict],
+    config: ReviewConfig,
+) -> list[dict[str, str]]:
+    """The flags of one pending item (see conf/base/review.yml for the thresholds).
+
+    Args:
+        item: The pending record.
+        model_view: The champion's answer for the image now (label, confidence, probabilities).
+        ood_ratio: The image's distance to the nearest class of the training reference over
+            that class's own 99th percentile (see ood.py; None when no reference was built).
+        submissions: Every submitted record (for conflicting labels and bursts).
+    """
+    flags = []
+    label_probability = model_view["probabilities"].get(item["label"], 0.0)
+    if (
+        label_probability < config.disagree_max_label_probability
+        and model_view["confidence"] >= config.disagree_min_confidence
+    ):
+        flags.append(
+            {
+                "flag": "model_disagrees_confidently",
+                "reason": f"the champion gives {item['label']} {label_probability:.1%} and is "
+                f"{model_view['confidence']:.1%} sure it is {model_view['label']}",
+            }
+        )
+    others = sorted(
+        {
+            record["label"]
+            for record in submissions.values()
+            if record["sha256"] == item["sha256"] and record["label"] != item["label"]
+        }
+    )
+    if others:
+        flags.append(
+            {
+                "flag": "conflicting_labels",
+                "reason": f"the same image was also submitted as {', '.join(others)}",
+            }
+        )
+    burst = _burst_size(item, submissions)
+    if burst > config.burst_flag_per_minute:
+        flags.append(
+            {
+                "flag": "burst",
+                "reason": f"{item.get('submitter')} sent {burst} items within a minute of this "
+                f"one (more than {config.burst_flag_per_minute})",
+            }
+        )
+    if ood_ratio is not None and ood_ratio > config.ood_max_distance_ratio:
+        flags.append(
+            {
+                "flag": "out_of_distribution",
+                "reason": f"{ood_ratio:.1f}x farther from the nearest class of the training "
+                f"images than 99% of them are (the champion's features; limit "
+                f"{config.ood_max_distance_ratio}x)",
+            }
+        )
+    return flags
+
+
+def _burst_size(item: dict, submissions: dict[str, dict]) -> int:
+    """Items of the same submitter within a minute either side of ``item``."""
+    at = datetime.fromisoformat(item["submitted_at"])
+    return sum(
+        1
+        for record in submissions.values()
+        if record.get("submitter") == item.get("submitter")
+        and abs(datetime.fromisoformat(record["submitted_at"]) - at) <= timedelta(minutes=1)
+    )
+
+
+def retry_after_s(recent: list[datetime], limit: int) -> int | None:
+    """Seconds until a submitter with ``recent`` items in the last minute is under ``limit``;
+    None when they are under it now."""
+    if len(recent) < limit:
+        return None
+    frees_at = recent[len(recent) - limit] + timedelta(minutes=1)
+    return max(1, int((frees_at - now()).total_seconds()) + 1)
+
+
+def agrees_confidently(item_label: str, model_view: dict, config: ReviewConfig) -> bool:
+    """The auto-accept policy: the champion already says ``item_label``, confidently."""
+    return (
+        config.auto_accept == "agree_with_model"
+        and model_view["label"] == item_label
+        and model_view["confidence"] >= config.auto_accept_min_confidence
+    )
+
+
+class ReviewQueue:
+    """What the service's review routes do: the store, the flags, the policy, the metrics."""
+
+    def __init__(self, catalog: CatalogProtocol, config: ReviewConfig) -> None:
+        self.store = ReviewStore(catalog)
+        self.config = config
+        self._catalog = catalog
+        self._reference: tuple[str, Callable, OodReference | None] | None = None
+        self._reference_lock = threading.Lock()
+
+    def submit(
+        self, image: bytes, label: str, record: dict[str, Any], served: ServedModel
+    ) -> tuple[dict[str, Any], str]:
+        """Store ``image`` as pending (or auto-accept it); return the record and its status.
+
+        Raises:
+            ReviewError: 429 when the submitter is past the burst limit (``retry_after_s``).
+        """
+        recent = self.store.recent_submissions(record["submitter"], timedelta(minutes=1))
+        wait = retry_after_s(recent, self.config.burst_refuse_per_minute)
+        if wait is not None:
+            raise ReviewError(
+                429,
+                f"{len(recent)} items from {record['submitter']} in the last minute; the limit "
+                f"is {self.config.burst_refuse_per_minute}: retry in {wait} s",
+                retry_after_s=wait,
+            )
+        stored = self.store.submit(image, label, record)
+        status = self.store.status_of(stored["feedback_id"])
+        if status == "pending" and self.config.auto_accept == "agree_with_model":
+            view = served.classify(preprocess_image(image)[None])[0]
+            if agrees_confidently(label, view, self.config):
+                with contextlib.suppress(ReviewError):  # a reviewer was faster
+                    self.decide(stored["feedback_id"], "auto_accept", AUTO_REVIEWER)
+                status = self.store.status_of(stored["feedback_id"])
+        self._count_pending()
+        return stored, status
+
+    def decide(
+        self, feedback_id: str, decision: str, reviewer: str, label: str | None = None
+    ) -> dict[str, Any]:
+        record = self.store.decide(feedback_id, decision, reviewer, label)
+        metrics.feedback_reviews_total.labels(decision=decision).inc()
+        self._count_pending()
+        return record
+
+    def queue(self, served: ServedModel, limit: int) -> list[dict[str, Any]]:
+        """Pending items, oldest first: the champion's view now, the flags and their reasons."""
+        pending = self.store.pending()
+        self._count_pending(len(pending))
+        items = pending[:limit]
+        if not items:
+            return []
+        images = self.store.images([item["feedback_id"] for item in items])
+        pixels = np.stack([preprocess_image(image) for image in images])
+        views = served.classify(pixels)
+        ratios = self._ood_ratios(served, pixels)
+        submissions = self.store.submissions()
+        return [
+            _queue_item(item, view, ratio, flags_for(item, view, ratio, submissions, self.config))
+            for item, view, ratio in zip(items, views, ratios, strict=True)
+        ]
+
+    def _ood_ratios(self, served: ServedModel, pixels: np.ndarray) -> list[float | None]:
+        """The reference is built once per champion version, in its own features."""
+        with self._reference_lock:
+            if self._reference is None or self._reference[0] != served.version:
+                extractor = feature_extractor(served.classifier.model)
+
+                def features(images: np.ndarray) -> np.ndarray:
+                    return embed(extractor, images[:, None])
+
+                per_class = self.config.ood_reference_images_per_class
+                reference = build_reference(features, self._catalog, per_class)
+                self._reference = (served.version, features, reference)
+            _, features, reference = self._reference
+        if reference is None:
+            return [None] * len(pixels)
+        return [float(r) for r in reference.ratios(features(pixels))]
+
+    def _count_pending(self, count: int | None = None) -> None:
+        metrics.feedback_pending.set(len(self.store.pending()) if count is None else count)
+
+
+def _queue_item(item: dict, view: dict, ratio: float | None, flags: list[dict]) -> dict:
+    corrected = None
+    if item.get("corrected_model_version"):
+        corrected = {
+            "model_version": item["corrected_model_version"],
+            "label": item["corrected_label"],
+        }
+    return {
+        "feedback_id": item["feedback_id"],
+        "label": item["label"],
+        "submitted_at": item["submitted_at"],
+        "submitter": item.get("submitter"),
+        "model": {
+            "version": view["model_version"],
+            "label": view["label"],
+            "confidence": view["confidence"],
+            "label_probability": view["probabilities"].get(item["label"], 0.0),
+        },
+        "corrected": corrected,
+        "out_of_distribution_ratio": ratio,
+        "flags": flags,
+        "image_url": f"/review/image/{item['feedback_id']}",
+    }

@@ -1,0 +1,471 @@
+"""The review queue: a real `bentoml serve` (two workers), real `kedro run`s, a real browser.
+
+Nothing posted to /feedback trains until a reviewer accepts it. The tests run in file order
+on one project: submissions and flags first, then decisions, then the poisoning and
+min_new_images runs, then the burst limit (it floods the submitter's minute).
+"""
+
+import io
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import httpx
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from medical_ct.pipelines.data_processing.nodes import split_of
+from medical_ct.preprocessing import content_hash, preprocess_image
+from medical_ct.serving.model_holder import load_served_model
+from medical_ct.serving.project import load_project, use_tracking_uri
+from medical_ct.serving.review import ReviewConfig, ReviewQueue
+from tests.conftest import (
+    CLASSES,
+    FAST_RUN_PARAMS,
+    assert_ok,
+    bentoml_server,
+    chromium_browser,
+    jpeg,
+    kedro,
+    mlflow_client,
+    project_env,
+    wait_ready,
+)
+
+SUBMITTER = {"Authorization": "Bearer submitter-token-for-tests"}
+ALICE = {"Authorization": "Bearer alice-token-for-tests"}
+BOB = {"Authorization": "Bearer bob-token-for-tests"}
+FLAG_PER_MINUTE, REFUSE_PER_MINUTE = 30, 70
+SERVE_ENV = {
+    "MEDICAL_CT_WORKERS": "2",
+    "MEDICAL_CT_FEEDBACK_TOKEN": "submitter-token-for-tests",
+    "MEDICAL_CT_REVIEWER_TOKENS": "alice:alice-token-for-tests,bob:bob-token-for-tests",
+    "MEDICAL_CT_BURST_FLAG_PER_MINUTE": str(FLAG_PER_MINUTE),
+    "MEDICAL_CT_BURST_REFUSE_PER_MINUTE": str(REFUSE_PER_MINUTE),
+}
+PENDING = Path("data/01_raw/feedback_pending")
+ACCEPTED = Path("data/01_raw/feedback_accepted")
+REJECTED = Path("data/01_raw/feedback_rejected")
+AUDIT = Path("data/01_raw/review_audit")
+# min_new_images stays at its default (10): the runs here test it.
+RUN_PARAMS = FAST_RUN_PARAMS.replace(",min_new_images=1", "")
+SPLIT = (0.1, 0.15)  # conf/base/parameters_data_processing.yml
+
+
+@pytest.fixture(scope="module")
+def project(trained_project, tmp_path_factory) -> Path:
+    copy = tmp_path_factory.mktemp("review") / "project"
+    shutil.copytree(trained_project, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def server(project) -> str:
+    with bentoml_server(project, **SERVE_ENV) as url:
+        wait_ready(url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> httpx.Client:
+    with httpx.Client(base_url=server, timeout=60) as session:
+        yield session
+
+
+@pytest.fixture(scope="module")
+def seen() -> dict:
+    """Ids the tests submitted and decided, shared by the tests of this module in order."""
+    return {"accepted": set(), "rejected": set()}
+
+
+def post(client: httpx.Client, image: bytes, label: str, headers=SUBMITTER) -> httpx.Response:
+    return client.post(
+        "/feedback", files={"image": jpeg(image)}, data={"label": label}, headers=headers
+    )
+
+
+def decide(client, feedback_id: str, decision: str, label=None, headers=ALICE) -> httpx.Response:
+    body = {"feedback_id": feedback_id, "decision": decision}
+    if label:
+        body["label"] = label
+    return client.post("/review", json=body, headers=headers)
+
+
+def queue(client: httpx.Client) -> dict[str, dict]:
+    response = client.get("/review", params={"limit": 500}, headers=ALICE)
+    assert response.status_code == 200, response.text
+    return {item["feedback_id"]: item for item in response.json()}
+
+
+def flags(item: dict) -> set[str]:
+    return {flag["flag"] for flag in item["flags"]}
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def confident_image(client, sample_dir: Path, label: str, skip: int = 0) -> bytes:
+    """The ``skip``-th sample image the champion classifies as ``label`` with at least 95%."""
+    for path in sorted((sample_dir / label).iterdir()):
+        answer = client.post("/predict", files={"image": jpeg(path.read_bytes())}).json()
+        if answer["label"] == label and answer["confidence"] >= 0.95:
+            if skip == 0:
+                return path.read_bytes()
+            skip -= 1
+    pytest.fail(f"the champion is not 95% sure of enough sample {label} images")
+
+
+def new_images(sample_dir: Path, label: str, count: int, start: int = 0) -> list[bytes]:
+    """Images of ``label`` no store has: sample images shifted by one pixel (new hashes)."""
+    paths = sorted((sample_dir / label).iterdir())[start : start + count]
+    return [png(np.roll(preprocess_image(path.read_bytes()), 1, axis=1)) for path in paths]
+
+
+# ---- who may review ----
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "status"),
+    [
+        ("GET", "/review", {}, 401),
+        ("GET", "/review", {"Authorization": "Bearer wrong"}, 401),
+        ("GET", "/review", SUBMITTER, 403),
+        ("POST", "/review", {}, 401),
+        ("POST", "/review", SUBMITTER, 403),
+        ("GET", "/review/image/Hand-0", SUBMITTER, 403),
+        ("GET", "/review/image/Hand-0", {}, 401),
+    ],
+)
+def test_review_routes_need_a_reviewer_token(client, method, path, headers, status):
+    response = client.request(method, path, headers=headers, json={} if method == "POST" else None)
+
+    assert response.status_code == status, response.text
+    assert "review" in response.json()["error"]
+    if status == 401:
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_a_reviewer_token_cannot_submit_feedback(client, sample_dir):
+    image = (sample_dir / "Hand").iterdir().__next__().read_bytes()
+
+    assert post(client, image, "Hand", headers=ALICE).status_code == 401
+
+
+# ---- pending first, and the flags ----
+def test_feedback_waits_pending_unflagged_and_nothing_is_trained_on(
+    client, project, sample_dir, seen
+):
+    image = confident_image(client, sample_dir, "Hand")
+
+    response = post(client, image, "Hand")
+
+    assert response.status_code == 202, response.text
+    receipt = response.json()
+    assert receipt["status"] == "pending" and receipt["message"] == "received, waiting for review"
+    item = queue(client)[receipt["feedback_id"]]
+    assert item["label"] == "Hand" and item["submitter"] == "127.0.0.1"
+    assert item["model"]["label"] == "Hand" and item["model"]["version"] == "1"
+    assert flags(item) == set(), item["flags"]
+    assert item["out_of_distribution_ratio"] < 2.0
+    assert client.get(item["image_url"], headers=ALICE).content == image
+    assert (project / PENDING / "images" / receipt["stored_as"]).read_bytes() == image
+    assert not (project / ACCEPTED).exists()
+    seen["ordinary"] = receipt["feedback_id"]
+
+
+def test_a_label_the_champion_confidently_disputes_is_flagged(client, sample_dir, seen):
+    image = confident_image(client, sample_dir, "Hand", skip=1)  # not the ordinary one
+
+    receipt = post(client, image, "HeadCT").json()
+
+    (flag,) = queue(client)[receipt["feedback_id"]]["flags"]
+    assert flag["flag"] == "model_disagrees_confidently"
+    assert "gives HeadCT" in flag["reason"] and "sure it is Hand" in flag["reason"]
+    seen["disputed"] = receipt["feedback_id"]
+
+
+def test_one_image_with_two_labels_is_flagged_on_both(client, sample_dir, seen):
+    image = sorted((sample_dir / "ChestCT").iterdir())[3].read_bytes()
+
+    first = post(client, image, "CXR").json()["feedback_id"]
+    second = post(client, image, "AbdomenCT").json()["feedback_id"]
+
+    pending = queue(client)
+    assert "conflicting_labels" in flags(pending[first])
+    assert "conflicting_labels" in flags(pending[second])
+    conflict = next(f for f in pending[first]["flags"] if f["flag"] == "conflicting_labels")
+    assert conflict["reason"] == "the same image was also submitted as AbdomenCT"
+    seen["conflicting"] = (first, second)
+
+
+def test_an_image_unlike_any_training_image_is_flagged_out_of_distribution(client, seen):
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64))
+
+    receipt = post(client, png(noise), "CXR").json()
+
+    item = queue(client)[receipt["feedback_id"]]
+    assert "out_of_distribution" in flags(item), item
+    assert item["out_of_distribution_ratio"] > 2.0
+    seen["noise"] = receipt["feedback_id"]
+
+
+# ---- decisions ----
+def test_decisions_are_checked_recorded_once_and_audited(client, project, seen):
+    ordinary, disputed = seen["ordinary"], seen["disputed"]
+    first, second = seen["conflicting"]
+
+    assert decide(client, "Hand-" + "0" * 32, "accept").status_code == 404
+    unknown_label = decide(client, ordinary, "accept", label="Knee")
+    assert unknown_label.status_code == 422 and unknown_label.json()["valid_labels"] == CLASSES
+    assert decide(client, ordinary, "maybe").status_code == 400
+    accepted = decide(client, ordinary, "accept")
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json() | {"decided_at": ""} == {
+        "feedback_id": ordinary,
+        "decision": "accept",
+        "label": "Hand",
+        "submitted_label": "Hand",
+        "reviewer": "alice",
+        "decided_at": "",
+    }
+    again = decide(client, ordinary, "reject", headers=BOB)
+    assert again.status_code == 409 and "already accepted" in again.json()["error"]
+    # The disputed label, relabelled by the reviewer; one conflicting label in, one out.
+    assert decide(client, disputed, "accept", label="Hand").json()["label"] == "Hand"
+    assert decide(client, first, "accept", headers=BOB).status_code == 200
+    assert decide(client, second, "reject", headers=BOB).status_code == 200
+
+    assert not {ordinary, disputed, first, second} & queue(client).keys()
+    audit = [json.loads(path.read_text()) for path in sorted((project / AUDIT).iterdir())]
+    assert [(a["feedback_id"], a["decision"], a["reviewer"]) for a in audit] == [
+        (ordinary, "accept", "alice"),
+        (disputed, "accept", "alice"),
+        (first, "accept", "bob"),
+        (second, "reject", "bob"),
+    ]
+    assert audit[1]["previous_state"] == {"status": "pending", "label": "HeadCT"}
+    assert audit[1]["label"] == "Hand"
+    relabelled = json.loads((project / ACCEPTED / "records" / f"{disputed}.json").read_text())
+    assert (project / ACCEPTED / "images" / relabelled["accepted_as"]).is_file()
+    assert relabelled["accepted_as"].startswith("Hand/")
+    assert (project / REJECTED / "records" / f"{second}.json").is_file()
+    seen["accepted"] |= {ordinary, disputed, first}
+    seen["rejected"] |= {second}
+
+
+def test_the_review_page_decides_with_a_key(server, project, client, sample_dir, chromium, seen):
+    receipt = post(client, sorted((sample_dir / "CXR").iterdir())[5].read_bytes(), "CXR").json()
+
+    with chromium_browser(chromium) as browser:
+        page = browser.new_page()
+        page.goto(f"{server}/#review")
+        page.fill("#reviewer-token", "alice-token-for-tests")
+        page.click("#load-queue")
+        page.wait_for_selector("#review-item:not([hidden])")
+        # The oldest pending item first: skip to ours with the "next" key.
+        for _ in range(20):
+            if page.get_attribute("#review-item", "data-feedback-id") == receipt["feedback_id"]:
+                break
+            page.keyboard.press("n")
+            page.wait_for_timeout(200)
+        assert page.text_content("#review-label") == "CXR"
+        assert page.locator("#review-image").get_attribute("src").startswith("blob:")
+        page.keyboard.press("r")
+        page.wait_for_selector("#review-status.ok")
+
+    assert (project / REJECTED / "records" / f"{receipt['feedback_id']}.json").is_file()
+    audit = [json.loads(p.read_text()) for p in (project / AUDIT).iterdir()]
+    assert any(a["feedback_id"] == receipt["feedback_id"] for a in audit)
+    seen["rejected"].add(receipt["feedback_id"])
+
+
+# ---- what the next runs train on ----
+@pytest.fixture(scope="module")
+def runs(client, project, sample_dir, seen) -> dict:
+    """50 poisoned labels left pending; 5 new images rejected; new images accepted up to 9
+    new or relabelled (one relabel came from the decisions above), a run, one more, a run."""
+    train_set = pickle.loads((project / "data/05_model_input/train_set.pkl").read_bytes())
+    raw_hashes = dict(zip(train_set["content_hashes"], train_set["labels"], strict=True))
+    poisoned = {}
+    # Hand and ChestCT images were reviewed above: the poison takes the other classes.
+    for path in sorted(sample_dir.glob("*/*.jpeg")):
+        if path.parent.name in ("Hand", "ChestCT"):
+            continue
+        digest = content_hash(preprocess_image(path.read_bytes()))
+        if digest in raw_hashes and len(poisoned) < 50:
+            wrong = CLASSES[(CLASSES.index(path.parent.name) + 1) % len(CLASSES)]
+            receipt = post(client, path.read_bytes(), wrong)
+            assert receipt.status_code == 202, receipt.text
+            poisoned[digest] = (receipt.json()["feedback_id"], path.parent.name)
+    pending = queue(client)
+    good = {image: "Hand" for image in new_images(sample_dir, "Hand", 9)}
+    bad = {image: "CXR" for image in new_images(sample_dir, "AbdomenCT", 5, start=10)}
+    ids = {
+        image: post(client, image, label).json()["feedback_id"]
+        for image, label in {**good, **bad}.items()
+    }
+    for image in list(good)[:8]:
+        assert decide(client, ids[image], "accept").status_code == 200
+    for image in bad:
+        assert decide(client, ids[image], "reject", headers=BOB).status_code == 200
+    waiting = kedro(project, "run", "--params", RUN_PARAMS)
+    assert_ok(waiting)
+    assert decide(client, ids[list(good)[8]], "accept").status_code == 200
+    trained = kedro(project, "run", "--params", RUN_PARAMS)
+    assert_ok(trained)
+    seen["accepted"] |= {ids[image] for image in good}
+    seen["rejected"] |= {ids[image] for image in bad}
+    return {
+        "poisoned": poisoned,
+        "pending": pending,
+        "good": {content_hash(preprocess_image(image)): ids[image] for image in good},
+        "bad": {content_hash(preprocess_image(image)) for image in bad},
+        "waiting": " ".join((waiting.stdout + waiting.stderr).split()),
+        "trained": " ".join((trained.stdout + trained.stderr).split()),
+    }
+
+
+def model_input(project: Path) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Content hash -> label and -> split, over the three splits of the last run."""
+    class_names = json.loads((project / "data/05_model_input/class_names.json").read_text())
+    labels, splits = {}, {}
+    for split in ("train", "validation", "test"):
+        data = pickle.loads((project / f"data/05_model_input/{split}_set.pkl").read_bytes())
+        for digest, label in zip(data["content_hashes"], data["labels"], strict=True):
+            labels[digest], splits[digest] = class_names[label], split
+    return labels, splits, class_names
+
+
+def test_a_burst_of_submissions_is_flagged(runs):
+    flagged = [flags(runs["pending"][feedback_id]) for feedback_id, _ in runs["poisoned"].values()]
+
+    assert len(flagged) == 50
+    assert all("burst" in item for item in flagged)
+    reason = next(
+        f
+        for f in runs["pending"][next(iter(runs["poisoned"].values()))[0]]["flags"]
+        if f["flag"] == "burst"
+    )
+    assert f"more than {FLAG_PER_MINUTE}" in reason["reason"]
+
+
+def test_fewer_new_images_than_min_new_images_do_not_train(runs):
+    assert "9 new or relabelled images" in runs["waiting"]
+    assert "min_new_images is 10" in runs["waiting"]
+    assert "1 more arrive" in runs["waiting"]
+    assert "10 new or relabelled images" in runs["trained"]
+
+
+def test_poisoned_labels_left_pending_never_train_and_accepted_ones_do(runs, project):
+    labels, splits, _ = model_input(project)
+
+    for digest, (_, original) in runs["poisoned"].items():
+        assert labels[digest] == original  # the raw label, not the posted one
+    for digest in runs["good"]:
+        assert labels[digest] == "Hand"
+        assert splits[digest] == split_of(digest, *SPLIT)
+    assert not runs["bad"] & labels.keys()
+
+
+def test_the_run_logs_the_review_counts_and_the_manifest_names_each_decision(runs, project, seen):
+    report = json.loads((project / "data/08_reporting/feedback_report.json").read_text())
+    client = mlflow_client(project)
+    run = client.search_runs(
+        [client.get_experiment_by_name("medical_ct").experiment_id],
+        order_by=["start_time DESC"],
+        max_results=1,
+    )[0]
+    env = project_env(project)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    manifest_path = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="model_input/training_manifest.csv.gz"
+    )
+    import pandas as pd
+
+    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+
+    assert report["accepted"] == len(seen["accepted"]) == 12
+    assert report["rejected"] == len(seen["rejected"]) == 7  # 1 + 1 on the page + 5
+    assert report["pending"] >= 50 and report["auto_accepted"] == 0
+    (changed,) = report["accepted_changing_a_raw_label"]
+    assert changed["feedback_id"] == seen["conflicting"][0]
+    assert (changed["raw_label"], changed["label"]) == ("ChestCT", "CXR")
+    assert run.data.metrics["feedback.accepted"] == 12
+    assert run.data.metrics["training.new_images"] == 10
+    feedback_rows = manifest[manifest["source"] == "feedback"]
+    assert set(feedback_rows["feedback_id"]) == seen["accepted"]
+    assert set(feedback_rows["review_decision"]) == {"accept"}
+
+
+# ---- the burst limit ----
+def test_past_the_hard_burst_limit_feedback_is_429_with_retry_after(client, project, sample_dir):
+    images = [png(np.full((64, 64), value)) for value in range(0, 256, 3)]
+    answers = [post(client, image, "CXR") for image in images[: REFUSE_PER_MINUTE + 1]]
+
+    statuses = [answer.status_code for answer in answers]
+    assert 429 in statuses, statuses
+    refused = answers[statuses.index(429)]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 61
+    assert f"the limit is {REFUSE_PER_MINUTE}" in refused.json()["error"]
+    assert statuses.index(429) <= REFUSE_PER_MINUTE
+    refused_image = images[statuses.index(429)]
+    stored = [path.read_bytes() for path in (project / PENDING / "images").rglob("*.png")]
+    assert refused_image not in stored
+
+
+# ---- the auto-accept policy, in process on the same stores ----
+def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
+    project, sample_dir, monkeypatch
+):
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(project)["MLFLOW_TRACKING_URI"])
+    loaded = load_project(project)
+    use_tracking_uri(loaded.tracking_uri)
+    served = load_served_model()
+    policy = ReviewConfig.from_config(
+        {
+            "model_disagrees_confidently": {"max_label_probability": 0.05, "min_confidence": 0.9},
+            "burst": {"flag_per_minute": 1000, "refuse_per_minute": 1000},
+            "out_of_distribution": {"reference_images_per_class": 10, "max_distance_ratio": 1.5},
+            "auto_accept": {"policy": "agree_with_model", "min_confidence": 0.9},
+        }
+    )
+    reviews = ReviewQueue(loaded.catalog, policy)
+    image = new_images(sample_dir, "BreastMRI", 1, start=20)[0]
+    view = served.classify(preprocess_image(image)[None])[0]
+    assert view["label"] == "BreastMRI" and view["confidence"] >= 0.9, view
+
+    agreed, agreed_status = reviews.submit(image, "BreastMRI", {"submitter": "t"}, served)
+    _, disputed_status = reviews.submit(image, "Hand", {"submitter": "t"}, served)
+
+    assert (agreed_status, disputed_status) == ("accepted", "pending")
+    record = json.loads(
+        (project / ACCEPTED / "records" / f"{agreed['feedback_id']}.json").read_text()
+    )
+    assert record["decision"] == "auto_accept" and record["reviewer"] == "auto:agree_with_model"
+    audit = [json.loads(p.read_text()) for p in (project / AUDIT).iterdir()]
+    assert any(a["feedback_id"] == agreed["feedback_id"] for a in audit)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"auto_accept": {"policy": "always", "min_confidence": 0.9}}, "auto_accept.policy"),
+        ({"burst": {"flag_per_minute": 10, "refuse_per_minute": 5}}, "flag_per_minute"),
+        ({"burst": {"flag_per_minute": "x", "refuse_per_minute": 5}}, "review.yml is invalid"),
+    ],
+)
+def test_a_bad_review_config_is_refused(change, message):
+    config = {
+        "model_disagrees_confidently": {"max_label_probability": 0.05, "min_confidence": 0.9},
+        "burst": {"flag_per_minute": 20, "refuse_per_minute": 60},
+        "out_of_distribution": {"reference_images_per_class": 10, "max_distance_ratio": 1.5},
+        "auto_accept": {"policy": False, "min_confidence": 0.99},  # YAML's bare `off`
+    }
+    assert ReviewConfig.from_config(config).auto_accept == "off"
+    with pytest.raises(ValueError, match=message):
+        ReviewConfig.from_config({**config, **change})
