@@ -78,6 +78,10 @@ def medical_ct():
     def build_model_input():
         run_kedro_nodes("build_model_input")
 
+    @task(task_id="report_feedback")
+    def report_feedback():
+        run_kedro_nodes("report_feedback")
+
     @task(task_id="build_training_manifest")
     def build_training_manifest():
         run_kedro_nodes("build_training_manifest")
@@ -111,6 +115,7 @@ def medical_ct():
         "ingest_mednist": ingest_mednist(),
         "decode_raw_images": decode_raw_images(),
         "build_model_input": build_model_input(),
+        "report_feedback": report_feedback(),
         "build_training_manifest": build_training_manifest(),
         "report_data": report_data(),
         "decide_training": decide_training(),
@@ -122,12 +127,15 @@ def medical_ct():
     tasks["ingest_mednist"] >> tasks["decode_raw_images"]
     tasks["decode_feedback_images"] >> tasks["build_model_input"]
     tasks["decode_raw_images"] >> tasks["build_model_input"]
+    tasks["decode_feedback_images"] >> tasks["report_feedback"]
+    tasks["decode_raw_images"] >> tasks["report_feedback"]
     tasks["build_model_input"] >> tasks["build_training_manifest"]
     tasks["decode_feedback_images"] >> tasks["build_training_manifest"]
     tasks["decode_raw_images"] >> tasks["build_training_manifest"]
     tasks["build_model_input"] >> tasks["report_data"]
     tasks["decode_feedback_images"] >> tasks["report_data"]
     tasks["decode_raw_images"] >> tasks["report_data"]
+    tasks["build_training_manifest"] >> tasks["decide_training"]
     tasks["report_data"] >> tasks["decide_training"]
     tasks["build_model_input"] >> tasks["evaluate_champion"]
     tasks["decide_training"] >> tasks["evaluate_champion"]

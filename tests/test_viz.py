@@ -24,6 +24,7 @@ def test_viz_build_contains_the_pipelines_and_their_nodes(tmp_path):
         "build_model_input",
         "build_training_manifest",
         "report_data",
+        "report_feedback",
         "decide_training",
         "train_model",
         "evaluate_model",

@@ -322,14 +322,14 @@ def report_feedback(
     changed = []
     for record in accepted_records:
         raw_label = raw_labels.get(feedback_hashes.get(record.get("accepted_as"), ""))
-        if raw_label is not None and raw_label != record["label"]:
+        if raw_label is not None and raw_label != record.get("label"):
             changed.append(
-                {"feedback_id": record["feedback_id"], "raw_label": raw_label, **_who(record)}
+                {"feedback_id": record.get("feedback_id"), "raw_label": raw_label, **_who(record)}
             )
     counts = {
         "pending": len(pending.keys() - decided),
-        "accepted": sum(r["decision"] == "accept" for r in accepted_records),
-        "auto_accepted": sum(r["decision"] == "auto_accept" for r in accepted_records),
+        "accepted": sum(r.get("decision") == "accept" for r in accepted_records),
+        "auto_accepted": sum(r.get("decision") == "auto_accept" for r in accepted_records),
         "rejected": len(rejected),
         "changed_raw_label": len(changed),
     }
@@ -340,7 +340,7 @@ def report_feedback(
 
 
 def _who(record: dict) -> dict[str, str]:
-    return {key: record[key] for key in ("label", "submitted_label", "reviewer", "decided_at")}
+    return {key: record.get(key) for key in ("label", "submitted_label", "reviewer", "decided_at")}
 
 
 def validate_ingest(ingest: dict[str, Any]) -> None:
