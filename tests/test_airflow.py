@@ -458,8 +458,10 @@ def test_feedback_to_the_service_is_trained_on_and_served_by_the_next_dag_run(
     service_env = {
         "KEDRO_ENV": "s3",
         "MEDICAL_CT_MODEL_POLL_INTERVAL_S": str(POLL_INTERVAL_S),
+        "MEDICAL_CT_REVIEWER_TOKENS": "alice:alice-token-for-tests",
         **bucket_env(s3_endpoint, BUCKET, "loop"),
     }
+    reviewer = {"Authorization": "Bearer alice-token-for-tests"}
     with bentoml_server(project.path, **service_env) as url:
         wait_ready(url)
         with httpx.Client(base_url=url, timeout=30) as client:
@@ -470,7 +472,10 @@ def test_feedback_to_the_service_is_trained_on_and_served_by_the_next_dag_run(
                     files={"image": jpeg(path.read_bytes())},
                     data={"label": path.parent.name},
                 )
-                assert response.status_code == 201, response.text
+                assert response.status_code == 202, response.text
+                decision = {"feedback_id": response.json()["feedback_id"], "decision": "accept"}
+                accepted = client.post("/review", json=decision, headers=reviewer)
+                assert accepted.status_code == 200, accepted.text
 
             with predicting(url, held_out[0].read_bytes()) as (seen, failures):
                 result, _ = project.run_dag()

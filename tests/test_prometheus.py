@@ -33,7 +33,8 @@ SCRAPE_INTERVAL_S = 1
 def service(trained_project, tmp_path_factory) -> Iterator[str]:
     project = tmp_path_factory.mktemp("prometheus") / "project"
     shutil.copytree(trained_project, project)
-    with bentoml_server(project, MEDICAL_CT_WORKERS="2") as url:
+    reviewers = {"MEDICAL_CT_REVIEWER_TOKENS": "alice:alice-token-for-tests"}
+    with bentoml_server(project, MEDICAL_CT_WORKERS="2", **reviewers) as url:
         wait_ready(url)
         yield url
 
@@ -108,7 +109,8 @@ def wait_for(prometheus: str, expr: str, predicate, timeout: float = 30) -> floa
 
 @pytest.fixture(scope="module")
 def traffic(service, prometheus, sample_dir) -> dict:
-    """30 predictions and 3 feedback posted after Prometheus saw the service's counters."""
+    """30 predictions and 3 feedback posted after Prometheus saw the service's counters; a
+    reviewer accepts 2 of them and rejects 1."""
     target_up = wait_for(prometheus, 'up{job="medical_ct"}', lambda value: value == 1)
     assert target_up == 1, "Prometheus does not scrape the service"
     before = scalar(prometheus, "sum(medical_ct_predictions_total)")
@@ -118,13 +120,19 @@ def traffic(service, prometheus, sample_dir) -> dict:
             client.post("/predict", files={"image": jpeg(path.read_bytes())}) for path in images
         ]
         assert all(answer.is_success for answer in answers)
+        ids = []
         for path in images[:3]:
             response = client.post(
                 "/feedback",
                 files={"image": jpeg(path.read_bytes())},
                 data={"label": path.parent.name},
             )
-            assert response.status_code == 201, response.text
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["feedback_id"])
+        reviewer = {"Authorization": "Bearer alice-token-for-tests"}
+        for feedback_id, decision in zip(ids, ("accept", "accept", "reject"), strict=True):
+            body = {"feedback_id": feedback_id, "decision": decision}
+            assert client.post("/review", json=body, headers=reviewer).status_code == 200
     uncertain = sum(answer.json()["needs_review"] for answer in answers)
     return {"before": before, "predictions": len(images), "feedback": 3, "uncertain": uncertain}
 
@@ -142,6 +150,10 @@ def test_counters_rise_by_the_traffic_sent(prometheus, traffic):
     assert query(prometheus, "medical_ct_needs_review_total"), "the counter is exported"
     assert scalar(prometheus, "sum(medical_ct_needs_review_total)") == traffic["uncertain"]
     assert scalar(prometheus, "sum(medical_ct_feedback_total)") == traffic["feedback"]
+    reviews = 'sum(medical_ct_feedback_reviews_total{decision="accept"})'
+    assert wait_for(prometheus, reviews, lambda value: value == 2) == 2
+    assert scalar(prometheus, 'sum(medical_ct_feedback_reviews_total{decision="reject"})') == 1
+    assert wait_for(prometheus, "max(medical_ct_feedback_pending)", lambda v: v == 0) == 0
     served = query(prometheus, "medical_ct_serving_model_version")
     assert len(served) == 2 and {series["value"][1] for series in served} == {"1"}
 
