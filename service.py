@@ -32,7 +32,7 @@ from medical_ct.serving.http import (
 from medical_ct.serving.model_holder import ModelHolder, ServedModel
 from medical_ct.serving.packaging import load_packaged, packaged_model
 from medical_ct.serving.prediction_log import PREDICTION_LOG, PredictionLog, new_prediction_id
-from medical_ct.serving.project import load_project, use_tracking_uri
+from medical_ct.serving.project import load_project, project_path, use_tracking_uri
 from medical_ct.serving.review import (
     ReviewError,
     ReviewQueue,
@@ -48,6 +48,9 @@ from medical_ct.serving.schemas import (
 )
 
 logger = logging.getLogger(__name__)
+# Kedro resolves the catalog's relative paths (data/...) and the sqlite store against the
+# working directory, as for `kedro run`: the service moves to the project root once, here.
+os.chdir(project_path())
 project = load_project()
 serving = project.serving
 PACKAGED_MODEL = packaged_model()

@@ -100,12 +100,12 @@ def project_path() -> Path:
 def load_project(path: Path | None = None, env: str | None = None) -> KedroProject:
     """Load the project's config (environment ``env``, default ``$KEDRO_ENV``) and catalog.
 
-    Kedro resolves relative catalog paths and the default sqlite store against the working
-    directory, so the working directory becomes the project root, as for ``kedro run``.
+    Kedro resolves relative catalog paths (``data/...``) and the default sqlite store against
+    the working directory, as for ``kedro run``: call this from the project root (service.py
+    moves there once, explicitly, at start). It never changes the working directory itself.
     """
     path = path or project_path()
     env = env or os.environ.get("KEDRO_ENV") or None
-    os.chdir(path)
     bootstrap_project(path)
     config_loader = settings.CONFIG_LOADER_CLASS(
         conf_source=str(path / settings.CONF_SOURCE), env=env, **settings.CONFIG_LOADER_ARGS
