@@ -225,9 +225,6 @@ class ReviewStore:
         waiting = [r for key, r in self._pending.all().items() if key not in decided]
         return sorted(waiting, key=lambda record: record["submitted_at"])
 
-    def decisions(self) -> dict[str, dict]:
-        return {**self._accepted.all(), **self._rejected.all()}
-
     def images(self, feedback_ids: list[str]) -> list[bytes]:
         """The submitted images, as sent (one listing of the pending store for all of them)."""
         records = self._pending.all()
