@@ -12,15 +12,15 @@ import shutil
 from pathlib import Path
 
 import httpx
-import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from medical_ct.pipelines.data_processing.nodes import split_of
 from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.serving.model_holder import load_served_model
-from medical_ct.serving.project import load_project, use_tracking_uri
+from medical_ct.serving.project import load_project
 from medical_ct.serving.review import ReviewConfig, ReviewQueue
 from tests.conftest import (
     CLASSES,
@@ -379,13 +379,10 @@ def test_the_run_logs_the_review_counts_and_the_manifest_names_each_decision(run
         order_by=["start_time DESC"],
         max_results=1,
     )[0]
-    env = project_env(project)
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    manifest_path = mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="model_input/training_manifest.csv.gz"
+    # The run's own client: no process-wide tracking URI left behind for later modules.
+    manifest_path = client.download_artifacts(
+        run.info.run_id, "model_input/training_manifest.csv.gz", str(project)
     )
-    import pandas as pd
-
     manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
 
     assert report["accepted"] == len(seen["accepted"]) == 12
@@ -422,9 +419,10 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
     project, sample_dir, monkeypatch
 ):
     monkeypatch.chdir(project)
+    # Through the environment, restored after the test (a process-wide set_tracking_uri
+    # would point later modules' registry calls at this project's store).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(project)["MLFLOW_TRACKING_URI"])
     loaded = load_project(project)
-    use_tracking_uri(loaded.tracking_uri)
     served = load_served_model()
     policy = ReviewConfig.from_config(
         {
