@@ -21,6 +21,14 @@ TOKEN = "s3cret-feedback-token-for-tests"
 @pytest.fixture(scope="module")
 def served_project(tmp_path_factory):
     project = make_project(tmp_path_factory.mktemp("no_champion") / "project")
+    # An empty MLflow store, as `make run` leaves before its first promotion. Without it, the
+    # service's workers and the registration below would create sqlite's tables at the same
+    # time, and MLflow's migration fails on a concurrent one (_alembic_tmp_... exists).
+    create = "import mlflow; mlflow.MlflowClient().search_experiments()"
+    env = project_env(project)
+    command = [sys.executable, "-c", create]
+    created = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert created.returncode == 0, created.stderr
     with bentoml_server(
         project, MEDICAL_CT_FEEDBACK_TOKEN=TOKEN, MEDICAL_CT_MODEL_POLL_INTERVAL_S="1"
     ) as url:
