@@ -120,7 +120,7 @@ class MedicalCT:
         served = self._served()
         _check_label(served, label)
         data = image.read_bytes()
-        await _preprocess(data)  # only images the training pipeline can decode are stored
+        pixels = await _preprocess(data)  # only images the training pipeline decodes are stored
         logged = None
         if prediction_id:
             logged = await anyio.to_thread.run_sync(self.prediction_log.find, prediction_id)
@@ -139,7 +139,7 @@ class MedicalCT:
         }
         try:
             stored, status = await anyio.to_thread.run_sync(
-                self.reviews.submit, data, label, record, served
+                self.reviews.submit, data, pixels, label, record, served
             )
         except ReviewError as refused:  # past the burst limit
             raise ServiceError(
@@ -178,7 +178,7 @@ class MedicalCT:
             _check_label(served, label)
         reviewer = reviewer_of(ctx.request.headers.get("authorization", ""))
         try:
-            record = await anyio.to_thread.run_sync(
+            record, _ = await anyio.to_thread.run_sync(
                 self.reviews.decide, feedback_id, decision, reviewer, label
             )
         except ReviewError as refused:

@@ -434,11 +434,12 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
     )
     reviews = ReviewQueue(loaded.catalog, policy)
     image = new_images(sample_dir, "BreastMRI", 1, start=20)[0]
-    view = served.classify(preprocess_image(image)[None])[0]
+    pixels = preprocess_image(image)
+    view = served.classify(pixels[None])[0]
     assert view["label"] == "BreastMRI" and view["confidence"] >= 0.9, view
 
-    agreed, agreed_status = reviews.submit(image, "BreastMRI", {"submitter": "t"}, served)
-    _, disputed_status = reviews.submit(image, "Hand", {"submitter": "t"}, served)
+    agreed, agreed_status = reviews.submit(image, pixels, "BreastMRI", {"submitter": "t"}, served)
+    _, disputed_status = reviews.submit(image, pixels, "Hand", {"submitter": "t"}, served)
 
     assert (agreed_status, disputed_status) == ("accepted", "pending")
     record = json.loads(

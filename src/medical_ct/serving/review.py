@@ -11,12 +11,14 @@ audit log (one object per decision: S3 has no append); nothing is deleted or rew
 records are immutable, so each worker caches what it has read and lists only what is new.
 """
 
+import bisect
 import contextlib
 import hashlib
 import hmac
 import io
 import os
 import threading
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -170,6 +172,35 @@ class _RecordCache:
             return dict(self._records)
 
 
+@dataclass(frozen=True)
+class Records:
+    """One read of the three record stores: what an operation decides on."""
+
+    pending: dict[str, dict]
+    accepted: dict[str, dict]
+    rejected: dict[str, dict]
+
+    def status_of(self, feedback_id: str) -> str | None:
+        """``pending``, ``accepted``, ``rejected``, or None for an unknown id."""
+        if feedback_id in self.accepted:
+            return "accepted"
+        if feedback_id in self.rejected:
+            return "rejected"
+        return "pending" if feedback_id in self.pending else None
+
+    def waiting(self) -> list[dict]:
+        """Records still waiting for a decision, oldest first."""
+        decided = self.accepted.keys() | self.rejected.keys()
+        waiting = [r for key, r in self.pending.items() if key not in decided]
+        return sorted(waiting, key=lambda record: record["submitted_at"])
+
+    def recent_from(self, submitter: str, within: timedelta) -> list[datetime]:
+        """When ``submitter``'s items of the last ``within`` were submitted, oldest first."""
+        since = now() - within
+        times = [_submitted_at(r) for r in self.pending.values() if r.get("submitter") == submitter]
+        return sorted(time for time in times if time >= since)
+
+
 class ReviewStore:
     """Pending, accepted and rejected feedback and the audit log, all through the catalog."""
 
@@ -180,15 +211,24 @@ class ReviewStore:
         self._rejected = _RecordCache(catalog, REJECTED_RECORDS)
         self._decide_lock = threading.Lock()
 
-    def submit(self, image: bytes, label: str, record: dict[str, Any]) -> dict[str, Any]:
+    def records(self) -> Records:
+        """One listing of each record store (only records not read before are loaded)."""
+        return Records(self._pending.all(), self._accepted.all(), self._rejected.all())
+
+    def submit(
+        self, image: bytes, label: str, record: dict[str, Any], pending: dict[str, dict]
+    ) -> dict[str, Any]:
         """Store ``image`` under ``label`` as pending; a repeat is stored once (same id).
+
+        Args:
+            pending: The pending records as read for this submission (``records().pending``).
 
         Returns:
             The pending record (the first one, for a repeat).
         """
         digest = hashlib.sha256(image).hexdigest()
         feedback_id = feedback_id_of(label, digest)
-        existing = self._pending.all().get(feedback_id)
+        existing = pending.get(feedback_id)
         if existing is not None:
             return existing
         stored = {
@@ -208,56 +248,35 @@ class ReviewStore:
             ) from error
         return stored
 
-    def status_of(self, feedback_id: str) -> str | None:
-        """``pending``, ``accepted``, ``rejected``, or None for an unknown id."""
-        if feedback_id in self._accepted.all():
-            return "accepted"
-        if feedback_id in self._rejected.all():
-            return "rejected"
-        return "pending" if feedback_id in self._pending.all() else None
-
-    def submissions(self) -> dict[str, dict]:
-        return self._pending.all()
-
-    def pending(self) -> list[dict]:
-        """Records still waiting for a decision, oldest first."""
-        decided = self._accepted.all().keys() | self._rejected.all().keys()
-        waiting = [r for key, r in self._pending.all().items() if key not in decided]
-        return sorted(waiting, key=lambda record: record["submitted_at"])
-
-    def images(self, feedback_ids: list[str]) -> list[bytes]:
+    def images(
+        self, feedback_ids: list[str], pending: dict[str, dict] | None = None
+    ) -> list[bytes]:
         """The submitted images, as sent (one listing of the pending store for all of them)."""
-        records = self._pending.all()
+        records = self._pending.all() if pending is None else pending
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
             raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
         files = self._catalog.load(PENDING_IMAGES)
         return [files[records[feedback_id]["image"]]() for feedback_id in feedback_ids]
 
-    def recent_submissions(self, submitter: str, within: timedelta) -> list[datetime]:
-        """When ``submitter``'s items of the last ``within`` were submitted, oldest first."""
-        since = now() - within
-        times = [
-            datetime.fromisoformat(record["submitted_at"])
-            for record in self._pending.all().values()
-            if record.get("submitter") == submitter
-        ]
-        return sorted(time for time in times if time >= since)
-
     def decide(
         self, feedback_id: str, decision: str, reviewer: str, label: str | None = None
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], int]:
         """Accept (under ``label`` if given, else the submitted one) or reject a pending item.
 
         The accepted image is copied into the store ``data_processing`` reads; the decision
         record and an audit entry are added. Raises ``ReviewError`` 404 (unknown id) or 409
         (already decided); the caller checks that ``label`` is a class (422).
+
+        Returns:
+            The decision record, and how many items still wait for a decision.
         """
         with self._decide_lock:
-            submitted = self._pending.all().get(feedback_id)
+            records = self.records()
+            submitted = records.pending.get(feedback_id)
             if submitted is None:
                 raise ReviewError(404, f"no feedback {feedback_id!r}: GET /review lists the ids")
-            previous = self.status_of(feedback_id)
+            previous = records.status_of(feedback_id)
             if previous != "pending":
                 raise ReviewError(
                     409, f"feedback {feedback_id!r} was already {previous}: decisions are final"
@@ -284,7 +303,7 @@ class ReviewStore:
             }
             try:
                 if accepted:
-                    image = self._catalog.load(PENDING_IMAGES)[submitted["image"]]()
+                    (image,) = self.images([feedback_id], records.pending)
                     self._catalog.save(ACCEPTED_IMAGES, {record["accepted_as"]: image})
                     self._catalog.save(ACCEPTED_RECORDS, {feedback_id: record})
                 else:
@@ -295,15 +314,41 @@ class ReviewStore:
                 raise StoreError(
                     f"the review store refused the write ({type(error).__name__})"
                 ) from error
-            return record
+            return record, len(records.waiting()) - 1
+
+
+def _submitted_at(record: dict) -> datetime:
+    return datetime.fromisoformat(record["submitted_at"])
 
 
 # ---- flags: each with a reason a person can read ----
+@dataclass(frozen=True)
+class Submissions:
+    """Every submitted record, indexed once per queue listing for the flags that compare."""
+
+    labels_by_image: dict[str, set[str]]
+    times_by_submitter: dict[str, list[datetime]]  # sorted
+
+    @classmethod
+    def of(cls, pending: dict[str, dict]) -> "Submissions":
+        labels, times = defaultdict(set), defaultdict(list)
+        for record in pending.values():
+            labels[record["sha256"]].add(record["label"])
+            times[record.get("submitter")].append(_submitted_at(record))
+        return cls(dict(labels), {who: sorted(at) for who, at in times.items()})
+
+    def burst_size(self, item: dict) -> int:
+        """Items of the same submitter within a minute either side of ``item``."""
+        at, minute = _submitted_at(item), timedelta(minutes=1)
+        times = self.times_by_submitter.get(item.get("submitter"), [])
+        return bisect.bisect_right(times, at + minute) - bisect.bisect_left(times, at - minute)
+
+
 def flags_for(
     item: dict,
     model_view: dict,
     ood_ratio: float | None,
-    submissions: dict[str, dict],
+    submissions: Submissions,
     config: ReviewConfig,
 ) -> list[dict[str, str]]:
     """The flags of one pending item (see conf/base/review.yml for the thresholds).
@@ -328,13 +373,7 @@ def flags_for(
                 f"{model_view['confidence']:.1%} sure it is {model_view['label']}",
             }
         )
-    others = sorted(
-        {
-            record["label"]
-            for record in submissions.values()
-            if record["sha256"] == item["sha256"] and record["label"] != item["label"]
-        }
-    )
+    others = sorted(submissions.labels_by_image.get(item["sha256"], set()) - {item["label"]})
     if others:
         flags.append(
             {
@@ -342,7 +381,7 @@ def flags_for(
                 "reason": f"the same image was also submitted as {', '.join(others)}",
             }
         )
-    burst = _burst_size(item, submissions)
+    burst = submissions.burst_size(item)
     if burst > config.burst_flag_per_minute:
         flags.append(
             {
@@ -361,17 +400,6 @@ def flags_for(
             }
         )
     return flags
-
-
-def _burst_size(item: dict, submissions: dict[str, dict]) -> int:
-    """Items of the same submitter within a minute either side of ``item``."""
-    at = datetime.fromisoformat(item["submitted_at"])
-    return sum(
-        1
-        for record in submissions.values()
-        if record.get("submitter") == item.get("submitter")
-        and abs(datetime.fromisoformat(record["submitted_at"]) - at) <= timedelta(minutes=1)
-    )
 
 
 def retry_after_s(recent: list[datetime], limit: int) -> int | None:
@@ -403,14 +431,23 @@ class ReviewQueue:
         self._reference_lock = threading.Lock()
 
     def submit(
-        self, image: bytes, label: str, record: dict[str, Any], served: ServedModel
+        self,
+        image: bytes,
+        pixels: np.ndarray,
+        label: str,
+        record: dict[str, Any],
+        served: ServedModel,
     ) -> tuple[dict[str, Any], str]:
         """Store ``image`` as pending (or auto-accept it); return the record and its status.
+
+        Args:
+            pixels: ``image`` as the service already preprocessed it (for the policy).
 
         Raises:
             ReviewError: 429 when the submitter is past the burst limit (``retry_after_s``).
         """
-        recent = self.store.recent_submissions(record["submitter"], timedelta(minutes=1))
+        records = self.store.records()
+        recent = records.recent_from(record["submitter"], timedelta(minutes=1))
         wait = retry_after_s(recent, self.config.burst_refuse_per_minute)
         if wait is not None:
             raise ReviewError(
@@ -419,37 +456,41 @@ class ReviewQueue:
                 f"is {self.config.burst_refuse_per_minute}: retry in {wait} s",
                 retry_after_s=wait,
             )
-        stored = self.store.submit(image, label, record)
-        status = self.store.status_of(stored["feedback_id"])
+        stored = self.store.submit(image, label, record, records.pending)
+        feedback_id = stored["feedback_id"]
+        status = records.status_of(feedback_id) or "pending"  # None: stored just now
+        waiting = len(records.waiting()) + (feedback_id not in records.pending)
         if status == "pending" and self.config.auto_accept == "agree_with_model":
-            view = served.classify(preprocess_image(image)[None])[0]
+            view = served.classify(pixels[None])[0]
             if agrees_confidently(label, view, self.config):
                 with contextlib.suppress(ReviewError):  # a reviewer was faster
-                    self.decide(stored["feedback_id"], "auto_accept", AUTO_REVIEWER)
-                status = self.store.status_of(stored["feedback_id"])
-        self._count_pending()
+                    _, waiting = self.decide(feedback_id, "auto_accept", AUTO_REVIEWER)
+                    status = "accepted"
+        metrics.feedback_pending.set(waiting)
         return stored, status
 
     def decide(
         self, feedback_id: str, decision: str, reviewer: str, label: str | None = None
-    ) -> dict[str, Any]:
-        record = self.store.decide(feedback_id, decision, reviewer, label)
+    ) -> tuple[dict[str, Any], int]:
+        """The decision record, and how many items still wait (also set on /metrics)."""
+        record, waiting = self.store.decide(feedback_id, decision, reviewer, label)
         metrics.feedback_reviews_total.labels(decision=decision).inc()
-        self._count_pending()
-        return record
+        metrics.feedback_pending.set(waiting)
+        return record, waiting
 
     def queue(self, served: ServedModel, limit: int) -> list[dict[str, Any]]:
         """Pending items, oldest first: the champion's view now, the flags and their reasons."""
-        pending = self.store.pending()
-        self._count_pending(len(pending))
-        items = pending[:limit]
+        records = self.store.records()
+        waiting = records.waiting()
+        metrics.feedback_pending.set(len(waiting))
+        items = waiting[:limit]
         if not items:
             return []
-        images = self.store.images([item["feedback_id"] for item in items])
+        images = self.store.images([item["feedback_id"] for item in items], records.pending)
         pixels = np.stack([preprocess_image(image) for image in images])
         views = served.classify(pixels)
         ratios = self._ood_ratios(served, pixels)
-        submissions = self.store.submissions()
+        submissions = Submissions.of(records.pending)
         return [
             _queue_item(item, view, ratio, flags_for(item, view, ratio, submissions, self.config))
             for item, view, ratio in zip(items, views, ratios, strict=True)
@@ -471,9 +512,6 @@ class ReviewQueue:
         if reference is None:
             return [None] * len(pixels)
         return [float(r) for r in reference.ratios(features(pixels))]
-
-    def _count_pending(self, count: int | None = None) -> None:
-        metrics.feedback_pending.set(len(self.store.pending()) if count is None else count)
 
 
 def _queue_item(item: dict, view: dict, ratio: float | None, flags: list[dict]) -> dict:
