@@ -27,6 +27,7 @@ from tests.conftest import (
 
 MANIFEST_ARTIFACT = "model_input/training_manifest.csv.gz"
 POLL_INTERVAL_S = 2
+FOLLOW_BOUND_S = POLL_INTERVAL_S + 5  # a poll, then loading the model
 REASON = "Hand recall dropped in production"
 
 
@@ -128,19 +129,22 @@ def rolled_back(project, sample_dir) -> dict:
             )
             assert_ok(result)
             finished = time.monotonic()
-            while not (seen and seen[-1][1] == first) and time.monotonic() - finished < 60:
-                time.sleep(0.05)
-            served_at = next(at for at, version in seen if version == first)
-            time.sleep(1)
+            # Each worker polls on its own: keep asking until every one must have followed.
+            while not moved and time.monotonic() - finished < 10:
+                time.sleep(0.1)
+            while moved and time.monotonic() < moved[0] + FOLLOW_BOUND_S + 2:
+                time.sleep(0.1)
         finally:
             stop.set()
             for thread in threads:
                 thread.join()
         moved_at = moved[0]
+        old_answers = [at for at, version in seen if version != first]
+        served_at = max(old_answers) if old_answers else moved_at
         followed_s = served_at - moved_at
         described = httpx.get(f"{url}/model").json()
     print(
-        f"\nrollback run {finished - started:.1f} s; service served the old version "
+        f"\nrollback run {finished - started:.1f} s; the last answer from the old version came "
         f"{followed_s:.1f} s after the alias moved; "
         f"{len(seen)} predictions, {len(failures)} failed"
     )
@@ -160,10 +164,11 @@ def test_the_service_follows_a_rollback_within_the_poll_interval_and_no_request_
     first = project["first"]
     assert rolled_back["served_before"] == project["second"]
     assert rolled_back["failures"] == []
-    assert rolled_back["followed_s"] <= POLL_INTERVAL_S + 5
+    # served_at is the last answer from the old version: every worker had followed by then.
+    assert rolled_back["followed_s"] <= FOLLOW_BOUND_S
     settled = rolled_back["served_at"]
-    assert [version for at, version in rolled_back["seen"] if at > settled + 0.5] != []
-    assert all(version == first for at, version in rolled_back["seen"] if at > settled + 0.5)
+    after = [version for at, version in rolled_back["seen"] if at > settled]
+    assert len(after) > 10 and set(after) == {first}
     assert champion(project["path"]) == first
 
 
