@@ -1,4 +1,4 @@
-"""Kedro datasets of this project: image folders, outputs read back on the next run, reports
+"""Kedro datasets of this project: image folders, reports
 copied to MLflow from any store, and registered models."""
 
 import tempfile
@@ -12,7 +12,6 @@ import mlflow
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets.partitions import PartitionedDataset
-from kedro_datasets.pickle import PickleDataset
 
 from medical_ct import manifest, registry
 
@@ -73,18 +72,6 @@ class ImageFolderDataset(PartitionedDataset):
 
 def _file_reader(filesystem: fsspec.AbstractFileSystem, path: str) -> Callable[[], bytes]:
     return lambda: filesystem.cat_file(path)
-
-
-class PreviousOutputDataset(PickleDataset):
-    """A pickled output of an earlier run, read back as ``None`` when there is none yet.
-
-    Declared on the same file as the output it caches, so a node can reuse last run's work.
-    """
-
-    def load(self) -> Any:
-        if not self._exists():
-            return None
-        return super().load()
 
 
 class MlflowReportDataset(AbstractDataset[Any, Any]):

@@ -4,6 +4,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,13 +21,59 @@ from medical_ct.manifest import (
     model_input_rows,
 )
 from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
-from medical_ct.preprocessing import IMAGE_SIZE, InvalidImageError, content_hash, preprocess_image
+from medical_ct.preprocessing import InvalidImageError, content_hash, preprocess_image
+from medical_ct.shards import (
+    INDEX_COLUMNS,
+    MODEL_INPUT_COLUMNS,
+    ModelInputSet,
+    ShardedImages,
+    empty_index,
+    shard_name,
+)
 
 logger = logging.getLogger(__name__)
 
-# A decoded image set: "pixels" (n, IMAGE_SIZE, IMAGE_SIZE) uint8, and per image "labels",
-# "content_hashes" and "files" (its partition id), plus "rejected": [{"file", "reason"}].
-ImageSet = dict[str, Any]
+
+@dataclass(frozen=True)
+class DataProcessingParams:
+    """The ``data_processing`` parameters, checked once.
+
+    ``classes``: accepted class folders (``None``: every folder of the raw store);
+    ``validation_fraction``/``test_fraction``: held-out shares by content hash;
+    ``full_rescan``: decode every file again instead of reusing last run's decoded pixels
+    (and compact the shards); ``shard_images``: images per shard of the decoded sets.
+    """
+
+    classes: tuple[str, ...] | None
+    validation_fraction: float
+    test_fraction: float
+    full_rescan: bool = False
+    shard_images: int = 4096
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "DataProcessingParams":
+        validation, test = validate_split(params.get("split") or {})
+        full_rescan = params.get("full_rescan", False)
+        if not isinstance(full_rescan, bool):
+            raise ValueError(
+                "parameters data_processing: full_rescan must be true or false, got "
+                f"{full_rescan!r}: kedro run --params data_processing.full_rescan=true"
+            )
+        shard_images = params.get("shard_images", 4096)
+        if not isinstance(shard_images, int) or isinstance(shard_images, bool) or shard_images < 1:
+            raise ValueError(
+                "parameters data_processing: shard_images must be a positive integer "
+                f"(images per shard of the decoded sets, 4096 = 16 MiB), got {shard_images!r}"
+            )
+        classes = params.get("classes")
+        if classes is not None and (
+            not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes)
+        ):
+            raise ValueError(
+                "parameters data_processing: classes must be a list of class folder names "
+                f"or null, got {classes!r}"
+            )
+        return cls(tuple(classes) if classes else None, validation, test, full_rescan, shard_images)
 
 
 def ingest_mednist(existing_raw_images: dict[str, Callable], ingest: dict[str, Any]) -> dict:
@@ -62,112 +109,119 @@ def ingest_mednist(existing_raw_images: dict[str, Callable], ingest: dict[str, A
 
 def decode_images(
     partitions: dict[str, Callable[[], bytes]],
-    classes: list[str] | None,
-    previous: ImageSet | None = None,
-) -> ImageSet:
+    previous: ShardedImages | None,
+    data_processing: dict[str, Any],
+) -> ShardedImages:
     """Decode ``<Class>/<file>`` partitions with the shared preprocessing, reusing last run's.
 
     Files that cannot be decoded, are empty, lie outside a class folder or under a class not
     in ``classes`` are rejected with a reason, never raised. A file whose store version
     (``partition.version``: size and ETag or modification time) equals the one in
-    ``previous`` is not read again: its pixels or its rejection are reused, so a rerun reads
-    and decodes only new or changed files.
+    ``previous``'s index is not read again and its pixels are not loaded: its index row (shard
+    and row of its pixels, or its rejection) is kept, so a rerun reads and decodes only new or
+    changed files, and writes only their shards. ``full_rescan`` decodes every file.
 
     Args:
         partitions: Partition id to a function returning the file's bytes, with ``version``.
-        classes: The accepted class names; ``None`` accepts every class folder.
         previous: This node's output of the last run, or ``None``.
+        data_processing: The parameters (see ``DataProcessingParams``).
 
     Returns:
-        The decoded images with their labels, content hashes and store versions, the rejected
-        files, and ``reused``: how many files were taken from ``previous``.
+        The decoded set: its index (one row per file) and the shards of the files decoded now.
     """
-    accepted = set(classes) if classes else None
-    known = _decoded_by_version(previous)
-    pixels, labels, hashes, files, versions, rejected = [], [], [], [], [], []
+    params = DataProcessingParams.from_params(data_processing)
+    accepted = set(params.classes) if params.classes else None
+    known = {} if previous is None or params.full_rescan else _rows_by_version(previous)
+    if previous is not None and params.full_rescan:
+        logger.info("full_rescan: decoding every file again and compacting the shards")
+    rows: list[dict[str, Any]] = []
+    new_pixels: list[np.ndarray] = []
     reused = 0
     for file in tqdm(sorted(partitions), desc="Decoding images", unit=" images"):
         label, _, name = file.partition("/")
+        version = getattr(partitions[file], "version", None)
+        row = {"file": file, "version": version, "label": label, "content_hash": "", "shard": ""}
         if not name:
-            rejected.append({"file": file, "reason": "not inside a class folder (<Class>/<file>)"})
+            rows.append({**row, "row": -1, "reason": "not inside a class folder (<Class>/<file>)"})
             continue
         if accepted is not None and label not in accepted:
-            rejected.append({"file": file, "reason": f"unknown class {label!r}"})
+            rows.append({**row, "row": -1, "reason": f"unknown class {label!r}"})
             continue
-        version = getattr(partitions[file], "version", None)
         if version is not None and (file, version) in known:
-            image, reason = known[file, version]
+            rows.append(known[file, version])
             reused += 1
-        else:
-            image, reason = _decode(partitions[file])
-        if image is None:
-            rejected.append({"file": file, "reason": reason, "version": version})
             continue
-        pixels.append(image)
-        labels.append(label)
-        hashes.append(content_hash(image))
-        files.append(file)
-        versions.append(version)
-    for rejection in rejected:
+        try:
+            image = preprocess_image(partitions[file]())
+        except InvalidImageError as error:
+            rows.append({**row, "row": -1, "reason": str(error)})
+            continue
+        digest = content_hash(image)
+        rows.append({**row, "content_hash": digest, "row": len(new_pixels), "reason": ""})
+        new_pixels.append(image)
+    index = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()
+    new_shards = _cut_into_shards(index, new_pixels, params.shard_images)
+    for _, rejection in index[index["reason"] != ""].iterrows():
         logger.warning("Rejected %s: %s", rejection["file"], rejection["reason"])
     logger.info(
-        "Decoded %d files, reused %d decoded by the last run",
-        len(files) + len(rejected) - reused,
+        "Decoded %d files into %d new shards, reused %d decoded by the last run",
+        len(index) - reused,
+        len(new_shards),
         reused,
     )
-    return {
-        "pixels": np.stack(pixels) if pixels else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8),
-        "labels": labels,
-        "content_hashes": hashes,
-        "files": files,
-        "versions": versions,
-        "rejected": rejected,
-        "reused": reused,
-    }
+    kept = set(index.loc[index["shard"] != "", "shard"]) - set(new_shards)
+    shards = {name: previous.shards[name] for name in kept} if previous is not None else {}
+    return ShardedImages(index, shards, new_shards, reused)
 
 
-def _decode(read: Callable[[], bytes]) -> tuple[np.ndarray | None, str | None]:
-    try:
-        return preprocess_image(read()), None
-    except InvalidImageError as error:
-        return None, str(error)
+def _rows_by_version(previous: ShardedImages) -> dict[tuple[str, str], dict[str, Any]]:
+    """(file, version) -> its index row of last run (shard and row, or rejection)."""
+    index = previous.index[previous.index["version"].notna()]
+    return {(row["file"], row["version"]): row for row in index[INDEX_COLUMNS].to_dict("records")}
 
 
-def _decoded_by_version(previous: ImageSet | None) -> dict[tuple[str, str], tuple]:
-    """(file, version) -> (pixels, None) or (None, rejection reason), from last run's output."""
-    if not previous or "versions" not in previous:
-        return {}
-    known: dict[tuple[str, str], tuple] = {}
-    for index, (file, version) in enumerate(
-        zip(previous["files"], previous["versions"], strict=True)
-    ):
-        if version is not None:
-            known[file, version] = (previous["pixels"][index], None)
-    for rejection in previous["rejected"]:
-        if rejection.get("version") is not None:
-            known[rejection["file"], rejection["version"]] = (None, rejection["reason"])
-    return known
+def _cut_into_shards(
+    index: pd.DataFrame, new_pixels: list[np.ndarray], shard_images: int
+) -> dict[str, np.ndarray]:
+    """Stack the newly decoded pixels into shards; point their index rows at them (in place)."""
+    decoded_now = (index["shard"] == "") & (index["reason"] == "")
+    new_rows = np.flatnonzero(decoded_now.to_numpy())
+    shards: dict[str, np.ndarray] = {}
+    shard_column = index["shard"].to_numpy(dtype=object).copy()
+    row_column = index["row"].to_numpy(dtype=np.int64).copy()
+    for start in range(0, len(new_rows), shard_images):
+        rows = new_rows[start : start + shard_images]
+        pixels = np.stack([new_pixels[row_column[row]] for row in rows])
+        name = shard_name(pixels)
+        shards[name] = pixels
+        shard_column[rows] = name
+        row_column[rows] = np.arange(len(rows))
+    index["shard"] = shard_column
+    index["row"] = row_column
+    return shards
 
 
 def build_model_input(
-    raw_images: ImageSet, feedback_images: ImageSet, split: dict[str, float]
-) -> tuple[dict, dict, dict, list[str], dict[str, Any]]:
+    raw_images: ShardedImages, feedback_images: ShardedImages, data_processing: dict[str, Any]
+) -> tuple[ModelInputSet, ModelInputSet, ModelInputSet, list[str], dict[str, Any]]:
     """Dedupe by content hash and split deterministically by content hash.
 
     A feedback label wins over a raw label for the same image; among raw copies the first by
     file name wins. An image's split depends only on its hash, so it keeps its split as the
-    data grows.
+    data grows. No pixels are read or copied: each set is an index of where its images lie
+    in the decoded sets' shards (a few tens of bytes per image).
 
     Args:
         raw_images: Decoded raw store.
-        feedback_images: Decoded feedback store (corrected labels from the service).
-        split: ``validation_fraction`` and ``test_fraction``.
+        feedback_images: Decoded accepted feedback store (reviewed labels).
+        data_processing: The parameters (``split``; see ``DataProcessingParams``).
 
     Returns:
-        The train, validation and test sets (``images`` (n, 1, H, W) uint8, ``labels`` int64
-        class indices, ``content_hashes``), the class names, and dedupe statistics.
+        The train, validation and test sets (``images`` (n, 1, H, W) uint8 read on first use,
+        ``labels`` int64 class indices, ``content_hashes``), the class names, and dedupe
+        statistics.
     """
-    validation_fraction, test_fraction = validate_split(split)
+    params = DataProcessingParams.from_params(data_processing)
     chosen, duplicates, with_another_label = choose_images(raw_images, feedback_images)
     sources = {RAW: raw_images, FEEDBACK: feedback_images}
     class_names = sorted({image.label for image in chosen.values()})
@@ -177,18 +231,30 @@ def build_model_input(
             "check the raw store and ingest"
         )
     class_index = {name: index for index, name in enumerate(class_names)}
-    members: dict[str, list[str]] = {name: [] for name in SPLITS}
+    located = {
+        source: (images.accepted["shard"].to_numpy(), images.accepted["row"].to_numpy())
+        for source, images in sources.items()
+    }
+    members: dict[str, list[tuple]] = {name: [] for name in SPLITS}
     for digest in sorted(chosen):
-        members[split_of(digest, validation_fraction, test_fraction)].append(digest)
-    sets = {}
-    for name, digests in members.items():
-        images = np.empty((len(digests), 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-        labels = np.empty(len(digests), dtype=np.int64)
-        for row, digest in enumerate(digests):
-            image = chosen[digest]
-            images[row, 0] = sources[image.source]["pixels"][image.index]
-            labels[row] = class_index[image.label]
-        sets[name] = {"images": images, "labels": labels, "content_hashes": digests}
+        image = chosen[digest]
+        shards, rows = located[image.source]
+        split = split_of(digest, params.validation_fraction, params.test_fraction)
+        members[split].append(
+            (digest, class_index[image.label], image.source, shards[image.index], rows[image.index])
+        )
+    loaders = {
+        (source, name): (lambda images=images, name=name: images.load_shard(name))
+        for source, images in sources.items()
+        for name in {*images.shards, *images.new_shards}
+    }
+    sets = {
+        name: ModelInputSet(pd.DataFrame(rows, columns=MODEL_INPUT_COLUMNS), loaders)
+        for name, rows in members.items()
+    }
+    for data in sets.values():
+        data.index["label"] = data.index["label"].astype(np.int64)
+        data.index["row"] = data.index["row"].astype(np.int64)
     stats = {"duplicates": duplicates, "duplicates_with_another_label": with_another_label}
     return sets["train"], sets["validation"], sets["test"], class_names, stats
 
@@ -208,8 +274,8 @@ def report_data(
     validation_set: dict,
     test_set: dict,
     class_names: list[str],
-    raw_images: ImageSet,
-    feedback_images: ImageSet,
+    raw_images: ShardedImages,
+    feedback_images: ShardedImages,
     dedupe_stats: dict[str, int],
 ) -> tuple[dict[str, Any], dict[str, Any], str]:
     """Summarise the model input: counts per class and split, rejections, duplicates.
@@ -265,8 +331,8 @@ def build_training_manifest(
     validation_set: dict,
     test_set: dict,
     class_names: list[str],
-    raw_images: ImageSet,
-    feedback_images: ImageSet,
+    raw_images: ShardedImages,
+    feedback_images: ShardedImages,
     accepted_feedback: dict[str, Callable[[], dict]],
 ) -> pd.DataFrame:
     """The manifest of the model input: each image's split, label and where it came from.
@@ -277,7 +343,7 @@ def build_training_manifest(
     Args:
         train_set, validation_set, test_set: The model input.
         class_names: Class names, index = label.
-        raw_images, feedback_images: The decoded stores the model input was built from.
+        raw_images, feedback_images: The decoded sets the model input was built from.
         accepted_feedback: The review's accepted records, ``{feedback_id: record}``; a
             record's ``accepted_as`` is the file of the accepted store it describes.
 
@@ -302,8 +368,8 @@ def report_feedback(
     pending: dict[str, Callable[[], dict]],
     accepted: dict[str, Callable[[], dict]],
     rejected: dict[str, Callable[[], dict]],
-    raw_images: ImageSet,
-    feedback_images: ImageSet,
+    raw_images: ShardedImages,
+    feedback_images: ShardedImages,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Counts of the review queue, and the accepted feedback that changed a raw image's label.
 

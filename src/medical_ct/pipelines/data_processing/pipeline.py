@@ -25,8 +25,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 func=decode_images,
                 inputs=[
                     "raw_images",
-                    "params:data_processing.classes",
                     "previous_decoded_raw_images",
+                    "params:data_processing",
                 ],
                 outputs="decoded_raw_images",
                 name="decode_raw_images",
@@ -35,8 +35,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 func=decode_images,
                 inputs=[
                     "feedback_images",
-                    "params:data_processing.classes",
                     "previous_decoded_feedback_images",
+                    "params:data_processing",
                 ],
                 outputs="decoded_feedback_images",
                 name="decode_feedback_images",
@@ -46,7 +46,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "decoded_raw_images",
                     "decoded_feedback_images",
-                    "params:data_processing.split",
+                    "params:data_processing",
                 ],
                 outputs=["train_set", "validation_set", "test_set", "class_names", "dedupe_stats"],
                 name="build_model_input",

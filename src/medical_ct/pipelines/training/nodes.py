@@ -2,8 +2,10 @@
 
 import copy
 import logging
+import math
 import random
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,7 @@ from medical_ct.calibration import (
 )
 from medical_ct.model import TrainingSkipped, build_classifier
 from medical_ct.registry import RegisteredClassifier, RegisteredVersion
+from medical_ct.shards import ShardStream
 
 logger = logging.getLogger(__name__)
 
@@ -204,34 +207,35 @@ def train_model(
         weight_decay=float(training.get("weight_decay", 0.0)),
     )
     max_epochs = int(training["max_epochs"])
-    train_x, train_y = _to_tensors(train_set, device)
+    batch_size = int(training["batch_size"])
+    generator = torch.Generator().manual_seed(int(training["seed"]))
+    data_path = choose_data_path(training, len(train_set["labels"]))
+    if data_path == "stream":
+        train_batches = ShardStream(
+            train_set, batch_size, int(training.get("shards_in_memory", 4)), generator
+        )
+    else:
+        train_batches = _MemoryBatches(*_to_tensors(train_set, device), batch_size, generator)
     validation_x, validation_y = _to_tensors(validation_set, device)
-    steps = max_epochs * -(-len(train_y) // int(training["batch_size"]))
+    steps = max_epochs * len(train_batches)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=float(training["learning_rate"]), total_steps=steps
     )
-    generator = torch.Generator().manual_seed(int(training["seed"]))
     history: dict[str, list[dict[str, float]]] = {}
     best_loss, best_state, best_epoch = float("inf"), None, 0
     logger.info(
-        "Training %s on %s: %d train / %d validation images, up to %d epochs",
+        "Training %s on %s: %d train (%s) / %d validation images, up to %d epochs",
         training["architecture"],
         device,
-        len(train_y),
+        len(train_set["labels"]),
+        "streamed from shards" if data_path == "stream" else "in memory",
         len(validation_y),
         max_epochs,
     )
     for epoch in range(1, max_epochs + 1):
         started = time.perf_counter()
         train_loss, train_accuracy = _train_one_epoch(
-            model,
-            optimizer,
-            scheduler,
-            train_x,
-            train_y,
-            int(training["batch_size"]),
-            generator,
-            f"Epoch {epoch}/{max_epochs}",
+            model, optimizer, scheduler, train_batches, device, f"Epoch {epoch}/{max_epochs}"
         )
         validation_loss, validation_accuracy = evaluate_loss(model, validation_x, validation_y)
         for name, value in {
@@ -335,30 +339,59 @@ def _train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    batch_size: int,
-    generator: torch.Generator,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
     description: str,
 ) -> tuple[float, float]:
     model.train()
-    order = torch.randperm(len(labels), generator=generator).to(labels.device)
-    total_loss, correct = 0.0, 0
-    batches = range(0, len(labels), batch_size)
+    total_loss, correct, count = 0.0, 0, 0
     with tqdm(batches, desc=description, unit=" batches", leave=False) as progress:
-        for start in progress:
-            index = order[start : start + batch_size]
-            batch_images, batch_labels = images[index], labels[index]
+        for images, labels in progress:
+            batch_images = images.to(device).contiguous(memory_format=torch.channels_last)
+            batch_labels = labels.to(device)
             logits = model(batch_images)
             loss = nn.functional.cross_entropy(logits, batch_labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += loss.item() * len(index)
+            total_loss += loss.item() * len(batch_labels)
             correct += (logits.argmax(1) == batch_labels).sum().item()
+            count += len(batch_labels)
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return total_loss / len(labels), correct / len(labels)
+    return total_loss / count, correct / count
+
+
+class _MemoryBatches:
+    """Shuffled batches of a training split held in memory (one permutation per pass)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.generator = batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.labels), generator=self.generator).to(self.labels.device)
+        for start in range(0, len(self.labels), self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index]
+
+
+def choose_data_path(training: dict[str, Any], train_images: int) -> str:
+    """``memory`` or ``stream``: ``training.data_path``, or by size when it is ``auto``."""
+    data_path = training.get("data_path", "auto")
+    if data_path == "auto":
+        threshold = int(training.get("stream_above_images", 1_000_000))
+        return "stream" if train_images > threshold else "memory"
+    return data_path
 
 
 def _to_tensors(data: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,5 +425,13 @@ def validate_training_params(training: dict[str, Any]) -> None:
         value = training.get(key)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             problems.append(f"{key} must be a positive number, got {value!r}")
+    if training.get("data_path", "auto") not in ("auto", "memory", "stream"):
+        problems.append(
+            f"data_path must be auto, memory or stream, got {training.get('data_path')!r}"
+        )
+    for key in ("stream_above_images", "shards_in_memory"):
+        value = training.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{key} must be a positive integer, got {value!r}")
     if problems:
         raise ValueError("invalid parameters training: " + "; ".join(problems))

@@ -1,0 +1,412 @@
+"""Decoded pixels in shards: what a weekly rerun adds is new shards, never a rewrite of the rest.
+
+A decoded image set is a folder::
+
+    <folder>/index.parquet        one row per file of the image store (accepted or rejected)
+    <folder>/shards/<sha>.npy     uint8 (n, 64, 64) pixels, named by the hash of their bytes
+
+Shards are written once and never changed (their name is their content), so a rerun writes
+the shards of the images it decoded and a new index (tens of bytes per image). Both are plain
+Parquet and NumPy files: a reader needs no code of the writer (no pickles, ``allow_pickle``
+off). Files that were changed or deleted leave dead rows in old shards; ``full_rescan``
+decodes everything again into fresh shards and deletes the ones nothing references.
+
+The model input (train, validation and test sets) is a folder holding only an index: for each
+image its content hash, label and the (store, shard, row) of its pixels in the decoded sets.
+Training reads the pixels into memory (``ModelInputSet["images"]``) or streams them shard by
+shard (``ShardStream``) when they do not fit.
+"""
+
+import hashlib
+import io
+import logging
+import math
+import posixpath
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+import torch
+from fsspec.utils import infer_storage_options
+from kedro.io import AbstractDataset, DatasetError
+
+from medical_ct.preprocessing import IMAGE_SIZE
+
+logger = logging.getLogger(__name__)
+
+INDEX_COLUMNS = ["file", "version", "label", "content_hash", "shard", "row", "reason"]
+MODEL_INPUT_COLUMNS = ["content_hash", "label", "source", "shard", "row"]
+# Memory of one image in a shard, and of the model input held in memory by training.
+IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE
+
+ShardLoader = Callable[[], np.ndarray]
+
+
+def empty_index() -> pd.DataFrame:
+    return pd.DataFrame({column: pd.Series(dtype=_dtype(column)) for column in INDEX_COLUMNS})
+
+
+def _dtype(column: str) -> str:
+    return "int64" if column == "row" else "object"
+
+
+def shard_name(pixels: np.ndarray) -> str:
+    """The content address of a shard: 24 hex digits of the sha256 of its pixels."""
+    return hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:24] + ".npy"
+
+
+class ShardedImages(Mapping):
+    """A decoded image set: the index, the shards it had already, the shards decoded now.
+
+    Reads as the mapping the nodes used before shards (``labels``, ``content_hashes``,
+    ``files``, ``versions`` of the accepted images in file order, ``rejected`` and ``reused``)
+    without reading any pixels: pixels are read by ``pixels_of`` (or by the model input) only.
+    """
+
+    def __init__(
+        self,
+        index: pd.DataFrame,
+        shards: Mapping[str, ShardLoader] | None = None,
+        new_shards: Mapping[str, np.ndarray] | None = None,
+        reused: int = 0,
+    ) -> None:
+        self.index = index.reset_index(drop=True)
+        self.shards = dict(shards or {})
+        self.new_shards = dict(new_shards or {})
+        self.reused = reused
+        accepted = self.index[self.index["reason"] == ""]
+        self.accepted = accepted.reset_index(drop=True)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in ("labels", "content_hashes", "files", "versions"):
+            column = {"labels": "label", "files": "file", "versions": "version"}.get(
+                key, "content_hash"
+            )
+            return self.accepted[column].tolist()
+        if key == "rejected":
+            rejected = self.index[self.index["reason"] != ""]
+            return [
+                {"file": file, "reason": reason, "version": version}
+                for file, reason, version in zip(
+                    rejected["file"], rejected["reason"], rejected["version"], strict=True
+                )
+            ]
+        if key == "reused":
+            return self.reused
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("labels", "content_hashes", "files", "versions", "rejected", "reused"))
+
+    def __len__(self) -> int:
+        return 6
+
+    def load_shard(self, name: str) -> np.ndarray:
+        if name in self.new_shards:
+            return self.new_shards[name]
+        return self.shards[name]()
+
+    def pixels_of(self, rows: np.ndarray) -> np.ndarray:
+        """Pixels (len(rows), H, W) of accepted images by their row in file order."""
+        located = self.accepted.iloc[rows]
+        out = np.empty((len(rows), IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        for name, positions in _groups(located["shard"].to_numpy()):
+            out[positions] = self.load_shard(name)[located["row"].to_numpy()[positions]]
+        return out
+
+
+def _groups(keys: np.ndarray) -> Iterator[tuple[Any, np.ndarray]]:
+    """(key, positions of that key) for each distinct key, in order of first appearance."""
+    if len(keys) == 0:
+        return
+    values, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    for value_index in np.argsort(first):
+        yield values[value_index], np.flatnonzero(inverse == value_index)
+
+
+class ModelInputSet(Mapping):
+    """One split of the model input: ``images`` (read on first use), ``labels``, ``content_hashes``.
+
+    ``index`` rows say where each image's pixels are: ``source`` (``raw`` or ``feedback``),
+    ``shard`` and ``row``. ``loaders`` maps (source, shard) to a function reading that shard.
+    """
+
+    def __init__(self, index: pd.DataFrame, loaders: Mapping[tuple[str, str], ShardLoader]) -> None:
+        self.index = index.reset_index(drop=True)
+        self.loaders = dict(loaders)
+        self._images: np.ndarray | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "images":
+            if self._images is None:
+                self._images = self.gather(np.arange(len(self.index)))
+            return self._images
+        if key == "labels":
+            return self.index["label"].to_numpy(dtype=np.int64)
+        if key == "content_hashes":
+            return self.index["content_hash"].tolist()
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("images", "labels", "content_hashes"))
+
+    def __len__(self) -> int:
+        return 3
+
+    def shard_keys(self) -> np.ndarray:
+        return (self.index["source"] + "/" + self.index["shard"]).to_numpy()
+
+    def gather(self, positions: np.ndarray) -> np.ndarray:
+        """Images (len(positions), 1, H, W) uint8 of the given rows of the index."""
+        located = self.index.iloc[positions]
+        keys = (located["source"] + "/" + located["shard"]).to_numpy()
+        rows = located["row"].to_numpy()
+        out = np.empty((len(positions), 1, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        for key, where in _groups(keys):
+            source, shard = key.split("/", 1)
+            out[where, 0] = self.loaders[source, shard]()[rows[where]]
+        return out
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Training batches streamed shard by shard, shuffled across shards, for data beyond memory.
+
+    Each pass visits the shards in a random order, ``shards_in_memory`` at a time; the images
+    of those shards are shuffled together (and with what is left of the previous group) into
+    batches of ``batch_size``: memory holds ``shards_in_memory`` shards (4 KiB per image),
+    not the whole set. Every pass yields ``ceil(n / batch_size)`` batches, like the in-memory
+    path, so the learning-rate schedule is the same.
+    """
+
+    def __init__(
+        self,
+        model_input: ModelInputSet,
+        batch_size: int,
+        shards_in_memory: int,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.model_input = model_input
+        self.batch_size = batch_size
+        self.shards_in_memory = shards_in_memory
+        self.generator = generator
+        self.groups = [positions for _, positions in _groups(model_input.shard_keys())]
+        self.labels = torch.from_numpy(model_input["labels"])
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(self.groups), generator=self.generator).tolist()
+        images = torch.empty((0, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+        labels = torch.empty(0, dtype=torch.int64)
+        for start in range(0, len(order), self.shards_in_memory):
+            chosen = [self.groups[i] for i in order[start : start + self.shards_in_memory]]
+            positions = np.concatenate(chosen)
+            images = torch.cat([images, torch.from_numpy(self.model_input.gather(positions))])
+            labels = torch.cat([labels, self.labels[positions]])
+            shuffle = torch.randperm(len(labels), generator=self.generator)
+            images, labels = images[shuffle], labels[shuffle]
+            last = start + self.shards_in_memory >= len(order)
+            full = len(labels) if last else len(labels) - len(labels) % self.batch_size
+            for batch in range(0, full, self.batch_size):
+                end = batch + self.batch_size
+                yield images[batch:end], labels[batch:end]
+            images, labels = images[full:], labels[full:]
+
+
+def _read_npy(filesystem: fsspec.AbstractFileSystem, path: str) -> np.ndarray:
+    try:
+        pixels = np.load(io.BytesIO(filesystem.cat_file(path)), allow_pickle=False)
+    except FileNotFoundError:
+        raise DatasetError(
+            f"shard {path} is missing: run `kedro run --pipeline data_processing --params "
+            "data_processing.full_rescan=true` to decode the stores again"
+        ) from None
+    except ValueError as error:
+        raise DatasetError(
+            f"shard {path} is not a NumPy array of pixels ({error}): delete it and run "
+            "`kedro run --pipeline data_processing --params data_processing.full_rescan=true`"
+        ) from None
+    if pixels.dtype != np.uint8 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DatasetError(
+            f"shard {path} holds {pixels.dtype} {pixels.shape}, not uint8 (n, {IMAGE_SIZE}, "
+            f"{IMAGE_SIZE}) pixels: delete it and run data_processing with full_rescan=true"
+        )
+    return pixels
+
+
+class _Folder:
+    """A folder on any fsspec store, by the path the catalog gives."""
+
+    def __init__(self, path: str, credentials: dict[str, Any] | None = None) -> None:
+        options = infer_storage_options(path)
+        self.protocol = options["protocol"]
+        if self.protocol == "file":
+            self.filesystem = fsspec.filesystem("file", auto_mkdir=True)
+        else:
+            self.filesystem = fsspec.filesystem(self.protocol, **(credentials or {}))
+        self.path = path.rstrip("/") if self.protocol != "file" else options["path"].rstrip("/")
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def shard_loader(self, name: str) -> ShardLoader:
+        path = self.join("shards", name)
+        return lambda: _read_npy(self.filesystem, path)
+
+    def read_parquet(self, name: str) -> pd.DataFrame | None:
+        try:
+            data = self.filesystem.cat_file(self.join(name))
+        except FileNotFoundError:
+            return None
+        try:
+            return pd.read_parquet(io.BytesIO(data))
+        except Exception as error:
+            raise DatasetError(
+                f"{self.join(name)} is not a readable Parquet index ({error}): delete it and "
+                "run `kedro run --pipeline data_processing --params "
+                "data_processing.full_rescan=true`"
+            ) from None
+
+    def write_parquet(self, name: str, data: pd.DataFrame) -> None:
+        buffer = io.BytesIO()
+        data.to_parquet(buffer, index=False)
+        self.filesystem.pipe_file(self.join(name), buffer.getvalue())
+
+
+class ShardedImagesDataset(AbstractDataset[ShardedImages, ShardedImages | None]):
+    """A decoded image set in a folder of shards (see the module); ``None`` when there is none.
+
+    Saving writes the shards decoded by this run (``new_shards``; a shard already there is not
+    written again) and then the index, so a reader never sees an index naming a missing
+    shard. A save whose index was built from scratch (``full_rescan``) also deletes the shards
+    nothing references any more.
+
+    ``legacy_filepath`` is the single pickle earlier versions kept: it is never unpickled (a
+    reader must not run the writer's code); when no index exists yet it makes the run decode
+    everything once with a log line saying so, and it is deleted once the shards are saved.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        legacy_filepath: str | None = None,
+        credentials: dict[str, Any] | None = None,
+    ) -> None:
+        self._path = path
+        self._folder = _Folder(path, credentials)
+        self._legacy = legacy_filepath
+        self._credentials = credentials
+
+    def load(self) -> ShardedImages | None:
+        index = self._folder.read_parquet("index.parquet")
+        if index is None:
+            if self._legacy_exists():
+                logger.warning(
+                    "%s is a decoded set of an earlier version (one pickle, not read: a pickle "
+                    "runs its writer's code): decoding every image once into %s; the pickle is "
+                    "deleted when the shards are saved",
+                    self._legacy,
+                    self._path,
+                )
+            return None
+        missing = set(INDEX_COLUMNS) - set(index.columns)
+        if missing:
+            raise DatasetError(
+                f"{self._folder.join('index.parquet')} lacks columns {sorted(missing)}: delete "
+                "it and run data_processing with full_rescan=true"
+            )
+        index["reason"] = index["reason"].fillna("")
+        index["shard"] = index["shard"].fillna("")
+        names = index.loc[index["shard"] != "", "shard"].unique()
+        return ShardedImages(index, {name: self._folder.shard_loader(name) for name in names})
+
+    def save(self, data: ShardedImages) -> None:
+        folder = self._folder
+        existing = set(self._shard_files())
+        for name, pixels in data.new_shards.items():
+            if name in existing:
+                continue
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(pixels), allow_pickle=False)
+            folder.filesystem.pipe_file(folder.join("shards", name), buffer.getvalue())
+        folder.write_parquet("index.parquet", data.index[INDEX_COLUMNS])
+        if data.reused == 0 and not data.shards:
+            referenced = set(data.index["shard"])
+            for name in existing - referenced:
+                folder.filesystem.rm_file(folder.join("shards", name))
+        if self._legacy_exists():
+            legacy = fsspec.open(self._legacy, **(self._credentials or {}))
+            legacy.fs.rm_file(legacy.path)
+            logger.info("Deleted %s: replaced by the shards in %s", self._legacy, self._path)
+
+    def _shard_files(self) -> list[str]:
+        try:
+            paths = self._folder.filesystem.ls(self._folder.join("shards"), detail=False)
+        except FileNotFoundError:
+            return []
+        return [posixpath.basename(path.rstrip("/")) for path in paths]
+
+    def _legacy_exists(self) -> bool:
+        if not self._legacy:
+            return False
+        opened = fsspec.open(self._legacy, **(self._credentials or {}))
+        return opened.fs.exists(opened.path)
+
+    def _exists(self) -> bool:
+        return self._folder.filesystem.exists(self._folder.join("index.parquet"))
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": self._path, "legacy_filepath": self._legacy}
+
+
+class ModelInputDataset(AbstractDataset[ModelInputSet, ModelInputSet]):
+    """One split of the model input: an index into the decoded sets' shards (no pixels copied).
+
+    ``shards_from`` names the folders of the decoded sets by source (``raw``, ``feedback``);
+    the pixels are read from their shards when training or evaluation asks for them.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        shards_from: dict[str, str],
+        credentials: dict[str, Any] | None = None,
+    ) -> None:
+        self._path = path
+        self._folder = _Folder(path, credentials)
+        self._sources = {
+            source: _Folder(folder, credentials) for source, folder in shards_from.items()
+        }
+
+    def load(self) -> ModelInputSet:
+        index = self._folder.read_parquet("index.parquet")
+        if index is None:
+            raise DatasetError(
+                f"no model input at {self._path}: run `kedro run --pipeline data_processing` first"
+            )
+        unknown = set(index["source"]) - set(self._sources)
+        if unknown:
+            raise DatasetError(
+                f"{self._path} refers to stores {sorted(unknown)} that shards_from does not "
+                f"name ({sorted(self._sources)}): run data_processing again"
+            )
+        loaders = {
+            (source, shard): self._sources[source].shard_loader(shard)
+            for source, shard in set(zip(index["source"], index["shard"], strict=True))
+        }
+        return ModelInputSet(index, loaders)
+
+    def save(self, data: ModelInputSet) -> None:
+        self._folder.write_parquet("index.parquet", data.index[MODEL_INPUT_COLUMNS])
+
+    def _exists(self) -> bool:
+        return self._folder.filesystem.exists(self._folder.join("index.parquet"))
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": self._path, "shards_from": sorted(self._sources)}
