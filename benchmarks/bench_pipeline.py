@@ -17,7 +17,6 @@ import hashlib
 import http.server
 import json
 import os
-import pickle
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
 from medical_ct.model import build_classifier
+from medical_ct.shards import ModelInputDataset
 
 DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
 
@@ -54,8 +54,16 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 
 def bare_training_loop(data_dir: Path, params: dict, epochs: int) -> float:
     """The same model, optimiser and schedule as the training node, without Kedro or MLflow."""
-    train = pickle.loads((data_dir / "train_set.pkl").read_bytes())
-    validation = pickle.loads((data_dir / "validation_set.pkl").read_bytes())
+    train, validation = (
+        ModelInputDataset(
+            path=str(data_dir / split),
+            shards_from={
+                "raw": str(data_dir.parent / "02_intermediate/decoded_raw"),
+                "feedback": str(data_dir.parent / "02_intermediate/decoded_feedback"),
+            },
+        ).load()
+        for split in ("train", "validation")
+    )
     class_names = json.loads((data_dir / "class_names.json").read_text())
     started = time.perf_counter()
     torch.manual_seed(params["seed"])

@@ -177,6 +177,29 @@ def bucket_env(endpoint: str, bucket: str, prefix: str = "", **extra: str) -> di
     }
 
 
+def read_model_input(data_root: str, split: str, endpoint: str | None = None):
+    """One split of the model input as training reads it: ``images``, ``labels``,
+    ``content_hashes``. ``data_root`` is a project's data/ or an s3 root (``s3://bucket/prefix``
+    with the S3 server at ``endpoint``), laid out as conf/base and conf/s3 catalogs say."""
+    from medical_ct.shards import ModelInputDataset
+
+    credentials = None
+    if endpoint is not None:
+        credentials = {
+            "endpoint_url": endpoint,
+            "key": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "secret": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        }
+    return ModelInputDataset(
+        path=f"{data_root}/05_model_input/{split}",
+        shards_from={
+            "raw": f"{data_root}/02_intermediate/decoded_raw",
+            "feedback": f"{data_root}/02_intermediate/decoded_feedback",
+        },
+        credentials=credentials,
+    ).load()
+
+
 def upload_images(s3, images: Iterable[Path], root: str) -> int:
     """Copy ``<Class>/<file>`` images into the raw store under ``root`` (bucket[/prefix])."""
     files = {

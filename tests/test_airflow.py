@@ -7,7 +7,6 @@ read and write a bucket of moto's S3 server on loopback and log into a sqlite ML
 import contextlib
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from .conftest import (
     make_project,
     mlflow_client,
     project_env,
+    read_model_input,
     s3_with_bucket,
     upload_images,
     wait_ready,
@@ -182,8 +182,8 @@ class WeeklyProject:
         client = mlflow_client(self.path)
         return str(client.get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS).version)
 
-    def read_pickle(self, s3: s3fs.S3FileSystem, key: str):
-        return pickle.loads(s3.cat_file(f"{self.root}/{key}"))
+    def model_input(self, split: str):
+        return read_model_input(f"s3://{self.root}", split, self.endpoint)
 
 
 @pytest.fixture(scope="module")
@@ -504,7 +504,7 @@ def test_feedback_to_the_service_is_trained_on_and_served_by_the_next_dag_run(
     # The next poll of the alias finds version 2; loading it takes a moment more.
     assert switched_after < POLL_INTERVAL_S + 5, f"switched after {switched_after:.1f} s"
     print(f"\nthe service answered with version 2 {switched_after:.1f} s after the DAG run")
-    train_set = project.read_pickle(s3, "05_model_input/train_set.pkl")
+    train_set = project.model_input("train")
     class_names = json.loads(s3.cat_file(f"{project.root}/05_model_input/class_names.json"))
     for digest, path in feedback.items():
         row = train_set["content_hashes"].index(digest)

@@ -16,6 +16,7 @@ from medical_ct.pipelines.data_processing.nodes import (
 from .conftest import CLASSES
 
 SPLIT = {"validation_fraction": 0.2, "test_fraction": 0.2}
+PARAMS = {"classes": CLASSES, "split": SPLIT}
 
 
 def partitions_from(files: dict[str, bytes]) -> dict:
@@ -31,7 +32,7 @@ def sample_files(sample_dir, per_class: int = 40) -> dict[str, bytes]:
 
 
 def decode(files: dict[str, bytes]):
-    return decode_images(partitions_from(files), CLASSES)
+    return decode_images(partitions_from(files), None, PARAMS)
 
 
 def test_decode_rejects_bad_files_counts_them_and_keeps_the_rest(sample_dir):
@@ -56,20 +57,21 @@ def test_decode_rejects_bad_files_counts_them_and_keeps_the_rest(sample_dir):
     assert "unknown class 'Dental'" in reasons["Dental/xray.jpeg"]
     assert "class" in reasons["loose.jpeg"]
     assert len(decoded["labels"]) == len(files) + 1
-    assert decoded["pixels"].shape == (len(files) + 1, 64, 64)
+    assert decoded.pixels_of(np.arange(len(files) + 1)).shape == (len(files) + 1, 64, 64)
     assert "CXR/rgba.png" in decoded["files"]
 
 
 def test_decode_of_an_empty_store_is_empty():
     decoded = decode({})
-    assert decoded["pixels"].shape == (0, 64, 64)
+    assert decoded.pixels_of(np.arange(0)).shape == (0, 64, 64) and not decoded.new_shards
     assert decoded["labels"] == [] and decoded["rejected"] == []
 
 
 def test_null_classes_accept_every_class_folder(sample_dir):
     files = sample_files(sample_dir, per_class=1)
     renamed = {name.replace("Hand/", "Dental/"): data for name, data in files.items()}
-    assert "Dental" in decode_images(partitions_from(renamed), None)["labels"]
+    every_class = {**PARAMS, "classes": None}
+    assert "Dental" in decode_images(partitions_from(renamed), None, every_class)["labels"]
 
 
 def test_split_is_deterministic_and_stable_as_data_grows(sample_dir):
@@ -87,9 +89,9 @@ def test_split_is_deterministic_and_stable_as_data_grows(sample_dir):
             for digest in data["content_hashes"]
         }
 
-    small = split_of(build_model_input(first_half, empty, SPLIT))
-    large = split_of(build_model_input(everything, empty, SPLIT))
-    assert split_of(build_model_input(everything, empty, SPLIT)) == large
+    small = split_of(build_model_input(first_half, empty, PARAMS))
+    large = split_of(build_model_input(everything, empty, PARAMS))
+    assert split_of(build_model_input(everything, empty, PARAMS)) == large
     assert all(large[digest] == split for digest, split in small.items())
     counts = {split: list(large.values()).count(split) for split in ("train", "validation", "test")}
     assert counts["train"] > counts["test"] > 10 and counts["validation"] > 10
@@ -101,7 +103,7 @@ def test_duplicates_are_dropped_and_feedback_label_wins(sample_dir):
     copy = {**files, "Hand/copy-of-first.jpeg": files[hand_file]}
     feedback = decode({"CXR/" + hand_file.split("/")[1]: files[hand_file]})
 
-    train, validation, test, class_names, stats = build_model_input(decode(copy), feedback, SPLIT)
+    train, validation, test, class_names, stats = build_model_input(decode(copy), feedback, PARAMS)
     assert stats["duplicates"] == 2
     assert stats["duplicates_with_another_label"] == 2
     total = sum(len(data["labels"]) for data in (train, validation, test))
@@ -118,7 +120,7 @@ def test_duplicates_are_dropped_and_feedback_label_wins(sample_dir):
 
 def test_model_input_layout(sample_dir):
     train, validation, test, class_names, _ = build_model_input(
-        decode(sample_files(sample_dir)), decode({}), SPLIT
+        decode(sample_files(sample_dir)), decode({}), PARAMS
     )
     assert class_names == sorted(CLASSES)
     for data in (train, validation, test):
@@ -139,19 +141,19 @@ def test_model_input_layout(sample_dir):
 )
 def test_bad_split_parameters_are_refused(sample_dir, split):
     with pytest.raises(ValueError, match=r"split|could not convert"):
-        build_model_input(decode(sample_files(sample_dir, 2)), decode({}), split)
+        build_model_input(decode(sample_files(sample_dir, 2)), decode({}), {"split": split})
 
 
 def test_one_class_is_not_enough(sample_dir):
     files = {k: v for k, v in sample_files(sample_dir, 5).items() if k.startswith("Hand/")}
     with pytest.raises(ValueError, match="at least 2 classes"):
-        build_model_input(decode(files), decode({}), SPLIT)
+        build_model_input(decode(files), decode({}), PARAMS)
 
 
 def test_report_counts_and_fingerprint(sample_dir):
     files = sample_files(sample_dir, per_class=10)
     raw = decode({**files, "Hand/empty.jpeg": b""})
-    model_input = build_model_input(raw, decode({}), SPLIT)
+    model_input = build_model_input(raw, decode({}), PARAMS)
     report, metrics, fingerprint = report_data(*model_input[:4], raw, decode({}), model_input[4])
 
     assert report["rejected_count"] == 1
@@ -161,14 +163,14 @@ def test_report_counts_and_fingerprint(sample_dir):
     assert fingerprint == report["dataset_fingerprint"]
 
     again = report_data(
-        *build_model_input(raw, decode({}), SPLIT)[:4],
+        *build_model_input(raw, decode({}), PARAMS)[:4],
         raw,
         decode({}),
         {"duplicates": 0, "duplicates_with_another_label": 0},
     )[2]
     assert again == fingerprint
     fewer = decode(dict(list(files.items())[1:]))
-    changed = build_model_input(fewer, decode({}), SPLIT)
+    changed = build_model_input(fewer, decode({}), PARAMS)
     assert report_data(*changed[:4], fewer, decode({}), changed[4])[2] != fingerprint
 
 

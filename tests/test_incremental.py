@@ -2,14 +2,19 @@
 training."""
 
 import json
+import logging
+import pickle
 
+import numpy as np
 import pandas as pd
 import pytest
+from kedro.io import DatasetError
 
 from medical_ct import registry
 from medical_ct.datasets import ImageFolderDataset, StoredFile
 from medical_ct.pipelines.data_processing.nodes import decode_images
 from medical_ct.pipelines.training.nodes import decide_training
+from medical_ct.shards import ShardedImagesDataset
 
 from .conftest import CLASSES, FAST_RUN_PARAMS, assert_ok, kedro, mlflow_client
 
@@ -27,32 +32,135 @@ def stored_files(sample_dir, reads: list[str], count: int = 6) -> dict[str, Stor
     return files
 
 
-def test_decoding_reads_only_new_or_changed_files(sample_dir):
+PARAMS = {
+    "classes": CLASSES,
+    "split": {"validation_fraction": 0.2, "test_fraction": 0.2},
+    "shard_images": 4,
+}
+
+
+def shard_files(folder) -> dict[str, float]:
+    return {path.name: path.stat().st_mtime_ns for path in (folder / "shards").glob("*.npy")}
+
+
+def test_a_rerun_reads_decodes_and_writes_only_new_or_changed_files(sample_dir, tmp_path):
     reads: list[str] = []
-    files = stored_files(sample_dir, reads)
+    files = stored_files(sample_dir, reads, count=10)
     files["Hand/broken.jpeg"] = StoredFile(version="3:v1", read=lambda: reads.append("b") or b"bad")
-    first = decode_images(files, CLASSES)
-    assert len(reads) == 7 and first["reused"] == 0
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    assert store.load() is None
+    first = decode_images(files, store.load(), PARAMS)
+    store.save(first)
+    assert len(reads) == 11 and first["reused"] == 0
+    before = shard_files(tmp_path / "decoded")
+    assert len(before) == 3  # 10 images, 4 per shard
 
     reads.clear()
-    changed = next(iter(files))
+    changed = sorted(files)[0]
     files[changed] = StoredFile(version="new", read=files[changed].read)
-    second = decode_images(files, CLASSES, previous=first)
-    assert reads == [changed]
-    assert second["reused"] == 6
-    assert second["content_hashes"] == first["content_hashes"]
-    assert (second["pixels"] == first["pixels"]).all()
-    assert second["rejected"] == first["rejected"]
+    added = stored_files(sample_dir, reads, count=12)
+    files.update({name: added[name] for name in sorted(added)[10:]})
+    second = decode_images(files, store.load(), PARAMS)
+    store.save(second)
+
+    assert sorted(reads) == sorted([changed, *sorted(added)[10:]])
+    assert second["reused"] == 10  # 9 images and the broken file
+    after = shard_files(tmp_path / "decoded")
+    assert {name: after[name] for name in before} == before, "an old shard was rewritten"
+    assert len(after) == 4  # one new shard holds the 3 files read again
+    again = store.load()
+    fresh = decode_images(files, None, PARAMS)
+    assert again["content_hashes"] == fresh["content_hashes"] == second["content_hashes"]
+    rows = np.arange(len(fresh["labels"]))
+    assert np.array_equal(again.pixels_of(rows), fresh.pixels_of(rows))
+    assert again["rejected"] == first["rejected"]
 
 
-def test_decoding_ignores_a_previous_output_without_versions(sample_dir):
+def test_full_rescan_decodes_everything_and_deletes_unreferenced_shards(sample_dir, tmp_path):
+    reads: list[str] = []
+    files = stored_files(sample_dir, reads, count=8)
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    store.save(decode_images(files, None, PARAMS))
+    for name in sorted(files)[:4]:  # the first shard's files are deleted from the store
+        del files[name]
+    store.save(decode_images(files, store.load(), PARAMS))
+    assert len(shard_files(tmp_path / "decoded")) == 2  # a dead shard stays until a rescan
+
+    reads.clear()
+    rescan = decode_images(files, store.load(), {**PARAMS, "full_rescan": True})
+    store.save(rescan)
+    assert sorted(reads) == sorted(files) and rescan["reused"] == 0
+    assert len(shard_files(tmp_path / "decoded")) == 1
+    loaded = store.load()
+    assert np.array_equal(loaded.pixels_of(np.arange(4)), rescan.pixels_of(np.arange(4)))
+
+
+class _Trap:
+    """Unpickling this creates a file: the proof that a reader ran the writer's code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_an_old_single_pickle_is_never_unpickled_but_decoded_again_once(
+    sample_dir, tmp_path, caplog
+):
+    legacy = tmp_path / "decoded_raw_images.pkl"
+    marker = tmp_path / "unpickled"
+    legacy.write_bytes(pickle.dumps(_Trap(str(marker))))
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"), legacy_filepath=str(legacy))
     reads: list[str] = []
     files = stored_files(sample_dir, reads, count=3)
-    legacy = decode_images(files, CLASSES)
-    del legacy["versions"]
-    reads.clear()
-    assert decode_images(files, CLASSES, previous=legacy)["reused"] == 0
-    assert len(reads) == 3
+
+    with caplog.at_level(logging.WARNING):
+        previous = store.load()
+    assert previous is None and not marker.exists()
+    assert "decoding every image once" in caplog.text
+    store.save(decode_images(files, previous, PARAMS))
+
+    assert not legacy.exists() and not marker.exists()
+    assert len(reads) == 3 and len(store.load()["labels"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("shard", "not a NumPy array of pixels"),
+        ("missing shard", "is missing"),
+        ("index", "not a readable Parquet index"),
+    ],
+)
+def test_a_damaged_decoded_set_says_how_to_recover(sample_dir, tmp_path, damage, message):
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    store.save(decode_images(stored_files(sample_dir, [], count=3), None, PARAMS))
+    (shard,) = (tmp_path / "decoded/shards").glob("*.npy")
+    if damage == "shard":
+        shard.write_bytes(pickle.dumps({"pixels": "not an array"}))
+    elif damage == "missing shard":
+        shard.unlink()
+    else:
+        (tmp_path / "decoded/index.parquet").write_bytes(b"PAR1 garbage")
+
+    with pytest.raises(DatasetError, match=message) as error:
+        store.load().pixels_of(np.arange(3))
+    assert "full_rescan=true" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"full_rescan": "yes"}, "full_rescan must be true or false"),
+        ({"shard_images": 0}, "shard_images must be a positive integer"),
+        ({"shard_images": "many"}, "shard_images must be a positive integer"),
+        ({"classes": "Hand"}, "classes must be a list"),
+    ],
+)
+def test_bad_data_processing_parameters_are_refused(params, message):
+    with pytest.raises(ValueError, match=message):
+        decode_images({}, None, {**PARAMS, **params})
 
 
 def test_local_image_folder_versions_change_with_the_file(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from medical_ct import lifecycle
 from medical_ct.manifest import MANIFEST_COLUMNS, manifest_fingerprint
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME, registered_versions
-from tests.conftest import assert_ok, kedro, mlflow_client, project_env
+from tests.conftest import assert_ok, kedro, mlflow_client, project_env, read_model_input
 
 MANIFEST_ARTIFACT = "model_input/training_manifest.csv.gz"
 
@@ -42,7 +42,7 @@ def test_the_version_s_run_logs_its_manifest_as_input_dataset_and_artifact(
     assert manifest_fingerprint(manifest) == fingerprint
     assert set(manifest["source"]) == {"raw"} and set(manifest["feedback_id"]) == {""}
     assert manifest["file"].str.match(r"^[A-Za-z]+/[^/]+\.jpeg$").all()
-    train = pickle.loads((trained_project / "data/05_model_input/train_set.pkl").read_bytes())
+    train = read_model_input(f"{trained_project}/data", "train")
     assert list(manifest[manifest["split"] == "train"]["content_hash"]) == train["content_hashes"]
     assert version.tags[lifecycle.TRAIN_IMAGES_RAW] == str(len(train["labels"]))
     assert version.tags[lifecycle.TRAIN_IMAGES_FEEDBACK] == "0"
@@ -65,7 +65,7 @@ def test_a_version_s_manifest_rebuilds_its_model_input_with_the_same_fingerprint
     assert_ok(result)
     rebuilt = pickle.loads((project / "data/05_model_input/rebuilt_model_input.pkl").read_bytes())
     for split in ("train", "validation", "test"):
-        original = pickle.loads((project / f"data/05_model_input/{split}_set.pkl").read_bytes())
+        original = read_model_input(f"{project}/data", split)
         assert rebuilt[split]["content_hashes"] == original["content_hashes"]
         assert np.array_equal(rebuilt[split]["images"], original["images"])
         assert np.array_equal(rebuilt[split]["labels"], original["labels"])

@@ -7,7 +7,6 @@ min_new_images runs, then the burst limit (it floods the submitter's minute).
 
 import io
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tests.conftest import (
     kedro,
     mlflow_client,
     project_env,
+    read_model_input,
     wait_ready,
 )
 
@@ -288,7 +288,7 @@ def test_the_review_page_decides_with_a_key(server, project, client, sample_dir,
 def runs(client, project, sample_dir, seen) -> dict:
     """50 poisoned labels left pending; 5 new images rejected; new images accepted up to 9
     new or relabelled (one relabel came from the decisions above), a run, one more, a run."""
-    train_set = pickle.loads((project / "data/05_model_input/train_set.pkl").read_bytes())
+    train_set = read_model_input(f"{project}/data", "train")
     raw_hashes = dict(zip(train_set["content_hashes"], train_set["labels"], strict=True))
     poisoned = {}
     # Hand and ChestCT images were reviewed above: the poison takes the other classes.
@@ -334,7 +334,7 @@ def model_input(project: Path) -> tuple[dict[str, str], dict[str, str], list[str
     class_names = json.loads((project / "data/05_model_input/class_names.json").read_text())
     labels, splits = {}, {}
     for split in ("train", "validation", "test"):
-        data = pickle.loads((project / f"data/05_model_input/{split}_set.pkl").read_bytes())
+        data = read_model_input(f"{project}/data", split)
         for digest, label in zip(data["content_hashes"], data["labels"], strict=True):
             labels[digest], splits[digest] = class_names[label], split
     return labels, splits, class_names

@@ -148,9 +148,9 @@ def read_json(s3: s3fs.S3FileSystem, key: str) -> dict:
 def test_the_whole_pipeline_runs_on_the_bucket(s3_run, s3):
     project, _, uploaded = s3_run
     for key in (
-        "02_intermediate/decoded_raw_images.pkl",
-        "05_model_input/train_set.pkl",
-        "05_model_input/test_set.pkl",
+        "02_intermediate/decoded_raw/index.parquet",
+        "05_model_input/train/index.parquet",
+        "05_model_input/test/index.parquet",
         "05_model_input/dataset_fingerprint.txt",
         "06_models/trained_model.pkl",
         "08_reporting/data_report.json",
@@ -349,7 +349,7 @@ def test_ingest_uploads_mednist_into_an_empty_bucket(
     assert_ok(result)
     uploaded = s3.find(f"{BUCKET}/{prefix}/01_raw/mednist")
     assert len(uploaded) == len(list(sample_dir.glob("*/*.jpeg")))
-    assert s3.exists(f"{BUCKET}/{prefix}/05_model_input/train_set.pkl")
+    assert s3.exists(f"{BUCKET}/{prefix}/05_model_input/train/index.parquet")
 
 
 def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint, monkeypatch):

@@ -3,7 +3,6 @@
 import hashlib
 import io
 import json
-import pickle
 import shutil
 import threading
 import time
@@ -27,6 +26,7 @@ from tests.conftest import (
     jpeg,
     kedro,
     mlflow_client,
+    read_model_input,
     served_versions,
     wait_ready,
 )
@@ -624,9 +624,7 @@ def test_feedback_store_failure_is_503_and_not_acknowledged(client, project, sam
 @pytest.fixture(scope="module")
 def retrained(client, project, sample_dir) -> dict:
     """Feedback posted to the service, then the next `kedro run` on the same project."""
-    train_hashes = set(
-        pickle.loads((project / "data/05_model_input/train_set.pkl").read_bytes())["content_hashes"]
-    )
+    train_hashes = set(read_model_input(f"{project}/data", "train")["content_hashes"])
     for path in sorted((sample_dir / "Hand").iterdir()):
         image = path.read_bytes()
         if content_hash(preprocess_image(image)) in train_hashes:
@@ -640,7 +638,7 @@ def retrained(client, project, sample_dir) -> dict:
 
 
 def test_feedback_trains_the_next_run_under_the_corrected_label(retrained, project):
-    train_set = pickle.loads((project / "data/05_model_input/train_set.pkl").read_bytes())
+    train_set = read_model_input(f"{project}/data", "train")
     class_names = json.loads((project / "data/05_model_input/class_names.json").read_text())
     digest = content_hash(preprocess_image(retrained["image"]))
 

@@ -38,9 +38,9 @@ def model_input(sample_dir):
         f"{p.parent.name}/{p.name}": (lambda p=p: p.read_bytes())
         for p in sorted(sample_dir.glob("*/*.jpeg"))
     }
-    empty = decode_images({}, CLASSES)
-    split = {"validation_fraction": 0.2, "test_fraction": 0.2}
-    return build_model_input(decode_images(partitions, CLASSES), empty, split)
+    params = {"classes": CLASSES, "split": {"validation_fraction": 0.2, "test_fraction": 0.2}}
+    empty = decode_images({}, None, params)
+    return build_model_input(decode_images(partitions, None, params), empty, params)
 
 
 def test_training_learns_logs_history_and_returns_a_cpu_model(model_input):

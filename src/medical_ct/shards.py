@@ -144,7 +144,7 @@ class ModelInputSet(Mapping):
                 self._images = self.gather(np.arange(len(self.index)))
             return self._images
         if key == "labels":
-            return self.index["label"].to_numpy(dtype=np.int64)
+            return self.index["label"].to_numpy(dtype=np.int64, copy=True)
         if key == "content_hashes":
             return self.index["content_hash"].tolist()
         raise KeyError(key)

@@ -1,5 +1,6 @@
 """Nodes of the data_processing pipeline: ingest, decode, dedupe, split and report."""
 
+import functools
 import logging
 import re
 from collections import Counter
@@ -170,7 +171,7 @@ def decode_images(
         reused,
     )
     kept = set(index.loc[index["shard"] != "", "shard"]) - set(new_shards)
-    shards = {name: previous.shards[name] for name in kept} if previous is not None else {}
+    shards = {name: functools.partial(previous.load_shard, name) for name in kept}
     return ShardedImages(index, shards, new_shards, reused)
 
 
