@@ -11,7 +11,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -198,6 +198,39 @@ def read_model_input(data_root: str, split: str, endpoint: str | None = None):
         },
         credentials=credentials,
     ).load()
+
+
+FEEDBACK_ROOT = "01_raw/feedback_accepted/images"
+
+
+def seed_feedback(put: Callable[[str, bytes], None], sample: Path) -> None:
+    """Two accepted feedback images: a relabelled sample image and a new one."""
+    put(f"{FEEDBACK_ROOT}/CXR/fb-1.jpeg", sorted(sample.glob("Hand/*.jpeg"))[2].read_bytes())
+    put(f"{FEEDBACK_ROOT}/Hand/fb-2.jpeg", sorted(sample.glob("ChestCT/*.jpeg"))[0].read_bytes())
+
+
+def add_change_and_delete(
+    put: Callable[[str, bytes], None], delete: Callable[[str], None], sample: Path
+) -> int:
+    """Add, change and delete files of the raw and the feedback stores (keys relative to the
+    data root, as in the catalogs); returns how many files a rerun has to read (4)."""
+    hand, cxr = sorted(sample.glob("Hand/*.jpeg")), sorted(sample.glob("CXR/*.jpeg"))
+    put("01_raw/mednist/HeadCT/new-1.jpeg", sorted(sample.glob("AbdomenCT/*.jpeg"))[0].read_bytes())
+    put(f"01_raw/mednist/Hand/{hand[0].name}", cxr[0].read_bytes())  # other pixels, same name
+    delete(f"01_raw/mednist/CXR/{cxr[1].name}")
+    put(f"{FEEDBACK_ROOT}/HeadCT/fb-3.jpeg", cxr[2].read_bytes())
+    put(f"{FEEDBACK_ROOT}/CXR/fb-1.jpeg", hand[3].read_bytes())
+    delete(f"{FEEDBACK_ROOT}/Hand/fb-2.jpeg")
+    return 4
+
+
+def model_input_rows(data_root: str, endpoint: str | None = None) -> dict[str, tuple]:
+    """Split -> (content hashes, labels, images) of the model input under ``data_root``."""
+    rows = {}
+    for split in ("train", "validation", "test"):
+        data = read_model_input(data_root, split, endpoint)
+        rows[split] = (data["content_hashes"], data["labels"].tolist(), data["images"].tobytes())
+    return rows
 
 
 def upload_images(s3, images: Iterable[Path], root: str) -> int:

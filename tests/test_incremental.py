@@ -16,7 +16,19 @@ from medical_ct.pipelines.data_processing.nodes import decode_images
 from medical_ct.pipelines.training.nodes import decide_training
 from medical_ct.shards import ShardedImagesDataset
 
-from .conftest import CLASSES, FAST_RUN_PARAMS, assert_ok, kedro, mlflow_client
+from .conftest import (
+    CLASSES,
+    FAST_RUN_PARAMS,
+    add_change_and_delete,
+    assert_ok,
+    kedro,
+    make_project,
+    mlflow_client,
+    model_input_rows,
+    seed_feedback,
+)
+
+RESCAN = "data_processing.full_rescan=true"
 
 
 def stored_files(sample_dir, reads: list[str], count: int = 6) -> dict[str, StoredFile]:
@@ -269,3 +281,32 @@ def test_a_local_rerun_on_unchanged_data_skips_training(trained_project):
     report = json.loads((trained_project / "data/08_reporting/data_report.json").read_text())
     assert report["rejected_count"] == 0
     assert report["files_reused_from_last_run"] == report["raw_images_decoded"]
+
+
+def test_a_local_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
+    tmp_path, sample_dir
+):
+    project = make_project(tmp_path / "project", sample_dir)
+    data = project / "data"
+
+    def put(key: str, content: bytes) -> None:
+        (data / key).parent.mkdir(parents=True, exist_ok=True)
+        (data / key).write_bytes(content)
+
+    seed_feedback(put, sample_dir)
+    assert_ok(kedro(project, "run", "--pipeline", "data_processing"))
+    first = json.loads((data / "08_reporting/data_report.json").read_text())
+    read_again = add_change_and_delete(put, lambda key: (data / key).unlink(), sample_dir)
+
+    assert_ok(kedro(project, "run", "--pipeline", "data_processing"))
+    rerun = json.loads((data / "08_reporting/data_report.json").read_text())
+    rerun_rows = model_input_rows(str(data))
+    assert_ok(kedro(project, "run", "--pipeline", "data_processing", "--params", RESCAN))
+    rescan = json.loads((data / "08_reporting/data_report.json").read_text())
+
+    files = rerun["raw_images_decoded"] + rerun["feedback_images_decoded"]
+    assert rerun["files_reused_from_last_run"] == files - read_again
+    assert rescan["files_reused_from_last_run"] == 0
+    assert rerun["dataset_fingerprint"] == rescan["dataset_fingerprint"]
+    assert rerun["dataset_fingerprint"] != first["dataset_fingerprint"]
+    assert rerun_rows == model_input_rows(str(data))

@@ -2,7 +2,9 @@
 
 A decoded image set is a folder::
 
-    <folder>/index.parquet        one row per file of the image store (accepted or rejected)
+    <folder>/index.parquet        one row per file of the image store (accepted or rejected):
+                                  file, version, label, content_hash, shard, row, reason
+                                  (empty when accepted), reused (from the run before)
     <folder>/shards/<sha>.npy     uint8 (n, 64, 64) pixels, named by the hash of their bytes
 
 Shards are written once and never changed (their name is their content), so a rerun writes
@@ -36,7 +38,7 @@ from medical_ct.preprocessing import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ["file", "version", "label", "content_hash", "shard", "row", "reason"]
+INDEX_COLUMNS = ["file", "version", "label", "content_hash", "shard", "row", "reason", "reused"]
 MODEL_INPUT_COLUMNS = ["content_hash", "label", "source", "shard", "row"]
 # Memory of one image in a shard, and of the model input held in memory by training.
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE
@@ -49,7 +51,7 @@ def empty_index() -> pd.DataFrame:
 
 
 def _dtype(column: str) -> str:
-    return "int64" if column == "row" else "object"
+    return {"row": "int64", "reused": "bool"}.get(column, "object")
 
 
 def shard_name(pixels: np.ndarray) -> str:
@@ -70,12 +72,12 @@ class ShardedImages(Mapping):
         index: pd.DataFrame,
         shards: Mapping[str, ShardLoader] | None = None,
         new_shards: Mapping[str, np.ndarray] | None = None,
-        reused: int = 0,
     ) -> None:
         self.index = index.reset_index(drop=True)
         self.shards = dict(shards or {})
         self.new_shards = dict(new_shards or {})
-        self.reused = reused
+        # Files whose decoding was taken from the previous run (``reused`` rows).
+        self.reused = int(self.index["reused"].sum())
         accepted = self.index[self.index["reason"] == ""]
         self.accepted = accepted.reset_index(drop=True)
 

@@ -142,6 +142,7 @@ def decode_images(
         label, _, name = file.partition("/")
         version = getattr(partitions[file], "version", None)
         row = {"file": file, "version": version, "label": label, "content_hash": "", "shard": ""}
+        row["reused"] = False
         if not name:
             rows.append({**row, "row": -1, "reason": "not inside a class folder (<Class>/<file>)"})
             continue
@@ -149,7 +150,7 @@ def decode_images(
             rows.append({**row, "row": -1, "reason": f"unknown class {label!r}"})
             continue
         if version is not None and (file, version) in known:
-            rows.append(known[file, version])
+            rows.append({**known[file, version], "reused": True})
             reused += 1
             continue
         try:
@@ -172,7 +173,7 @@ def decode_images(
     )
     kept = set(index.loc[index["shard"] != "", "shard"]) - set(new_shards)
     shards = {name: functools.partial(previous.load_shard, name) for name in kept}
-    return ShardedImages(index, shards, new_shards, reused)
+    return ShardedImages(index, shards, new_shards)
 
 
 def _rows_by_version(previous: ShardedImages) -> dict[tuple[str, str], dict[str, Any]]:
