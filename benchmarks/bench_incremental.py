@@ -14,6 +14,7 @@
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -33,6 +34,10 @@ DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
 BUCKET = "medical-ct-bench"
 PREFIX = "bench"
 KEDRO = str(Path(sys.executable).with_name("kedro"))
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def timed_run(project: Path, env: dict[str, str]) -> float:
@@ -60,6 +65,7 @@ def main() -> None:
     images = read_images(args.archive)
     names = sorted(images)
     new = set(names[:: round(1 / args.new_fraction)])
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -92,10 +98,12 @@ def main() -> None:
             "PYTHONPATH": str(PROJECT_ROOT / "src"),
         }
         env.pop("KEDRO_ENV", None)
+        load_full = uptime()
         full_seconds = timed_run(project, env)
         full_report = json.loads(s3.cat_file(f"{BUCKET}/{PREFIX}/08_reporting/data_report.json"))
 
         s3.pipe({f"{raw}/{name}": images[name] for name in sorted(new)}, batch_size=64)
+        load_rerun = uptime()
         rerun_seconds = timed_run(project, env)
         rerun_report = json.loads(s3.cat_file(f"{BUCKET}/{PREFIX}/08_reporting/data_report.json"))
     finally:
@@ -111,6 +119,9 @@ def main() -> None:
     print(f"{'data_processing, rerun with 1% new':40}{rerun_seconds:10.1f}{read_again:12d}")
     ratio = rerun_seconds / full_seconds
     print(f"rerun / full = {ratio:.3f} (target <= 0.10: {'met' if ratio <= 0.10 else 'NOT met'})")
+    print(f"load before the full run: {load_full}")
+    print(f"load before the rerun:    {load_rerun}")
+    print(f"load after:               {uptime()}")
     print(f"full run report: {full_report['images_per_split']}")
     print(f"rerun report:    {rerun_report['images_per_split']}")
 
