@@ -26,12 +26,15 @@ from .conftest import (
     KEDRO,
     PROJECT_ROOT,
     S3_CREDENTIALS,
+    add_change_and_delete,
     assert_ok,
     bucket_env,
     free_port,
     make_project,
+    model_input_rows,
     project_env,
     s3_with_bucket,
+    seed_feedback,
     upload_images,
 )
 
@@ -350,6 +353,46 @@ def test_ingest_uploads_mednist_into_an_empty_bucket(
     uploaded = s3.find(f"{BUCKET}/{prefix}/01_raw/mednist")
     assert len(uploaded) == len(list(sample_dir.glob("*/*.jpeg")))
     assert s3.exists(f"{BUCKET}/{prefix}/05_model_input/train/index.parquet")
+
+
+def test_a_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
+    tmp_path, s3, s3_endpoint, sample_dir
+):
+    prefix = "rescan-test"
+    root = f"{BUCKET}/{prefix}"
+    upload_images(s3, sorted(sample_dir.glob("*/*.jpeg")), root)
+    project = make_project(tmp_path / "project")
+
+    def run(*params: str) -> dict:
+        result = kedro_s3(
+            project,
+            s3_endpoint,
+            "--pipeline",
+            "data_processing",
+            *params,
+            MEDICAL_CT_S3_PREFIX=prefix,
+            MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
+        )
+        assert_ok(result)
+        return json.loads(s3.cat_file(f"{root}/08_reporting/data_report.json"))
+
+    def put(key: str, content: bytes) -> None:
+        s3.pipe_file(f"{root}/{key}", content)
+
+    seed_feedback(put, sample_dir)
+    first = run()
+    read_again = add_change_and_delete(put, lambda key: s3.rm_file(f"{root}/{key}"), sample_dir)
+    rerun = run()
+    rerun_rows = model_input_rows(f"s3://{root}", s3_endpoint)
+    rescan = run("--params", "data_processing.full_rescan=true")
+
+    files = rerun["raw_images_decoded"] + rerun["feedback_images_decoded"]
+    assert rerun["files_reused_from_last_run"] == files - read_again
+    assert rescan["files_reused_from_last_run"] == 0
+    assert rerun["dataset_fingerprint"] == rescan["dataset_fingerprint"]
+    assert rerun["dataset_fingerprint"] != first["dataset_fingerprint"]
+    assert rerun_rows == model_input_rows(f"s3://{root}", s3_endpoint)
+    assert not any(key.endswith(".pkl") for key in s3.find(f"{root}/02_intermediate"))
 
 
 def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint, monkeypatch):

@@ -14,6 +14,7 @@ from medical_ct.calibration import (
 from medical_ct.model import build_classifier, predict_probabilities
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
 from medical_ct.pipelines.training.nodes import train_model
+from medical_ct.shards import ModelInputDataset, ShardedImagesDataset, ShardStream
 
 from .conftest import CLASSES
 
@@ -29,6 +30,7 @@ PARAMS = {
     "device": "auto",
     "num_threads": 0,
 }
+SOURCES = ("raw", "feedback")
 CALIBRATION = {"review_target_error_rate": 0.001, "ece_bins": 15}
 
 
@@ -72,6 +74,82 @@ def test_training_is_reproducible_with_a_seed(model_input):
         torch.testing.assert_close(a, b)
 
 
+@pytest.fixture(scope="module")
+def sharded_model_input(sample_dir, tmp_path_factory):
+    """The sample's model input saved and read back through the catalog's datasets, with 16
+    images per shard: the training split spans 9 shards."""
+    root = tmp_path_factory.mktemp("sharded")
+    partitions = {
+        f"{p.parent.name}/{p.name}": (lambda p=p: p.read_bytes())
+        for p in sorted(sample_dir.glob("*/*.jpeg"))
+    }
+    params = {
+        "classes": CLASSES,
+        "split": {"validation_fraction": 0.2, "test_fraction": 0.2},
+        "shard_images": 16,
+    }
+    stores = {source: ShardedImagesDataset(path=str(root / source)) for source in SOURCES}
+    stores["raw"].save(decode_images(partitions, None, params))
+    stores["feedback"].save(decode_images({}, None, params))
+    *sets, class_names, _ = build_model_input(
+        stores["raw"].load(), stores["feedback"].load(), params
+    )
+    loaded = []
+    for name, data in zip(("train", "validation", "test"), sets, strict=True):
+        dataset = ModelInputDataset(
+            path=str(root / name), shards_from={s: str(root / s) for s in SOURCES}
+        )
+        dataset.save(data)
+        loaded.append(dataset.load())
+    return (*loaded, class_names)
+
+
+def test_streaming_mixes_shards_and_yields_every_image_once_per_pass(sharded_model_input):
+    train = sharded_model_input[0]
+    generator = torch.Generator().manual_seed(1)
+    stream = ShardStream(train, batch_size=16, shards_in_memory=2, generator=generator)
+    assert len(set(train.shard_keys())) > 4
+
+    batches = list(stream)
+
+    assert len(batches) == len(stream) == -(-len(train["labels"]) // 16)
+    assert all(len(labels) == 16 for _, labels in batches[:-1])
+    images = torch.cat([batch for batch, _ in batches]).numpy()
+    by_bytes = {image.tobytes(): i for i, image in enumerate(train["images"])}
+    order = [by_bytes[image.tobytes()] for image in images]
+    assert sorted(order) == list(range(len(train["labels"])))
+    first_batch_shards = {train.shard_keys()[i] for i in order[:16]}
+    assert len(first_batch_shards) == 2, "a batch mixes the shards in memory"
+    assert [b.tolist() for _, b in batches] != [b.tolist() for _, b in list(stream)]
+
+
+def test_streaming_training_reaches_the_in_memory_test_accuracy(sharded_model_input):
+    train, validation, test, class_names = sharded_model_input
+    params = {**PARAMS, "max_epochs": 6, "patience": 6}
+    correct = {}
+    for data_path in ("memory", "stream"):
+        model, _, _ = train_model(
+            train,
+            validation,
+            class_names,
+            {**params, "data_path": data_path, "shards_in_memory": 2},
+            CALIBRATION,
+        )
+        predicted = predict_probabilities(model, test["images"]).argmax(1)
+        correct[data_path] = int((predicted == test["labels"]).sum())
+    print(f"test images right of {len(test['labels'])}: {correct}")
+    assert correct["memory"] >= 0.8 * len(test["labels"])
+    assert abs(correct["stream"] - correct["memory"]) <= 1
+
+
+def test_auto_streams_above_the_threshold(sharded_model_input, caplog):
+    train, validation, _, class_names = sharded_model_input
+    params = {**PARAMS, "max_epochs": 1, "data_path": "auto", "stream_above_images": 10}
+    with caplog.at_level("INFO"):
+        train_model(train, validation, class_names, params, CALIBRATION)
+    assert "streamed from shards" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -79,6 +157,9 @@ def test_training_is_reproducible_with_a_seed(model_input):
         ({"batch_size": "64"}, "batch_size must be a positive integer"),
         ({"learning_rate": -1}, "learning_rate must be a positive number"),
         ({"architecture": "no_such_net"}, "unknown architecture 'no_such_net'"),
+        ({"data_path": "disk"}, "data_path must be auto, memory or stream"),
+        ({"shards_in_memory": 0}, "shards_in_memory must be a positive integer"),
+        ({"stream_above_images": "big"}, "stream_above_images must be a positive integer"),
         ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
     ],
 )

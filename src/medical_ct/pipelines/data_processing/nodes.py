@@ -188,6 +188,9 @@ def _cut_into_shards(
     """Stack the newly decoded pixels into shards; point their index rows at them (in place)."""
     decoded_now = (index["shard"] == "") & (index["reason"] == "")
     new_rows = np.flatnonzero(decoded_now.to_numpy())
+    # In content-hash order, not file order: a shard is a random mix of classes, so training
+    # that streams a few shards at a time still sees every class in each batch.
+    new_rows = new_rows[np.argsort(index["content_hash"].to_numpy()[new_rows], kind="stable")]
     shards: dict[str, np.ndarray] = {}
     shard_column = index["shard"].to_numpy(dtype=object).copy()
     row_column = index["row"].to_numpy(dtype=np.int64).copy()
