@@ -9,10 +9,19 @@
 3. Uploads the remaining 1% and runs again: only the new objects are read and decoded, the
    rest comes from the last run's decoded set in the bucket (the incremental rerun).
 4. Prints both wall times, the ratio (target: rerun <= 10% of the full run) and the counts of
-   the data report.
+   the data report, with the machine's load (`uptime`) before each run.
+
+    .venv/bin/python benchmarks/bench_incremental.py --scale 100000,500000 [--skip-s3]
+
+adds a synthetic scale run on the local disk (no upload to moto): for each size N, N small
+distinct PNG images (16x16, grayscale) are written under a fresh project's raw store, a full
+`kedro run --pipeline data_processing` decodes them, 1% more are added and the rerun is timed.
+Each run's peak RSS is that of its own `kedro` process. What should stay flat from 100k to
+500k is the rerun's time and memory; the full run's grow with N.
 """
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -28,6 +37,8 @@ from moto.server import ThreadedMotoServer
 from project import PROJECT_ROOT, make_project
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
+from PIL import Image
+
 from medical_ct.mednist import read_images
 
 DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
@@ -56,11 +67,105 @@ def timed_run(project: Path, env: dict[str, str]) -> float:
     return seconds
 
 
+CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+
+
+def synthetic_png(number: int) -> bytes:
+    """A 16x16 grayscale PNG no other number gives: the number's bytes are its first pixels."""
+    pixels = bytearray((number * 7 + i * 13) % 256 for i in range(256))
+    pixels[:8] = number.to_bytes(8, "little")
+    buffer = io.BytesIO()
+    Image.frombytes("L", (16, 16), bytes(pixels)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_synthetic(raw: Path, numbers: range) -> None:
+    for number in numbers:
+        folder = raw / CLASSES[number % len(CLASSES)]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{number:08d}.png").write_bytes(synthetic_png(number))
+
+
+def measured_run(project: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `kedro run --pipeline data_processing`,
+    measured by a fresh wrapper process so that only this run's kedro process counts."""
+    wrapper = (
+        "import resource, subprocess, sys, time\n"
+        "started = time.perf_counter()\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "seconds = time.perf_counter() - started\n"
+        "if done.returncode: sys.exit(done.stdout[-3000:] + done.stderr[-3000:])\n"
+        "print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    command = [KEDRO, "run", "--pipeline", "data_processing"]
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, *command],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        sys.exit(f"kedro run failed:\n{result.stderr[-6000:]}")
+    seconds, max_rss_kib = result.stdout.split()
+    return float(seconds), int(max_rss_kib) / 1024
+
+
+def scale_run(sizes: list[int], new_fraction: float) -> None:
+    """Full run and 1% rerun of data_processing on N synthetic images on the local disk."""
+    print(f"\nsynthetic scale run on the local disk, {new_fraction:.0%} new in the rerun")
+    print(
+        f"{'images':>10}{'full s':>10}{'full MiB':>10}{'rerun s':>10}{'rerun MiB':>11}"
+        f"{'ratio':>8}  load before the rerun"
+    )
+    for size in sizes:
+        workdir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+        try:
+            project = make_project(workdir / "project")
+            raw = project / "data/01_raw/mednist"
+            new = round(size * new_fraction)
+            write_synthetic(raw, range(size - new))
+            env = {
+                **os.environ,
+                "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+                "KEDRO_DISABLE_TELEMETRY": "1",
+                "PYTHONPATH": str(PROJECT_ROOT / "src"),
+            }
+            env.pop("KEDRO_ENV", None)
+            full_seconds, full_rss = measured_run(project, env)
+            write_synthetic(raw, range(size - new, size))
+            load = uptime()
+            rerun_seconds, rerun_rss = measured_run(project, env)
+            report = json.loads((project / "data/08_reporting/data_report.json").read_text())
+            assert report["raw_images_decoded"] == size, report["raw_images_decoded"]
+            assert report["files_reused_from_last_run"] == size - new
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print(
+            f"{size:>10}{full_seconds:>10.1f}{full_rss:>10.0f}{rerun_seconds:>10.1f}"
+            f"{rerun_rss:>11.0f}{rerun_seconds / full_seconds:>8.3f}  {load}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=DEV_ARCHIVE)
     parser.add_argument("--new-fraction", type=float, default=0.01)
+    parser.add_argument(
+        "--scale", default="", help="comma-separated sizes of synthetic scale runs, e.g. 100000"
+    )
+    parser.add_argument("--skip-s3", action="store_true", help="only the synthetic scale runs")
     args = parser.parse_args()
+    if not args.skip_s3:
+        s3_run(args.archive, args.new_fraction)
+    if args.scale:
+        scale_run([int(size) for size in args.scale.split(",")], args.new_fraction)
+
+
+def s3_run(archive: Path, new_fraction: float) -> None:
+    """The dev set in moto's S3: full run, then a rerun with ``new_fraction`` new images."""
+    args = argparse.Namespace(archive=archive, new_fraction=new_fraction)
 
     images = read_images(args.archive)
     names = sorted(images)

@@ -132,15 +132,19 @@ def decode_images(
     """
     params = DataProcessingParams.from_params(data_processing)
     accepted = set(params.classes) if params.classes else None
-    known = {} if previous is None or params.full_rescan else _rows_by_version(previous)
+    files = sorted(partitions)
+    versions = [getattr(partitions[file], "version", None) for file in files]
     if previous is not None and params.full_rescan:
         logger.info("full_rescan: decoding every file again and compacting the shards")
+        previous_rows = np.full(len(files), -1)
+    else:
+        previous_rows = _previous_rows(previous, files, versions)
     rows: list[dict[str, Any]] = []
+    reused_rows: list[int] = []
     new_pixels: list[np.ndarray] = []
-    reused = 0
-    for file in tqdm(sorted(partitions), desc="Decoding images", unit=" images"):
+    for position in tqdm(range(len(files)), desc="Decoding images", unit=" images"):
+        file, version = files[position], versions[position]
         label, _, name = file.partition("/")
-        version = getattr(partitions[file], "version", None)
         row = {"file": file, "version": version, "label": label, "content_hash": "", "shard": ""}
         row["reused"] = False
         if not name:
@@ -149,9 +153,8 @@ def decode_images(
         if accepted is not None and label not in accepted:
             rows.append({**row, "row": -1, "reason": f"unknown class {label!r}"})
             continue
-        if version is not None and (file, version) in known:
-            rows.append({**known[file, version], "reused": True})
-            reused += 1
+        if previous_rows[position] >= 0:
+            reused_rows.append(previous_rows[position])
             continue
         try:
             image = preprocess_image(partitions[file]())
@@ -163,23 +166,38 @@ def decode_images(
         new_pixels.append(image)
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()
     new_shards = _cut_into_shards(index, new_pixels, params.shard_images)
+    if reused_rows:
+        kept_rows = previous.index.iloc[reused_rows][INDEX_COLUMNS].assign(reused=True)
+        index = pd.concat([index, kept_rows], ignore_index=True)
+        index = index.sort_values("file", kind="stable", ignore_index=True)
     for _, rejection in index[index["reason"] != ""].iterrows():
         logger.warning("Rejected %s: %s", rejection["file"], rejection["reason"])
     logger.info(
         "Decoded %d files into %d new shards, reused %d decoded by the last run",
-        len(index) - reused,
+        len(index) - len(reused_rows),
         len(new_shards),
-        reused,
+        len(reused_rows),
     )
     kept = set(index.loc[index["shard"] != "", "shard"]) - set(new_shards)
     shards = {name: functools.partial(previous.load_shard, name) for name in kept}
     return ShardedImages(index, shards, new_shards)
 
 
-def _rows_by_version(previous: ShardedImages) -> dict[tuple[str, str], dict[str, Any]]:
-    """(file, version) -> its index row of last run (shard and row, or rejection)."""
-    index = previous.index[previous.index["version"].notna()]
-    return {(row["file"], row["version"]): row for row in index[INDEX_COLUMNS].to_dict("records")}
+def _previous_rows(
+    previous: ShardedImages | None, files: list[str], versions: list[str | None]
+) -> np.ndarray:
+    """For each (file, version), its row in last run's index, or -1 (new, changed, unknown)."""
+    if previous is None or previous.index.empty:
+        return np.full(len(files), -1)
+    known = previous.index
+    known_keys = pd.Index(known["file"] + "\n" + known["version"].fillna("\0"))
+    keys = pd.Index(
+        [
+            f"{file}\n{version}" if version is not None else "\0"
+            for file, version in zip(files, versions, strict=True)
+        ]
+    )
+    return known_keys.get_indexer(keys)
 
 
 def _cut_into_shards(
