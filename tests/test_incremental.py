@@ -14,7 +14,7 @@ from medical_ct import registry
 from medical_ct.datasets import ImageFolderDataset, StoredFile
 from medical_ct.pipelines.data_processing.nodes import decode_images
 from medical_ct.pipelines.training.nodes import decide_training
-from medical_ct.shards import ShardedImagesDataset
+from medical_ct.shards import NpzDataset, ShardedImagesDataset
 
 from .conftest import (
     CLASSES,
@@ -159,6 +159,24 @@ def test_a_damaged_decoded_set_says_how_to_recover(sample_dir, tmp_path, damage,
     with pytest.raises(DatasetError, match=message) as error:
         store.load().pixels_of(np.arange(3))
     assert "full_rescan=true" in str(error.value)
+
+
+def test_the_rebuilt_model_input_is_stored_without_pickles(tmp_path):
+    data = {
+        "train": {"images": np.ones((2, 1, 64, 64), np.uint8), "labels": np.array([0, 1])},
+        "test": {"images": np.zeros((0, 1, 64, 64), np.uint8), "content_hashes": []},
+        "class_names": ["CXR", "Hand"],
+    }
+    data["train"]["content_hashes"] = ["ab", "cd"]
+    store = NpzDataset(filepath=str(tmp_path / "rebuilt/model_input.npz"))
+    store.save(data)
+
+    loaded = store.load()
+    assert loaded["class_names"] == ["CXR", "Hand"] and loaded["test"]["content_hashes"] == []
+    assert loaded["train"]["content_hashes"] == ["ab", "cd"]
+    assert np.array_equal(loaded["train"]["images"], data["train"]["images"])
+    with np.load(tmp_path / "rebuilt/model_input.npz", allow_pickle=False) as arrays:
+        assert all(arrays[key].dtype != object for key in arrays.files)
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
 """What a version was trained on: its manifest, logged with it, and the rebuild from the stores."""
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from medical_ct import lifecycle
 from medical_ct.manifest import MANIFEST_COLUMNS, manifest_fingerprint
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME, registered_versions
+from medical_ct.shards import NpzDataset
 from tests.conftest import assert_ok, kedro, mlflow_client, project_env, read_model_input
 
 MANIFEST_ARTIFACT = "model_input/training_manifest.csv.gz"
@@ -63,7 +63,8 @@ def test_a_version_s_manifest_rebuilds_its_model_input_with_the_same_fingerprint
     )
 
     assert_ok(result)
-    rebuilt = pickle.loads((project / "data/05_model_input/rebuilt_model_input.pkl").read_bytes())
+    rebuilt = NpzDataset(filepath=str(project / "data/05_model_input/rebuilt_model_input.npz"))
+    rebuilt = rebuilt.load()
     for split in ("train", "validation", "test"):
         original = read_model_input(f"{project}/data", split)
         assert rebuilt[split]["content_hashes"] == original["content_hashes"]

@@ -412,3 +412,48 @@ class ModelInputDataset(AbstractDataset[ModelInputSet, ModelInputSet]):
 
     def _describe(self) -> dict[str, Any]:
         return {"path": self._path, "shards_from": sorted(self._sources)}
+
+
+class NpzDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
+    """A dict of arrays and lists (one level of nesting) in one NumPy ``.npz``, never a pickle.
+
+    Keys are joined with ``/`` (``train/images``); lists of strings come back as lists,
+    arrays as arrays. For outputs read by people and tests, like the rebuild's model input.
+    """
+
+    def __init__(self, *, filepath: str, credentials: dict[str, Any] | None = None) -> None:
+        self._filepath = filepath
+        self._credentials = credentials or {}
+
+    def load(self) -> dict[str, Any]:
+        with fsspec.open(self._filepath, "rb", **self._credentials) as stored:
+            arrays = np.load(io.BytesIO(stored.read()), allow_pickle=False)
+            data: dict[str, Any] = {}
+            for key in arrays.files:
+                value = arrays[key]
+                value = value.tolist() if value.dtype.kind == "U" else value
+                outer, _, inner = key.partition("/")
+                if inner:
+                    data.setdefault(outer, {})[inner] = value
+                else:
+                    data[outer] = value
+        return data
+
+    def save(self, data: dict[str, Any]) -> None:
+        flat = {}
+        for key, value in data.items():
+            items = value.items() if isinstance(value, Mapping) else [("", value)]
+            for inner, item in items:
+                array = np.asarray(item, dtype=str) if isinstance(item, list) else np.asarray(item)
+                flat[f"{key}/{inner}" if inner else key] = array
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **flat)
+        with fsspec.open(self._filepath, "wb", auto_mkdir=True, **self._credentials) as stored:
+            stored.write(buffer.getvalue())
+
+    def _exists(self) -> bool:
+        opened = fsspec.open(self._filepath, **self._credentials)
+        return opened.fs.exists(opened.path)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath}
