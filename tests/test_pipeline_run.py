@@ -132,6 +132,8 @@ def test_a_worse_model_does_not_move_the_champion(trained_project):
         ("training.batch_size=0", "batch_size must be a positive integer"),
         ("champion_gate.min_accuracy=2", "champion_gate.min_accuracy must be in [0, 1]"),
         ("data_processing.split.test_fraction=0.95", "leave room for training"),
+        ("data_processing.full_rescan=maybe", "full_rescan must be true or false"),
+        ("training.data_path=disk", "data_path must be auto, memory or stream"),
         (
             "calibration.review_target_error_rate=1.5",
             "review_target_error_rate must be a number strictly between 0 and 1",

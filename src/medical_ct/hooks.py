@@ -27,7 +27,10 @@ class ParameterCheckHook:
     def before_pipeline_run(self, pipeline: Pipeline, catalog: CatalogProtocol) -> None:
         # Imported here: settings.py loads this module for every kedro command, even --help.
         from medical_ct.calibration import CalibrationParams
-        from medical_ct.pipelines.data_processing.nodes import validate_ingest, validate_split
+        from medical_ct.pipelines.data_processing.nodes import (
+            DataProcessingParams,
+            validate_ingest,
+        )
         from medical_ct.pipelines.evaluation.nodes import validate_gate
         from medical_ct.pipelines.rebuild.nodes import validate_rebuild
         from medical_ct.pipelines.rollback.nodes import validate_rollback
@@ -35,7 +38,7 @@ class ParameterCheckHook:
 
         checks = {
             "params:ingest": validate_ingest,
-            "params:data_processing.split": validate_split,
+            "params:data_processing": DataProcessingParams.from_params,
             "params:training": validate_training_params,
             "params:calibration": CalibrationParams.from_params,
             "params:champion_gate": validate_gate,
