@@ -79,6 +79,20 @@ def synthetic_png(number: int) -> bytes:
     return buffer.getvalue()
 
 
+def node_seconds(tracking_uri: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Each node's wall time in the first and the last run (``node_seconds.*`` metrics)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, order_by=["attributes.start_time ASC"])
+    prefix = "node_seconds."
+    return tuple(
+        {k[len(prefix) :]: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        for run in (runs[0], runs[-1])
+    )
+
+
 def write_synthetic(raw: Path, numbers: range) -> None:
     for number in numbers:
         folder = raw / CLASSES[number % len(CLASSES)]
@@ -211,6 +225,7 @@ def s3_run(archive: Path, new_fraction: float) -> None:
         load_rerun = uptime()
         rerun_seconds = timed_run(project, env)
         rerun_report = json.loads(s3.cat_file(f"{BUCKET}/{PREFIX}/08_reporting/data_report.json"))
+        full_nodes, rerun_nodes = node_seconds(env["MLFLOW_TRACKING_URI"])
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -227,6 +242,11 @@ def s3_run(archive: Path, new_fraction: float) -> None:
     print(f"load before the full run: {load_full}")
     print(f"load before the rerun:    {load_rerun}")
     print(f"load after:               {uptime()}")
+    print(f"{'node (NodeTimingHook, MLflow)':40}{'full s':>10}{'rerun s':>12}")
+    for node in sorted(full_nodes, key=full_nodes.get, reverse=True):
+        print(f"{node:40}{full_nodes[node]:10.1f}{rerun_nodes.get(node, float('nan')):12.1f}")
+    outside = (full_seconds - sum(full_nodes.values()), rerun_seconds - sum(rerun_nodes.values()))
+    print(f"{'outside nodes (start-up, MLflow run)':40}{outside[0]:10.1f}{outside[1]:12.1f}")
     print(f"full run report: {full_report['images_per_split']}")
     print(f"rerun report:    {rerun_report['images_per_split']}")
 

@@ -4,8 +4,10 @@ import io
 
 import numpy as np
 import pytest
+from kedro.io import DatasetError
 from PIL import Image
 
+from medical_ct.datasets import FolderHasFilesDataset
 from medical_ct.pipelines.data_processing.nodes import (
     build_model_input,
     decode_images,
@@ -175,8 +177,20 @@ def test_report_counts_and_fingerprint(sample_dir):
 
 
 def test_ingest_adds_nothing_when_the_raw_store_has_images():
-    existing = partitions_from({"Hand/a.jpeg": b"x"})
-    assert ingest_mednist(existing, {"url": "http://127.0.0.1:9/unreachable", "md5": "0"}) == {}
+    assert ingest_mednist(True, {"url": "http://127.0.0.1:9/unreachable", "md5": "0"}) == {}
+
+
+def test_the_raw_store_probe_finds_a_file_below_empty_folders(tmp_path):
+    store = tmp_path / "raw"
+    probe = FolderHasFilesDataset(path=str(store))
+    assert probe.load() is False  # no folder yet
+    (store / "AbdomenCT").mkdir(parents=True)
+    (store / "Hand/nested").mkdir(parents=True)
+    assert probe.load() is False  # folders without a file
+    (store / "Hand/nested/a.jpeg").write_bytes(b"x")
+    assert probe.load() is True
+    with pytest.raises(DatasetError, match="read-only"):
+        probe.save(True)
 
 
 @pytest.mark.parametrize(
@@ -191,4 +205,4 @@ def test_ingest_adds_nothing_when_the_raw_store_has_images():
 )
 def test_ingest_parameters_are_checked(ingest, message):
     with pytest.raises(ValueError, match=f"parameters ingest: {message}"):
-        ingest_mednist({}, ingest)
+        ingest_mednist(False, ingest)

@@ -19,7 +19,7 @@ import pytest
 import s3fs
 
 from medical_ct import registry
-from medical_ct.datasets import ImageFolderDataset
+from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
 
 from .conftest import (
     FAST_RUN_PARAMS,
@@ -400,12 +400,17 @@ def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint
     for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     root = f"{BUCKET}/many/01_raw"
-    s3.pipe({f"{root}/Hand/{index:05d}.jpeg": str(index).encode() for index in range(2600)})
+    keys = {f"{root}/Hand/{index:05d}.jpeg": str(index).encode() for index in range(1300)}
+    keys |= {f"{root}/CXR/{index:05d}.jpeg": str(index).encode() for index in range(1300, 2600)}
+    s3.pipe({**keys, f"{root}/loose.jpeg": b"outside a class folder"})
     dataset = ImageFolderDataset(path=f"s3://{root}", fs_args={"skip_instance_cache": True})
-    files = dataset.load()
-    assert len(files) == 2600
-    assert files["Hand/02599.jpeg"]() == b"2599"
+    files = dataset.load()  # one listing per class folder, in threads
+    assert len(files) == 2601 and files["loose.jpeg"]() == b"outside a class folder"
+    assert files["Hand/00000.jpeg"]() == b"0" and files["CXR/02599.jpeg"]() == b"2599"
     assert files["Hand/00000.jpeg"].version != files["Hand/00001.jpeg"].version
+    cache_off = {"fs_args": {"skip_instance_cache": True}}
+    assert FolderHasFilesDataset(path=f"s3://{root}", **cache_off).load() is True
+    assert FolderHasFilesDataset(path=f"s3://{BUCKET}/nothing/here", **cache_off).load() is False
 
 
 def test_the_s3_catalog_overrides_every_persisted_dataset():

@@ -1,8 +1,10 @@
 """Kedro datasets of this project: image folders, reports
 copied to MLflow from any store, and registered models."""
 
+import posixpath
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -14,11 +16,6 @@ from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets.partitions import PartitionedDataset
 
 from medical_ct import manifest, registry
-
-_IMAGE_BYTES = {
-    "type": "text.TextDataset",
-    "fs_args": {"open_args_load": {"mode": "rb"}, "open_args_save": {"mode": "wb"}},
-}
 
 
 @dataclass(frozen=True)
@@ -37,37 +34,90 @@ class StoredFile:
         return self.read()
 
 
-class ImageFolderDataset(PartitionedDataset):
+class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]]):
     """Image files as ``{"<Class>/<file>": StoredFile}``, on any fsspec store (local, S3...).
 
-    Unlike ``PartitionedDataset``, an empty or missing folder loads as ``{}``: a raw store
-    before ingest and a feedback store nobody wrote to yet are normal states, not errors.
-    One listing (paginated on S3) gives every file and its version; bytes are read only when
-    a ``StoredFile`` is called. Saving takes ``{"<Class>/<file>": bytes or a function
-    returning bytes}``.
+    An empty or missing folder loads as ``{}``: a raw store before ingest and a feedback store
+    nobody wrote to yet are normal states, not errors. The listing gives every file and its
+    version without reading a byte; it runs one class folder per thread (``listing_threads``),
+    since on S3 each folder is its own paginated listing of 1,000 keys a request and a store
+    of millions of images is mostly waiting on those requests. Bytes are read only when a
+    ``StoredFile`` is called. Saving takes ``{"<Class>/<file>": bytes or a function returning
+    bytes}`` and writes each file; files already there and not in the dict are left alone.
     """
 
-    def __init__(self, *, path: str, **kwargs: Any) -> None:
-        kwargs.setdefault("dataset", _IMAGE_BYTES)
-        super().__init__(path=path, **kwargs)
+    def __init__(
+        self,
+        *,
+        path: str,
+        credentials: dict[str, Any] | None = None,
+        fs_args: dict[str, Any] | None = None,
+        listing_threads: int = 8,
+    ) -> None:
+        protocol, _ = fsspec.core.split_protocol(path)
+        local = {"auto_mkdir": True} if protocol in (None, "file") else {}
+        self._path = path
+        self._filesystem, root = fsspec.core.url_to_fs(
+            path, **local, **(credentials or {}), **(fs_args or {})
+        )
+        self._root = root.rstrip("/")
+        self._listing_threads = listing_threads
 
     def load(self) -> dict[str, StoredFile]:
-        self._invalidate_caches()
         filesystem = self._filesystem
+        filesystem.invalidate_cache(self._root)  # another process (the service) adds files
         try:
-            listing = filesystem.find(self._normalized_path, detail=True, **self._load_args)
+            top = filesystem.ls(self._root, detail=True)
         except FileNotFoundError:
             return {}
+        folders = [entry["name"] for entry in top if entry["type"] == "directory"]
+        listing = {entry["name"]: entry for entry in top if entry["type"] != "directory"}
+        with ThreadPoolExecutor(max(1, min(self._listing_threads, len(folders)))) as pool:
+            for found in pool.map(lambda folder: filesystem.find(folder, detail=True), folders):
+                listing.update(found)
         files = {}
         for path, info in sorted(listing.items()):
-            if info.get("type") == "directory" or not path.endswith(self._filename_suffix):
+            if info.get("type") == "directory":
                 continue
             version = info.get("ETag") or info.get("mtime") or info.get("LastModified", "")
-            files[self._path_to_partition(path)] = StoredFile(
+            files[self._partition(path)] = StoredFile(
                 version=f"{info.get('size')}:{str(version).strip(chr(34))}",
                 read=_file_reader(filesystem, path),
             )
         return files
+
+    def save(self, data: dict[str, Any]) -> None:
+        for partition, content in data.items():
+            path = posixpath.join(self._root, partition)
+            self._filesystem.pipe_file(path, content() if callable(content) else content)
+
+    def _partition(self, path: str) -> str:
+        return posixpath.relpath(path, self._root)
+
+    def _exists(self) -> bool:
+        return bool(self.load())
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": self._path}
+
+
+class FolderHasFilesDataset(ImageFolderDataset):
+    """Whether an image folder holds any file at all, found without listing all of it.
+
+    Ingest only needs to know whether the raw store is empty; listing a store of millions of
+    images to learn that would cost as much as the run's real listing. The walk stops at the
+    first folder that holds a file (on S3, one class folder's listing). Read-only.
+    """
+
+    def load(self) -> bool:  # type: ignore[override]
+        self._filesystem.invalidate_cache(self._root)
+        try:
+            return any(files for _, _, files in self._filesystem.walk(self._root))
+        except FileNotFoundError:
+            return False
+
+    def save(self, data: Any) -> None:
+        raise DatasetError(f"{type(self).__name__} is read-only: save to the ImageFolderDataset")
 
 
 def _file_reader(filesystem: fsspec.AbstractFileSystem, path: str) -> Callable[[], bytes]:
@@ -136,11 +186,8 @@ class OptionalPartitionedDataset(PartitionedDataset):
     """
 
     def load(self) -> dict[str, Callable[[], Any]]:
-        self._invalidate_caches()
-        try:
-            if not self._list_partitions():
-                return {}
-        except FileNotFoundError:
+        self.release()  # drops the cached listing: another process adds files
+        if not self.exists():
             return {}
         return super().load()
 

@@ -77,11 +77,11 @@ class DataProcessingParams:
         return cls(tuple(classes) if classes else None, validation, test, full_rescan, shard_images)
 
 
-def ingest_mednist(existing_raw_images: dict[str, Callable], ingest: dict[str, Any]) -> dict:
+def ingest_mednist(raw_store_has_files: bool, ingest: dict[str, Any]) -> dict:
     """Fetch MedNIST when the raw store has no images yet; otherwise add nothing.
 
     Args:
-        existing_raw_images: The raw store's partitions, as found before ingest.
+        raw_store_has_files: Whether the raw store holds any file before ingest.
         ingest: ``url`` (http(s), file:// or a local path), ``md5`` and ``timeout_s``.
 
     Returns:
@@ -90,8 +90,8 @@ def ingest_mednist(existing_raw_images: dict[str, Callable], ingest: dict[str, A
     Raises:
         MedNISTDownloadError: The archive is unreachable or corrupt. Nothing is written.
     """
-    if existing_raw_images:
-        logger.info("Raw store holds %d files: not downloading MedNIST", len(existing_raw_images))
+    if raw_store_has_files:
+        logger.info("Raw store holds images: not downloading MedNIST")
         return {}
     validate_ingest(ingest)
     logger.info("Raw store is empty: downloading MedNIST from %s", ingest["url"])

@@ -17,7 +17,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=ingest_mednist,
-                inputs=["existing_raw_images", "params:ingest"],
+                inputs=["raw_store_has_files", "params:ingest"],
                 outputs="raw_images",
                 name="ingest_mednist",
             ),
