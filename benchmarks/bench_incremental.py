@@ -93,6 +93,16 @@ def node_seconds(tracking_uri: str) -> tuple[dict[str, float], dict[str, float]]
     )
 
 
+def print_node_seconds(
+    full: dict[str, float], rerun: dict[str, float], full_seconds: float, rerun_seconds: float
+) -> None:
+    print(f"{'node (NodeTimingHook, MLflow)':40}{'full s':>10}{'rerun s':>12}")
+    for node in sorted(full, key=full.get, reverse=True):
+        print(f"{node:40}{full[node]:10.1f}{rerun.get(node, float('nan')):12.1f}")
+    outside = (full_seconds - sum(full.values()), rerun_seconds - sum(rerun.values()))
+    print(f"{'outside nodes (start-up, MLflow run)':40}{outside[0]:10.1f}{outside[1]:12.1f}")
+
+
 def write_synthetic(raw: Path, numbers: range) -> None:
     for number in numbers:
         folder = raw / CLASSES[number % len(CLASSES)]
@@ -242,11 +252,7 @@ def s3_run(archive: Path, new_fraction: float) -> None:
     print(f"load before the full run: {load_full}")
     print(f"load before the rerun:    {load_rerun}")
     print(f"load after:               {uptime()}")
-    print(f"{'node (NodeTimingHook, MLflow)':40}{'full s':>10}{'rerun s':>12}")
-    for node in sorted(full_nodes, key=full_nodes.get, reverse=True):
-        print(f"{node:40}{full_nodes[node]:10.1f}{rerun_nodes.get(node, float('nan')):12.1f}")
-    outside = (full_seconds - sum(full_nodes.values()), rerun_seconds - sum(rerun_nodes.values()))
-    print(f"{'outside nodes (start-up, MLflow run)':40}{outside[0]:10.1f}{outside[1]:12.1f}")
+    print_node_seconds(full_nodes, rerun_nodes, full_seconds, rerun_seconds)
     print(f"full run report: {full_report['images_per_split']}")
     print(f"rerun report:    {rerun_report['images_per_split']}")
 
