@@ -80,15 +80,15 @@ def synthetic_png(number: int) -> bytes:
 
 
 def node_seconds(tracking_uri: str) -> tuple[dict[str, float], dict[str, float]]:
-    """Each node's wall time in the first and the last run (``node_seconds.*`` metrics)."""
+    """Seconds per node, dataset load and save in the first and the last run (NodeTimingHook)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
     runs = client.search_runs(experiments, order_by=["attributes.start_time ASC"])
-    prefix = "node_seconds."
+    prefixes = ("node_seconds.", "load_seconds.", "save_seconds.")
     return tuple(
-        {k[len(prefix) :]: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+        {k: v for k, v in run.data.metrics.items() if k.startswith(prefixes)}
         for run in (runs[0], runs[-1])
     )
 
@@ -96,11 +96,12 @@ def node_seconds(tracking_uri: str) -> tuple[dict[str, float], dict[str, float]]
 def print_node_seconds(
     full: dict[str, float], rerun: dict[str, float], full_seconds: float, rerun_seconds: float
 ) -> None:
-    print(f"{'node (NodeTimingHook, MLflow)':40}{'full s':>10}{'rerun s':>12}")
-    for node in sorted(full, key=full.get, reverse=True):
-        print(f"{node:40}{full[node]:10.1f}{rerun.get(node, float('nan')):12.1f}")
+    print(f"{'where the time went (NodeTimingHook)':48}{'full s':>10}{'rerun s':>10}")
+    for key in sorted(full, key=full.get, reverse=True):
+        if max(full[key], rerun.get(key, 0)) >= 0.1:
+            print(f"{key:48}{full[key]:10.1f}{rerun.get(key, float('nan')):10.1f}")
     outside = (full_seconds - sum(full.values()), rerun_seconds - sum(rerun.values()))
-    print(f"{'outside nodes (start-up, MLflow run)':40}{outside[0]:10.1f}{outside[1]:12.1f}")
+    print(f"{'the rest (start-up, hooks, MLflow run)':48}{outside[0]:10.1f}{outside[1]:10.1f}")
 
 
 def write_synthetic(raw: Path, numbers: range) -> None:

@@ -52,25 +52,52 @@ class ParameterCheckHook:
 
 
 class NodeTimingHook:
-    """Logs each node's wall time as the MLflow metric ``node_seconds.<node name>``.
+    """Logs where a run's time goes: each node's wall time as the MLflow metric
+    ``node_seconds.<node name>``, and each dataset's load and save as ``load_seconds.<name>``
+    and ``save_seconds.<name>``.
 
     kedro-mlflow records parameters, metrics and artifacts but not where the time goes; with
-    these metrics the MLflow UI shows which step of a weekly run grew.
+    these metrics the MLflow UI shows which step of a weekly run grew, and whether it was the
+    work or the store (listing a bucket, reading last run's index).
     """
 
     def __init__(self) -> None:
         self._started: dict[str, float] = {}
 
+    def _start(self, key: str) -> None:
+        self._started[key] = time.perf_counter()
+
+    def _log(self, key: str, metric: str) -> None:
+        started = self._started.pop(key, None)
+        if started is not None and mlflow.active_run() is not None:
+            mlflow.log_metric(metric, time.perf_counter() - started)
+
     @hook_impl
     def before_node_run(self, node: Node) -> None:
-        self._started[node.name] = time.perf_counter()
+        self._start(f"node:{node.name}")
 
     @hook_impl
     def after_node_run(self, node: Node, outputs: dict[str, Any]) -> None:
-        seconds = time.perf_counter() - self._started.pop(node.name)
-        logger.info("Node %s took %.1f s", node.name, seconds)
-        if mlflow.active_run() is not None:
-            mlflow.log_metric(f"node_seconds.{node.name}", seconds)
+        started = self._started.get(f"node:{node.name}", time.perf_counter())
+        logger.info("Node %s took %.1f s", node.name, time.perf_counter() - started)
+        self._log(f"node:{node.name}", f"node_seconds.{node.name}")
+
+    @hook_impl
+    def before_dataset_loaded(self, dataset_name: str) -> None:
+        if not dataset_name.startswith(("params:", "parameters")):
+            self._start(f"load:{dataset_name}")
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str) -> None:
+        self._log(f"load:{dataset_name}", f"load_seconds.{dataset_name}")
+
+    @hook_impl
+    def before_dataset_saved(self, dataset_name: str) -> None:
+        self._start(f"save:{dataset_name}")
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str) -> None:
+        self._log(f"save:{dataset_name}", f"save_seconds.{dataset_name}")
 
 
 class AirflowRunTrackingHook:
