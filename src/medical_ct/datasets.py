@@ -12,6 +12,7 @@ from typing import Any
 import fsspec
 import mlflow
 import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
 from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets.partitions import PartitionedDataset
 
@@ -105,16 +106,22 @@ class FolderHasFilesDataset(ImageFolderDataset):
     """Whether an image folder holds any file at all, found without listing all of it.
 
     Ingest only needs to know whether the raw store is empty; listing a store of millions of
-    images to learn that would cost as much as the run's real listing. The walk stops at the
-    first folder that holds a file (on S3, one class folder's listing). Read-only.
+    images to learn that would cost as much as the run's real listing. On an object store a
+    folder exists only while a key lies under it, so one listing of the top level answers (one
+    request on S3); on a local disk, where empty folders exist, the walk stops at the first
+    file. Read-only.
     """
 
     def load(self) -> bool:  # type: ignore[override]
-        self._filesystem.invalidate_cache(self._root)
+        filesystem = self._filesystem
+        filesystem.invalidate_cache(self._root)
         try:
-            return any(files for _, _, files in self._filesystem.walk(self._root))
+            top = filesystem.ls(self._root, detail=True)
         except FileNotFoundError:
             return False
+        if not isinstance(filesystem, LocalFileSystem):
+            return bool(top)
+        return any(files for _, _, files in filesystem.walk(self._root))
 
     def save(self, data: Any) -> None:
         raise DatasetError(f"{type(self).__name__} is read-only: save to the ImageFolderDataset")
