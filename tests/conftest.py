@@ -180,7 +180,7 @@ def bucket_env(endpoint: str, bucket: str, prefix: str = "", **extra: str) -> di
 def read_model_input(data_root: str, split: str, endpoint: str | None = None):
     """One split of the model input as training reads it: ``images``, ``labels``,
     ``content_hashes``. ``data_root`` is a project's data/ or an s3 root (``s3://bucket/prefix``
-    with the S3 server at ``endpoint``), laid out as conf/base and conf/s3 catalogs say."""
+    with the S3 server at ``endpoint``), laid out as conf/base/catalog.yml says."""
     from medical_ct.shards import ModelInputDataset
 
     credentials = None

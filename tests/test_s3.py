@@ -413,18 +413,29 @@ def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint
     assert FolderHasFilesDataset(path=f"s3://{BUCKET}/nothing/here", **cache_off).load() is False
 
 
-def test_the_s3_catalog_overrides_every_persisted_dataset():
-    import yaml
+def test_one_catalog_serves_both_environments_and_s3_moves_every_persisted_dataset(monkeypatch):
+    """The s3 environment changes one variable (``root``), so no entry can be left on disk."""
+    from kedro.config import OmegaConfigLoader
 
-    base = yaml.safe_load((PROJECT_ROOT / "conf/base/catalog.yml").read_text())
-    s3_catalog = yaml.safe_load((PROJECT_ROOT / "conf/s3/catalog.yml").read_text())
-    persisted = {
-        name
-        for name, entry in base.items()
-        if "filepath" in entry or "path" in entry or "filepath" in entry.get("dataset", {})
-    }
-    assert persisted <= set(s3_catalog)
-    for name in persisted:
-        entry = s3_catalog[name]
-        location = entry.get("path") or entry.get("filepath") or entry["dataset"]["filepath"]
-        assert location.startswith("${s3_root:}/"), name
+    from medical_ct.settings import CONFIG_LOADER_ARGS
+
+    monkeypatch.setenv("MEDICAL_CT_S3_BUCKET", "a-bucket")
+    monkeypatch.setenv("MEDICAL_CT_S3_PREFIX", "a/prefix")
+    assert not (PROJECT_ROOT / "conf/s3/catalog.yml").exists()
+
+    def locations(env: str) -> dict[str, list[str]]:
+        loader = OmegaConfigLoader(str(PROJECT_ROOT / "conf"), env=env, **CONFIG_LOADER_ARGS)
+        found = {}
+        for name, entry in loader["catalog"].items():
+            nested = entry.get("dataset") if isinstance(entry.get("dataset"), dict) else {}
+            paths = [entry.get("path"), entry.get("filepath"), nested.get("filepath")]
+            paths += [entry.get("legacy_filepath"), *entry.get("shards_from", {}).values()]
+            if any(paths):
+                found[name] = [path for path in paths if path]
+        return found
+
+    local, s3 = locations("local"), locations("s3")
+    assert set(local) == set(s3) and len(local) > 25
+    for name, paths in s3.items():
+        assert all(path.startswith("s3://a-bucket/a/prefix/") for path in paths), name
+        assert all(path.startswith("data/") for path in local[name]), name

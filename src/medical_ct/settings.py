@@ -42,7 +42,7 @@ CONFIG_LOADER_ARGS = {
         # ${oc.env:...} outside credentials.yml, so that MLFLOW_TRACKING_URI overrides mlflow.yml.
         "oc.env": oc.env,
         "sqlite_at_project_root": sqlite_at_project_root,
-        "s3_root": s3_root,  # conf/s3/catalog.yml: every path under the bucket and prefix
+        "s3_root": s3_root,  # conf/s3/globals.yml: every path under the bucket and prefix
     },
 }
 
