@@ -28,6 +28,14 @@ FAST_RUN_PARAMS = (
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e/ is end to end; elsewhere a module or test says so itself."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e in item.path.parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
     if not SAMPLE_DIR.is_dir():

@@ -15,8 +15,7 @@ from medical_ct.model import build_classifier, predict_probabilities
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
 from medical_ct.pipelines.training.nodes import train_model
 from medical_ct.shards import ModelInputDataset, ShardedImagesDataset, ShardStream
-
-from .conftest import CLASSES
+from tests.conftest import CLASSES
 
 PARAMS = {
     "architecture": "small_cnn",

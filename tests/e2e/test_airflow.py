@@ -25,8 +25,7 @@ from medical_ct.pipelines import data_processing, evaluation, training
 from medical_ct.pipelines.data_processing.nodes import split_of
 from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
-
-from .conftest import (
+from tests.conftest import (
     PROJECT_ROOT,
     assert_ok,
     bentoml_server,

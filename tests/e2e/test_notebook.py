@@ -5,7 +5,7 @@ import shutil
 import nbformat
 from nbclient import NotebookClient
 
-from .conftest import PROJECT_ROOT, project_env
+from tests.conftest import PROJECT_ROOT, project_env
 
 NOTEBOOK = "mednist_exploration.ipynb"
 

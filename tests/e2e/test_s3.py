@@ -20,8 +20,7 @@ import s3fs
 
 from medical_ct import registry
 from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
-
-from .conftest import (
+from tests.conftest import (
     FAST_RUN_PARAMS,
     KEDRO,
     PROJECT_ROOT,
@@ -330,7 +329,7 @@ def test_refused_credentials_fail_the_run_early_and_keep_the_champion(
 def test_ingest_uploads_mednist_into_an_empty_bucket(
     tmp_path, s3, s3_endpoint, sample_dir, http_server
 ):
-    from .conftest import build_mednist_tarball
+    from tests.conftest import build_mednist_tarball
 
     url, www, _ = http_server
     tarball = build_mednist_tarball(sample_dir, www / "MedNIST.tar.gz")

@@ -5,8 +5,7 @@ import hashlib
 import pytest
 
 from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
-
-from .conftest import assert_ok, build_mednist_tarball, kedro, make_project
+from tests.conftest import assert_ok, build_mednist_tarball, kedro, make_project
 
 
 @pytest.fixture
@@ -47,6 +46,7 @@ def ingest(project, url: str, md5: str):
     )
 
 
+@pytest.mark.e2e
 def test_ingest_downloads_once_into_the_raw_store(tmp_path, served_tarball):
     url, md5, requests = served_tarball
     project = make_project(tmp_path / "project")
@@ -70,6 +70,7 @@ def test_ingest_downloads_once_into_the_raw_store(tmp_path, served_tarball):
     assert "not downloading MedNIST" in second.stdout + second.stderr
 
 
+@pytest.mark.e2e
 def test_ingest_with_a_wrong_checksum_fails_and_leaves_the_raw_store_empty(
     tmp_path, served_tarball
 ):

@@ -23,6 +23,8 @@ from tests.conftest import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.e2e  # real servers and kedro runs
+
 MONITORING = PROJECT_ROOT / "monitoring"
 PROMETHEUS = Path("/usr/bin/prometheus")
 PROMTOOL = Path("/usr/bin/promtool")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from kedro.framework.project import configure_project, pipelines
 
-from .conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
 README = (PROJECT_ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, re.S)

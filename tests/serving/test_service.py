@@ -31,6 +31,8 @@ from tests.conftest import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.e2e  # real servers and kedro runs
+
 FEEDBACK_DIR = Path("data/01_raw/feedback_pending/images")
 PREDICTION_LOG_DIR = Path("data/01_raw/prediction_log")
 METADATA_DIR = Path("data/01_raw/feedback_pending/records")

@@ -25,6 +25,8 @@ from tests.conftest import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.e2e  # real servers and kedro runs
+
 MANIFEST_ARTIFACT = "model_input/training_manifest.csv.gz"
 POLL_INTERVAL_S = 2
 FOLLOW_BOUND_S = POLL_INTERVAL_S + 5  # a poll, then loading the model

@@ -14,8 +14,7 @@ from medical_ct.pipelines.data_processing.nodes import (
     ingest_mednist,
     report_data,
 )
-
-from .conftest import CLASSES
+from tests.conftest import CLASSES
 
 SPLIT = {"validation_fraction": 0.2, "test_fraction": 0.2}
 PARAMS = {"classes": CLASSES, "split": SPLIT}

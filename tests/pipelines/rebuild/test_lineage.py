@@ -13,6 +13,8 @@ from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME, registered_versions
 from medical_ct.shards import NpzDataset
 from tests.conftest import assert_ok, kedro, mlflow_client, project_env, read_model_input
 
+pytestmark = pytest.mark.e2e  # real servers and kedro runs
+
 MANIFEST_ARTIFACT = "model_input/training_manifest.csv.gz"
 
 

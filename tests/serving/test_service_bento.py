@@ -3,6 +3,7 @@
 import subprocess
 
 import httpx
+import pytest
 
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
 from tests.conftest import (
@@ -15,6 +16,8 @@ from tests.conftest import (
     project_env,
     wait_ready,
 )
+
+pytestmark = pytest.mark.e2e  # real servers and kedro runs
 
 
 def run(args: list[str], env: dict[str, str]) -> str:

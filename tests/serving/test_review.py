@@ -35,6 +35,8 @@ from tests.conftest import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.e2e  # real servers and kedro runs
+
 SUBMITTER = {"Authorization": "Bearer submitter-token-for-tests"}
 ALICE = {"Authorization": "Bearer alice-token-for-tests"}
 BOB = {"Authorization": "Bearer bob-token-for-tests"}

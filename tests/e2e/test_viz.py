@@ -2,7 +2,7 @@
 
 import json
 
-from .conftest import assert_ok, kedro, make_project
+from tests.conftest import assert_ok, kedro, make_project
 
 
 def test_viz_build_contains_the_pipelines_and_their_nodes(tmp_path):

@@ -15,6 +15,8 @@ from tests.conftest import (
     wait_ready,
 )
 
+pytestmark = pytest.mark.e2e  # real servers and kedro runs
+
 TOKEN = "s3cret-feedback-token-for-tests"
 
 

@@ -15,8 +15,7 @@ from medical_ct.datasets import ImageFolderDataset, StoredFile
 from medical_ct.pipelines.data_processing.nodes import decode_images
 from medical_ct.pipelines.training.nodes import decide_training
 from medical_ct.shards import NpzDataset, ShardedImagesDataset
-
-from .conftest import (
+from tests.conftest import (
     CLASSES,
     FAST_RUN_PARAMS,
     add_change_and_delete,
@@ -284,6 +283,7 @@ def test_bad_decision_parameters_are_refused(retrain, minimum, message):
         decide("abc", None, retrain, minimum=minimum)
 
 
+@pytest.mark.e2e
 def test_a_local_rerun_on_unchanged_data_skips_training(trained_project):
     client = mlflow_client(trained_project)
     versions = len(client.search_model_versions(f"name='{registry.MODEL_NAME}'"))
@@ -301,6 +301,7 @@ def test_a_local_rerun_on_unchanged_data_skips_training(trained_project):
     assert report["files_reused_from_last_run"] == report["raw_images_decoded"]
 
 
+@pytest.mark.e2e
 def test_a_local_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
     tmp_path, sample_dir
 ):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from medical_ct import registry
-
-from .conftest import FAST_RUN_PARAMS, assert_ok, kedro, make_project, mlflow_client
+from tests.conftest import FAST_RUN_PARAMS, assert_ok, kedro, make_project, mlflow_client
 
 
 def champion_version(project) -> str:
