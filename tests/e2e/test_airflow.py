@@ -291,6 +291,10 @@ def test_the_first_dag_run_promotes_a_champion_and_logs_one_mlflow_run(weekly):
     assert run.data.tags["airflow.dag_id"] == DAG_ID
     assert run.data.tags["airflow.dag_run_id"].startswith("manual__")
     assert node_seconds(run) == set(NODE_NAMES)  # every task logged into this run
+    # ...and where its time went in the bucket: the listing, last run's index, the model input
+    for dataset in ("load_seconds.raw_images", "save_seconds.decoded_raw_images"):
+        assert run.data.metrics[dataset] > 0, dataset
+    assert not any(metric.startswith("load_seconds.params") for metric in run.data.metrics)
     assert run.data.metrics["test_accuracy"] >= 0.7
     assert run.data.params["training.max_epochs"] == "6"
 
