@@ -145,6 +145,10 @@ def test_a_worse_model_does_not_move_the_champion(trained_project):
         ("data_processing.full_rescan=maybe", "full_rescan must be true or false"),
         ("training.data_path=disk", "data_path must be auto, memory or stream"),
         (
+            "training.augmentation.max_zoom=0.9",
+            "augmentation.max_zoom must be a number in [0, 0.5], got 0.9",
+        ),
+        (
             "calibration.review_target_error_rate=1.5",
             "review_target_error_rate must be a number strictly between 0 and 1",
         ),
