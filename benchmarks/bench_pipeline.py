@@ -1,14 +1,22 @@
-"""Full `kedro run` on the MedNIST dev set versus a bare PyTorch loop, side by side.
+"""Full `kedro run` on the MedNIST dev set: training variants side by side, test errors per seed.
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--archive PATH] [--keep]
+    .venv/bin/python benchmarks/bench_pipeline.py [--archive PATH] [--seeds 42,1,2]
+        [--variants default,augment-geometry] [--bare] [--keep]
 
 1. Serves the tarball from a local HTTP server and runs the whole default pipeline in a fresh
    temporary project (download, md5, extract into the raw store, processing, training,
-   evaluation, registration) with the project's default parameters.
-2. Side by side on the tensors that run produced: the same model, optimiser and schedule for
-   the same epochs in a bare PyTorch loop, then `kedro run --pipeline training` (Kedro start-up,
-   catalog loads, MLflow logging included), then the bare loop again.
-3. Prints wall times, per-node times (from the MLflow run), test accuracy and the ratios.
+   evaluation, registration) with the project's default parameters: the end-to-end time.
+2. For each variant (``VARIANTS``: the default, augmentation, more epochs) and each seed, the
+   whole default `kedro run` again on that project with ``retrain_on_same_data=true`` and the
+   variant's training parameters (data processing reuses the decoded pixels; the default's
+   first seed is the fresh run of step 1). Variants are interleaved seed by seed, so a burst
+   of other work on the machine slows every variant, not one.
+3. Prints, for every run: test errors, wall time, the train_model node's time and its mean
+   epoch time, and the load average (`uptime`) before and after; then per variant the mean
+   errors over the seeds and the train_model time relative to the default's in the same
+   benchmark (the machine may be shared: compare ratios, and scale a quiet figure).
+4. With ``--bare``: the default model, optimiser and schedule in a bare PyTorch loop on the
+   same tensors, against `kedro run --pipeline training` (the overhead of Kedro and MLflow).
 """
 
 import argparse
@@ -34,10 +42,30 @@ from torch import nn
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
+from medical_ct.augmentation import AugmentationParams, augment_batch
 from medical_ct.model import build_classifier
 from medical_ct.shards import ModelInputDataset
 
 DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
+# Training parameters of each variant on top of conf/base (kedro --params syntax).
+_AUGMENT = "training.augmentation.enabled=true,training.augmentation."
+VARIANTS = {
+    "default": "",
+    # Geometry only, mild, 5 epochs: the candidate to measure over 3 seeds next (README).
+    "augment-geometry": "training.max_epochs=5,"
+    + _AUGMENT
+    + f"max_rotation_degrees=8,{_AUGMENT}max_shift_pixels=3,{_AUGMENT}max_zoom=0.1,"
+    + f"{_AUGMENT}max_gain=0,{_AUGMENT}max_gamma=0,{_AUGMENT}invert_probability=0,"
+    + f"{_AUGMENT}probability=0.5",
+    # Geometry and intensity (gain, gamma, 1 in 10 inverted), 5 epochs: 7 errors on seed 42.
+    "augment-full": "training.max_epochs=5,"
+    + _AUGMENT
+    + f"max_rotation_degrees=10,{_AUGMENT}max_shift_pixels=4,{_AUGMENT}max_zoom=0.15,"
+    + f"{_AUGMENT}max_gain=0.2,{_AUGMENT}max_gamma=0.3,{_AUGMENT}invert_probability=0.1,"
+    + f"{_AUGMENT}probability=0.8",
+    # One more epoch, no augmentation: what the fifth epoch alone buys.
+    "5-epochs": "training.max_epochs=5,training.augmentation.enabled=false",
+}
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -53,7 +81,7 @@ def serve(directory: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
 
 
 def bare_training_loop(data_dir: Path, params: dict, epochs: int) -> float:
-    """The same model, optimiser and schedule as the training node, without Kedro or MLflow."""
+    """The same model, optimiser, schedule and augmentation as the training node, bare."""
     train, validation = (
         ModelInputDataset(
             path=str(data_dir / split),
@@ -75,6 +103,8 @@ def bare_training_loop(data_dir: Path, params: dict, epochs: int) -> float:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=params["learning_rate"], weight_decay=params["weight_decay"]
     )
+    augmentation = AugmentationParams.from_params(params.get("augmentation"))
+    generator = torch.Generator().manual_seed(params["seed"] + 1)
     steps = params["max_epochs"] * -(-len(labels) // batch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=params["learning_rate"], total_steps=steps
@@ -84,7 +114,9 @@ def bare_training_loop(data_dir: Path, params: dict, epochs: int) -> float:
         order = torch.randperm(len(labels))
         for start in range(0, len(labels), batch):
             index = order[start : start + batch]
-            loss = nn.functional.cross_entropy(model(images[index]), labels[index])
+            batch_images = augment_batch(images[index], augmentation, generator)
+            batch_images = batch_images.contiguous(memory_format=torch.channels_last)
+            loss = nn.functional.cross_entropy(model(batch_images), labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -97,21 +129,31 @@ def bare_training_loop(data_dir: Path, params: dict, epochs: int) -> float:
     return time.perf_counter() - started
 
 
-def print_report(
-    full_seconds: float,
-    metrics: dict[str, float],
-    epochs: int,
-    bare: list[float],
-    training_seconds: float,
-    train_node_seconds: float,
-) -> None:
-    bare_seconds = statistics.mean(bare)
+def load_average() -> float:
+    """The 1-minute load average, as `uptime` prints it (printed too)."""
+    print(subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
+    return os.getloadavg()[0]
+
+
+def run_figures(client: MlflowClient, run) -> dict[str, float]:
+    """Test errors, train_model seconds and mean epoch seconds of one MLflow run."""
+    metrics = run.data.metrics
+    epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+    return {
+        "errors": int(metrics["test_errors"]),
+        "accuracy": metrics["test_accuracy"],
+        "train_s": metrics["node_seconds.train_model"],
+        "epochs": len(epochs),
+        "epoch_s": statistics.mean(epochs) if epochs else float("nan"),
+    }
+
+
+def print_full_run(full_seconds: float, metrics: dict[str, float], epochs: int) -> None:
     node_seconds = {
         key.removeprefix("node_seconds."): value
         for key, value in metrics.items()
         if key.startswith("node_seconds.")
     }
-
     print(f"\nfull kedro run, download to registration: {full_seconds:7.1f} s")
     for name, seconds in sorted(node_seconds.items(), key=lambda item: -item[1]):
         print(f"  node {name:24s} {seconds:7.1f} s")
@@ -120,6 +162,41 @@ def print_report(
         f"errors in {int(metrics['data.test_images'])}), "
         f"{int(metrics['data.train_images'])} training images, {epochs} epochs"
     )
+
+
+def print_variants(results: dict[str, list[dict]], full_seconds: float) -> None:
+    print("\nvariant        seed  errors  run s  train_model s  epochs  epoch s  load before/after")
+    for name, runs in results.items():
+        for run in runs:
+            print(
+                f"{name:14s} {run['seed']:4d}  {run['errors']:6d}  {run['wall_s']:5.0f}  "
+                f"{run['train_s']:13.1f}  {run['epochs']:6d}  {run['epoch_s']:7.1f}  "
+                f"{run['load_before']:.2f} / {run['load_after']:.2f}"
+            )
+    reference = results.get("default")
+    reference_train = statistics.mean(r["train_s"] for r in reference) if reference else None
+    print(
+        "\nvariant        mean errors  per seed      mean train_model s  vs default  "
+        "(VARIANTS: parameters)"
+    )
+    for name, runs in results.items():
+        train = statistics.mean(r["train_s"] for r in runs)
+        ratio = f"{train / reference_train:11.2f}" if reference_train else " " * 11
+        print(
+            f"{name:14s} {statistics.mean(r['errors'] for r in runs):11.2f}  "
+            f"{'/'.join(str(r['errors']) for r in runs):12s}  {train:18.1f}  {ratio}  "
+            f"({VARIANTS[name] or 'conf/base'})"
+        )
+    print(
+        f"(the default's seed {results[next(iter(results))][0]['seed']} is the fresh run: "
+        f"{full_seconds:.0f} s end to end)"
+        if "default" in results
+        else ""
+    )
+
+
+def print_bare(bare: list[float], training_seconds: float, train_node_seconds: float) -> None:
+    bare_seconds = statistics.mean(bare)
     print(f"\nbare PyTorch loop, same tensors:   {' / '.join(f'{s:.1f}' for s in bare)} s")
     print(
         f"kedro run --pipeline training:     {training_seconds:.1f} s "
@@ -129,11 +206,76 @@ def print_report(
     print(f"train_model node / bare loop:      {train_node_seconds / bare_seconds:.3f}")
 
 
-def main() -> None:
+def run_variants(
+    variants: list[str],
+    seeds: list[int],
+    first: dict,
+    kedro_run,
+    client: MlflowClient,
+    experiment_id: str,
+) -> dict[str, list[dict]]:
+    """Every variant for every seed, interleaved seed by seed; ``first`` is the fresh run."""
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    for seed in seeds:
+        for name in variants:
+            if name == "default" and seed == seeds[0]:
+                figures = run_figures(client, first["run"])
+                wall, (before, after) = first["wall_s"], first["loads"]
+            else:
+                overrides = ",".join(
+                    part for part in (VARIANTS[name], f"training.seed={seed}") if part
+                )
+                before = load_average()
+                wall = kedro_run(f"retrain_on_same_data=true,{overrides}")
+                after = load_average()
+                latest = client.search_runs(
+                    [experiment_id], order_by=["attributes.start_time DESC"]
+                )[0]
+                figures = run_figures(client, latest)
+            run = {
+                **figures,
+                "seed": seed,
+                "wall_s": wall,
+                "load_before": before,
+                "load_after": after,
+            }
+            results[name].append(run)
+            print(f"{name} seed {seed}: {run['errors']} test errors, {wall:.0f} s", flush=True)
+    return results
+
+
+def run_bare(data_dir: Path, params: dict, epochs: int, kedro_run, client) -> None:
+    """Side by side: bare loop, the training pipeline through Kedro, bare loop again."""
+    bare = [bare_training_loop(data_dir, params, epochs)]
+    training_seconds = kedro_run("--pipeline", "training", "--params", "retrain_on_same_data=true")
+    bare.append(bare_training_loop(data_dir, params, epochs))
+    experiment_id = client.get_experiment_by_name("medical_ct").experiment_id
+    training_run = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])[0]
+    print_bare(bare, training_seconds, training_run.data.metrics["node_seconds.train_model"])
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=DEV_ARCHIVE)
+    parser.add_argument("--seeds", default="42,1,2", help="comma-separated training seeds")
+    parser.add_argument(
+        "--variants",
+        default="default,augment-geometry",
+        help=f"comma-separated, of: {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--bare", action="store_true", help="also time a bare PyTorch loop")
     parser.add_argument("--keep", action="store_true", help="keep the temporary project")
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    variants = args.variants.split(",")
     archive = args.archive.resolve()
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     workdir = Path(tempfile.mkdtemp(prefix="medical-ct-bench-"))
@@ -144,10 +286,14 @@ def main() -> None:
     server, base_url = serve(www)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     env["KEDRO_DISABLE_TELEMETRY"] = "1"
+    env["PYTHONPATH"] = str(PROJECT_ROOT / "src")  # this checkout's code
     kedro = str(Path(sys.executable).with_name("kedro"))
-    params = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_training.yml").read_text())
-    params = params["training"]
-    print(f"archive {archive.name} (md5 {md5}), {os.cpu_count()} CPUs, torch {torch.__version__}")
+    config = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_training.yml").read_text())
+    params = config["training"]
+    print(
+        f"archive {archive.name} (md5 {md5}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"seeds {seeds}, variants {variants}"
+    )
 
     def kedro_run(*args: str) -> float:
         started = time.perf_counter()
@@ -159,24 +305,28 @@ def main() -> None:
         return time.perf_counter() - started
 
     try:
-        full_seconds = kedro_run(
-            "--params", f"ingest.url={base_url}/{archive.name},ingest.md5={md5}"
-        )
+        load_before = load_average()
+        ingest = f"ingest.url={base_url}/{archive.name},ingest.md5={md5}"
+        full_seconds = kedro_run("--params", f"{ingest},training.seed={seeds[0]}")
+        load_after = load_average()
         client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
         experiment_id = client.get_experiment_by_name("medical_ct").experiment_id
         (full_run,) = client.search_runs([experiment_id])
-        metrics = full_run.data.metrics
         epochs = len(client.get_metric_history(full_run.info.run_id, "val_loss"))
-        data_dir = project / "data/05_model_input"
-        # Side by side: bare loop, the training pipeline through Kedro, bare loop again.
-        bare = [bare_training_loop(data_dir, params, epochs)]
-        training_seconds = kedro_run(
-            "--pipeline", "training", "--params", "retrain_on_same_data=true"
+        print_full_run(full_seconds, full_run.data.metrics, epochs)
+        first = {"run": full_run, "wall_s": full_seconds, "loads": (load_before, load_after)}
+        results = run_variants(
+            variants,
+            seeds,
+            first,
+            lambda overrides: kedro_run("--params", f"{ingest},{overrides}"),
+            client,
+            experiment_id,
         )
-        bare.append(bare_training_loop(data_dir, params, epochs))
-        training_run = client.search_runs([experiment_id], order_by=["start_time DESC"])[0]
-        train_node_seconds = training_run.data.metrics["node_seconds.train_model"]
-        print_report(full_seconds, metrics, epochs, bare, training_seconds, train_node_seconds)
+        print_variants(results, full_seconds)
+        if args.bare:
+            run_bare(project / "data/05_model_input", params, epochs, kedro_run, client)
+        load_average()
     finally:
         server.shutdown()
         if not args.keep:

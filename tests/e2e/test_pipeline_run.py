@@ -6,9 +6,19 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from medical_ct import registry
-from tests.conftest import FAST_RUN_PARAMS, assert_ok, kedro, make_project, mlflow_client
+from medical_ct.pipelines.data_processing.nodes import split_of
+from medical_ct.preprocessing import content_hash, preprocess_image
+from tests.conftest import (
+    FAST_RUN_PARAMS,
+    PROJECT_ROOT,
+    assert_ok,
+    kedro,
+    make_project,
+    mlflow_client,
+)
 
 
 def champion_version(project) -> str:
@@ -134,6 +144,10 @@ def test_a_worse_model_does_not_move_the_champion(trained_project):
         ("data_processing.full_rescan=maybe", "full_rescan must be true or false"),
         ("training.data_path=disk", "data_path must be auto, memory or stream"),
         (
+            "training.augmentation.max_zoom=0.9",
+            "augmentation.max_zoom must be a number in [0, 0.5], got 0.9",
+        ),
+        (
             "calibration.review_target_error_rate=1.5",
             "review_target_error_rate must be a number strictly between 0 and 1",
         ),
@@ -147,3 +161,45 @@ def test_bad_parameters_fail_the_run_and_register_nothing(tmp_path, sample_dir, 
     assert message in output
     assert "Running node" not in output, "parameters are checked before the first node"
     assert mlflow_client(project).search_registered_models() == []
+
+
+def test_a_model_weak_on_one_class_is_refused_by_min_class_recall(tmp_path, sample_dir):
+    """Hand's training images mostly removed (its test and validation images kept): the model
+    passes min_accuracy overall but not min_class_recall, and the run says it was Hand."""
+    split = yaml.safe_load((PROJECT_ROOT / "conf/base/parameters_data_processing.yml").read_text())
+    split = split["data_processing"]["split"]
+    project = make_project(tmp_path / "project", sample_dir)
+    hand = sorted((project / "data/01_raw/mednist/Hand").glob("*.jpeg"))
+    in_training = [
+        path
+        for path in hand
+        if split_of(
+            content_hash(preprocess_image(path.read_bytes())),
+            split["validation_fraction"],
+            split["test_fraction"],
+        )
+        == "train"
+    ]
+    for path in in_training[1:]:  # one Hand image left to train on
+        path.unlink()
+    assert len(hand) - len(in_training) >= 3, "the test split needs Hand images to measure"
+
+    result = kedro(
+        project,
+        "run",
+        "--params",
+        FAST_RUN_PARAMS + ",champion_gate.min_accuracy=0.6,champion_gate.min_class_recall=0.6",
+    )
+    assert_ok(result)
+    output = " ".join((result.stdout + result.stderr).split())
+    evaluation = json.loads((project / "data/08_reporting/evaluation.json").read_text())
+    promotion = json.loads((project / "data/08_reporting/promotion.json").read_text())
+    assert evaluation["test_accuracy"] >= 0.6, "overall accuracy passes the gate"
+    assert promotion["promoted"] is False
+    assert promotion["reason"].startswith("class Hand has test recall")
+    assert "below min_class_recall 0.6000" in promotion["reason"]
+    assert evaluation["per_class"]["Hand"]["recall"] < 0.6
+    assert promotion["reason"] in output
+    assert (
+        "champion" not in mlflow_client(project).get_registered_model(registry.MODEL_NAME).aliases
+    )

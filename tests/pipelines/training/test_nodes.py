@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from medical_ct import augmentation as augmentation_module
+from medical_ct.augmentation import AugmentationParams, augment_batch
 from medical_ct.calibration import (
     CalibratedClassifier,
     CalibrationParams,
@@ -13,6 +15,7 @@ from medical_ct.calibration import (
 )
 from medical_ct.model import build_classifier, predict_probabilities
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
+from medical_ct.pipelines.training import nodes as training_nodes
 from medical_ct.pipelines.training.nodes import train_model
 from medical_ct.shards import ModelInputDataset, ShardedImagesDataset, ShardStream
 from tests.conftest import CLASSES
@@ -159,6 +162,13 @@ def test_auto_streams_above_the_threshold(sharded_model_input, caplog):
         ({"data_path": "disk"}, "data_path must be auto, memory or stream"),
         ({"shards_in_memory": 0}, "shards_in_memory must be a positive integer"),
         ({"stream_above_images": "big"}, "stream_above_images must be a positive integer"),
+        (
+            {"augmentation": {"enabled": True, "max_rotation_degrees": 400}},
+            r"augmentation.max_rotation_degrees must be a number in \[0, 180\], got 400",
+        ),
+        ({"augmentation": {"enabled": "yes"}}, "augmentation.enabled must be true or false"),
+        ({"augmentation": {"max_shear": 0.1}}, "augmentation has unknown keys \\['max_shear'\\]"),
+        ({"augmentation": [10, 4]}, "augmentation must be a mapping"),
         ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
     ],
 )
@@ -166,6 +176,73 @@ def test_bad_training_parameters_are_refused(model_input, override, message):
     train, validation, _, class_names, _ = model_input
     with pytest.raises((ValueError, RuntimeError), match=message):
         train_model(train, validation, class_names, {**PARAMS, **override}, CALIBRATION)
+
+
+AUGMENTATION = {
+    "enabled": True,
+    "max_rotation_degrees": 10,
+    "max_shift_pixels": 4,
+    "max_zoom": 0.15,
+    "max_gain": 0.2,
+    "max_gamma": 0.3,
+    "invert_probability": 0.1,
+    "probability": 0.8,
+}
+
+
+def test_augmentation_varies_a_batch_reproducibly_and_off_is_the_identity():
+    images = torch.randint(0, 256, (32, 1, 64, 64), dtype=torch.uint8)
+    params = AugmentationParams.from_params(AUGMENTATION)
+
+    first = augment_batch(images, params, torch.Generator().manual_seed(3))
+    again = augment_batch(images, params, torch.Generator().manual_seed(3))
+
+    assert first.shape == images.shape and first.dtype == torch.float32
+    assert first.min() >= 0 and first.max() <= 255
+    torch.testing.assert_close(first, again)
+    changed = (first != images.float()).flatten(1).any(1)
+    assert 16 <= changed.sum() < 32, "about 80% of the images are varied, the rest kept"
+    for off in (None, {**AUGMENTATION, "enabled": False}, {"enabled": True}):
+        kept = augment_batch(
+            images, AugmentationParams.from_params(off), torch.Generator().manual_seed(3)
+        )
+        torch.testing.assert_close(kept, images.float())
+
+
+def test_a_moved_image_keeps_its_surround_instead_of_black_corners():
+    image = torch.full((1, 1, 64, 64), 90, dtype=torch.uint8)  # a grey CT-like surround
+    image[0, 0, 30:34, 30:34] = 200
+    geometry = AugmentationParams(
+        enabled=True, max_rotation_degrees=30, max_shift_pixels=8, max_zoom=0.2
+    )
+    moved = augment_batch(image, geometry, torch.Generator().manual_seed(0))[0, 0]
+    assert not torch.equal(moved, image[0, 0].float())
+    assert moved.min() >= 89.9, "pixels from outside the image repeat its edge"
+    assert moved.max() > 150, "the bright square is still there"
+
+
+@pytest.mark.parametrize("data_path", ["memory", "stream"])
+def test_only_training_batches_are_augmented_in_memory_and_streamed(
+    sharded_model_input, monkeypatch, data_path
+):
+    train, validation, _, class_names = sharded_model_input
+    seen = []
+
+    def spy(images, params, generator):
+        seen.append(images.clone())
+        return augmentation_module.augment_batch(images, params, generator)
+
+    monkeypatch.setattr(training_nodes, "augment_batch", spy)
+    params = {**PARAMS, "max_epochs": 2, "data_path": data_path, "shards_in_memory": 2}
+    _, history, _ = train_model(
+        train, validation, class_names, {**params, "augmentation": AUGMENTATION}, CALIBRATION
+    )
+
+    assert sum(len(batch) for batch in seen) == 2 * len(train["labels"])
+    trained_on = {image.numpy().tobytes() for batch in seen for image in batch}
+    assert trained_on == {image.tobytes() for image in train["images"]}
+    assert not trained_on & {image.tobytes() for image in validation["images"]}
+    assert history["train_loss"][-1]["value"] < history["train_loss"][0]["value"]
 
 
 def test_divergence_is_a_clear_error(model_input):

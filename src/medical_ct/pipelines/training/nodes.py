@@ -5,7 +5,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medical_ct import lifecycle
+from medical_ct.augmentation import AugmentationParams, augment_batch, augmentation_problems
 from medical_ct.calibration import (
     CalibratedClassifier,
     CalibrationParams,
@@ -189,6 +190,7 @@ def train_model(
         reason = training_decision["reason"]
         return TrainingSkipped(reason), {}, {"skipped": reason}
     validate_training_params(training)
+    augmentation = AugmentationParams.from_params(training.get("augmentation"))
     calibration_params = CalibrationParams.from_params(calibration)
     if len(train_set["labels"]) == 0 or len(validation_set["labels"]) == 0:
         raise ValueError(
@@ -217,6 +219,12 @@ def train_model(
     else:
         train_batches = _MemoryBatches(*_to_tensors(train_set, device), batch_size, generator)
     validation_x, validation_y = _to_tensors(validation_set, device)
+    # Its own generator: the batches' order is the same with augmentation on or off.
+    augmentation_generator = torch.Generator().manual_seed(int(training["seed"]) + 1)
+
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        return augment_batch(images, augmentation, augmentation_generator)
+
     steps = max_epochs * len(train_batches)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=float(training["learning_rate"]), total_steps=steps
@@ -224,18 +232,25 @@ def train_model(
     history: dict[str, list[dict[str, float]]] = {}
     best_loss, best_state, best_epoch = float("inf"), None, 0
     logger.info(
-        "Training %s on %s: %d train (%s) / %d validation images, up to %d epochs",
+        "Training %s on %s: %d train (%s, %s) / %d validation images, up to %d epochs",
         training["architecture"],
         device,
         len(train_set["labels"]),
         "streamed from shards" if data_path == "stream" else "in memory",
+        "augmented" if augmentation.active else "not augmented",
         len(validation_y),
         max_epochs,
     )
     for epoch in range(1, max_epochs + 1):
         started = time.perf_counter()
         train_loss, train_accuracy = _train_one_epoch(
-            model, optimizer, scheduler, train_batches, device, f"Epoch {epoch}/{max_epochs}"
+            model,
+            optimizer,
+            scheduler,
+            train_batches,
+            augment,
+            device,
+            f"Epoch {epoch}/{max_epochs}",
         )
         validation_loss, validation_accuracy = evaluate_loss(model, validation_x, validation_y)
         for name, value in {
@@ -340,6 +355,7 @@ def _train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    augment: Callable[[torch.Tensor], torch.Tensor],
     device: torch.device,
     description: str,
 ) -> tuple[float, float]:
@@ -347,7 +363,7 @@ def _train_one_epoch(
     total_loss, correct, count = 0.0, 0, 0
     with tqdm(batches, desc=description, unit=" batches", leave=False) as progress:
         for images, labels in progress:
-            batch_images = images.to(device).contiguous(memory_format=torch.channels_last)
+            batch_images = augment(images.to(device)).contiguous(memory_format=torch.channels_last)
             batch_labels = labels.to(device)
             logits = model(batch_images)
             loss = nn.functional.cross_entropy(logits, batch_labels)
@@ -433,5 +449,6 @@ def validate_training_params(training: dict[str, Any]) -> None:
         value = training.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             problems.append(f"{key} must be a positive integer, got {value!r}")
+    problems += augmentation_problems(training.get("augmentation"))
     if problems:
         raise ValueError("invalid parameters training: " + "; ".join(problems))
