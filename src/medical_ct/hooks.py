@@ -34,12 +34,12 @@ class ParameterCheckHook:
         from medical_ct.pipelines.evaluation.nodes import validate_gate
         from medical_ct.pipelines.rebuild.nodes import validate_rebuild
         from medical_ct.pipelines.rollback.nodes import validate_rollback
-        from medical_ct.pipelines.training.nodes import validate_training_params
+        from medical_ct.pipelines.training.nodes import TrainingParams
 
         checks = {
             "params:ingest": validate_ingest,
             "params:data_processing": DataProcessingParams.from_params,
-            "params:training": validate_training_params,
+            "params:training": TrainingParams.from_params,
             "params:calibration": CalibrationParams.from_params,
             "params:champion_gate": validate_gate,
             "params:rollback": validate_rollback,

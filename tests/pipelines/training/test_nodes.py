@@ -16,7 +16,7 @@ from medical_ct.calibration import (
 from medical_ct.model import build_classifier, predict_probabilities
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
 from medical_ct.pipelines.training import nodes as training_nodes
-from medical_ct.pipelines.training.nodes import train_model
+from medical_ct.pipelines.training.nodes import TrainingParams, train_model
 from medical_ct.shards import ModelInputDataset, ShardedImagesDataset, ShardStream
 from tests.conftest import CLASSES
 
@@ -152,6 +152,18 @@ def test_auto_streams_above_the_threshold(sharded_model_input, caplog):
     assert "streamed from shards" in caplog.text
 
 
+def test_training_parameters_are_checked_once_into_a_typed_object():
+    params = TrainingParams.from_params({**PARAMS, "augmentation": {"enabled": True}})
+    assert params.max_epochs == 3 and params.learning_rate == 0.005
+    assert params.augmentation.enabled and params.data_path == "auto"
+    assert params.data_path_for(params.stream_above_images + 1) == "stream"
+    assert params.data_path_for(10) == "memory"
+    with pytest.raises(ValueError) as refused:
+        TrainingParams.from_params({**PARAMS, "batch_size": 0, "learning_rate": "fast"})
+    assert "batch_size must be a positive integer" in str(refused.value)
+    assert "learning_rate must be a positive number" in str(refused.value)  # every problem
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -169,6 +181,9 @@ def test_auto_streams_above_the_threshold(sharded_model_input, caplog):
         ({"augmentation": {"enabled": "yes"}}, "augmentation.enabled must be true or false"),
         ({"augmentation": {"max_shear": 0.1}}, "augmentation has unknown keys \\['max_shear'\\]"),
         ({"augmentation": [10, 4]}, "augmentation must be a mapping"),
+        ({"max_epoch": 3}, r"unknown keys \['max_epoch'\]; known: architecture, width"),
+        ({"weight_decay": -0.1}, "weight_decay must be a number >= 0, got -0.1"),
+        ({"width": "16"}, "width must be a positive integer, got '16'"),
         ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
     ],
 )

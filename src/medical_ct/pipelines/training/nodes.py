@@ -6,6 +6,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,9 +29,6 @@ from medical_ct.registry import RegisteredClassifier, RegisteredVersion
 from medical_ct.shards import ShardStream
 
 logger = logging.getLogger(__name__)
-
-_POSITIVE_INTS = ("max_epochs", "batch_size", "patience")
-_POSITIVE_FLOATS = ("learning_rate",)
 
 
 def decide_training(
@@ -189,55 +187,51 @@ def train_model(
     if training_decision is not None and not training_decision["train"]:
         reason = training_decision["reason"]
         return TrainingSkipped(reason), {}, {"skipped": reason}
-    validate_training_params(training)
-    augmentation = AugmentationParams.from_params(training.get("augmentation"))
+    params = TrainingParams.from_params(training)
     calibration_params = CalibrationParams.from_params(calibration)
     if len(train_set["labels"]) == 0 or len(validation_set["labels"]) == 0:
         raise ValueError(
             f"cannot train with {len(train_set['labels'])} training and "
             f"{len(validation_set['labels'])} validation images; add images to the raw store"
         )
-    _seed_everything(int(training["seed"]))
-    if training.get("num_threads"):
-        torch.set_num_threads(int(training["num_threads"]))
-    device = _select_device(training.get("device", "auto"))
-    model = build_classifier(training["architecture"], len(class_names), int(training["width"]))
+    _seed_everything(params.seed)
+    if params.num_threads:
+        torch.set_num_threads(params.num_threads)
+    device = _select_device(params.device)
+    model = build_classifier(params.architecture, len(class_names), params.width)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         model.parameters(),
-        lr=float(training["learning_rate"]),
-        weight_decay=float(training.get("weight_decay", 0.0)),
+        lr=params.learning_rate,
+        weight_decay=params.weight_decay,
     )
-    max_epochs = int(training["max_epochs"])
-    batch_size = int(training["batch_size"])
-    generator = torch.Generator().manual_seed(int(training["seed"]))
-    data_path = choose_data_path(training, len(train_set["labels"]))
+    max_epochs, batch_size = params.max_epochs, params.batch_size
+    generator = torch.Generator().manual_seed(params.seed)
+    data_path = params.data_path_for(len(train_set["labels"]))
     if data_path == "stream":
-        train_batches = ShardStream(
-            train_set, batch_size, int(training.get("shards_in_memory", 4)), generator
-        )
+        train_batches = ShardStream(train_set, batch_size, params.shards_in_memory, generator)
     else:
         train_batches = _MemoryBatches(*_to_tensors(train_set, device), batch_size, generator)
     validation_x, validation_y = _to_tensors(validation_set, device)
     # Its own generator: the batches' order is the same with augmentation on or off.
-    augmentation_generator = torch.Generator().manual_seed(int(training["seed"]) + 1)
+    augmentation_generator = torch.Generator().manual_seed(params.seed + 1)
 
     def augment(images: torch.Tensor) -> torch.Tensor:
-        return augment_batch(images, augmentation, augmentation_generator)
+        return augment_batch(images, params.augmentation, augmentation_generator)
 
     steps = max_epochs * len(train_batches)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=float(training["learning_rate"]), total_steps=steps
+        optimizer, max_lr=params.learning_rate, total_steps=steps
     )
     history: dict[str, list[dict[str, float]]] = {}
     best_loss, best_state, best_epoch = float("inf"), None, 0
     logger.info(
         "Training %s on %s: %d train (%s, %s) / %d validation images, up to %d epochs",
-        training["architecture"],
+        params.architecture,
         device,
         len(train_set["labels"]),
         "streamed from shards" if data_path == "stream" else "in memory",
-        "augmented" if augmentation.active else "not augmented",
+        "augmented" if params.augmentation.active else "not augmented",
         len(validation_y),
         max_epochs,
     )
@@ -272,7 +266,7 @@ def train_model(
         if validation_loss < best_loss:
             best_loss, best_epoch = validation_loss, epoch
             best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= int(training["patience"]):
+        elif epoch - best_epoch >= params.patience:
             logger.info("Early stopping: no validation improvement since epoch %d", best_epoch)
             break
     if best_state is None:
@@ -401,13 +395,8 @@ class _MemoryBatches:
             yield self.images[index], self.labels[index]
 
 
-def choose_data_path(training: dict[str, Any], train_images: int) -> str:
-    """``memory`` or ``stream``: ``training.data_path``, or by size when it is ``auto``."""
-    data_path = training.get("data_path", "auto")
-    if data_path == "auto":
-        threshold = int(training.get("stream_above_images", 1_000_000))
-        return "stream" if train_images > threshold else "memory"
-    return data_path
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _to_tensors(data: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -430,25 +419,69 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def validate_training_params(training: dict[str, Any]) -> None:
-    """Raise ``ValueError`` listing every unusable ``training`` parameter."""
-    problems = []
-    for key in _POSITIVE_INTS:
-        value = training.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"{key} must be a positive integer, got {value!r}")
-    for key in _POSITIVE_FLOATS:
-        value = training.get(key)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            problems.append(f"{key} must be a positive number, got {value!r}")
-    if training.get("data_path", "auto") not in ("auto", "memory", "stream"):
-        problems.append(
-            f"data_path must be auto, memory or stream, got {training.get('data_path')!r}"
-        )
-    for key in ("stream_above_images", "shards_in_memory"):
-        value = training.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"{key} must be a positive integer, got {value!r}")
-    problems += augmentation_problems(training.get("augmentation"))
-    if problems:
-        raise ValueError("invalid parameters training: " + "; ".join(problems))
+@dataclass(frozen=True)
+class TrainingParams:
+    """The ``training`` parameters, checked once (every problem listed in one error).
+
+    ``device``: ``auto`` picks CUDA when present; ``num_threads`` 0 keeps torch's default;
+    ``data_path``: ``memory``, ``stream`` or ``auto`` (stream above ``stream_above_images``).
+    """
+
+    architecture: str
+    width: int
+    max_epochs: int
+    patience: int
+    batch_size: int
+    learning_rate: float
+    seed: int
+    weight_decay: float = 0.0
+    device: str = "auto"
+    num_threads: int = 0
+    data_path: str = "auto"
+    stream_above_images: int = 1_000_000
+    shards_in_memory: int = 4
+    augmentation: AugmentationParams = field(default_factory=AugmentationParams)
+
+    @classmethod
+    def from_params(cls, training: dict[str, Any]) -> "TrainingParams":
+        problems = []
+        positive_ints = ("width", "max_epochs", "patience", "batch_size")
+        for key in (*positive_ints, "stream_above_images", "shards_in_memory"):
+            value = training.get(key, 1 if key not in positive_ints else None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{key} must be a positive integer, got {value!r}")
+        learning_rate, weight_decay = training.get("learning_rate"), training.get("weight_decay", 0)
+        if not _is_number(learning_rate) or learning_rate <= 0:
+            problems.append(f"learning_rate must be a positive number, got {learning_rate!r}")
+        if not _is_number(weight_decay) or weight_decay < 0:
+            problems.append(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        for key, default in (("seed", None), ("num_threads", 0)):
+            value = training.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                problems.append(f"{key} must be a non-negative integer, got {value!r}")
+        if not isinstance(training.get("architecture"), str) or not training["architecture"]:
+            problems.append(
+                "architecture must be small_cnn or a torchvision model name, got "
+                f"{training.get('architecture')!r}"
+            )
+        if not isinstance(training.get("device", "auto"), str):
+            problems.append(f"device must be auto, cpu or cuda[:N], got {training['device']!r}")
+        if training.get("data_path", "auto") not in ("auto", "memory", "stream"):
+            problems.append(
+                f"data_path must be auto, memory or stream, got {training.get('data_path')!r}"
+            )
+        problems += augmentation_problems(training.get("augmentation"))
+        unknown = sorted(set(training) - set(cls.__dataclass_fields__))
+        if unknown:
+            problems.append(f"unknown keys {unknown}; known: {', '.join(cls.__dataclass_fields__)}")
+        if problems:
+            raise ValueError("invalid parameters training: " + "; ".join(problems))
+        values = {key: value for key, value in training.items() if key != "augmentation"}
+        augmentation = AugmentationParams.from_params(training.get("augmentation"))
+        return cls(**values, augmentation=augmentation)
+
+    def data_path_for(self, train_images: int) -> str:
+        """``memory`` or ``stream``: ``data_path``, or by size when it is ``auto``."""
+        if self.data_path == "auto":
+            return "stream" if train_images > self.stream_above_images else "memory"
+        return self.data_path
