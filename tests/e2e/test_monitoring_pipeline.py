@@ -1,0 +1,121 @@
+"""`kedro run --pipeline monitoring` on the trained sample project, over prediction log
+records written by the service's writer with the champion's real answers."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medical_ct.datasets import PredictionLogDataset
+from medical_ct.model import predict_probabilities
+from medical_ct.registry import load_alias
+from medical_ct.serving.prediction_log import PredictionLog, new_prediction_id
+from tests.conftest import assert_ok, kedro, mlflow_client, read_model_input
+
+
+def output_of(result) -> str:
+    return " ".join((result.stdout + result.stderr).split())
+
+
+PLOTS = {"class_mix.png", "confidence.png", "drift_history.png", "unusual_images.png"}
+
+
+@pytest.fixture(scope="module")
+def project(trained_project, tmp_path_factory) -> Path:
+    """A copy of the trained project: the session's one stays as the default run left it."""
+    copy = tmp_path_factory.mktemp("monitoring") / "project"
+    shutil.copytree(trained_project, copy)
+    return copy
+
+
+def log_answers(project: Path, images: np.ndarray, monkeypatch) -> int:
+    """The champion's answers to ``images``, logged as /predict logs them."""
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    champion = load_alias()
+    probabilities = predict_probabilities(champion.model, images[:, None])
+    log = PredictionLog(
+        PredictionLogDataset(path=str(project / "data/01_raw/prediction_log")),
+        flush_interval_s=3600,
+        log_pixels=True,
+    )
+    for image, row in zip(images, probabilities, strict=True):
+        best = int(row.argmax())
+        result = {
+            "label": champion.class_names[best],
+            "confidence": float(row[best]),
+            "probabilities": dict(zip(champion.class_names, row.tolist(), strict=True)),
+            "model_version": champion.version,
+        }
+        log.append(new_prediction_id(), result, image)
+    log.close()
+    return len(images)
+
+
+def latest_monitoring_run(project: Path):
+    client = mlflow_client(project)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("medical_ct").experiment_id],
+        filter_string="metrics.`monitoring.predictions` >= 0",
+        order_by=["attributes.start_time DESC"],
+    )
+    return client, runs
+
+
+def test_monitoring_measures_new_records_and_alerts_on_a_drifted_log(project, monkeypatch):
+    client, runs = latest_monitoring_run(project)
+    # The default run of the trained project ran monitoring first, on an empty log.
+    first_weekly = runs[0]
+    assert first_weekly.data.metrics["monitoring.predictions"] == 0
+    assert "monitoring.alert" not in first_weekly.data.tags
+
+    data = str(project / "data")
+    held_out = np.concatenate(
+        [read_model_input(data, split)["images"][:, 0] for split in ("validation", "test")]
+    )
+    logged = log_answers(project, held_out, monkeypatch)
+    assert_ok(kedro(project, "run", "--pipeline", "monitoring"))
+    _, runs = latest_monitoring_run(project)
+    unshifted = runs[0]
+
+    metrics = unshifted.data.metrics
+    assert metrics["monitoring.predictions"] == logged
+    assert metrics["monitoring.input_drift_detected"] == 0
+    assert metrics["monitoring.prediction_drift_detected"] == 0
+    assert 0.5 < metrics["monitoring.estimated_accuracy"] <= 1
+    assert 0 <= metrics["monitoring.low_confidence_share"] <= 1
+    assert "monitoring.alert" not in unshifted.data.tags
+    artifacts = {a.path for a in client.list_artifacts(unshifted.info.run_id, "monitoring")}
+    assert {"monitoring/report.html", "monitoring/summary.json"} <= artifacts
+    plots = client.list_artifacts(unshifted.info.run_id, "monitoring/plots")
+    assert {Path(a.path).name for a in plots} == PLOTS
+    page = Path(client.download_artifacts(unshifted.info.run_id, "monitoring/report.html"))
+    assert "No threshold crossed" in page.read_text()
+
+    # Inverted grey levels: the drifted stream; only these new records are read.
+    drifted = log_answers(project, 255 - held_out, monkeypatch)
+    result = kedro(project, "run", "--pipeline", "monitoring")
+    assert_ok(result)
+    _, runs = latest_monitoring_run(project)
+    shifted = runs[0]
+
+    assert shifted.data.metrics["monitoring.predictions"] == drifted
+    assert shifted.data.metrics["monitoring.input_drift_detected"] == 1
+    assert shifted.data.metrics["monitoring.input_drift_score"] >= 0.5
+    alert = shifted.data.tags["monitoring.alert"]
+    assert "input drift" in alert and "intensity_mean" in alert
+    assert "Monitoring alert" in output_of(result)
+    summary = json.loads(
+        Path(client.download_artifacts(shifted.info.run_id, "monitoring/summary.json")).read_text()
+    )
+    assert [point["records"] for point in summary["history"]] == [logged, drifted]
+
+    # Nothing new: zero predictions, and it says so.
+    result = kedro(project, "run", "--pipeline", "monitoring")
+    assert_ok(result)
+    assert "no new prediction log records since the last run" in output_of(result)
+    _, runs = latest_monitoring_run(project)
+    assert runs[0].data.metrics["monitoring.predictions"] == 0
