@@ -13,9 +13,10 @@ from medical_ct.pipelines.monitoring.nodes import (
     monitor_predictions,
     new_partitions,
     next_state,
+    read_predictions,
     report_monitoring,
 )
-from medical_ct.preprocessing import preprocess_image
+from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.registry import RegisteredClassifier
 from medical_ct.serving.prediction_log import PredictionLog, new_prediction_id
 from medical_ct.shards import ModelInputSet
@@ -246,6 +247,25 @@ def test_a_second_run_reads_only_new_partitions_and_a_third_says_nothing_is_new(
     assert summary["status"] == "no_new_records"
     assert unchanged == state
     assert "no new prediction log records since the last run" in caplog.text
+
+
+def test_the_images_read_are_a_uniform_sample_of_the_records_with_pixels(log, sample):
+    images, _ = sample
+    for start in range(0, 240, 30):  # eight files
+        write_log(
+            log, images[start : start + 30], ["Hand"] * 30, start_ms=START_MS + start * HOUR_MS
+        )
+    rng = np.random.default_rng(0)
+
+    logged = read_predictions(log.load(), sorted(log.load()), max_images=50, rng=rng)
+
+    assert len(logged.records) == logged.images_logged == 240
+    assert len(logged.pixels) == 50
+    assert len(set(logged.pixel_rows)) == 50
+    hashes = logged.records["pixel_hash"].to_numpy()[logged.pixel_rows]
+    assert [content_hash(image) for image in logged.pixels] == list(hashes)
+    # drawn from every file, not the first ones: rows spread over the whole range
+    assert logged.pixel_rows.min() < 60 and logged.pixel_rows.max() >= 180
 
 
 def test_a_partition_written_late_within_the_grace_window_is_still_read():

@@ -143,47 +143,82 @@ def next_state(
 # ---- reading records ----
 @dataclass(frozen=True)
 class LoggedPredictions:
-    """The records read: one row each (no pixels), and the pixels of the rows that have them.
+    """The records read: one row each (no pixels), and a uniform sample of their images.
 
-    ``pixel_rows`` are the positions in ``records`` of the images in ``pixels`` (records
-    logged with ``log_pixels`` off have none).
+    ``pixels`` holds at most the sample size of the images logged with pixels (records
+    logged with ``log_pixels`` off have none), ``pixel_rows`` their positions in
+    ``records``, and ``images_logged`` how many records had pixels at all.
     """
 
     records: pd.DataFrame
     pixels: np.ndarray
     pixel_rows: np.ndarray
+    images_logged: int
 
 
-_RECORD_COLUMNS = ["predicted_at", "prediction_id", "model_version", "label", "confidence"]
+_RECORD_COLUMNS = [
+    "predicted_at",
+    "prediction_id",
+    "model_version",
+    "label",
+    "confidence",
+    "pixel_hash",
+]
 
 
 def read_predictions(
-    partitions: Mapping[str, Callable[[], pd.DataFrame]], names: list[str]
+    partitions: Mapping[str, Callable[[], pd.DataFrame]],
+    names: list[str],
+    max_images: int,
+    rng: np.random.Generator,
 ) -> LoggedPredictions:
-    """Load ``names`` one file at a time, keeping 4 KiB of pixels per image and the columns
-    monitoring uses (not the per-class probabilities: the confidence is the top one)."""
-    tables, images, rows, offset = [], [], [], 0
+    """Load ``names`` one file at a time, keeping the columns monitoring uses and a uniform
+    sample of ``max_images`` images.
+
+    The sample is drawn as it goes (each image gets a random key; the ``max_images`` largest
+    keys are kept), so memory stays at the sample's 4 KiB an image however many records a
+    run reads: 100,000 images would otherwise be 400 MiB, twice over while joined.
+    """
+    tables, offset, logged = [], 0, 0
+    kept: list[np.ndarray] = []
+    kept_rows: list[np.ndarray] = []
+    kept_keys: list[np.ndarray] = []
+    buffered = 0
     for name in names:
         table = partitions[name]()
         pixels = table["pixels"].to_numpy()
         has_pixels = np.flatnonzero(pd.notna(pixels))
         if len(has_pixels):
-            joined = b"".join(pixels[has_pixels])
-            images.append(np.frombuffer(joined, np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
-            rows.append(has_pixels + offset)
+            images = np.frombuffer(b"".join(pixels[has_pixels]), np.uint8)
+            kept.append(images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
+            kept_rows.append(has_pixels + offset)
+            kept_keys.append(rng.random(len(has_pixels)))
+            logged += len(has_pixels)
+            buffered += len(has_pixels)
+            if buffered > 2 * max_images:  # reduce now and then: copies stay ~2 per image
+                kept, kept_rows, kept_keys = _largest_keys(kept, kept_rows, kept_keys, max_images)
+                buffered = max_images
         tables.append(table[_RECORD_COLUMNS])
         offset += len(table)
+    if kept:
+        kept, kept_rows, kept_keys = _largest_keys(kept, kept_rows, kept_keys, max_images)
+    images = np.concatenate(kept) if kept else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    rows = np.concatenate(kept_rows) if kept_rows else np.empty(0, np.int64)
     records = (
         pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=_RECORD_COLUMNS)
     )
     records["model_version"] = records["model_version"].astype(str)
-    return LoggedPredictions(
-        records=records,
-        pixels=(
-            np.concatenate(images) if images else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-        ),
-        pixel_rows=np.concatenate(rows) if rows else np.empty(0, np.int64),
-    )
+    order = np.argsort(rows)
+    return LoggedPredictions(records, images[order], rows[order], logged)
+
+
+def _largest_keys(
+    images: list[np.ndarray], rows: list[np.ndarray], keys: list[np.ndarray], limit: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The ``limit`` images of the largest random keys (all of them when fewer)."""
+    all_keys = np.concatenate(keys)
+    top = np.argpartition(-all_keys, limit - 1)[:limit] if len(all_keys) > limit else slice(None)
+    return [np.concatenate(images)[top]], [np.concatenate(rows)[top]], [all_keys[top]]
 
 
 # ---- features and tests ----
@@ -346,7 +381,8 @@ def monitor_predictions(
             f"(read through {state.get('read_through') or 'nothing yet'})"
         )
         return _nothing(summary, state, "no_new_records", message)
-    logged = read_predictions(prediction_log, names)
+    rng = np.random.default_rng(params.seed)
+    logged = read_predictions(prediction_log, names, params.max_drift_images, rng)
     records = logged.records
     logger.info("Monitoring: %d new records in %d partitions", len(records), len(names))
     threshold = champion.review_threshold or params.fallback_review_threshold
@@ -372,7 +408,7 @@ def monitor_predictions(
         records, champion, training_shares, threshold, accepted, params
     )
     summary["overall"]["feedback"] = feedback_errors(accepted, champion.version)
-    drift, unusual_figure = _input_drift(logged, champion, reference_set, params)
+    drift, unusual_figure = _input_drift(logged, champion, reference_set, params, rng)
     summary["input_drift"] = drift.pop("result")
     summary["unusual"] = drift["unusual"]
     summary["alerts"] = alerts(summary, params)
@@ -429,10 +465,11 @@ def _input_drift(
     champion: RegisteredClassifier,
     reference_set: Mapping[str, Any] | None,
     params: MonitoringParams,
+    rng: np.random.Generator,
 ) -> tuple[dict[str, Any], Figure]:
-    """Embed a sample of the new images and of the training images, test, find the unusual."""
+    """Embed the sample of new images and one of the training images, test, find the unusual."""
     untested = {"tested": False, "score": None, "detected": False}
-    images_with_pixels = len(logged.pixels)
+    images_with_pixels = logged.images_logged
     if reference_set is None or len(reference_set["labels"]) < 2:
         reason = "no model input to take reference images from: run data_processing"
     elif images_with_pixels < params.min_records:
@@ -447,12 +484,10 @@ def _input_drift(
         message = f"Input drift not tested: {reason}"
         result = {"result": {**untested, "reason": reason}, "unusual": []}
         return result, report.message_figure(message)
-    rng = np.random.default_rng(params.seed)
     reference_rows = sample_positions(len(reference_set["labels"]), params.reference_size, rng)
     reference_images = reference_set.gather(reference_rows)[:, 0]
     reference_labels = reference_set["labels"][reference_rows]
-    current_rows = sample_positions(images_with_pixels, params.max_drift_images, rng)
-    current_images = logged.pixels[current_rows]
+    current_images = logged.pixels
     extractor = feature_extractor(champion.model)
     reference_embedding = embed(extractor, reference_images[:, None])
     current_embedding = embed(extractor, current_images[:, None])
@@ -469,7 +504,7 @@ def _input_drift(
     result = input_drift(reference_features, current_features, params)
     ratios = OodReference.fit(reference_embedding, reference_labels).ratios(current_embedding)
     top = np.argsort(-ratios)[: params.unusual_images]
-    rows = logged.records.iloc[logged.pixel_rows[current_rows[top]]]
+    rows = logged.records.iloc[logged.pixel_rows[top]]
     unusual = [
         {
             "prediction_id": row.prediction_id,
