@@ -12,7 +12,7 @@ from medical_ct.datasets import PredictionLogDataset
 from medical_ct.model import predict_probabilities
 from medical_ct.registry import load_alias
 from medical_ct.serving.prediction_log import PredictionLog, new_prediction_id
-from tests.conftest import assert_ok, kedro, mlflow_client, read_model_input
+from tests.conftest import assert_ok, kedro, make_project, mlflow_client, read_model_input
 
 
 def output_of(result) -> str:
@@ -119,3 +119,15 @@ def test_monitoring_measures_new_records_and_alerts_on_a_drifted_log(project, mo
     assert "no new prediction log records since the last run" in output_of(result)
     _, runs = latest_monitoring_run(project)
     assert runs[0].data.metrics["monitoring.predictions"] == 0
+
+
+def test_bad_monitoring_parameters_fail_the_run_before_any_node(tmp_path):
+    project = make_project(tmp_path / "project")
+
+    result = kedro(project, "run", "--pipeline", "monitoring", "--params", "monitoring.p_value=2")
+
+    assert result.returncode != 0
+    output = output_of(result)
+    assert "invalid parameters monitoring: p_value must be a number in (0, 1], got 2" in output
+    assert "Loading data from prediction_log" not in output  # the hook refused, not the node
+    assert not (project / "data/02_intermediate/monitoring_state.json").exists()
