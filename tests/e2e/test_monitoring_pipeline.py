@@ -3,6 +3,7 @@ records written by the service's writer with the champion's real answers."""
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,17 @@ from medical_ct.datasets import PredictionLogDataset
 from medical_ct.model import predict_probabilities
 from medical_ct.registry import load_alias
 from medical_ct.serving.prediction_log import PredictionLog, new_prediction_id
-from tests.conftest import assert_ok, kedro, make_project, mlflow_client, read_model_input
+from tests.conftest import (
+    KEDRO,
+    assert_ok,
+    bucket_env,
+    kedro,
+    make_project,
+    mlflow_client,
+    project_env,
+    read_model_input,
+    s3_with_bucket,
+)
 
 
 def output_of(result) -> str:
@@ -30,15 +41,16 @@ def project(trained_project, tmp_path_factory) -> Path:
     return copy
 
 
-def log_answers(project: Path, images: np.ndarray, monkeypatch) -> int:
-    """The champion's answers to ``images``, logged as /predict logs them."""
+def log_answers(project: Path, images: np.ndarray, monkeypatch, log_path: str = "") -> int:
+    """The champion's answers to ``images``, logged as /predict logs them (to ``log_path``,
+    by default the project's local log)."""
     uri = f"sqlite:///{project / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     champion = load_alias()
     probabilities = predict_probabilities(champion.model, images[:, None])
     log = PredictionLog(
-        PredictionLogDataset(path=str(project / "data/01_raw/prediction_log")),
+        PredictionLogDataset(path=log_path or str(project / "data/01_raw/prediction_log")),
         flush_interval_s=3600,
         log_pixels=True,
     )
@@ -131,3 +143,44 @@ def test_bad_monitoring_parameters_fail_the_run_before_any_node(tmp_path):
     assert "invalid parameters monitoring: p_value must be a number in (0, 1], got 2" in output
     assert "Loading data from prediction_log" not in output  # the hook refused, not the node
     assert not (project / "data/02_intermediate/monitoring_state.json").exists()
+
+
+def test_monitoring_reads_the_prediction_log_in_the_bucket(
+    trained_project, tmp_path, s3_endpoint, monkeypatch
+):
+    """The s3 environment: log, model input, state and report all in the bucket."""
+    project = tmp_path / "project"
+    shutil.copytree(trained_project, project)
+    bucket = "medical-ct-monitoring"
+    s3 = s3_with_bucket(s3_endpoint, bucket)
+    for folder in ("05_model_input", "02_intermediate/decoded_raw"):
+        s3.put(str(project / "data" / folder), f"{bucket}/{folder}", recursive=True)
+    environment = bucket_env(s3_endpoint, bucket)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    data = str(project / "data")
+    held_out = np.concatenate(
+        [read_model_input(data, split)["images"][:, 0] for split in ("validation", "test")]
+    )
+    logged = log_answers(
+        project, held_out, monkeypatch, log_path=f"s3://{bucket}/01_raw/prediction_log"
+    )
+
+    result = subprocess.run(
+        [KEDRO, "run", "--env", "s3", "--pipeline", "monitoring"],
+        cwd=project,
+        env=project_env(project, **environment),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+
+    assert_ok(result)
+    _, runs = latest_monitoring_run(project)
+    assert runs[0].data.metrics["monitoring.predictions"] == logged
+    assert runs[0].data.metrics["monitoring.input_drift_detected"] == 0
+    state = json.loads(s3.cat_file(f"{bucket}/02_intermediate/monitoring_state.json"))
+    assert state["read_through"].startswith("date=")
+    assert s3.exists(f"{bucket}/08_reporting/monitoring/report.html")
+    assert s3.exists(f"{bucket}/08_reporting/monitoring/unusual_images.png")
