@@ -279,6 +279,26 @@ class _Folder:
         self.filesystem.pipe_file(self.join(name), buffer.getvalue())
 
 
+Location = str | dict[str, str]
+
+
+def location(value: Location) -> str:
+    """The path of a catalog location given as a string or as ``{"path"|"filepath": ...}``.
+
+    The catalog nests every extra location under a ``path`` or ``filepath`` key because those
+    are the keys Kedro makes absolute against the project: a bare relative string elsewhere in
+    an entry would be read from the process's working directory, which is ``notebooks/`` in
+    ``kedro jupyter`` (the notebook found its shards missing so).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and len(value) == 1 and {*value} <= {"path", "filepath"}:
+        return next(iter(value.values()))
+    raise DatasetError(
+        f"a location is a path or {{path: ...}}, not {value!r}: fix the catalog entry"
+    )
+
+
 class ShardedImagesDataset(AbstractDataset[ShardedImages, ShardedImages | None]):
     """A decoded image set in a folder of shards (see the module); ``None`` when there is none.
 
@@ -287,21 +307,22 @@ class ShardedImagesDataset(AbstractDataset[ShardedImages, ShardedImages | None])
     shard. A save whose index was built from scratch (``full_rescan``) also deletes the shards
     nothing references any more.
 
-    ``legacy_filepath`` is the single pickle earlier versions kept: it is never unpickled (a
-    reader must not run the writer's code); when no index exists yet it makes the run decode
-    everything once with a log line saying so, and it is deleted once the shards are saved.
+    ``legacy`` (``{"filepath": ...}``) is the single pickle earlier versions kept: it is never
+    unpickled (a reader must not run the writer's code); when no index exists yet it makes the
+    run decode everything once with a log line saying so, and it is deleted once the shards are
+    saved.
     """
 
     def __init__(
         self,
         *,
         path: str,
-        legacy_filepath: str | None = None,
+        legacy: Location | None = None,
         credentials: dict[str, Any] | None = None,
     ) -> None:
         self._path = path
         self._folder = _Folder(path, credentials)
-        self._legacy = legacy_filepath
+        self._legacy = location(legacy) if legacy else None
         self._credentials = credentials
 
     def load(self) -> ShardedImages | None:
@@ -363,27 +384,28 @@ class ShardedImagesDataset(AbstractDataset[ShardedImages, ShardedImages | None])
         return self._folder.filesystem.exists(self._folder.join("index.parquet"))
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": self._path, "legacy_filepath": self._legacy}
+        return {"path": self._path, "legacy": self._legacy}
 
 
 class ModelInputDataset(AbstractDataset[ModelInputSet, ModelInputSet]):
     """One split of the model input: an index into the decoded sets' shards (no pixels copied).
 
-    ``shards_from`` names the folders of the decoded sets by source (``raw``, ``feedback``);
-    the pixels are read from their shards when training or evaluation asks for them.
+    ``shards_from`` names the folders of the decoded sets by source (``raw``, ``feedback``,
+    each ``{"path": ...}``); the pixels are read from their shards when training or evaluation
+    asks for them.
     """
 
     def __init__(
         self,
         *,
         path: str,
-        shards_from: dict[str, str],
+        shards_from: dict[str, Location],
         credentials: dict[str, Any] | None = None,
     ) -> None:
         self._path = path
         self._folder = _Folder(path, credentials)
         self._sources = {
-            source: _Folder(folder, credentials) for source, folder in shards_from.items()
+            source: _Folder(location(folder), credentials) for source, folder in shards_from.items()
         }
 
     def load(self) -> ModelInputSet:

@@ -428,7 +428,8 @@ def test_one_catalog_serves_both_environments_and_s3_moves_every_persisted_datas
         for name, entry in loader["catalog"].items():
             nested = entry.get("dataset") if isinstance(entry.get("dataset"), dict) else {}
             paths = [entry.get("path"), entry.get("filepath"), nested.get("filepath")]
-            paths += [entry.get("legacy_filepath"), *entry.get("shards_from", {}).values()]
+            paths += [entry.get("legacy", {}).get("filepath")]
+            paths += [folder["path"] for folder in entry.get("shards_from", {}).values()]
             if any(paths):
                 found[name] = [path for path in paths if path]
         return found

@@ -122,7 +122,7 @@ def test_an_old_single_pickle_is_never_unpickled_but_decoded_again_once(
     legacy = tmp_path / "decoded_raw_images.pkl"
     marker = tmp_path / "unpickled"
     legacy.write_bytes(pickle.dumps(_Trap(str(marker))))
-    store = ShardedImagesDataset(path=str(tmp_path / "decoded"), legacy_filepath=str(legacy))
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"), legacy={"filepath": str(legacy)})
     reads: list[str] = []
     files = stored_files(sample_dir, reads, count=3)
 
