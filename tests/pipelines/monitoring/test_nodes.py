@@ -330,3 +330,26 @@ def test_bad_parameters_are_named_in_one_error():
     ):
         assert part in message
     assert MonitoringParams.from_params({}) == MonitoringParams()
+
+
+def test_an_unreadable_log_file_is_skipped_named_and_left_in_the_store(
+    log, sample, reference, champion, tmp_path, caplog
+):
+    """A truncated Parquet file (a full disk) or one of another schema must not stop the
+    weekly run, which waits for monitoring before training."""
+    held_out, labels = split(sample, "held_out")
+    write_log(log, held_out[:30], [CLASSES[label] for label in labels[:30]])
+    folder = tmp_path / "prediction_log" / "date=2026-05-29" / "hour=03"
+    folder.mkdir(parents=True)
+    (folder / f"{START_MS + 5 * HOUR_MS}-{START_MS + 5 * HOUR_MS}-w9.parquet").write_bytes(b"PAR1")
+    pd.DataFrame({"label": ["Hand"]}).to_parquet(folder / f"{START_MS + 6 * HOUR_MS}-1-w9.parquet")
+
+    with caplog.at_level("WARNING"):
+        summary, metrics, state, _ = run(log, champion, reference)
+
+    assert metric(metrics, "predictions") == 30
+    assert len(summary["unreadable_files"]) == 2
+    assert all(name.startswith("date=2026-05-29/hour=03/") for name in summary["unreadable_files"])
+    assert caplog.text.count("which cannot be read") == 2
+    assert len(list(folder.iterdir())) == 2  # left in the store
+    assert state["read_through"] is not None

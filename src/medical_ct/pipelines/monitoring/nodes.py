@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from kedro.io import DatasetError
 from matplotlib.figure import Figure
 from scipy.stats import chisquare, ks_2samp
 from sklearn.decomposition import PCA
@@ -154,6 +155,7 @@ class LoggedPredictions:
     pixels: np.ndarray
     pixel_rows: np.ndarray
     images_logged: int
+    unreadable: tuple[str, ...] = ()
 
 
 _RECORD_COLUMNS = [
@@ -184,8 +186,12 @@ def read_predictions(
     kept_rows: list[np.ndarray] = []
     kept_keys: list[np.ndarray] = []
     buffered = 0
+    unreadable = []
     for name in names:
-        table = partitions[name]()
+        table = _read_partition(partitions, name)
+        if table is None:
+            unreadable.append(name)
+            continue
         pixels = table["pixels"].to_numpy()
         has_pixels = np.flatnonzero(pd.notna(pixels))
         if len(has_pixels):
@@ -209,7 +215,29 @@ def read_predictions(
     )
     records["model_version"] = records["model_version"].astype(str)
     order = np.argsort(rows)
-    return LoggedPredictions(records, images[order], rows[order], logged)
+    return LoggedPredictions(records, images[order], rows[order], logged, tuple(unreadable))
+
+
+def _read_partition(
+    partitions: Mapping[str, Callable[[], pd.DataFrame]], name: str
+) -> pd.DataFrame | None:
+    """One log file, or ``None`` with a warning when it cannot be read (truncated by a full
+    disk, written by a writer of another schema): one bad file must not stop the weekly run
+    (training waits for monitoring), and it stays in the store for a person to look at."""
+    try:
+        table = partitions[name]()
+        missing = sorted({*_RECORD_COLUMNS, "pixels"} - set(table.columns))
+        if missing:
+            raise ValueError(f"columns {missing} missing")
+    except (DatasetError, OSError, ValueError) as error:
+        logger.warning(
+            "Monitoring: skipped prediction log file %s, which cannot be read (%s); it is "
+            "left in the store: move it aside once looked at",
+            name,
+            error,
+        )
+        return None
+    return table
 
 
 def _largest_keys(
@@ -392,6 +420,7 @@ def monitor_predictions(
         status="measured",
         records=len(records),
         partitions=len(names),
+        unreadable_files=list(logged.unreadable),
         period={
             "first": str(records["predicted_at"].min()),
             "last": str(records["predicted_at"].max()),
