@@ -12,7 +12,7 @@ RUN_ARGS ?= --params "ingest.url=$(abspath $(DEV_ARCHIVE)),ingest.md5=$(DEV_ARCH
 endif
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium prometheus dag airflow benchmark-service benchmark-incremental
+.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium prometheus dag airflow benchmark-service benchmark-incremental benchmark-monitoring
 
 install: $(STAMP)
 
@@ -81,6 +81,9 @@ benchmark-service: install
 
 benchmark-incremental: install
 	$(BIN)/python benchmarks/bench_incremental.py
+
+benchmark-monitoring: install
+	$(BIN)/python benchmarks/bench_monitoring.py
 
 benchmark: install
 	$(BIN)/python benchmarks/bench_pipeline.py

@@ -55,7 +55,7 @@ def run_kedro_nodes(*node_names: str) -> None:
         "retry_delay": timedelta(minutes=5),
     },
 )
-def medical_ct():
+def medical_ct():  # noqa: PLR0915 (a task per node)
     @task(task_id="decode_feedback_images")
     def decode_feedback_images():
         run_kedro_nodes("decode_feedback_images")
@@ -70,9 +70,17 @@ def medical_ct():
     def ingest_mednist():
         run_kedro_nodes("ingest_mednist")
 
+    @task(task_id="monitor_predictions")
+    def monitor_predictions():
+        run_kedro_nodes("monitor_predictions")
+
     @task(task_id="decode_raw_images")
     def decode_raw_images():
         run_kedro_nodes("decode_raw_images")
+
+    @task(task_id="report_monitoring")
+    def report_monitoring():
+        run_kedro_nodes("report_monitoring")
 
     @task(task_id="build_model_input")
     def build_model_input():
@@ -113,7 +121,9 @@ def medical_ct():
     tasks = {
         "decode_feedback_images": decode_feedback_images(),
         "ingest_mednist": ingest_mednist(),
+        "monitor_predictions": monitor_predictions(),
         "decode_raw_images": decode_raw_images(),
+        "report_monitoring": report_monitoring(),
         "build_model_input": build_model_input(),
         "report_feedback": report_feedback(),
         "build_training_manifest": build_training_manifest(),
@@ -125,6 +135,7 @@ def medical_ct():
         "register_and_promote": register_and_promote(),
     }
     tasks["ingest_mednist"] >> tasks["decode_raw_images"]
+    tasks["monitor_predictions"] >> tasks["report_monitoring"]
     tasks["decode_feedback_images"] >> tasks["build_model_input"]
     tasks["decode_raw_images"] >> tasks["build_model_input"]
     tasks["decode_feedback_images"] >> tasks["report_feedback"]
@@ -136,6 +147,7 @@ def medical_ct():
     tasks["decode_feedback_images"] >> tasks["report_data"]
     tasks["decode_raw_images"] >> tasks["report_data"]
     tasks["build_training_manifest"] >> tasks["decide_training"]
+    tasks["monitor_predictions"] >> tasks["decide_training"]
     tasks["report_data"] >> tasks["decide_training"]
     tasks["build_model_input"] >> tasks["evaluate_champion"]
     tasks["decide_training"] >> tasks["evaluate_champion"]

@@ -14,6 +14,7 @@ import mlflow
 import pandas as pd
 from fsspec.implementations.local import LocalFileSystem
 from kedro.io import AbstractDataset, DatasetError
+from kedro_datasets.json import JSONDataset
 from kedro_datasets.partitions import PartitionedDataset
 
 from medical_ct import manifest, registry
@@ -297,3 +298,33 @@ class PredictionLogDataset(OptionalPartitionedDataset):
                 config = {**self._dataset_config, self._filepath_arg: self._join_protocol(path)}
                 partitions[self._path_to_partition(path)] = self._dataset_type(**config).load
         return partitions
+
+
+class MlflowRunTagsDataset(AbstractDataset[dict[str, str], None]):
+    """Tags of the active MLflow run: saving ``{name: value}`` sets them (``{}`` sets none).
+
+    For what a person filters runs by in the MLflow UI (``tags.`monitoring.alert` != ''``):
+    kedro-mlflow logs parameters, metrics and artifacts, not tags. Values are cut to
+    MLflow's limit of 5,000 characters. Write-only; outside an MLflow run it does nothing.
+    """
+
+    _MAX_TAG_LENGTH = 5000
+
+    def load(self) -> None:
+        raise DatasetError(f"{type(self).__name__} is write-only: read the tags in MLflow")
+
+    def save(self, data: dict[str, str]) -> None:
+        if data and mlflow.active_run() is not None:
+            mlflow.set_tags(
+                {name: str(value)[: self._MAX_TAG_LENGTH] for name, value in data.items()}
+            )
+
+    def _describe(self) -> dict[str, Any]:
+        return {}
+
+
+class OptionalJSONDataset(JSONDataset):
+    """A JSON file that loads as ``None`` while it does not exist (before a first run wrote it)."""
+
+    def load(self) -> Any:
+        return super().load() if self.exists() else None

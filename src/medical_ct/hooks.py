@@ -32,6 +32,7 @@ class ParameterCheckHook:
             validate_ingest,
         )
         from medical_ct.pipelines.evaluation.nodes import validate_gate
+        from medical_ct.pipelines.monitoring.nodes import MonitoringParams
         from medical_ct.pipelines.rebuild.nodes import validate_rebuild
         from medical_ct.pipelines.rollback.nodes import validate_rollback
         from medical_ct.pipelines.training.nodes import TrainingParams
@@ -44,6 +45,7 @@ class ParameterCheckHook:
             "params:champion_gate": validate_gate,
             "params:rollback": validate_rollback,
             "params:rebuild": validate_rebuild,
+            "params:monitoring": MonitoringParams.from_params,
         }
         used = pipeline.inputs()
         for name, check in checks.items():

@@ -436,6 +436,17 @@ class ModelInputDataset(AbstractDataset[ModelInputSet, ModelInputSet]):
         return {"path": self._path, "shards_from": sorted(self._sources)}
 
 
+class OptionalModelInputDataset(ModelInputDataset):
+    """A split of the model input that loads as ``None`` before data_processing wrote it.
+
+    For readers that have something to do without it: monitoring on a fresh project (no
+    champion, no model input yet) says so instead of failing.
+    """
+
+    def load(self) -> ModelInputSet | None:  # type: ignore[override]
+        return super().load() if self._exists() else None
+
+
 class NpzDataset(AbstractDataset[dict[str, Any], dict[str, Any]]):
     """A dict of arrays and lists (one level of nesting) in one NumPy ``.npz``, never a pickle.
 

@@ -21,7 +21,8 @@ import pytest
 import s3fs
 import yaml
 
-from medical_ct.pipelines import data_processing, evaluation, training
+from medical_ct.pipeline_registry import default_pipeline
+from medical_ct.pipelines import data_processing, evaluation, monitoring, training
 from medical_ct.pipelines.data_processing.nodes import split_of
 from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
@@ -53,9 +54,12 @@ FAST_PARAMETERS = {
     "training": {"max_epochs": 6, "batch_size": 16, "learning_rate": 0.005, "patience": 6},
     "champion_gate": {"min_accuracy": 0.7, "min_class_recall": 0.5, "max_ece": 0.5},
 }
-# The default pipeline, as pipeline_registry.py sums it.
-DEFAULT_PIPELINE = sum(
-    module.create_pipeline() for module in (data_processing, training, evaluation)
+# The default pipeline, as pipeline_registry.py builds it.
+DEFAULT_PIPELINE = default_pipeline(
+    {
+        module.__name__.rsplit(".", 1)[-1]: module.create_pipeline()
+        for module in (monitoring, data_processing, training, evaluation)
+    }
 )
 NODE_NAMES = sorted(node.name for node in DEFAULT_PIPELINE.nodes)
 
@@ -236,6 +240,8 @@ def test_dagbag_loads_a_weekly_dag_whose_tasks_are_the_nodes(dag):
     order = dag["order"]
     assert order.index("ingest_mednist") < order.index("decode_raw_images")
     assert order.index("decide_training") < order.index("train_model")
+    # monitoring measures the champion that served the log before training may replace it
+    assert "monitor_predictions" in dag["tasks"]["decide_training"]["upstream"]
     assert order[-1] == "register_and_promote"
     ingest = dag["tasks"]["ingest_mednist"]
     assert ingest["retries"] == 4

@@ -12,12 +12,20 @@ def test_viz_build_contains_the_pipelines_and_their_nodes(tmp_path):
     site = project / "build"
     assert (site / "index.html").is_file()
     graph = json.loads((site / "api/main").read_text())
-    assert {"data_processing", "training", "evaluation", "rollback", "rebuild", "__default__"} <= {
-        pipeline["id"] for pipeline in graph["pipelines"]
-    }
-    # The default pipeline: rollback and rebuild run on demand only.
+    assert {
+        "monitoring",
+        "data_processing",
+        "training",
+        "evaluation",
+        "rollback",
+        "rebuild",
+        "__default__",
+    } <= {pipeline["id"] for pipeline in graph["pipelines"]}
+    # The default pipeline (monitoring first): rollback and rebuild run on demand only.
     tasks = {node["name"] for node in graph["nodes"] if node["type"] == "task"}
     assert {
+        "monitor_predictions",
+        "report_monitoring",
         "ingest_mednist",
         "decode_raw_images",
         "decode_feedback_images",

@@ -1,0 +1,643 @@
+"""Nodes of the monitoring pipeline: how the champion does in production, without labels.
+
+Reads the prediction log since the last run (only partitions not read before), and compares
+what came in with the champion's training data: input drift on per-image features that mean
+something for images (the champion's own penultimate-layer embedding, projected on its main
+axes, and intensity statistics), tested feature by feature with scipy's two-sample
+Kolmogorov-Smirnov test; prediction drift (the predicted class mix against the training class mix, a
+chi-square test); confidence (share under the review threshold, and the mean calibrated top
+probability as the accuracy expected without labels); and, where reviewers accepted
+corrections of predictions, the error rate they measured.
+"""
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from kedro.io import DatasetError
+from matplotlib.figure import Figure
+from scipy.stats import chisquare, ks_2samp
+from sklearn.decomposition import PCA
+
+from medical_ct.model import embed, feature_extractor
+from medical_ct.preprocessing import IMAGE_SIZE
+from medical_ct.registry import RegisteredClassifier
+from medical_ct.serving.ood import OodReference
+
+from . import report
+
+logger = logging.getLogger(__name__)
+
+INTENSITY_FEATURES = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p50",
+                      "intensity_p95")  # fmt: skip
+_HISTORY_RUNS = 104  # two years of weekly runs in the drift-over-time plot
+_CONFIDENCE_BINS = 20
+
+
+@dataclass(frozen=True)
+class MonitoringParams:
+    """The ``monitoring`` parameters (conf/base/parameters_monitoring.yml), checked once."""
+
+    reference_size: int = 2000
+    max_drift_images: int = 10000
+    seed: int = 42
+    embedding_components: int = 5
+    p_value: float = 0.01
+    min_ks_statistic: float = 0.1
+    drift_share: float = 0.5
+    prediction_drift_p_value: float = 0.01
+    min_records: int = 30
+    max_low_confidence_share: float = 0.2
+    max_feedback_error_rate: float = 0.1
+    fallback_review_threshold: float = 0.9
+    unusual_images: int = 16
+    late_write_grace_hours: float = 6.0
+
+    @classmethod
+    def from_params(cls, monitoring: Any) -> "MonitoringParams":
+        """Check ``monitoring`` parameters; raise one ``ValueError`` naming every problem."""
+        if not isinstance(monitoring, Mapping):
+            raise ValueError(
+                "parameters monitoring must be a mapping (see "
+                f"conf/base/parameters_monitoring.yml), got {monitoring!r}"
+            )
+        defaults = cls()
+        problems = []
+        for key in ("reference_size", "max_drift_images", "min_records", "embedding_components",
+                    "unusual_images"):  # fmt: skip
+            value = monitoring.get(key, getattr(defaults, key))
+            if not _is_int(value) or value < 1:
+                problems.append(f"{key} must be a positive integer, got {value!r}")
+        seed = monitoring.get("seed", defaults.seed)
+        if not _is_int(seed) or seed < 0:
+            problems.append(f"seed must be a non-negative integer, got {seed!r}")
+        for key in ("p_value", "min_ks_statistic", "drift_share", "prediction_drift_p_value",
+                    "max_low_confidence_share", "max_feedback_error_rate",
+                    "fallback_review_threshold"):  # fmt: skip
+            value = monitoring.get(key, getattr(defaults, key))
+            if not _is_number(value) or not 0 < value <= 1:
+                problems.append(f"{key} must be a number in (0, 1], got {value!r}")
+        grace = monitoring.get("late_write_grace_hours", defaults.late_write_grace_hours)
+        if not _is_number(grace) or grace < 0:
+            problems.append(f"late_write_grace_hours must be a number >= 0, got {grace!r}")
+        unknown = sorted(set(monitoring) - {field.name for field in fields(cls)})
+        if unknown:
+            known = ", ".join(field.name for field in fields(cls))
+            problems.append(f"unknown keys {unknown}; known: {known}")
+        if problems:
+            raise ValueError("invalid parameters monitoring: " + "; ".join(problems))
+        return cls(**{**asdict(defaults), **monitoring})
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# ---- which partitions are new ----
+def partition_first_ms(name: str) -> int:
+    """The time of the first record of a partition ``.../<first ms>-<last ms>-<writer>``."""
+    return int(name.rsplit("/", 1)[-1].split("-", 1)[0])
+
+
+def new_partitions(names: list[str], state: dict[str, Any], grace_ms: int) -> list[str]:
+    """Partitions not read by earlier runs, in time order.
+
+    Names sort by hour, then by their first record's time, so everything after the last name
+    read is new. A writer that could not reach the store keeps its records and writes them
+    later under their first record's time: partitions up to ``grace_ms`` before the last one
+    read are checked against the names read then (``state["recent"]``).
+    """
+    read_through = state.get("read_through")
+    if read_through is None:
+        return sorted(names)
+    recent = set(state.get("recent", []))
+    since = partition_first_ms(read_through) - grace_ms
+    return sorted(
+        name
+        for name in names
+        if name not in recent and (name > read_through or partition_first_ms(name) >= since)
+    )
+
+
+def next_state(
+    state: dict[str, Any], read: list[str], grace_ms: int, run: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The state after reading ``read``: the last name, the names inside the grace window,
+    and the run's figures appended to the history (the drift-over-time plot)."""
+    recent = sorted({*state.get("recent", []), *read})
+    read_through = max([*recent, state.get("read_through") or ""]) or None
+    if read_through is not None:
+        since = partition_first_ms(read_through) - grace_ms
+        recent = [name for name in recent if partition_first_ms(name) >= since]
+    history = [*state.get("history", []), *([run] if run else [])][-_HISTORY_RUNS:]
+    return {"read_through": read_through, "recent": recent, "history": history}
+
+
+# ---- reading records ----
+@dataclass(frozen=True)
+class LoggedPredictions:
+    """The records read: one row each (no pixels), and a uniform sample of their images.
+
+    ``pixels`` holds at most the sample size of the images logged with pixels (records
+    logged with ``log_pixels`` off have none), ``pixel_rows`` their positions in
+    ``records``, and ``images_logged`` how many records had pixels at all.
+    """
+
+    records: pd.DataFrame
+    pixels: np.ndarray
+    pixel_rows: np.ndarray
+    images_logged: int
+    unreadable: tuple[str, ...] = ()
+
+
+_RECORD_COLUMNS = [
+    "predicted_at",
+    "prediction_id",
+    "model_version",
+    "label",
+    "confidence",
+    "pixel_hash",
+]
+
+
+def read_predictions(
+    partitions: Mapping[str, Callable[[], pd.DataFrame]],
+    names: list[str],
+    max_images: int,
+    rng: np.random.Generator,
+) -> LoggedPredictions:
+    """Load ``names`` one file at a time, keeping the columns monitoring uses and a uniform
+    sample of ``max_images`` images.
+
+    The sample is drawn as it goes (each image gets a random key; the ``max_images`` largest
+    keys are kept), so memory stays at the sample's 4 KiB an image however many records a
+    run reads: 100,000 images would otherwise be 400 MiB, twice over while joined.
+    """
+    tables, offset, logged = [], 0, 0
+    kept: list[np.ndarray] = []
+    kept_rows: list[np.ndarray] = []
+    kept_keys: list[np.ndarray] = []
+    buffered = 0
+    unreadable = []
+    for name in names:
+        table = _read_partition(partitions, name)
+        if table is None:
+            unreadable.append(name)
+            continue
+        pixels = table["pixels"].to_numpy()
+        has_pixels = np.flatnonzero(pd.notna(pixels))
+        if len(has_pixels):
+            images = np.frombuffer(b"".join(pixels[has_pixels]), np.uint8)
+            kept.append(images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE))
+            kept_rows.append(has_pixels + offset)
+            kept_keys.append(rng.random(len(has_pixels)))
+            logged += len(has_pixels)
+            buffered += len(has_pixels)
+            if buffered > 2 * max_images:  # reduce now and then: copies stay ~2 per image
+                kept, kept_rows, kept_keys = _largest_keys(kept, kept_rows, kept_keys, max_images)
+                buffered = max_images
+        tables.append(table[_RECORD_COLUMNS])
+        offset += len(table)
+    if kept:
+        kept, kept_rows, kept_keys = _largest_keys(kept, kept_rows, kept_keys, max_images)
+    images = np.concatenate(kept) if kept else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    rows = np.concatenate(kept_rows) if kept_rows else np.empty(0, np.int64)
+    records = (
+        pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=_RECORD_COLUMNS)
+    )
+    records["model_version"] = records["model_version"].astype(str)
+    order = np.argsort(rows)
+    return LoggedPredictions(records, images[order], rows[order], logged, tuple(unreadable))
+
+
+def _read_partition(
+    partitions: Mapping[str, Callable[[], pd.DataFrame]], name: str
+) -> pd.DataFrame | None:
+    """One log file, or ``None`` with a warning when it cannot be read (truncated by a full
+    disk, written by a writer of another schema): one bad file must not stop the weekly run
+    (training waits for monitoring), and it stays in the store for a person to look at."""
+    try:
+        table = partitions[name]()
+        missing = sorted({*_RECORD_COLUMNS, "pixels"} - set(table.columns))
+        if missing:
+            raise ValueError(f"columns {missing} missing")
+    except (DatasetError, OSError, ValueError) as error:
+        logger.warning(
+            "Monitoring: skipped prediction log file %s, which cannot be read (%s); it is "
+            "left in the store: move it aside once looked at",
+            name,
+            error,
+        )
+        return None
+    return table
+
+
+def _largest_keys(
+    images: list[np.ndarray], rows: list[np.ndarray], keys: list[np.ndarray], limit: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """The ``limit`` images of the largest random keys (all of them when fewer)."""
+    all_keys = np.concatenate(keys)
+    top = np.argpartition(-all_keys, limit - 1)[:limit] if len(all_keys) > limit else slice(None)
+    return [np.concatenate(images)[top]], [np.concatenate(rows)[top]], [all_keys[top]]
+
+
+# ---- features and tests ----
+def intensity_features(images: np.ndarray) -> pd.DataFrame:
+    """Mean, standard deviation and 5th/50th/95th percentiles of each image's pixels.
+
+    Brightness, contrast and window changes of a scanner or protocol show here first, in
+    units a person reads (grey levels 0-255).
+    """
+    flat = images.reshape(len(images), -1).astype(np.float32)
+    percentiles = np.percentile(flat, [5, 50, 95], axis=1) if len(flat) else np.empty((3, 0))
+    return pd.DataFrame(
+        {
+            "intensity_mean": flat.mean(axis=1),
+            "intensity_std": flat.std(axis=1),
+            "intensity_p05": percentiles[0],
+            "intensity_p50": percentiles[1],
+            "intensity_p95": percentiles[2],
+        }
+    )
+
+
+def embedding_frame(projected: np.ndarray) -> pd.DataFrame:
+    """Embedding components as columns ``embedding_1``, ``embedding_2``..."""
+    return pd.DataFrame(
+        projected, columns=[f"embedding_{i + 1}" for i in range(projected.shape[1])]
+    )
+
+
+def input_drift(
+    reference: pd.DataFrame, current: pd.DataFrame, params: MonitoringParams
+) -> dict[str, Any]:
+    """Each per-image feature tested with the two-sample Kolmogorov-Smirnov test; input drift
+    when at least ``drift_share`` of the features drifted.
+
+    A feature drifts when the test rejects (p-value under ``p_value``) and its statistic,
+    the largest gap between the two cumulative distributions, is at least
+    ``min_ks_statistic``: with thousands of images every irrelevant shift is significant,
+    so the size of the shift must count too. The score logged is the share of features that
+    drifted.
+    """
+    features = {}
+    for name in reference.columns:
+        test = ks_2samp(reference[name].to_numpy(), current[name].to_numpy())
+        features[name] = {
+            "statistic": float(test.statistic),
+            "p_value": float(test.pvalue),
+            "drifted": bool(
+                test.pvalue < params.p_value and test.statistic >= params.min_ks_statistic
+            ),
+        }
+    score = sum(feature["drifted"] for feature in features.values()) / max(len(features), 1)
+    return {
+        "tested": True,
+        "score": score,
+        "detected": score >= params.drift_share,
+        "features": features,
+        "p_value": params.p_value,
+        "min_ks_statistic": params.min_ks_statistic,
+        "reference_images": len(reference),
+        "current_images": len(current),
+    }
+
+
+def prediction_drift(
+    predicted: pd.Series, class_names: list[str], training_shares: np.ndarray, p_value: float
+) -> dict[str, Any]:
+    """Chi-square test of the predicted class counts against the training class mix."""
+    counts = predicted.value_counts().reindex(class_names, fill_value=0).to_numpy()
+    expected = np.maximum(training_shares, 1e-9)
+    expected = expected / expected.sum() * counts.sum()
+    test = chisquare(counts, expected)
+    return {
+        "class_counts": dict(zip(class_names, counts.tolist(), strict=True)),
+        "p_value": float(test.pvalue),
+        "detected": bool(test.pvalue < p_value),
+    }
+
+
+def low_confidence_share(confidence: np.ndarray, threshold: float) -> float:
+    """Share of answers under the review threshold: those a person should check."""
+    return float(np.mean(confidence < threshold)) if len(confidence) else float("nan")
+
+
+def estimated_accuracy(confidence: np.ndarray) -> float:
+    """The accuracy expected without labels: the mean calibrated top probability.
+
+    A calibrated model's top probability is its chance of being right, so the mean over a
+    stream estimates the stream's accuracy as long as the images look like the calibration
+    (validation) images; under input drift it is optimistic, which is why both are reported.
+    """
+    return float(np.mean(confidence)) if len(confidence) else float("nan")
+
+
+def feedback_errors(accepted: list[dict[str, Any]], version: str) -> dict[str, Any]:
+    """Accepted feedback that corrected an answer of ``version``: how often the answer was wrong.
+
+    A reviewer accepted the label; the answer was an error when it differs. People send
+    feedback mostly when an answer looks wrong, so this rate is an upper estimate of the
+    error rate, not the accuracy on the stream.
+    """
+    corrections = [
+        record
+        for record in accepted
+        if str(record.get("corrected_model_version")) == version and record.get("corrected_label")
+    ]
+    errors = sum(record["label"] != record["corrected_label"] for record in corrections)
+    return {
+        "accepted_corrections": len(corrections),
+        "errors": errors,
+        "error_rate": errors / len(corrections) if corrections else None,
+    }
+
+
+def confidence_histogram(confidence: np.ndarray) -> dict[str, list]:
+    counts, edges = np.histogram(confidence, bins=_CONFIDENCE_BINS, range=(0.0, 1.0))
+    return {"edges": edges.round(4).tolist(), "counts": counts.tolist()}
+
+
+def sample_positions(size: int, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``limit`` of ``range(size)``, drawn without replacement, in order."""
+    return np.sort(rng.choice(size, limit, replace=False)) if size > limit else np.arange(size)
+
+
+# ---- the node ----
+def monitor_predictions(
+    prediction_log: Mapping[str, Callable[[], pd.DataFrame]],
+    previous_state: dict[str, Any] | None,
+    champion: RegisteredClassifier | None,
+    reference_set: Mapping[str, Any] | None,
+    accepted_feedback: Mapping[str, Callable[[], dict[str, Any]]],
+    monitoring: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Figure]:
+    """Measure the prediction log's new records against the champion's training data.
+
+    Args:
+        prediction_log: ``{partition: loader}`` of the service's prediction log.
+        previous_state: The last run's state (``None`` before the first run).
+        champion: The registry's champion; ``None`` before the first promotion.
+        reference_set: The model input's train split (``None`` before data_processing).
+        accepted_feedback: ``{feedback id: loader}`` of the accepted feedback records.
+        monitoring: The ``monitoring`` parameters.
+
+    Returns:
+        The summary (what the report shows), the MLflow metrics (``monitoring.*``), the new
+        state and a grid of the most unusual images.
+    """
+    params = MonitoringParams.from_params(monitoring)
+    state = previous_state or {}
+    grace_ms = int(params.late_write_grace_hours * 3600 * 1000)
+    summary: dict[str, Any] = {"run_at": datetime.now(UTC).isoformat(), "alerts": []}
+    if champion is None:
+        message = "Monitoring: no champion in the registry yet, nothing to monitor"
+        return _nothing(summary, state, "no_champion", message)
+    names = new_partitions(list(prediction_log), state, grace_ms)
+    summary["champion_version"] = champion.version
+    if not names:
+        message = (
+            f"Monitoring: no new prediction log records since the last run "
+            f"(read through {state.get('read_through') or 'nothing yet'})"
+        )
+        return _nothing(summary, state, "no_new_records", message)
+    rng = np.random.default_rng(params.seed)
+    logged = read_predictions(prediction_log, names, params.max_drift_images, rng)
+    records = logged.records
+    logger.info("Monitoring: %d new records in %d partitions", len(records), len(names))
+    threshold = champion.review_threshold or params.fallback_review_threshold
+    training_shares = _training_shares(reference_set, len(champion.class_names))
+    accepted = [load() for load in accepted_feedback.values()]
+    summary.update(
+        status="measured",
+        records=len(records),
+        partitions=len(names),
+        unreadable_files=list(logged.unreadable),
+        period={
+            "first": str(records["predicted_at"].min()),
+            "last": str(records["predicted_at"].max()),
+        },
+        review_threshold=threshold,
+        training_class_mix=dict(zip(champion.class_names, training_shares.tolist(), strict=True)),
+        confidence_histogram=confidence_histogram(records["confidence"].to_numpy()),
+        versions={
+            version: _version_summary(group, champion, training_shares, threshold, accepted, params)
+            for version, group in records.groupby("model_version")
+        },
+    )
+    summary["overall"] = _version_summary(
+        records, champion, training_shares, threshold, accepted, params
+    )
+    summary["overall"]["feedback"] = feedback_errors(accepted, champion.version)
+    drift, unusual_figure = _input_drift(logged, champion, reference_set, params, rng)
+    summary["input_drift"] = drift.pop("result")
+    summary["unusual"] = drift["unusual"]
+    summary["alerts"] = alerts(summary, params)
+    for alert in summary["alerts"]:
+        logger.warning("Monitoring alert (champion version %s): %s", champion.version, alert)
+    run = _history_point(summary)
+    summary["history"] = [*state.get("history", []), run][-_HISTORY_RUNS:]
+    new_state = next_state(state, names, grace_ms, run)
+    return summary, metrics_of(summary), new_state, unusual_figure
+
+
+def _nothing(
+    summary: dict[str, Any], state: dict[str, Any], status: str, message: str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Figure]:
+    """A run with nothing to measure: zero predictions, no alert, the state unchanged."""
+    logger.info(message)
+    summary.update(status=status, message=message, records=0, history=state.get("history", []))
+    return summary, metrics_of(summary), state, report.message_figure(message)
+
+
+def _training_shares(reference_set: Mapping[str, Any] | None, classes: int) -> np.ndarray:
+    if reference_set is None or len(reference_set["labels"]) == 0:
+        return np.full(classes, 1 / classes)
+    counts = np.bincount(reference_set["labels"], minlength=classes)[:classes]
+    return counts / counts.sum()
+
+
+def _version_summary(
+    records: pd.DataFrame,
+    champion: RegisteredClassifier,
+    training_shares: np.ndarray,
+    threshold: float,
+    accepted: list[dict[str, Any]],
+    params: MonitoringParams,
+) -> dict[str, Any]:
+    confidence = records["confidence"].to_numpy(dtype=float)
+    summary = {
+        "records": len(records),
+        "low_confidence_share": low_confidence_share(confidence, threshold),
+        "estimated_accuracy": estimated_accuracy(confidence),
+        "feedback": feedback_errors(accepted, str(records["model_version"].iloc[0])),
+    }
+    mix = prediction_drift(
+        records["label"], champion.class_names, training_shares, params.prediction_drift_p_value
+    )
+    if len(records) < params.min_records:
+        mix.update(detected=False, p_value=None)
+    summary["prediction_drift"] = mix
+    return summary
+
+
+def _input_drift(
+    logged: LoggedPredictions,
+    champion: RegisteredClassifier,
+    reference_set: Mapping[str, Any] | None,
+    params: MonitoringParams,
+    rng: np.random.Generator,
+) -> tuple[dict[str, Any], Figure]:
+    """Embed the sample of new images and one of the training images, test, find the unusual."""
+    untested = {"tested": False, "score": None, "detected": False}
+    images_with_pixels = logged.images_logged
+    if reference_set is None or len(reference_set["labels"]) < 2:
+        reason = "no model input to take reference images from: run data_processing"
+    elif images_with_pixels < params.min_records:
+        reason = (
+            f"{images_with_pixels} new images with pixels, fewer than min_records "
+            f"({params.min_records}): too few to test"
+        )
+    else:
+        reason = None
+    if reason is not None:
+        logger.info("Monitoring: input drift not tested: %s", reason)
+        message = f"Input drift not tested: {reason}"
+        result = {"result": {**untested, "reason": reason}, "unusual": []}
+        return result, report.message_figure(message)
+    reference_rows = sample_positions(len(reference_set["labels"]), params.reference_size, rng)
+    reference_images = reference_set.gather(reference_rows)[:, 0]
+    reference_labels = reference_set["labels"][reference_rows]
+    current_images = logged.pixels
+    extractor = feature_extractor(champion.model)
+    reference_embedding = embed(extractor, reference_images[:, None])
+    current_embedding = embed(extractor, current_images[:, None])
+    components = min(params.embedding_components, *reference_embedding.shape)
+    pca = PCA(n_components=components, random_state=params.seed).fit(reference_embedding)
+    reference_features = pd.concat(
+        [embedding_frame(pca.transform(reference_embedding)), intensity_features(reference_images)],
+        axis=1,
+    )
+    current_features = pd.concat(
+        [embedding_frame(pca.transform(current_embedding)), intensity_features(current_images)],
+        axis=1,
+    )
+    result = input_drift(reference_features, current_features, params)
+    ratios = OodReference.fit(reference_embedding, reference_labels).ratios(current_embedding)
+    top = np.argsort(-ratios)[: params.unusual_images]
+    rows = logged.records.iloc[logged.pixel_rows[top]]
+    unusual = [
+        {
+            "prediction_id": row.prediction_id,
+            "predicted_at": str(row.predicted_at),
+            "model_version": row.model_version,
+            "label": row.label,
+            "confidence": float(row.confidence),
+            "distance_ratio": float(ratio),
+        }
+        for row, ratio in zip(rows.itertuples(), ratios[top], strict=True)
+    ]
+    figure = report.unusual_images_figure(current_images[top], unusual)
+    return {"result": result, "unusual": unusual}, figure
+
+
+def alerts(summary: dict[str, Any], params: MonitoringParams) -> list[str]:
+    """What crossed a threshold, in words: the warning lines and the run's alert tag."""
+    found = []
+    drift = summary.get("input_drift", {})
+    if drift.get("detected"):
+        drifted = [name for name, feature in drift["features"].items() if feature["drifted"]]
+        found.append(
+            f"input drift: {len(drifted)} of {len(drift['features'])} image features drifted "
+            f"({', '.join(drifted)}; Kolmogorov-Smirnov p < {drift['p_value']}, statistic >= "
+            f"{drift['min_ks_statistic']})"
+        )
+    for version, figures in summary.get("versions", {}).items():
+        mix = figures["prediction_drift"]
+        if mix["detected"]:
+            found.append(
+                f"prediction drift: version {version}'s predicted class mix "
+                f"{mix['class_counts']} differs from the training mix (chi-square p = "
+                f"{mix['p_value']:.2g} < {params.prediction_drift_p_value})"
+            )
+    overall = summary.get("overall", {})
+    share = overall.get("low_confidence_share")
+    if share is not None and share > params.max_low_confidence_share:
+        found.append(
+            f"low confidence: {share:.1%} of answers under the review threshold "
+            f"{summary['review_threshold']:.3f} (max_low_confidence_share "
+            f"{params.max_low_confidence_share:.0%})"
+        )
+    feedback = overall.get("feedback", {})
+    rate = feedback.get("error_rate")
+    if rate is not None and rate > params.max_feedback_error_rate:
+        found.append(
+            f"feedback: reviewers corrected {feedback['errors']} of "
+            f"{feedback['accepted_corrections']} answers of version "
+            f"{summary['champion_version']} ({rate:.1%} > {params.max_feedback_error_rate:.0%})"
+        )
+    return found
+
+
+def metrics_of(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The run's MLflow metrics; a figure that could not be measured is left out, not NaN."""
+    overall = summary.get("overall", {})
+    drift = summary.get("input_drift", {})
+    values = {
+        "monitoring.predictions": summary.get("records", 0),
+        "monitoring.input_drift_score": drift.get("score"),
+        "monitoring.input_drift_detected": int(bool(drift.get("detected"))),
+        "monitoring.prediction_drift_detected": int(
+            any(v["prediction_drift"]["detected"] for v in summary.get("versions", {}).values())
+        ),
+        "monitoring.low_confidence_share": overall.get("low_confidence_share"),
+        "monitoring.estimated_accuracy": overall.get("estimated_accuracy"),
+        "monitoring.feedback_error_rate": overall.get("feedback", {}).get("error_rate"),
+        "monitoring.alerts": len(summary.get("alerts", [])),
+    }
+    return {
+        name: {"value": float(value), "step": 0}
+        for name, value in values.items()
+        if value is not None and not np.isnan(value)
+    }
+
+
+def _history_point(summary: dict[str, Any]) -> dict[str, Any]:
+    overall = summary["overall"]
+    return {
+        "run_at": summary["run_at"],
+        "last_record_at": summary["period"]["last"],
+        "champion_version": summary["champion_version"],
+        "records": summary["records"],
+        "input_drift_score": summary["input_drift"].get("score"),
+        "estimated_accuracy": overall["estimated_accuracy"],
+        "low_confidence_share": overall["low_confidence_share"],
+    }
+
+
+def report_monitoring(
+    summary: dict[str, Any],
+) -> tuple[str, Figure, Figure, Figure, dict[str, str]]:
+    """The report a person reads, and the run's tag ``monitoring.alert`` when anything alerted.
+
+    Returns:
+        The HTML page (figures inline, so it reads on its own), the drift-over-time, class
+        mix and confidence plots, and ``{"monitoring.alert": "<what crossed a threshold>"}``
+        (``{}`` when nothing did).
+    """
+    figures = {
+        "drift_history": report.history_figure(summary.get("history", [])),
+        "class_mix": report.class_mix_figure(summary),
+        "confidence": report.confidence_figure(summary),
+    }
+    page = report.html_page(summary, figures)
+    tags = {"monitoring.alert": "; ".join(summary["alerts"])} if summary.get("alerts") else {}
+    return page, figures["drift_history"], figures["class_mix"], figures["confidence"], tags

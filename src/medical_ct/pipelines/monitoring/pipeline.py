@@ -1,0 +1,42 @@
+"""Wiring of the monitoring pipeline."""
+
+from kedro.pipeline import Node, Pipeline
+
+from .nodes import monitor_predictions, report_monitoring
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    return Pipeline(
+        [
+            Node(
+                func=monitor_predictions,
+                inputs=[
+                    "prediction_log",
+                    "previous_monitoring_state",
+                    "champion_model",
+                    "monitoring_reference",
+                    "accepted_feedback_records",
+                    "params:monitoring",
+                ],
+                outputs=[
+                    "monitoring_summary",
+                    "monitoring_metrics",
+                    "monitoring_state",
+                    "monitoring_unusual_images_plot",
+                ],
+                name="monitor_predictions",
+            ),
+            Node(
+                func=report_monitoring,
+                inputs="monitoring_summary",
+                outputs=[
+                    "monitoring_report",
+                    "monitoring_drift_history_plot",
+                    "monitoring_class_mix_plot",
+                    "monitoring_confidence_plot",
+                    "monitoring_alert",
+                ],
+                name="report_monitoring",
+            ),
+        ]
+    )

@@ -1,0 +1,355 @@
+"""monitoring nodes, in memory: drift on shifted images and not on held-out ones, prediction
+drift, confidence, feedback error rate, incremental reads, parameters, nothing to measure."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from medical_ct.datasets import PredictionLogDataset
+from medical_ct.model import build_classifier
+from medical_ct.pipelines.monitoring.nodes import (
+    MonitoringParams,
+    monitor_predictions,
+    new_partitions,
+    next_state,
+    read_predictions,
+    report_monitoring,
+)
+from medical_ct.preprocessing import content_hash, preprocess_image
+from medical_ct.registry import RegisteredClassifier
+from medical_ct.serving.prediction_log import PredictionLog, new_prediction_id
+from medical_ct.shards import ModelInputSet
+from tests.conftest import CLASSES
+
+PARAMS = {"min_records": 20, "reference_size": 2000, "unusual_images": 8}
+HOUR_MS = 3600 * 1000
+START_MS = 1_780_000_000_000  # 2026-05-28
+
+
+@pytest.fixture(scope="module")
+def sample(sample_dir) -> tuple[np.ndarray, np.ndarray]:
+    """The 240 sample images decoded as the service does, and their class indices."""
+    images, labels = [], []
+    for index, name in enumerate(CLASSES):
+        for path in sorted((sample_dir / name).glob("*.jpeg")):
+            images.append(preprocess_image(path.read_bytes()))
+            labels.append(index)
+    return np.stack(images), np.array(labels)
+
+
+def split(sample, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """Three quarters of each class as the training reference, the rest held out."""
+    images, labels = sample
+    keep = np.zeros(len(labels), bool)
+    for index in range(len(CLASSES)):
+        rows = np.flatnonzero(labels == index)
+        keep[rows[: len(rows) * 3 // 4]] = True
+    chosen = keep if part == "train" else ~keep
+    return images[chosen], labels[chosen]
+
+
+@pytest.fixture(scope="module")
+def reference(sample) -> ModelInputSet:
+    images, labels = split(sample, "train")
+    index = pd.DataFrame(
+        {
+            "source": "raw",
+            "shard": "00000",
+            "row": np.arange(len(labels)),
+            "label": labels,
+            "content_hash": [f"h{i}" for i in range(len(labels))],
+        }
+    )
+    return ModelInputSet(index, {("raw", "00000"): lambda: images})
+
+
+@pytest.fixture(scope="module")
+def champion() -> RegisteredClassifier:
+    """A real (untrained, seeded) small CNN: its embedding is a fixed function of the pixels."""
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", len(CLASSES), 8).eval()
+    return RegisteredClassifier(
+        model=model, version="3", class_names=CLASSES, tags={}, review_threshold=0.9
+    )
+
+
+def answer(label: str, confidence: float, version: str = "3") -> dict:
+    rest = (1 - confidence) / (len(CLASSES) - 1)
+    probabilities = {name: confidence if name == label else rest for name in CLASSES}
+    return {
+        "label": label,
+        "confidence": confidence,
+        "probabilities": probabilities,
+        "model_version": version,
+    }
+
+
+def write_log(
+    dataset: PredictionLogDataset,
+    images: np.ndarray,
+    labels: list[str],
+    confidences: list[float] | None = None,
+    start_ms: int = START_MS,
+    version: str = "3",
+) -> list[str]:
+    """Log one prediction per image through the service's writer; return the ids."""
+    log = PredictionLog(dataset, flush_interval_s=3600, log_pixels=True)
+    confidences = confidences or [0.99] * len(labels)
+    ids = []
+    for offset, (image, label, confidence) in enumerate(
+        zip(images, labels, confidences, strict=True)
+    ):
+        prediction_id = new_prediction_id(start_ms + offset * 1000)
+        log.append(prediction_id, answer(label, confidence, version), image)
+        ids.append(prediction_id)
+    log.close()
+    return ids
+
+
+def run(dataset, champion, reference, state=None, feedback=None, **params):
+    return monitor_predictions(
+        dataset.load(),
+        state,
+        champion,
+        reference,
+        {key: (lambda record=record: record) for key, record in (feedback or {}).items()},
+        {**PARAMS, **params},
+    )
+
+
+def metric(metrics: dict, name: str) -> float:
+    return metrics[f"monitoring.{name}"]["value"]
+
+
+@pytest.fixture
+def log(tmp_path) -> PredictionLogDataset:
+    return PredictionLogDataset(path=str(tmp_path / "prediction_log"))
+
+
+def test_held_out_images_do_not_drift_and_inverted_or_brightened_ones_do(
+    tmp_path, sample, reference, champion
+):
+    held_out, labels = split(sample, "held_out")
+    names = [CLASSES[label] for label in labels]
+    shifted = {
+        "held_out": held_out,
+        "inverted": 255 - held_out,
+        "brightened": np.clip(held_out.astype(int) + 90, 0, 255).astype(np.uint8),
+    }
+    results = {}
+    for name, images in shifted.items():
+        dataset = PredictionLogDataset(path=str(tmp_path / name))
+        write_log(dataset, images, names)
+        summary, metrics, _, _ = run(dataset, champion, reference)
+        results[name] = (summary, metrics)
+
+    summary, metrics = results["held_out"]
+    assert metric(metrics, "predictions") == len(held_out)
+    assert metric(metrics, "input_drift_detected") == 0, summary["input_drift"]
+    assert metric(metrics, "input_drift_score") < 0.5
+    assert summary["alerts"] == []
+    for name in ("inverted", "brightened"):
+        summary, metrics = results[name]
+        assert metric(metrics, "input_drift_detected") == 1, (name, summary["input_drift"])
+        assert metric(metrics, "input_drift_score") >= 0.5
+        assert summary["input_drift"]["features"]["intensity_mean"]["drifted"]
+        assert any(alert.startswith("input drift") for alert in summary["alerts"])
+        assert "intensity_mean" in summary["alerts"][0]
+    # The unusual images are the inverted ones the logged predictions name.
+    unusual = results["inverted"][0]["unusual"]
+    assert len(unusual) == PARAMS["unusual_images"]
+    assert unusual[0]["distance_ratio"] >= unusual[-1]["distance_ratio"]
+
+
+def test_a_skewed_class_mix_is_prediction_drift_and_the_training_mix_is_not(
+    tmp_path, sample, reference, champion
+):
+    held_out, labels = split(sample, "held_out")
+    balanced = PredictionLogDataset(path=str(tmp_path / "balanced"))
+    write_log(balanced, held_out, [CLASSES[label] for label in labels])
+    skewed = PredictionLogDataset(path=str(tmp_path / "skewed"))
+    write_log(skewed, held_out, ["Hand"] * 40 + [CLASSES[label] for label in labels[40:]])
+
+    _, balanced_metrics, _, _ = run(balanced, champion, reference)
+    summary, skewed_metrics, _, _ = run(skewed, champion, reference)
+
+    assert metric(balanced_metrics, "prediction_drift_detected") == 0
+    assert metric(skewed_metrics, "prediction_drift_detected") == 1
+    assert summary["versions"]["3"]["prediction_drift"]["class_counts"]["Hand"] >= 40
+    assert any(alert.startswith("prediction drift: version 3") for alert in summary["alerts"])
+
+
+def test_low_confidence_share_and_estimated_accuracy_come_from_the_logged_confidences(
+    log, sample, reference, champion
+):
+    held_out, labels = split(sample, "held_out")
+    confidences = [0.5] * 15 + [0.95] * 45  # threshold 0.9: a quarter under it
+    write_log(log, held_out, [CLASSES[label] for label in labels], confidences)
+
+    summary, metrics, _, _ = run(log, champion, reference)
+
+    assert metric(metrics, "low_confidence_share") == pytest.approx(0.25)
+    assert metric(metrics, "estimated_accuracy") == pytest.approx((15 * 0.5 + 45 * 0.95) / 60)
+    assert sum(summary["confidence_histogram"]["counts"]) == 60
+    # 25% is over max_low_confidence_share (20%): an alert naming the threshold
+    assert any("25.0% of answers under the review threshold 0.900" in a for a in summary["alerts"])
+
+
+def test_feedback_error_rate_counts_accepted_corrections_of_the_version(
+    log, sample, reference, champion
+):
+    held_out, labels = split(sample, "held_out")
+    ids = write_log(log, held_out, [CLASSES[label] for label in labels])
+
+    def accepted(prediction_id, corrected_label, label, version="3"):
+        return {
+            "prediction_id": prediction_id,
+            "corrected_model_version": version,
+            "corrected_label": corrected_label,
+            "label": label,
+            "decision": "accept",
+        }
+
+    feedback = {
+        "a": accepted(ids[0], "Hand", "CXR"),  # the answer was wrong
+        "b": accepted(ids[1], "Hand", "Hand"),  # confirmed
+        "c": accepted(ids[2], "CXR", "CXR"),
+        "d": accepted(ids[3], "CXR", "HeadCT"),  # wrong
+        "e": accepted(ids[4], "CXR", "Hand", version="2"),  # another version's answer
+    }
+    _, metrics, _, _ = run(log, champion, reference, feedback=feedback)
+    assert metric(metrics, "feedback_error_rate") == pytest.approx(2 / 4)
+
+    _, without, _, _ = run(log, champion, reference)
+    assert "monitoring.feedback_error_rate" not in without
+
+
+def test_a_second_run_reads_only_new_partitions_and_a_third_says_nothing_is_new(
+    log, sample, reference, champion, caplog
+):
+    held_out, labels = split(sample, "held_out")
+    names = [CLASSES[label] for label in labels]
+    write_log(log, held_out[:30], names[:30])
+    _, first, state, _ = run(log, champion, reference)
+    write_log(log, held_out[30:], names[30:], start_ms=START_MS + 2 * HOUR_MS)
+
+    summary, second, state, _ = run(log, champion, reference, state=state)
+    assert metric(first, "predictions") == 30
+    assert metric(second, "predictions") == 30
+    assert summary["period"]["first"] > "2026-05-28 22:"  # only the later hour's records
+    assert len(state["history"]) == 2
+
+    with caplog.at_level("INFO"):
+        summary, third, unchanged, _ = run(log, champion, reference, state=state)
+    assert metric(third, "predictions") == 0
+    assert metric(third, "input_drift_detected") == 0
+    assert summary["status"] == "no_new_records"
+    assert unchanged == state
+    assert "no new prediction log records since the last run" in caplog.text
+
+
+def test_the_images_read_are_a_uniform_sample_of_the_records_with_pixels(log, sample):
+    images, _ = sample
+    for start in range(0, 240, 30):  # eight files
+        write_log(
+            log, images[start : start + 30], ["Hand"] * 30, start_ms=START_MS + start * HOUR_MS
+        )
+    rng = np.random.default_rng(0)
+
+    logged = read_predictions(log.load(), sorted(log.load()), max_images=50, rng=rng)
+
+    assert len(logged.records) == logged.images_logged == 240
+    assert len(logged.pixels) == 50
+    assert len(set(logged.pixel_rows)) == 50
+    hashes = logged.records["pixel_hash"].to_numpy()[logged.pixel_rows]
+    assert [content_hash(image) for image in logged.pixels] == list(hashes)
+    # drawn from every file, not the first ones: rows spread over the whole range
+    assert logged.pixel_rows.min() < 60 and logged.pixel_rows.max() >= 180
+
+
+def test_a_partition_written_late_within_the_grace_window_is_still_read():
+    hour = "date=2026-05-28/hour=20"
+    first = f"{hour}/{START_MS + 5000}-{START_MS + 6000}-worker_a"
+    late = f"{hour}/{START_MS + 1000}-{START_MS + 2000}-worker_b"  # sorts before `first`
+    old = f"{hour}/{START_MS - 7 * HOUR_MS}-{START_MS - 7 * HOUR_MS}-worker_c"
+    state = next_state({}, [first], grace_ms=HOUR_MS, run=None)
+
+    assert new_partitions([old, late, first], state, grace_ms=HOUR_MS) == [late]
+    assert new_partitions([old, late, first], {}, grace_ms=HOUR_MS) == [old, late, first]
+
+
+def test_an_empty_log_or_no_champion_gives_zero_predictions_without_failing(
+    log, reference, champion, caplog
+):
+    with caplog.at_level("INFO"):
+        summary, metrics, _, _ = run(log, champion, reference)
+        no_champion, no_champion_metrics, _, _ = run(log, None, None)
+    zero = {
+        "monitoring.predictions": {"value": 0.0, "step": 0},
+        "monitoring.input_drift_detected": {"value": 0.0, "step": 0},
+        "monitoring.prediction_drift_detected": {"value": 0.0, "step": 0},
+        "monitoring.alerts": {"value": 0.0, "step": 0},
+    }
+    assert metrics == zero
+    assert no_champion_metrics == zero
+    assert summary["status"] == "no_new_records"
+    assert no_champion["status"] == "no_champion"
+    assert "no champion in the registry yet" in caplog.text
+    page, *_, tags = report_monitoring(summary)
+    assert "no new prediction log records" in page
+    assert tags == {}
+
+
+def test_the_report_page_and_the_alert_tag_say_what_drifted(log, sample, reference, champion):
+    held_out, labels = split(sample, "held_out")
+    write_log(log, 255 - held_out, [CLASSES[label] for label in labels])
+    summary, _, _, unusual_figure = run(log, champion, reference)
+
+    page, _, class_mix, _, tags = report_monitoring(summary)
+
+    assert "input drift" in tags["monitoring.alert"]
+    assert "Alerts" in page and "intensity_mean" in page
+    assert page.count("data:image/png;base64,") == 3
+    assert len(unusual_figure.axes) >= PARAMS["unusual_images"]
+    assert len(class_mix.axes[0].patches) == 2 * len(CLASSES)  # training and version 3
+
+
+def test_bad_parameters_are_named_in_one_error():
+    with pytest.raises(ValueError) as error:
+        MonitoringParams.from_params(
+            {"reference_size": 0, "p_value": 2, "drift_share": "half", "treshold": 0.1}
+        )
+    message = str(error.value)
+    assert message.startswith("invalid parameters monitoring: ")
+    for part in (
+        "reference_size must be a positive integer, got 0",
+        "p_value must be a number in (0, 1], got 2",
+        "drift_share must be a number in (0, 1], got 'half'",
+        "unknown keys ['treshold']",
+    ):
+        assert part in message
+    assert MonitoringParams.from_params({}) == MonitoringParams()
+
+
+def test_an_unreadable_log_file_is_skipped_named_and_left_in_the_store(
+    log, sample, reference, champion, tmp_path, caplog
+):
+    """A truncated Parquet file (a full disk) or one of another schema must not stop the
+    weekly run, which waits for monitoring before training."""
+    held_out, labels = split(sample, "held_out")
+    write_log(log, held_out[:30], [CLASSES[label] for label in labels[:30]])
+    folder = tmp_path / "prediction_log" / "date=2026-05-29" / "hour=03"
+    folder.mkdir(parents=True)
+    (folder / f"{START_MS + 5 * HOUR_MS}-{START_MS + 5 * HOUR_MS}-w9.parquet").write_bytes(b"PAR1")
+    pd.DataFrame({"label": ["Hand"]}).to_parquet(folder / f"{START_MS + 6 * HOUR_MS}-1-w9.parquet")
+
+    with caplog.at_level("WARNING"):
+        summary, metrics, state, _ = run(log, champion, reference)
+
+    assert metric(metrics, "predictions") == 30
+    assert len(summary["unreadable_files"]) == 2
+    assert all(name.startswith("date=2026-05-29/hour=03/") for name in summary["unreadable_files"])
+    assert caplog.text.count("which cannot be read") == 2
+    assert len(list(folder.iterdir())) == 2  # left in the store
+    assert state["read_through"] is not None
