@@ -30,7 +30,7 @@ run: install
 
 test: install chromium prometheus
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
