@@ -48,9 +48,19 @@ class ParameterCheckHook:
             "params:monitoring": MonitoringParams.from_params,
         }
         used = pipeline.inputs()
+        problems = []
         for name, check in checks.items():
             if name in used:
-                check(catalog.load(name))
+                try:
+                    check(catalog.load(name))
+                except ValueError as error:
+                    problems.append(str(error))
+        if len(problems) == 1:
+            raise ValueError(problems[0])
+        if problems:  # every group's problems at once: one run to fix them, not one each
+            raise ValueError(
+                f"{len(problems)} parameter groups are invalid: " + " | ".join(problems)
+            )
 
 
 class NodeTimingHook:

@@ -192,6 +192,14 @@ def test_bad_data_processing_parameters_are_refused(params, message):
         decode_images({}, None, {**PARAMS, **params})
 
 
+def test_every_bad_data_processing_parameter_is_named_in_one_error():
+    bad = {"full_rescan": "yes", "shard_images": 0, "classes": "Hand", "split": {}}
+    with pytest.raises(ValueError) as refused:
+        decode_images({}, None, {**PARAMS, **bad})
+    for name in ("full_rescan", "shard_images", "classes", "validation_fraction"):
+        assert name in str(refused.value)
+
+
 def test_local_image_folder_versions_change_with_the_file(tmp_path):
     (tmp_path / "Hand").mkdir()
     image = tmp_path / "Hand/a.jpeg"

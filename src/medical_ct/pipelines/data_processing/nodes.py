@@ -53,27 +53,33 @@ class DataProcessingParams:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "DataProcessingParams":
-        validation, test = validate_split(params.get("split") or {})
+        """Check ``params``; one ``ValueError`` names every problem, each with its fix."""
+        problems = []
+        try:
+            validation, test = validate_split(params.get("split") or {})
+        except ValueError as error:
+            problems.append(str(error))
         full_rescan = params.get("full_rescan", False)
         if not isinstance(full_rescan, bool):
-            raise ValueError(
-                "parameters data_processing: full_rescan must be true or false, got "
-                f"{full_rescan!r}: kedro run --params data_processing.full_rescan=true"
+            problems.append(
+                f"full_rescan must be true or false, got {full_rescan!r}: "
+                "kedro run --params data_processing.full_rescan=true"
             )
         shard_images = params.get("shard_images", 4096)
         if not isinstance(shard_images, int) or isinstance(shard_images, bool) or shard_images < 1:
-            raise ValueError(
-                "parameters data_processing: shard_images must be a positive integer "
-                f"(images per shard of the decoded sets, 4096 = 16 MiB), got {shard_images!r}"
+            problems.append(
+                "shard_images must be a positive integer (images per shard of the decoded "
+                f"sets, 4096 = 16 MiB), got {shard_images!r}"
             )
         classes = params.get("classes")
         if classes is not None and (
             not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes)
         ):
-            raise ValueError(
-                "parameters data_processing: classes must be a list of class folder names "
-                f"or null, got {classes!r}"
+            problems.append(
+                f"classes must be a list of class folder names or null, got {classes!r}"
             )
+        if problems:
+            raise ValueError("parameters data_processing: " + "; ".join(problems))
         return cls(tuple(classes) if classes else None, validation, test, full_rescan, shard_images)
 
 
