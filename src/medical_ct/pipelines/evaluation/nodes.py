@@ -19,6 +19,7 @@ from medical_ct.calibration import (
 )
 from medical_ct.manifest import train_image_counts
 from medical_ct.model import TrainingSkipped, predict_probabilities
+from medical_ct.plots import message_figure
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def evaluate_model(
         return (
             {"skipped": trained_model.reason},
             {},
-            _message_figure("Training skipped"),
-            _message_figure("Training skipped"),
-            _message_figure("Training skipped"),
+            message_figure("Training skipped"),
+            message_figure("Training skipped"),
+            message_figure("Training skipped"),
         )
     if len(test_set["labels"]) == 0:
         raise ValueError("the test split is empty: add images or raise test_fraction")
@@ -445,7 +446,7 @@ def plot_misclassified(
     wrong = np.flatnonzero(predicted != truth)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:_MAX_MISCLASSIFIED_SHOWN]
     if len(wrong) == 0:
-        return _message_figure("No misclassified test images")
+        return message_figure("No misclassified test images")
     columns = min(6, len(wrong))
     rows = -(-len(wrong) // columns)
     figure = Figure(figsize=(2 * columns, 2.3 * rows))
@@ -461,14 +462,6 @@ def plot_misclassified(
         )
     figure.suptitle(f"Misclassified test images ({len(wrong)} shown)")
     figure.tight_layout()
-    return figure
-
-
-def _message_figure(message: str) -> Figure:
-    figure = Figure(figsize=(4, 2))
-    axes = figure.subplots()
-    axes.axis("off")
-    axes.text(0.5, 0.5, message, ha="center", va="center")
     return figure
 
 

@@ -24,6 +24,7 @@ from scipy.stats import chisquare, ks_2samp
 from sklearn.decomposition import PCA
 
 from medical_ct.model import embed, feature_extractor
+from medical_ct.plots import message_figure
 from medical_ct.preprocessing import IMAGE_SIZE
 from medical_ct.registry import RegisteredClassifier
 from medical_ct.serving.ood import OodReference
@@ -455,7 +456,7 @@ def _nothing(
     """A run with nothing to measure: zero predictions, no alert, the state unchanged."""
     logger.info(message)
     summary.update(status=status, message=message, records=0, history=state.get("history", []))
-    return summary, metrics_of(summary), state, report.message_figure(message)
+    return summary, metrics_of(summary), state, message_figure(message)
 
 
 def _training_shares(reference_set: Mapping[str, Any] | None, classes: int) -> np.ndarray:
@@ -512,7 +513,7 @@ def _input_drift(
         logger.info("Monitoring: input drift not tested: %s", reason)
         message = f"Input drift not tested: {reason}"
         result = {"result": {**untested, "reason": reason}, "unusual": []}
-        return result, report.message_figure(message)
+        return result, message_figure(message)
     reference_rows = sample_positions(len(reference_set["labels"]), params.reference_size, rng)
     reference_images = reference_set.gather(reference_rows)[:, 0]
     reference_labels = reference_set["labels"][reference_rows]

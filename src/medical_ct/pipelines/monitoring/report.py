@@ -8,12 +8,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-
-def message_figure(message: str) -> Figure:
-    """A figure that says why there is nothing to plot (the artifact is never missing)."""
-    figure = Figure(figsize=(6, 1.5))
-    figure.text(0.5, 0.5, message, ha="center", va="center", wrap=True)
-    return figure
+from medical_ct.plots import message_figure
 
 
 def unusual_images_figure(images: np.ndarray, rows: list[dict[str, Any]]) -> Figure:
