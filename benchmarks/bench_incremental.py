@@ -34,7 +34,7 @@ from pathlib import Path
 
 import s3fs
 from moto.server import ThreadedMotoServer
-from project import PROJECT_ROOT, make_project
+from project import PROJECT_ROOT, make_project, run_kedro, uptime
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from PIL import Image
@@ -45,10 +45,6 @@ DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
 BUCKET = "medical-ct-bench"
 PREFIX = "bench"
 KEDRO = str(Path(sys.executable).with_name("kedro"))
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def timed_run(project: Path, env: dict[str, str]) -> float:
@@ -111,32 +107,6 @@ def write_synthetic(raw: Path, numbers: range) -> None:
         (folder / f"{number:08d}.png").write_bytes(synthetic_png(number))
 
 
-def measured_run(project: Path, env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `kedro run --pipeline data_processing`,
-    measured by a fresh wrapper process so that only this run's kedro process counts."""
-    wrapper = (
-        "import resource, subprocess, sys, time\n"
-        "started = time.perf_counter()\n"
-        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-        "seconds = time.perf_counter() - started\n"
-        "if done.returncode: sys.exit(done.stdout[-3000:] + done.stderr[-3000:])\n"
-        "print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    )
-    command = [KEDRO, "run", "--pipeline", "data_processing"]
-    result = subprocess.run(
-        [sys.executable, "-c", wrapper, *command],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        sys.exit(f"kedro run failed:\n{result.stderr[-6000:]}")
-    seconds, max_rss_kib = result.stdout.split()
-    return float(seconds), int(max_rss_kib) / 1024
-
-
 def scale_run(sizes: list[int], new_fraction: float) -> None:
     """Full run and 1% rerun of data_processing on N synthetic images on the local disk."""
     print(f"\nsynthetic scale run on the local disk, {new_fraction:.0%} new in the rerun")
@@ -158,10 +128,10 @@ def scale_run(sizes: list[int], new_fraction: float) -> None:
                 "PYTHONPATH": str(PROJECT_ROOT / "src"),
             }
             env.pop("KEDRO_ENV", None)
-            full_seconds, full_rss = measured_run(project, env)
+            full_seconds, full_rss = run_kedro(project, env, "--pipeline", "data_processing")
             write_synthetic(raw, range(size - new, size))
             load = uptime()
-            rerun_seconds, rerun_rss = measured_run(project, env)
+            rerun_seconds, rerun_rss = run_kedro(project, env, "--pipeline", "data_processing")
             report = json.loads((project / "data/08_reporting/data_report.json").read_text())
             assert report["raw_images_decoded"] == size, report["raw_images_decoded"]
             assert report["files_reused_from_last_run"] == size - new

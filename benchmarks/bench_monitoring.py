@@ -17,21 +17,19 @@
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from project import PROJECT_ROOT, make_project
+from project import PROJECT_ROOT, make_project, run_kedro, uptime
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from medical_ct.datasets import PredictionLogDataset
 from medical_ct.preprocessing import preprocess_image
 from medical_ct.serving.prediction_log import PredictionLog, new_prediction_id
 
-KEDRO = str(Path(sys.executable).with_name("kedro"))
 SAMPLE = (PROJECT_ROOT / "../shared/data/mednist/sample").resolve()
 CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
 FAST = (
@@ -41,35 +39,6 @@ FAST = (
 )
 RECORDS_PER_FILE = 100
 START_MS = 1_780_000_000_000
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-
-
-def run_kedro(project: Path, env: dict[str, str], *args: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `kedro run`, in a fresh wrapper process so that
-    only this run's kedro process counts."""
-    wrapper = (
-        "import resource, subprocess, sys, time\n"
-        "started = time.perf_counter()\n"
-        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-        "seconds = time.perf_counter() - started\n"
-        "if done.returncode: sys.exit(done.stdout[-3000:] + done.stderr[-3000:])\n"
-        "print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", wrapper, KEDRO, "run", *args],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        sys.exit(f"kedro run {' '.join(args)} failed:\n{result.stderr[-6000:]}")
-    seconds, max_rss_kib = result.stdout.split()
-    return float(seconds), int(max_rss_kib) / 1024
 
 
 def node_seconds(tracking_uri: str) -> dict[str, float]:

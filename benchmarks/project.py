@@ -1,9 +1,13 @@
-"""What the benchmarks share: a fresh Kedro project around this repo's conf."""
+"""What the benchmarks share: a fresh Kedro project around this repo's conf, and a timed
+`kedro run` with its peak memory."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+KEDRO = str(Path(sys.executable).with_name("kedro"))
 
 
 def make_project(root: Path) -> Path:
@@ -13,3 +17,32 @@ def make_project(root: Path) -> Path:
         shutil.copy(PROJECT_ROOT / name, root / name)
     (root / "src").mkdir()
     return root
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def run_kedro(project: Path, env: dict[str, str], *args: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one `kedro run`, in a fresh wrapper process so that
+    only this run's kedro process counts."""
+    wrapper = (
+        "import resource, subprocess, sys, time\n"
+        "started = time.perf_counter()\n"
+        "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "seconds = time.perf_counter() - started\n"
+        "if done.returncode: sys.exit(done.stdout[-3000:] + done.stderr[-3000:])\n"
+        "print(seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, KEDRO, "run", *args],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        sys.exit(f"kedro run {' '.join(args)} failed:\n{result.stderr[-6000:]}")
+    seconds, max_rss_kib = result.stdout.split()
+    return float(seconds), int(max_rss_kib) / 1024
