@@ -37,4 +37,9 @@ def test_notebook_executes_and_shows_the_champions_errors(trained_project, monke
     images = [output for output in outputs if "image/png" in output.get("data", {})]
     assert "champion version 1:" in text
     assert "dataset fingerprint" in text
-    assert len(images) >= 3
+    shown = [
+        [sorted(output.get("data", {})) or output["output_type"] for output in cell.outputs]
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    ]
+    assert len(images) >= 3, f"outputs per code cell: {shown}"
