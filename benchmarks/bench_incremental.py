@@ -114,6 +114,7 @@ def scale_run(sizes: list[int], new_fraction: float) -> None:
         f"{'images':>10}{'full s':>10}{'full MiB':>10}{'rerun s':>10}{'rerun MiB':>11}"
         f"{'ratio':>8}  load before the rerun"
     )
+    timings = {}
     for size in sizes:
         workdir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
         try:
@@ -135,12 +136,16 @@ def scale_run(sizes: list[int], new_fraction: float) -> None:
             report = json.loads((project / "data/08_reporting/data_report.json").read_text())
             assert report["raw_images_decoded"] == size, report["raw_images_decoded"]
             assert report["files_reused_from_last_run"] == size - new
+            timings[size] = (node_seconds(env["MLFLOW_TRACKING_URI"]), full_seconds, rerun_seconds)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         print(
             f"{size:>10}{full_seconds:>10.1f}{full_rss:>10.0f}{rerun_seconds:>10.1f}"
             f"{rerun_rss:>11.0f}{rerun_seconds / full_seconds:>8.3f}  {load}"
         )
+    for size, ((full, rerun), full_seconds, rerun_seconds) in timings.items():
+        print(f"\n{size} images:")
+        print_node_seconds(full, rerun, full_seconds, rerun_seconds)
 
 
 def main() -> None:
