@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from project import PROJECT_ROOT, make_project, run_kedro, uptime
+from project import PROJECT_ROOT, make_project, run_kedro, step_seconds, uptime
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from medical_ct.datasets import PredictionLogDataset
@@ -42,17 +42,11 @@ START_MS = 1_780_000_000_000
 
 
 def node_seconds(tracking_uri: str) -> dict[str, float]:
-    """Node and dataset-load seconds of the latest run (NodeTimingHook's metrics)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name("medical_ct")
-    (run,) = client.search_runs(
-        [experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1
-    )
+    """Node and dataset-load seconds over 0.5 s of the latest run."""
+    latest = step_seconds(tracking_uri)[-1]
     return {
         name: value
-        for name, value in run.data.metrics.items()
+        for name, value in latest.items()
         if name.startswith(("node_seconds.", "load_seconds.")) and value >= 0.5
     }
 

@@ -1,5 +1,5 @@
-"""What the benchmarks share: a fresh Kedro project around this repo's conf, and a timed
-`kedro run` with its peak memory."""
+"""What the benchmarks share: a fresh Kedro project around this repo's conf, a timed
+`kedro run` with its peak memory, and where each run's time went."""
 
 import shutil
 import subprocess
@@ -46,3 +46,18 @@ def run_kedro(project: Path, env: dict[str, str], *args: str) -> tuple[float, fl
         sys.exit(f"kedro run {' '.join(args)} failed:\n{result.stderr[-6000:]}")
     seconds, max_rss_kib = result.stdout.split()
     return float(seconds), int(max_rss_kib) / 1024
+
+
+def step_seconds(tracking_uri: str) -> list[dict[str, float]]:
+    """Seconds per node, dataset load and save of every MLflow run, oldest first: the metrics
+    NodeTimingHook logs (``node_seconds.<node>``, ``load_seconds.<dataset>``, ...)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    runs = client.search_runs(experiments, order_by=["attributes.start_time ASC"])
+    prefixes = ("node_seconds.", "load_seconds.", "save_seconds.")
+    return [
+        {name: value for name, value in run.data.metrics.items() if name.startswith(prefixes)}
+        for run in runs
+    ]
