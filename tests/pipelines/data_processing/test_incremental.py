@@ -3,8 +3,10 @@ training."""
 
 import json
 import logging
+import os
 import pickle
 
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -337,3 +339,21 @@ def test_a_local_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
     assert rerun["dataset_fingerprint"] == rescan["dataset_fingerprint"]
     assert rerun["dataset_fingerprint"] != first["dataset_fingerprint"]
     assert rerun_rows == model_input_rows(str(data))
+
+
+def test_local_listing_keeps_the_versions_fsspec_gave_earlier_runs(tmp_path):
+    """Versions recorded by earlier runs (fsspec's ``size:mtime``) must still match, or every
+    image would be decoded again after the upgrade to the ``os.scandir`` listing."""
+    (tmp_path / "Hand/nested").mkdir(parents=True)
+    (tmp_path / "Hand/a.jpeg").write_bytes(b"one")
+    (tmp_path / "Hand/nested/b.jpeg").write_bytes(b"three")
+    (tmp_path / "loose.jpeg").write_bytes(b"four")
+    (tmp_path / "Hand/link.jpeg").symlink_to(tmp_path / "Hand/a.jpeg")
+    files = ImageFolderDataset(path=str(tmp_path)).load()
+    fsspec_listing = fsspec.filesystem("file").find(str(tmp_path), detail=True)
+    expected = {
+        os.path.relpath(path, tmp_path): f"{info['size']}:{info['mtime']}"
+        for path, info in fsspec_listing.items()
+    }
+    assert {name: file.version for name, file in files.items()} == expected
+    assert files["Hand/link.jpeg"]() == b"one" and files["Hand/nested/b.jpeg"]() == b"three"
