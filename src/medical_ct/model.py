@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 from medical_ct.preprocessing import IMAGE_SIZE
@@ -49,6 +48,10 @@ def build_classifier(architecture: str, num_classes: int, width: int = 16) -> Im
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
     if architecture == SMALL_CNN:
         return ImageClassifier(_small_cnn(num_classes, width))
+    # Imported here: torchvision.ops pulls in torch._dynamo, ~2-3 s of every process that
+    # imports the pipelines (each Kedro run, each Airflow task), for a non-default option.
+    import torchvision
+
     available = torchvision.models.list_models(module=torchvision.models)
     if architecture not in available:
         raise ValueError(
