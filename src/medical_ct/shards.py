@@ -422,7 +422,9 @@ class ModelInputDataset(AbstractDataset[ModelInputSet, ModelInputSet]):
             )
         loaders = {
             (source, shard): self._sources[source].shard_loader(shard)
-            for source, shard in set(zip(index["source"], index["shard"], strict=True))
+            for source, shard in index[["source", "shard"]]
+            .drop_duplicates()
+            .itertuples(index=False)
         }
         return ModelInputSet(index, loaders)
 
