@@ -24,6 +24,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import ColSpec, DataType, Schema
 
 from medical_ct import manifest, registry
+from medical_ct.changes import ChangeFeed
 
 
 class StoredFile:
@@ -56,7 +57,9 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
     nobody wrote to yet are normal states, not errors. The listing gives every file and its
     version without reading a byte; it runs one class folder per thread (``listing_threads``),
     since on S3 each folder is its own paginated listing of 1,000 keys a request and a store
-    of millions of images is mostly waiting on those requests. Bytes are read only when a
+    of millions of images is mostly waiting on those requests; with ``changes`` (an SQS queue
+    of the bucket's events, ``medical_ct.changes``) the last listing is patched instead. On a
+    local disk it is one ``stat`` per file. Bytes are read only when a
     ``StoredFile`` is called. Saving takes ``{"<Class>/<file>": bytes or a function returning
     bytes}`` and writes each file; files already there and not in the dict are left alone.
     """
@@ -68,6 +71,7 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
         credentials: dict[str, Any] | None = None,
         fs_args: dict[str, Any] | None = None,
         listing_threads: int = 8,
+        changes: dict[str, Any] | None = None,
     ) -> None:
         protocol, _ = fsspec.core.split_protocol(path)
         local = {"auto_mkdir": True} if protocol in (None, "file") else {}
@@ -77,11 +81,32 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
         )
         self._root = root.rstrip("/")
         self._listing_threads = listing_threads
+        self._changes = self._change_feed(changes or {})
+
+    def _change_feed(self, changes: dict[str, Any]) -> ChangeFeed | None:
+        """``changes: {queue_url, listing, ...}`` (``medical_ct.changes.ChangeFeed``): on S3,
+        patch the last listing with the bucket's events instead of listing every key; no
+        ``queue_url`` (the default) lists every key."""
+        if not changes.get("queue_url"):
+            return None
+        if isinstance(self._filesystem, LocalFileSystem) or not changes.get("listing"):
+            raise DatasetError(
+                f"{self._path}: `changes` needs an S3 path and `changes.listing` (where the "
+                "last listing is kept, e.g. ${globals:root}/02_intermediate/raw_listing.parquet)"
+            )
+        listing = fsspec.core.url_to_fs(changes["listing"])[1]
+        return ChangeFeed(
+            filesystem=self._filesystem,
+            root=self._root,
+            **{**changes, "listing": listing},
+        )
 
     def load(self) -> dict[str, StoredFile]:
         cat_file = self._filesystem.cat_file
         if isinstance(self._filesystem, LocalFileSystem):
             versions = _local_versions(self._root)
+        elif self._changes is not None:
+            versions = self._changes.versions(self._store_versions)
         else:
             versions = self._store_versions()
         return {
@@ -119,7 +144,8 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
         return bool(self.load())
 
     def _describe(self) -> dict[str, Any]:
-        return {"path": self._path}
+        changes = self._changes.describe() if self._changes else {}
+        return {"path": self._path, **changes}
 
 
 class FolderHasFilesDataset(ImageFolderDataset):

@@ -5,6 +5,7 @@ suite does), and track runs in an `mlflow server` whose artifacts live in the sa
 """
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -17,8 +18,10 @@ from pathlib import Path
 import boto3
 import pytest
 import s3fs
+from kedro.io import DatasetError
 
 from medical_ct import registry
+from medical_ct.changes import create_event_queue
 from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
 from tests.conftest import (
     FAST_RUN_PARAMS,
@@ -354,13 +357,38 @@ def test_ingest_uploads_mednist_into_an_empty_bucket(
     assert s3.exists(f"{BUCKET}/{prefix}/05_model_input/train/index.parquet")
 
 
+def event_queue(endpoint: str, prefix: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The README's set-up: an SQS queue that receives the S3 events of ``BUCKET/prefix``."""
+    with monkeypatch.context() as patch:
+        for name, value in bucket_env(endpoint, BUCKET).items():
+            patch.setenv(name, value)
+        return create_event_queue(BUCKET, prefix, queue_name=prefix.strip("/").replace("/", "-"))
+
+
+S3_KEYS = {
+    "aws_access_key_id": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+    "aws_secret_access_key": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+}
+
+
+def waiting_messages(endpoint: str, url: str) -> int:
+    sqs = boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1", **S3_KEYS)
+    attributes = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    counts = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=attributes)["Attributes"]
+    return sum(int(count) for count in counts.values())
+
+
 def test_a_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
-    tmp_path, s3, s3_endpoint, sample_dir
+    tmp_path, s3, s3_endpoint, sample_dir, monkeypatch
 ):
+    """The rerun finds the raw store's changes from the bucket's events (no full listing);
+    the rescan lists every key: both give the same model input."""
     prefix = "rescan-test"
     root = f"{BUCKET}/{prefix}"
+    queue = event_queue(s3_endpoint, f"{prefix}/01_raw/mednist/", monkeypatch)
     upload_images(s3, sorted(sample_dir.glob("*/*.jpeg")), root)
     project = make_project(tmp_path / "project")
+    logs = []
 
     def run(*params: str) -> dict:
         result = kedro_s3(
@@ -370,9 +398,11 @@ def test_a_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
             "data_processing",
             *params,
             MEDICAL_CT_S3_PREFIX=prefix,
+            MEDICAL_CT_RAW_CHANGE_QUEUE=queue,
             MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}",
         )
         assert_ok(result)
+        logs.append(" ".join((result.stdout + result.stderr).split()))
         return json.loads(s3.cat_file(f"{root}/08_reporting/data_report.json"))
 
     def put(key: str, content: bytes) -> None:
@@ -392,6 +422,10 @@ def test_a_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
     assert rerun["dataset_fingerprint"] != first["dataset_fingerprint"]
     assert rerun_rows == model_input_rows(f"s3://{root}", s3_endpoint)
     assert not any(key.endswith(".pkl") for key in s3.find(f"{root}/02_intermediate"))
+    assert "listing every file (no saved listing yet)" in logs[0]
+    assert "3 keys asked again" in logs[1] and "(no full listing)" in logs[1]
+    assert "listing every file (full_listing is set)" in logs[2]
+    assert waiting_messages(s3_endpoint, queue) == 0
 
 
 def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint, monkeypatch):
@@ -439,3 +473,49 @@ def test_one_catalog_serves_both_environments_and_s3_moves_every_persisted_datas
     for name, paths in s3.items():
         assert all(path.startswith("s3://a-bucket/a/prefix/") for path in paths), name
         assert all(path.startswith("data/") for path in local[name]), name
+
+
+def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
+    s3, s3_endpoint, monkeypatch, caplog
+):
+    """Events are hints (each key is asked again); a message that is not an S3 event, a stale
+    listing or ``full_listing`` list every key instead; the odd message is shown, not lost."""
+    for name, value in bucket_env(s3_endpoint, BUCKET).items():
+        monkeypatch.setenv(name, value)
+    root = f"{BUCKET}/events/01_raw"
+    queue = event_queue(s3_endpoint, "events/01_raw/", monkeypatch)
+    s3.pipe({f"{root}/Hand/{index}.jpeg": b"x" * index for index in range(1, 6)})
+
+    def load(**changes) -> dict[str, str]:
+        changes = {"queue_url": queue, "listing": f"s3://{BUCKET}/events/listing.parquet"} | changes
+        dataset = ImageFolderDataset(
+            path=f"s3://{root}", fs_args={"skip_instance_cache": True}, changes=changes
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="medical_ct.changes"):
+            files = dataset.load()
+        assert waiting_messages(s3_endpoint, queue) == 0
+        return {name: file.version for name, file in files.items()}
+
+    def listed() -> dict[str, str]:
+        dataset = ImageFolderDataset(path=f"s3://{root}", fs_args={"skip_instance_cache": True})
+        return {name: file.version for name, file in dataset.load().items()}
+
+    assert load() == listed() and "no saved listing yet" in caplog.text
+    s3.pipe({f"{root}/CXR/a b+c.jpeg": b"new", f"{root}/Hand/1.jpeg": b"changed"})
+    s3.rm_file(f"{root}/Hand/2.jpeg")
+    s3.pipe_file(f"{root}/CXR/a b+c.jpeg", b"changed twice")  # two events, one key
+    s3.pipe_file(f"{BUCKET}/events/elsewhere.jpeg", b"outside the prefix: no event")
+    assert load() == listed() and "3 keys asked again" in caplog.text
+    assert "listing every file" not in caplog.text
+
+    sqs = boto3.client("sqs", endpoint_url=s3_endpoint, region_name="us-east-1", **S3_KEYS)
+    sqs.send_message(QueueUrl=queue, MessageBody="written by hand")
+    s3.rm_file(f"{root}/Hand/3.jpeg")
+    assert load() == listed()
+    assert "'written by hand'" in caplog.text and "is not an S3 event" in caplog.text
+    assert "listing every file (a queue message is not an S3 event" in caplog.text
+    assert load(full_listing=True) == listed() and "(full_listing is set)" in caplog.text
+    assert load(full_listing_days=0) == listed() and "over 0 days old" in caplog.text
+    with pytest.raises(DatasetError, match="needs an S3 path"):
+        ImageFolderDataset(path="data/01_raw", changes={"queue_url": queue, "listing": "x"})
