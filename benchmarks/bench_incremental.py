@@ -1,13 +1,17 @@
 """data_processing on the MedNIST dev set in a real S3 server: full run versus a rerun with 1% new.
 
     .venv/bin/python benchmarks/bench_incremental.py [--archive PATH] [--new-fraction 0.01]
+        [--no-change-queue]
 
 1. Starts moto's S3 server on a free loopback port and uploads 99% of the dev set's images to
    the bucket's raw prefix (parallel batched PUTs through s3fs; timed, not part of the figures).
 2. `kedro run --env s3 --pipeline data_processing` in a fresh temporary project: every image
    is read from the bucket and decoded (the full run).
 3. Uploads the remaining 1% and runs again: only the new objects are read and decoded, the
-   rest comes from the last run's decoded set in the bucket (the incremental rerun).
+   rest comes from the last run's decoded set in the bucket (the incremental rerun). The
+   rerun finds the new objects from the bucket's S3 events in an SQS queue on the same moto
+   server (set up after the first upload with ``medical_ct.changes.create_event_queue``, as
+   the README says), not by listing every key; ``--no-change-queue`` lists every key.
 4. Prints both wall times, the ratio (target: rerun <= 10% of the full run) and the counts of
    the data report, with the machine's load (`uptime`) before each run.
 
@@ -38,6 +42,7 @@ from project import PROJECT_ROOT, make_project, run_kedro, step_seconds, uptime
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from PIL import Image
 
+from medical_ct.changes import create_event_queue
 from medical_ct.mednist import read_images
 
 DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
@@ -132,33 +137,45 @@ def main() -> None:
         "--scale", default="", help="comma-separated sizes of synthetic scale runs, e.g. 100000"
     )
     parser.add_argument("--skip-s3", action="store_true", help="only the synthetic scale runs")
+    parser.add_argument(
+        "--no-change-queue", action="store_true", help="reruns list every key (no SQS events)"
+    )
     args = parser.parse_args()
     if not args.skip_s3:
-        s3_run(args.archive, args.new_fraction)
+        s3_run(args.archive, args.new_fraction, change_queue=not args.no_change_queue)
     if args.scale:
         scale_run([int(size) for size in args.scale.split(",")], args.new_fraction)
 
 
-def s3_run(archive: Path, new_fraction: float) -> None:
-    """The dev set in moto's S3: full run, then a rerun with ``new_fraction`` new images."""
-    args = argparse.Namespace(archive=archive, new_fraction=new_fraction)
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
 
-    images = read_images(args.archive)
-    names = sorted(images)
-    new = set(names[:: round(1 / args.new_fraction)])
+
+def moto_bucket() -> tuple[ThreadedMotoServer, str, s3fs.S3FileSystem]:
+    """moto's server on a free loopback port, its endpoint, and an s3fs client with BUCKET."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
     s3 = s3fs.S3FileSystem(
         endpoint_url=endpoint,
-        key=credentials["AWS_ACCESS_KEY_ID"],
-        secret=credentials["AWS_SECRET_ACCESS_KEY"],
+        key=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        secret=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         skip_instance_cache=True,
     )
     s3.mkdir(BUCKET)
+    return server, endpoint, s3
+
+
+def s3_run(archive: Path, new_fraction: float, change_queue: bool) -> None:
+    """The dev set in moto's S3: full run, then a rerun with ``new_fraction`` new images; with
+    ``change_queue``, the rerun finds them from the bucket's events (SQS) instead of listing."""
+    args = argparse.Namespace(archive=archive, new_fraction=new_fraction)
+
+    images = read_images(args.archive)
+    names = sorted(images)
+    new = set(names[:: round(1 / args.new_fraction)])
+    server, endpoint, s3 = moto_bucket()
     raw = f"{BUCKET}/{PREFIX}/01_raw/mednist"
     workdir = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     try:
@@ -166,10 +183,16 @@ def s3_run(archive: Path, new_fraction: float) -> None:
         s3.pipe({f"{raw}/{name}": images[name] for name in names if name not in new}, batch_size=64)
         upload_seconds = time.perf_counter() - started
 
+        queue = ""
+        if change_queue:  # after the upload: as on a bucket that held images before the set-up
+            os.environ.update(
+                CREDENTIALS, AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1"
+            )
+            queue = create_event_queue(BUCKET, f"{PREFIX}/01_raw/mednist/")
         project = make_project(workdir / "project")
         env = {
             **os.environ,
-            **credentials,
+            **CREDENTIALS,
             "AWS_ENDPOINT_URL": endpoint,
             "AWS_DEFAULT_REGION": "us-east-1",
             "MEDICAL_CT_S3_BUCKET": BUCKET,
@@ -177,6 +200,7 @@ def s3_run(archive: Path, new_fraction: float) -> None:
             "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
             "KEDRO_DISABLE_TELEMETRY": "1",
             "PYTHONPATH": str(PROJECT_ROOT / "src"),
+            "MEDICAL_CT_RAW_CHANGE_QUEUE": queue,
         }
         env.pop("KEDRO_ENV", None)
         load_full = uptime()
@@ -194,6 +218,8 @@ def s3_run(archive: Path, new_fraction: float) -> None:
 
     total = rerun_report["raw_images_decoded"] + rerun_report["rejected_count"]
     print(f"MedNIST dev set: {len(images)} images, {len(new)} new in the rerun")
+    how = "S3 events in an SQS queue" if change_queue else "listing every key"
+    print(f"the rerun finds what is new by: {how}")
     print(f"setup: upload of {len(images) - len(new)} objects to moto  {upload_seconds:8.1f} s")
     print(f"{'':40}{'wall s':>10}{'files read':>12}")
     print(f"{'data_processing, full run':40}{full_seconds:10.1f}{len(images) - len(new):12d}")
