@@ -383,9 +383,9 @@ def test_the_run_logs_the_review_counts_and_the_manifest_names_each_decision(run
     )[0]
     # The run's own client: no process-wide tracking URI left behind for later modules.
     manifest_path = client.download_artifacts(
-        run.info.run_id, "model_input/training_manifest.csv.gz", str(project)
+        run.info.run_id, "model_input/training_manifest.parquet", str(project)
     )
-    manifest = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    manifest = pd.read_parquet(manifest_path)
 
     assert report["accepted"] == len(seen["accepted"]) == 12
     assert report["rejected"] == len(seen["rejected"]) == 7  # 1 + 1 on the page + 5

@@ -15,7 +15,7 @@ from tests.conftest import assert_ok, kedro, mlflow_client, project_env, read_mo
 
 pytestmark = pytest.mark.e2e  # real servers and kedro runs
 
-MANIFEST_ARTIFACT = "model_input/training_manifest.csv.gz"
+MANIFEST_ARTIFACT = "model_input/training_manifest.parquet"
 
 
 @pytest.fixture
@@ -159,3 +159,30 @@ def test_decide_training_refuses_the_data_rolled_back_from_unless_told():
     assert decide("f3", True)["train"] is True
     assert decide("f4", False)["train"] is True  # no manifest to count: different data trains
     assert decide("f2", False)["train"] is False
+
+
+def test_versions_registered_with_a_gzip_csv_manifest_are_still_read(tmp_path, monkeypatch):
+    """Versions registered before the Parquet manifest logged a gzip CSV: rollback, rebuild
+    and the training decision must still read it; a run with neither says so."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    legacy = pd.DataFrame({column: ["a", ""] for column in MANIFEST_COLUMNS})
+    legacy.to_csv(tmp_path / "training_manifest.csv.gz", index=False, compression="gzip")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(MODEL_NAME)
+    for logs_manifest in (True, False):
+        run_id = client.create_run(experiment_id="0").info.run_id
+        if logs_manifest:
+            client.log_artifact(run_id, str(tmp_path / "training_manifest.csv.gz"), "model_input")
+        client.set_terminated(run_id)
+        client.create_model_version(MODEL_NAME, f"runs:/{run_id}/m", run_id)
+
+    versions = registered_versions(MANIFEST_ARTIFACT)
+    pd.testing.assert_frame_equal(versions["1"].read_manifest(), legacy)
+    with pytest.raises(FileNotFoundError) as missing:
+        versions["2"].read_manifest()
+    assert "training_manifest.parquet" in str(missing.value)
+    assert "training_manifest.csv.gz" in str(missing.value)

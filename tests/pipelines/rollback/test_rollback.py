@@ -27,7 +27,7 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.e2e  # real servers and kedro runs
 
-MANIFEST_ARTIFACT = "model_input/training_manifest.csv.gz"
+MANIFEST_ARTIFACT = "model_input/training_manifest.parquet"
 POLL_INTERVAL_S = 2
 FOLLOW_BOUND_S = POLL_INTERVAL_S + 5  # a poll, then loading the model
 REASON = "Hand recall dropped in production"
