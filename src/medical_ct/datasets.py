@@ -84,21 +84,24 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
         self._changes = self._change_feed(changes or {})
 
     def _change_feed(self, changes: dict[str, Any]) -> ChangeFeed | None:
-        """``changes: {queue_url, listing, ...}`` (``medical_ct.changes.ChangeFeed``): on S3,
-        patch the last listing with the bucket's events instead of listing every key; no
-        ``queue_url`` (the default) lists every key."""
+        """``changes: {queue_url, filepath, ...}`` (``medical_ct.changes.ChangeFeed``): on S3,
+        patch the last listing (kept at ``filepath``, a key Kedro resolves like any dataset
+        path) with the bucket's events instead of listing every key; no ``queue_url`` (the
+        default) lists every key."""
         if not changes.get("queue_url"):
             return None
-        if isinstance(self._filesystem, LocalFileSystem) or not changes.get("listing"):
+        if isinstance(self._filesystem, LocalFileSystem) or not changes.get("filepath"):
             raise DatasetError(
-                f"{self._path}: `changes` needs an S3 path and `changes.listing` (where the "
+                f"{self._path}: `changes` needs an S3 path and `changes.filepath` (where the "
                 "last listing is kept, e.g. ${globals:root}/02_intermediate/raw_listing.parquet)"
             )
-        listing = fsspec.core.url_to_fs(changes["listing"])[1]
+        settings = dict(changes)
+        listing = fsspec.core.url_to_fs(settings.pop("filepath"))[1]
         return ChangeFeed(
             filesystem=self._filesystem,
             root=self._root,
-            **{**changes, "listing": listing},
+            listing=listing,
+            **settings,
         )
 
     def load(self) -> dict[str, StoredFile]:

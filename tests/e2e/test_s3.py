@@ -487,7 +487,10 @@ def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
     s3.pipe({f"{root}/Hand/{index}.jpeg": b"x" * index for index in range(1, 6)})
 
     def load(**changes) -> dict[str, str]:
-        changes = {"queue_url": queue, "listing": f"s3://{BUCKET}/events/listing.parquet"} | changes
+        changes = {
+            "queue_url": queue,
+            "filepath": f"s3://{BUCKET}/events/listing.parquet",
+        } | changes
         dataset = ImageFolderDataset(
             path=f"s3://{root}", fs_args={"skip_instance_cache": True}, changes=changes
         )
@@ -518,4 +521,4 @@ def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
     assert load(full_listing=True) == listed() and "(full_listing is set)" in caplog.text
     assert load(full_listing_days=0) == listed() and "over 0 days old" in caplog.text
     with pytest.raises(DatasetError, match="needs an S3 path"):
-        ImageFolderDataset(path="data/01_raw", changes={"queue_url": queue, "listing": "x"})
+        ImageFolderDataset(path="data/01_raw", changes={"queue_url": queue, "filepath": "x"})
