@@ -143,8 +143,21 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
             path = posixpath.join(self._root, partition)
             self._filesystem.pipe_file(path, content() if callable(content) else content)
 
+    def has_files(self) -> bool:
+        """Whether any file lies under the folder, found without listing all of it (nor
+        reading the event queue): on an object store a folder exists only while a key lies
+        under it, so one listing of the top level answers (one request on S3); on a local
+        disk, where empty folders exist, the walk stops at the first file."""
+        if isinstance(self._filesystem, LocalFileSystem):
+            return _local_has_file(self._root)
+        self._filesystem.invalidate_cache(self._root)
+        try:
+            return bool(self._filesystem.ls(self._root, detail=False))
+        except FileNotFoundError:
+            return False
+
     def _exists(self) -> bool:
-        return bool(self.load())
+        return self.has_files()
 
     def _describe(self) -> dict[str, Any]:
         changes = self._changes.describe() if self._changes else {}
@@ -152,28 +165,32 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
 
 
 class FolderHasFilesDataset(ImageFolderDataset):
-    """Whether an image folder holds any file at all, found without listing all of it.
+    """Whether an image folder holds any file at all (``ImageFolderDataset.has_files``).
 
     Ingest only needs to know whether the raw store is empty; listing a store of millions of
-    images to learn that would cost as much as the run's real listing. On an object store a
-    folder exists only while a key lies under it, so one listing of the top level answers (one
-    request on S3); on a local disk, where empty folders exist, the walk stops at the first
-    file. Read-only.
+    images to learn that would cost as much as the run's real listing. Read-only.
     """
 
     def load(self) -> bool:  # type: ignore[override]
-        filesystem = self._filesystem
-        filesystem.invalidate_cache(self._root)
-        try:
-            top = filesystem.ls(self._root, detail=True)
-        except FileNotFoundError:
-            return False
-        if not isinstance(filesystem, LocalFileSystem):
-            return bool(top)
-        return any(files for _, _, files in filesystem.walk(self._root))
+        return self.has_files()
 
     def save(self, data: Any) -> None:
         raise DatasetError(f"{type(self).__name__} is read-only: save to the ImageFolderDataset")
+
+
+def _local_has_file(folder: str) -> bool:
+    """Whether a file lies under a local folder: ``os.scandir`` reads entries as they come,
+    so this stops at the first file (fsspec's ``walk`` listed a whole class folder first)."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_file():
+                    return True
+                if entry.is_dir(follow_symlinks=False) and _local_has_file(entry.path):
+                    return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return False
 
 
 def _local_versions(root: str) -> dict[str, str]:
