@@ -486,11 +486,10 @@ def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
     queue = event_queue(s3_endpoint, "events/01_raw/", monkeypatch)
     s3.pipe({f"{root}/Hand/{index}.jpeg": b"x" * index for index in range(1, 6)})
 
+    listing = f"s3://{BUCKET}/events/listing.parquet"
+
     def load(**changes) -> dict[str, str]:
-        changes = {
-            "queue_url": queue,
-            "filepath": f"s3://{BUCKET}/events/listing.parquet",
-        } | changes
+        changes = {"queue_url": queue, "filepath": listing} | changes
         dataset = ImageFolderDataset(
             path=f"s3://{root}", fs_args={"skip_instance_cache": True}, changes=changes
         )
@@ -520,5 +519,7 @@ def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
     assert "listing every file (a queue message is not an S3 event" in caplog.text
     assert load(full_listing=True) == listed() and "(full_listing is set)" in caplog.text
     assert load(full_listing_days=0) == listed() and "over 0 days old" in caplog.text
+    s3.pipe_file(listing, b"not Parquet")
+    assert load() == listed() and "is not a readable listing" in caplog.text
     with pytest.raises(DatasetError, match="needs an S3 path"):
         ImageFolderDataset(path="data/01_raw", changes={"queue_url": queue, "filepath": "x"})
