@@ -199,8 +199,8 @@ def _metadata_reader(uri: str) -> Callable[[], dict[str, Any]]:
     return lambda: mlflow.models.get_model_info(uri).metadata or {}
 
 
-# Where versions registered before 2026-12-02 logged their manifest (a gzip CSV, slower to write
-# and read at 500k rows than Parquet): read when a run has no manifest where the catalog says.
+# Where versions registered before the Parquet manifest (December 2026) logged it: a gzip CSV,
+# slower to write and read at 500k rows. Read when a run has no manifest where the catalog says.
 LEGACY_MANIFEST = "training_manifest.csv.gz"
 
 

@@ -519,6 +519,7 @@ def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
     assert "listing every file (a queue message is not an S3 event" in caplog.text
     assert load(full_listing=True) == listed() and "(full_listing is set)" in caplog.text
     assert load(full_listing_days=0) == listed() and "over 0 days old" in caplog.text
+    assert load(queue_retention_days=0) == listed() and "dropped events" in caplog.text
     s3.pipe_file(listing, b"not Parquet")
     assert load() == listed() and "is not a readable listing" in caplog.text
     with pytest.raises(DatasetError, match="needs an S3 path"):
