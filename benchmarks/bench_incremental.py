@@ -170,12 +170,12 @@ def moto_bucket() -> tuple[ThreadedMotoServer, str, s3fs.S3FileSystem]:
 def s3_run(archive: Path, new_fraction: float, change_queue: bool) -> None:
     """The dev set in moto's S3: full run, then a rerun with ``new_fraction`` new images; with
     ``change_queue``, the rerun finds them from the bucket's events (SQS) instead of listing."""
-    args = argparse.Namespace(archive=archive, new_fraction=new_fraction)
-
-    images = read_images(args.archive)
+    images = read_images(archive)
     names = sorted(images)
-    new = set(names[:: round(1 / args.new_fraction)])
+    new = set(names[:: round(1 / new_fraction)])
     server, endpoint, s3 = moto_bucket()
+    # The kedro runs, and create_event_queue here, find the server and keys as AWS clients do.
+    os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
     raw = f"{BUCKET}/{PREFIX}/01_raw/mednist"
     workdir = Path(tempfile.mkdtemp(prefix="bench-incremental-"))
     try:
@@ -185,16 +185,10 @@ def s3_run(archive: Path, new_fraction: float, change_queue: bool) -> None:
 
         queue = ""
         if change_queue:  # after the upload: as on a bucket that held images before the set-up
-            os.environ.update(
-                CREDENTIALS, AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1"
-            )
             queue = create_event_queue(BUCKET, f"{PREFIX}/01_raw/mednist/")
         project = make_project(workdir / "project")
         env = {
             **os.environ,
-            **CREDENTIALS,
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_DEFAULT_REGION": "us-east-1",
             "MEDICAL_CT_S3_BUCKET": BUCKET,
             "MEDICAL_CT_S3_PREFIX": PREFIX,
             "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -42,6 +43,7 @@ import pyarrow.parquet as pq
 logger = logging.getLogger(__name__)
 
 _DAY = 86400.0
+SQS_MAX_RETENTION_DAYS = 14  # the longest SQS keeps a message
 _LISTED_AT, _SAVED_AT = b"medical_ct.full_listing_at", b"medical_ct.saved_at"
 
 
@@ -50,6 +52,13 @@ class _Listing:
     versions: dict[str, str]  # partition -> "size:ETag"
     listed_at: float  # when its last full listing ran (epoch seconds)
     saved_at: float  # when it was last saved, patched or not
+
+
+def object_version(info: dict[str, Any]) -> str:
+    """``size:ETag`` of a file as fsspec describes it (``mtime`` where a store has no ETag):
+    what a listing records and a HEAD gives, so that the two compare."""
+    version = info.get("ETag") or info.get("mtime") or info.get("LastModified", "")
+    return f"{info.get('size')}:{str(version).strip(chr(34))}"
 
 
 class NotAnS3Event(ValueError):
@@ -110,7 +119,7 @@ class ChangeFeed:
         listing: str,
         full_listing: bool = False,
         full_listing_days: float = 30,
-        queue_retention_days: float = 14,
+        queue_retention_days: float = SQS_MAX_RETENTION_DAYS,
         max_events: int = 100_000,
         visibility_timeout_seconds: int = 1800,
         head_threads: int = 16,
@@ -121,10 +130,15 @@ class ChangeFeed:
         self._full_listing_days, self._retention_days = full_listing_days, queue_retention_days
         self._max_events, self._visibility = max_events, visibility_timeout_seconds
         self._head_threads = head_threads
-        # boto3 takes the endpoint (AWS_ENDPOINT_URL) and keys from the environment, like
-        # s3fs; the region from the queue's AWS address, else the environment's.
-        region = re.match(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com", queue_url)
-        self._sqs = boto3.client(
+
+    @cached_property
+    def _sqs(self) -> Any:
+        """The SQS client, made on first use (0.25 s): a catalog builds this dataset in every
+        Airflow task, most of which never load it. boto3 takes the endpoint
+        (AWS_ENDPOINT_URL) and keys from the environment, like s3fs; the region from the
+        queue's AWS address, else the environment's."""
+        region = re.match(r"https://sqs\.([a-z0-9-]+)\.amazonaws\.com", self._queue_url)
+        return boto3.client(
             "sqs",
             region_name=region.group(1)
             if region
@@ -191,7 +205,7 @@ class ChangeFeed:
                 info = self._filesystem.info(f"{self._root}/{partition}", refresh=True)
             except FileNotFoundError:
                 return partition, None
-            return partition, f"{info['size']}:{str(info.get('ETag', '')).strip(chr(34))}"
+            return partition, object_version(info)
 
         patched = dict(versions)
         self._filesystem.invalidate_cache(self._root)
@@ -267,7 +281,8 @@ def create_event_queue(bucket: str, prefix: str, queue_name: str = "medical-ct-r
     """
     sqs, s3 = boto3.client("sqs"), boto3.client("s3")
     url = sqs.create_queue(
-        QueueName=queue_name, Attributes={"MessageRetentionPeriod": str(14 * 86400)}
+        QueueName=queue_name,
+        Attributes={"MessageRetentionPeriod": str(SQS_MAX_RETENTION_DAYS * 86400)},
     )["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]
     policy = {

@@ -24,7 +24,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import ColSpec, DataType, Schema
 
 from medical_ct import manifest, registry
-from medical_ct.changes import ChangeFeed
+from medical_ct.changes import ChangeFeed, object_version
 
 
 class StoredFile:
@@ -96,7 +96,7 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
                 "last listing is kept, e.g. ${globals:root}/02_intermediate/raw_listing.parquet)"
             )
         settings = dict(changes)
-        listing = fsspec.core.url_to_fs(settings.pop("filepath"))[1]
+        listing = fsspec.core.split_protocol(settings.pop("filepath"))[1]
         return ChangeFeed(
             filesystem=self._filesystem,
             root=self._root,
@@ -131,12 +131,11 @@ class ImageFolderDataset(AbstractDataset[dict[str, StoredFile], dict[str, Any]])
             for found in pool.map(lambda folder: filesystem.find(folder, detail=True), folders):
                 listing.update(found)
         prefix = len(self._root) + 1
-        versions = {}
-        for path, info in listing.items():
-            if info.get("type") != "directory":
-                version = info.get("ETag") or info.get("mtime") or info.get("LastModified", "")
-                versions[path[prefix:]] = f"{info.get('size')}:{str(version).strip(chr(34))}"
-        return versions
+        return {
+            path[prefix:]: object_version(info)
+            for path, info in listing.items()
+            if info.get("type") != "directory"
+        }
 
     def save(self, data: dict[str, Any]) -> None:
         for partition, content in data.items():
