@@ -39,7 +39,8 @@ from medical_ct.preprocessing import IMAGE_SIZE
 logger = logging.getLogger(__name__)
 
 INDEX_COLUMNS = ["file", "version", "label", "content_hash", "shard", "row", "reason", "reused"]
-MODEL_INPUT_COLUMNS = ["content_hash", "label", "source", "shard", "row"]
+# ``file``: where the image came from in its store, for the training manifest.
+MODEL_INPUT_COLUMNS = ["content_hash", "label", "source", "file", "shard", "row"]
 # Memory of one image in a shard, and of the model input held in memory by training.
 IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE
 
@@ -359,7 +360,7 @@ class ShardedImagesDataset(AbstractDataset[ShardedImages, ShardedImages | None])
             folder.filesystem.pipe_file(folder.join("shards", name), buffer.getvalue())
         folder.write_parquet("index.parquet", data.index[INDEX_COLUMNS])
         if data.reused == 0 and not data.shards:
-            referenced = set(data.index["shard"])
+            referenced = set(data.index["shard"].unique())
             for name in existing - referenced:
                 folder.filesystem.rm_file(folder.join("shards", name))
         if self._legacy_exists():
@@ -414,7 +415,7 @@ class ModelInputDataset(AbstractDataset[ModelInputSet, ModelInputSet]):
             raise DatasetError(
                 f"no model input at {self._path}: run `kedro run --pipeline data_processing` first"
             )
-        unknown = set(index["source"]) - set(self._sources)
+        unknown = set(index["source"].unique()) - set(self._sources)
         if unknown:
             raise DatasetError(
                 f"{self._path} refers to stores {sorted(unknown)} that shards_from does not "

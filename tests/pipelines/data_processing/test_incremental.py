@@ -16,7 +16,7 @@ from medical_ct import registry
 from medical_ct.datasets import ImageFolderDataset, StoredFile
 from medical_ct.pipelines.data_processing.nodes import decode_images
 from medical_ct.pipelines.training.nodes import decide_training
-from medical_ct.shards import NpzDataset, ShardedImagesDataset
+from medical_ct.shards import ModelInputDataset, NpzDataset, ShardedImagesDataset
 from tests.conftest import (
     CLASSES,
     FAST_RUN_PARAMS,
@@ -160,6 +160,21 @@ def test_a_damaged_decoded_set_says_how_to_recover(sample_dir, tmp_path, damage,
     with pytest.raises(DatasetError, match=message) as error:
         store.load().pixels_of(np.arange(3))
     assert "full_rescan=true" in str(error.value)
+
+
+def test_a_model_input_saved_before_it_named_files_still_loads(sample_dir, tmp_path):
+    """Model input written by earlier versions has no ``file`` column: `kedro run --pipeline
+    training` after an upgrade must still read it (only the manifest needs the files)."""
+    decoded = decode_images(stored_files(sample_dir, []), None, PARAMS)
+    ShardedImagesDataset(path=str(tmp_path / "decoded_raw")).save(decoded)
+    index = decoded.accepted[["content_hash", "shard", "row"]].assign(label=0, source="raw")
+    (tmp_path / "train").mkdir()
+    index.to_parquet(tmp_path / "train/index.parquet", index=False)
+    shards_from = {"raw": str(tmp_path / "decoded_raw"), "feedback": str(tmp_path / "none")}
+
+    loaded = ModelInputDataset(path=str(tmp_path / "train"), shards_from=shards_from).load()
+    assert loaded["content_hashes"] == index["content_hash"].tolist()
+    assert np.array_equal(loaded["images"][:, 0], decoded.pixels_of(np.arange(len(index))))
 
 
 def test_the_rebuilt_model_input_is_stored_without_pickles(tmp_path):

@@ -1,18 +1,23 @@
 """data_processing nodes on real sample images and on bad files."""
 
+import hashlib
 import io
 
 import numpy as np
+import pandas as pd
 import pytest
 from kedro.io import DatasetError
 from PIL import Image
 
 from medical_ct.datasets import FolderHasFilesDataset
+from medical_ct.manifest import fingerprint
 from medical_ct.pipelines.data_processing.nodes import (
     build_model_input,
     decode_images,
     ingest_mednist,
     report_data,
+    split_of,
+    splits_of,
 )
 from tests.conftest import CLASSES
 
@@ -96,6 +101,26 @@ def test_split_is_deterministic_and_stable_as_data_grows(sample_dir):
     assert all(large[digest] == split for digest, split in small.items())
     counts = {split: list(large.values()).count(split) for split in ("train", "validation", "test")}
     assert counts["train"] > counts["test"] > 10 and counts["validation"] > 10
+
+
+def test_split_and_fingerprint_keep_their_formulas():
+    """Registered versions carry fingerprints and images keep their split from run to run, so
+    the vectorised code must give what the per-image definitions give, boundaries included."""
+    rng = np.random.default_rng(0)
+    hashes = ["0" * 64, "f" * 64, format(int(0.2 * 16**15), "015x") + "0" * 49]
+    hashes += ["".join(rng.choice(list("0123456789abcdef"), 64)) for _ in range(500)]
+
+    def defined(digest: str) -> str:
+        fraction = int(digest[:15], 16) / 16**15
+        return "test" if fraction < 0.2 else "validation" if fraction < 0.4 else "train"
+
+    assert list(splits_of(pd.Series(hashes), 0.2, 0.2)) == [defined(h) for h in hashes]
+    assert split_of(hashes[2], 0.2, 0.2) == "validation"  # exactly at the boundary
+    table = pd.DataFrame(
+        {"content_hash": hashes[:3], "label": ["CXR", "Hand", "CXR"], "split": ["a", "b", "c"]}
+    )
+    lines = "".join(f"{h}:{label}:{split}\n" for h, label, split in table.to_numpy())
+    assert fingerprint(table) == hashlib.sha256(lines.encode()).hexdigest()
 
 
 def test_duplicates_are_dropped_and_feedback_label_wins(sample_dir):

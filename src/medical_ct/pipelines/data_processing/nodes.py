@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from medical_ct.datasets import StoredFiles
 from medical_ct.manifest import (
     FEEDBACK,
     RAW,
@@ -19,7 +20,7 @@ from medical_ct.manifest import (
     build_manifest,
     choose_images,
     fingerprint,
-    model_input_rows,
+    model_input_table,
 )
 from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
 from medical_ct.preprocessing import InvalidImageError, content_hash, preprocess_image
@@ -139,43 +140,39 @@ def decode_images(
     params = DataProcessingParams.from_params(data_processing)
     accepted = set(params.classes) if params.classes else None
     files = sorted(partitions)
-    versions = [getattr(partitions[file], "version", None) for file in files]
+    if isinstance(partitions, StoredFiles):  # a listing: no StoredFile made per file
+        versions = [partitions.versions[file] for file in files]
+    else:
+        versions = [getattr(partitions[file], "version", None) for file in files]
     if previous is not None and params.full_rescan:
         logger.info("full_rescan: decoding every file again and compacting the shards")
         previous_rows = np.full(len(files), -1)
     else:
         previous_rows = _previous_rows(previous, files, versions)
-    rows: list[dict[str, Any]] = []
-    reused_rows: list[int] = []
+    rows, reused_rows, reused_positions, to_decode = _sort_out(
+        files, versions, previous_rows, accepted
+    )
     new_pixels: list[np.ndarray] = []
-    for position in tqdm(range(len(files)), desc="Decoding images", unit=" images"):
+    for position in tqdm(to_decode, desc="Decoding images", unit=" images"):
         file, version = files[position], versions[position]
-        label, _, name = file.partition("/")
-        row = {"file": file, "version": version, "label": label, "content_hash": "", "shard": ""}
-        row["reused"] = False
-        if not name:
-            rows.append({**row, "row": -1, "reason": "not inside a class folder (<Class>/<file>)"})
-            continue
-        if accepted is not None and label not in accepted:
-            rows.append({**row, "row": -1, "reason": f"unknown class {label!r}"})
-            continue
-        if previous_rows[position] >= 0:
-            reused_rows.append(previous_rows[position])
-            continue
+        label = file.partition("/")[0]
         try:
             image = preprocess_image(partitions[file]())
         except InvalidImageError as error:
-            rows.append({**row, "row": -1, "reason": str(error)})
+            rows.append(_index_row(position, file, version, label, reason=str(error)))
             continue
         digest = content_hash(image)
-        rows.append({**row, "content_hash": digest, "row": len(new_pixels), "reason": ""})
+        rows.append(_index_row(position, file, version, label, digest, row=len(new_pixels)))
         new_pixels.append(image)
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()
     new_shards = _cut_into_shards(index, new_pixels, params.shard_images)
+    positions = [row["position"] for row in rows]
     if reused_rows:
         kept_rows = previous.index.iloc[reused_rows][INDEX_COLUMNS].assign(reused=True)
         index = pd.concat([index, kept_rows], ignore_index=True)
-        index = index.sort_values("file", kind="stable", ignore_index=True)
+        positions += reused_positions
+    # In file order, by position in the sorted listing: sorting the names again costs ~1 s.
+    index = index.iloc[np.argsort(positions, kind="stable")].reset_index(drop=True)
     for _, rejection in index[index["reason"] != ""].iterrows():
         logger.warning("Rejected %s: %s", rejection["file"], rejection["reason"])
     logger.info(
@@ -184,9 +181,64 @@ def decode_images(
         len(new_shards),
         len(reused_rows),
     )
-    kept = set(index.loc[index["shard"] != "", "shard"]) - set(new_shards)
+    kept = set(index.loc[index["shard"] != "", "shard"].unique()) - set(new_shards)
     shards = {name: functools.partial(previous.load_shard, name) for name in kept}
     return ShardedImages(index, shards, new_shards)
+
+
+def _sort_out(
+    files: list[str], versions: list[str | None], previous_rows: np.ndarray, accepted: set | None
+) -> tuple[list[dict[str, Any]], list[int], list[int], list[int]]:
+    """Sort the listed files out: the index rows of files rejected by their path, last run's
+    index rows to reuse and the positions of their files, and the positions of files to decode.
+
+    Plain Python over every file, so a rerun pays little per file it reuses.
+    """
+    rows: list[dict[str, Any]] = []
+    reused_rows: list[int] = []
+    reused_positions: list[int] = []
+    to_decode: list[int] = []
+    for position, (file, previous_row) in enumerate(
+        zip(files, previous_rows.tolist(), strict=True)
+    ):
+        label, _, name = file.partition("/")
+        if not name:
+            reason = "not inside a class folder (<Class>/<file>)"
+        elif accepted is not None and label not in accepted:
+            reason = f"unknown class {label!r}"
+        elif previous_row >= 0:
+            reused_rows.append(previous_row)
+            reused_positions.append(position)
+            continue
+        else:
+            to_decode.append(position)
+            continue
+        rows.append(_index_row(position, file, versions[position], label, reason=reason))
+    return rows, reused_rows, reused_positions, to_decode
+
+
+def _index_row(
+    position: int,
+    file: str,
+    version: str | None,
+    label: str,
+    digest: str = "",
+    row: int = -1,
+    reason: str = "",
+) -> dict[str, Any]:
+    """A row of a decoded set's index for a file decoded (or rejected) by this run;
+    ``position``, the file's place in the sorted listing, orders the index (not a column)."""
+    return {
+        "position": position,
+        "file": file,
+        "version": version,
+        "label": label,
+        "content_hash": digest,
+        "shard": "",
+        "row": row,
+        "reason": reason,
+        "reused": False,
+    }
 
 
 def _previous_rows(
@@ -252,50 +304,44 @@ def build_model_input(
     """
     params = DataProcessingParams.from_params(data_processing)
     chosen, duplicates, with_another_label = choose_images(raw_images, feedback_images)
-    sources = {RAW: raw_images, FEEDBACK: feedback_images}
-    class_names = sorted({image.label for image in chosen.values()})
+    class_names = sorted(chosen["label"].unique().tolist())
     if len(class_names) < 2:
         raise ValueError(
             f"need images of at least 2 classes to train a classifier, found {class_names}; "
             "check the raw store and ingest"
         )
-    class_index = {name: index for index, name in enumerate(class_names)}
-    located = {
-        source: (images.accepted["shard"].to_numpy(), images.accepted["row"].to_numpy())
-        for source, images in sources.items()
-    }
-    members: dict[str, list[tuple]] = {name: [] for name in SPLITS}
-    for digest in sorted(chosen):
-        image = chosen[digest]
-        shards, rows = located[image.source]
-        split = split_of(digest, params.validation_fraction, params.test_fraction)
-        members[split].append(
-            (digest, class_index[image.label], image.source, shards[image.index], rows[image.index])
-        )
+    labels = chosen["label"].map({name: i for i, name in enumerate(class_names)})
+    model_input = chosen.assign(label=labels.astype(np.int64))[MODEL_INPUT_COLUMNS]
+    splits = splits_of(chosen["content_hash"], params.validation_fraction, params.test_fraction)
+    sources = {RAW: raw_images, FEEDBACK: feedback_images}
     loaders = {
         (source, name): (lambda images=images, name=name: images.load_shard(name))
         for source, images in sources.items()
         for name in {*images.shards, *images.new_shards}
     }
-    sets = {
-        name: ModelInputSet(pd.DataFrame(rows, columns=MODEL_INPUT_COLUMNS), loaders)
-        for name, rows in members.items()
-    }
-    for data in sets.values():
-        data.index["label"] = data.index["label"].astype(np.int64)
-        data.index["row"] = data.index["row"].astype(np.int64)
+    sets = {name: ModelInputSet(model_input[splits == name], loaders) for name in SPLITS}
     stats = {"duplicates": duplicates, "duplicates_with_another_label": with_another_label}
     return sets["train"], sets["validation"], sets["test"], class_names, stats
 
 
+def splits_of(
+    content_hashes: pd.Series, validation_fraction: float, test_fraction: float
+) -> np.ndarray:
+    """The split ("train", "validation" or "test") of each image, from its content hash alone.
+
+    The first 15 hex digits of the hash, as a fraction of 16**15, fall in [0, test) for test,
+    then [test, test + validation) for validation. Vectorised: a rerun splits every image.
+    """
+    prefixes = bytes.fromhex("".join(digest[:16] for digest in content_hashes.tolist()))
+    fractions = (np.frombuffer(prefixes, dtype=">u8") >> np.uint64(4)) / 16**15
+    test = fractions < test_fraction
+    validation = ~test & (fractions < test_fraction + validation_fraction)
+    return np.select([test, validation], ["test", "validation"], "train")
+
+
 def split_of(content_hash: str, validation_fraction: float, test_fraction: float) -> str:
-    """The split ("train", "validation" or "test") of an image, from its content hash alone."""
-    fraction = int(content_hash[:15], 16) / 16**15
-    if fraction < test_fraction:
-        return "test"
-    if fraction < test_fraction + validation_fraction:
-        return "validation"
-    return "train"
+    """The split of one image (see ``splits_of``)."""
+    return str(splits_of(pd.Series([content_hash]), validation_fraction, test_fraction)[0])
 
 
 def report_data(
@@ -326,7 +372,7 @@ def report_data(
         for rejection in feedback_images["rejected"]
     ]
     report = {
-        "dataset_fingerprint": fingerprint(model_input_rows(sets, class_names)),
+        "dataset_fingerprint": fingerprint(model_input_table(sets, class_names)),
         "class_names": class_names,
         "images_per_split": {split: len(data["labels"]) for split, data in sets.items()},
         "images_per_class_and_split": counts,
@@ -356,12 +402,10 @@ def report_data(
 
 
 def build_training_manifest(
-    train_set: dict,
-    validation_set: dict,
-    test_set: dict,
+    train_set: ModelInputSet,
+    validation_set: ModelInputSet,
+    test_set: ModelInputSet,
     class_names: list[str],
-    raw_images: ShardedImages,
-    feedback_images: ShardedImages,
     accepted_feedback: dict[str, Callable[[], dict]],
 ) -> pd.DataFrame:
     """The manifest of the model input: each image's split, label and where it came from.
@@ -372,25 +416,18 @@ def build_training_manifest(
     Args:
         train_set, validation_set, test_set: The model input.
         class_names: Class names, index = label.
-        raw_images, feedback_images: The decoded sets the model input was built from.
         accepted_feedback: The review's accepted records, ``{feedback_id: record}``; a
             record's ``accepted_as`` is the file of the accepted store it describes.
 
     Returns:
         One row per image, in the order of the dataset fingerprint.
     """
-    chosen, _, _ = choose_images(raw_images, feedback_images)
     records = {}
     for feedback_id, load in accepted_feedback.items():
         record = load()
         records[record.get("accepted_as", "")] = record | {"feedback_id": feedback_id}
-    return build_manifest(
-        dict(zip(SPLITS, (train_set, validation_set, test_set), strict=True)),
-        class_names,
-        chosen,
-        {RAW: raw_images["files"], FEEDBACK: feedback_images["files"]},
-        records,
-    )
+    sets = dict(zip(SPLITS, (train_set, validation_set, test_set), strict=True))
+    return build_manifest(sets, class_names, records)
 
 
 def report_feedback(

@@ -72,8 +72,6 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "validation_set",
                     "test_set",
                     "class_names",
-                    "decoded_raw_images",
-                    "decoded_feedback_images",
                     "accepted_feedback_records",
                 ],
                 outputs="training_manifest",

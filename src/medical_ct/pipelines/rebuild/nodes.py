@@ -1,11 +1,12 @@
 """Nodes of the rebuild pipeline: a version's model input from its manifest and the stores."""
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from medical_ct import lifecycle
 from medical_ct.datasets import StoredFile
-from medical_ct.manifest import FEEDBACK, RAW, SPLITS, fingerprint, model_input_rows
+from medical_ct.manifest import FEEDBACK, RAW, SPLITS, fingerprint, model_input_table
 from medical_ct.manifest import rebuild_model_input as rebuild_from_manifest
 from medical_ct.registry import MODEL_NAME, RegisteredVersion
 
@@ -31,8 +32,8 @@ def validate_rebuild(rebuild: dict[str, Any]) -> str:
 
 def rebuild_model_input(
     registered_versions: dict[str, RegisteredVersion],
-    raw_images: dict[str, StoredFile],
-    feedback_images: dict[str, StoredFile],
+    raw_images: Mapping[str, StoredFile],
+    feedback_images: Mapping[str, StoredFile],
     rebuild: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Rebuild a version's train, validation and test sets and check its dataset fingerprint.
@@ -60,7 +61,7 @@ def rebuild_model_input(
         raise ValueError(f"version {version} cannot be rebuilt: {error}") from None
     stores = {RAW: raw_images, FEEDBACK: feedback_images}
     sets, class_names = rebuild_from_manifest(manifest, stores)
-    rebuilt = fingerprint(model_input_rows(sets, class_names))
+    rebuilt = fingerprint(model_input_table(sets, class_names))
     expected = details.tags.get(lifecycle.DATASET_FINGERPRINT)
     if rebuilt != expected:
         raise FingerprintMismatchError(
