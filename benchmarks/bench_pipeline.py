@@ -63,6 +63,11 @@ VARIANTS = {
     + f"max_rotation_degrees=10,{_AUGMENT}max_shift_pixels=4,{_AUGMENT}max_zoom=0.15,"
     + f"{_AUGMENT}max_gain=0.2,{_AUGMENT}max_gamma=0.3,{_AUGMENT}invert_probability=0.1,"
     + f"{_AUGMENT}probability=0.8",
+    # Framing only, 4 epochs like the default: a quarter of the images as a smaller picture on a
+    # plain grey, as the hands the default calls CXR are (README: the error study).
+    "augment-frame": _AUGMENT
+    + f"max_rotation_degrees=0,{_AUGMENT}max_shift_pixels=0,{_AUGMENT}max_zoom=0,"
+    + f"{_AUGMENT}frame_probability=1,{_AUGMENT}frame_size=0.4,{_AUGMENT}probability=0.25",
     # One more epoch, no augmentation: what the fifth epoch alone buys.
     "5-epochs": "training.max_epochs=5,training.augmentation.enabled=false",
     # A wider small CNN (24 channels in the first block, 16 by default): about 2.25x the

@@ -12,6 +12,9 @@ training batches are augmented; validation, test and the service see the pixels 
   X-rays with different exposure); both keep black black, clipped to 0..255. And, for a
   share of images, inverted grey levels: X-rays come in both polarities (bone white or
   black; DICOM MONOCHROME1/2), and some MedNIST hands and chests have a white surround.
+- Framing: for a share of images, the image shrunk to a picture on a plain surround of a
+  random grey, somewhere in the frame: some MedNIST hands are a film photographed on a light
+  box, a small dark picture in a white field, and those are what the default model calls CXR.
 """
 
 import math
@@ -23,6 +26,9 @@ from torch.nn import functional
 
 from medical_ct.preprocessing import IMAGE_SIZE
 
+# A framed picture's side is at most this share of the image's, and its edge at most 0.9 of the
+# way out from the centre: the surround shows on every side, as on a film on a light box.
+_FRAME_LARGEST = 0.85
 _LIMITS = {
     # parameter: (lowest, highest) accepted, and what it means
     "max_rotation_degrees": (0.0, 180.0),
@@ -31,6 +37,8 @@ _LIMITS = {
     "max_gain": (0.0, 0.9),
     "max_gamma": (0.0, 1.0),
     "invert_probability": (0.0, 1.0),
+    "frame_probability": (0.0, 1.0),
+    "frame_size": (0.2, _FRAME_LARGEST),
     "probability": (0.0, 1.0),
 }
 
@@ -42,7 +50,8 @@ class AugmentationParams:
     ``max_zoom`` 0.1 scales by a factor in [0.9, 1.1]; ``max_gain`` 0.2 multiplies the pixels
     by [0.8, 1.2]; ``max_gamma`` 0.3 raises pixels (as 0..1) to a power in [1/1.3, 1.3];
     ``invert_probability`` is the share of augmented images whose grey levels are inverted;
-    ``probability`` is the share of images of a batch that are augmented at all.
+    ``frame_probability`` the share shown as a picture of ``frame_size`` to 0.85 times the side
+    on a plain surround; ``probability`` is the share of images of a batch that are augmented.
     """
 
     enabled: bool = False
@@ -52,6 +61,8 @@ class AugmentationParams:
     max_gain: float = 0.0
     max_gamma: float = 0.0
     invert_probability: float = 0.0
+    frame_probability: float = 0.0
+    frame_size: float = 0.5
     probability: float = 1.0
 
     @classmethod
@@ -127,6 +138,11 @@ def augment_batch(
     gain = 1 + uniform(params.max_gain)
     gamma = torch.exp(uniform(math.log1p(params.max_gamma)))
     invert = torch.rand(count, generator=generator) < params.invert_probability
+    framed = torch.rand(count, generator=generator) < params.frame_probability
+    size = torch.rand(count, generator=generator) * (_FRAME_LARGEST - params.frame_size)
+    size = size + params.frame_size
+    centre = torch.stack([uniform(1.0), uniform(1.0)], 1) * (0.9 - size).unsqueeze(1)
+    surround = torch.rand(count, generator=generator) * 255
     chosen = applied.nonzero().squeeze(1)
     if len(chosen) == 0:
         return pixels
@@ -143,6 +159,12 @@ def augment_batch(
         varied = functional.grid_sample(
             varied, grid, mode="bilinear", padding_mode="border", align_corners=False
         )
+    framed = framed[chosen]
+    if framed.any():
+        where = framed.nonzero().squeeze(1).to(pixels.device)
+        varied[where] = _framed(
+            varied[where], size[chosen][framed], centre[chosen][framed], surround[chosen][framed]
+        )
     if params.max_gamma:
         gamma = gamma[chosen].to(pixels.device).view(-1, 1, 1, 1)
         varied = (varied / 255).clamp_(0, 1).pow_(gamma).mul_(255)
@@ -153,3 +175,24 @@ def augment_batch(
         varied = torch.where(flip, 255 - varied, varied)
     pixels[chosen.to(pixels.device)] = varied
     return pixels
+
+
+def _framed(
+    images: torch.Tensor, size: torch.Tensor, centre: torch.Tensor, surround: torch.Tensor
+) -> torch.Tensor:
+    """Each image shrunk to ``size`` of the side, centred at ``centre`` (in [-1, 1]
+    coordinates, inside the frame), on a plain ``surround`` grey (0..255)."""
+    device = images.device
+    zero = torch.zeros_like(size)
+    # The grid samples the source at (output - centre) / size: outside it reads zeros.
+    theta = torch.stack(
+        [
+            torch.stack([1 / size, zero, -centre[:, 0] / size], 1),
+            torch.stack([zero, 1 / size, -centre[:, 1] / size], 1),
+        ],
+        1,
+    ).to(device)
+    grid = functional.affine_grid(theta, list(images.shape), align_corners=False)
+    picture = functional.grid_sample(images, grid, mode="bilinear", align_corners=False)
+    inside = functional.grid_sample(torch.ones_like(images), grid, align_corners=False)
+    return picture + (1 - inside) * surround.to(device).view(-1, 1, 1, 1)

@@ -236,6 +236,22 @@ def test_a_moved_image_keeps_its_surround_instead_of_black_corners():
     assert moved.max() > 150, "the bright square is still there"
 
 
+def test_a_framed_image_is_a_smaller_picture_on_a_plain_surround():
+    hand = torch.zeros((4, 1, 64, 64), dtype=torch.uint8)  # a dark film with a bright bone
+    hand[:, 0, 20:44, 28:36] = 250
+    framing = AugmentationParams(enabled=True, frame_probability=1, frame_size=0.4)
+    framed = augment_batch(hand, framing, torch.Generator().manual_seed(1))[:, 0]
+
+    for image in framed:
+        bright_bone = (image > 200).sum()
+        assert 0 < bright_bone < (hand[0, 0] > 200).sum(), "the picture is smaller"
+        border = torch.cat([image[0], image[-1], image[:, 0], image[:, -1]])
+        assert border.max() - border.min() < 1, "the surround is one plain grey"
+    surrounds = {round(float(image[0, 0])) for image in framed}
+    assert len(surrounds) == 4, "each image gets its own surround grey"
+    assert augment_batch(hand, framing, torch.Generator().manual_seed(1)).equal(framed[:, None])
+
+
 @pytest.mark.parametrize("data_path", ["memory", "stream"])
 def test_only_training_batches_are_augmented_in_memory_and_streamed(
     sharded_model_input, monkeypatch, data_path
