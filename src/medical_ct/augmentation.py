@@ -138,33 +138,20 @@ def augment_batch(
     gain = 1 + uniform(params.max_gain)
     gamma = torch.exp(uniform(math.log1p(params.max_gamma)))
     invert = torch.rand(count, generator=generator) < params.invert_probability
-    framed = torch.rand(count, generator=generator) < params.frame_probability
-    size = torch.rand(count, generator=generator) * (_FRAME_LARGEST - params.frame_size)
-    size = size + params.frame_size
-    centre = torch.stack([uniform(1.0), uniform(1.0)], 1) * (0.9 - size).unsqueeze(1)
-    surround = torch.rand(count, generator=generator) * 255
+    # Only when framing is on, so that other settings keep the random numbers they drew before.
+    frames = _draw_frames(count, params, generator) if params.frame_probability else None
     chosen = applied.nonzero().squeeze(1)
     if len(chosen) == 0:
         return pixels
     varied = pixels[chosen.to(pixels.device)]
     angle, scale, shift = angle[chosen], scale[chosen], shift[chosen]
     if params.max_rotation_degrees or params.max_shift_pixels or params.max_zoom:
-        # The grid samples the source at (rotation / scale) of the output coordinates + shift.
-        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack(
-            [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)],
-            1,
-        ).to(pixels.device)
-        grid = functional.affine_grid(theta, list(varied.shape), align_corners=False)
-        varied = functional.grid_sample(
-            varied, grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
-    framed = framed[chosen]
-    if framed.any():
-        where = framed.nonzero().squeeze(1).to(pixels.device)
-        varied[where] = _framed(
-            varied[where], size[chosen][framed], centre[chosen][framed], surround[chosen][framed]
-        )
+        varied = _warp(varied, angle, scale, shift, padding_mode="border")
+    if frames is not None:
+        framed, size, centre, surround = (values[chosen] for values in frames)
+        if framed.any():
+            where = framed.nonzero().squeeze(1).to(pixels.device)
+            varied[where] = _framed(varied[where], size[framed], centre[framed], surround[framed])
     if params.max_gamma:
         gamma = gamma[chosen].to(pixels.device).view(-1, 1, 1, 1)
         varied = (varied / 255).clamp_(0, 1).pow_(gamma).mul_(255)
@@ -177,22 +164,45 @@ def augment_batch(
     return pixels
 
 
+def _warp(
+    images: torch.Tensor,
+    angle: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    padding_mode: str,
+) -> torch.Tensor:
+    """Each image rotated by ``angle``, scaled by ``scale`` and moved by ``shift`` ([-1, 1]
+    coordinates); the grid samples the source at (rotation / scale) of the output + shift."""
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    ).to(images.device)
+    grid = functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return functional.grid_sample(
+        images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False
+    )
+
+
+def _draw_frames(
+    count: int, params: AugmentationParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Whether each image is framed, its picture's side, centre (inside the frame) and
+    surround grey."""
+    framed = torch.rand(count, generator=generator) < params.frame_probability
+    size = torch.rand(count, generator=generator) * (_FRAME_LARGEST - params.frame_size)
+    size = size + params.frame_size
+    centre = torch.stack([torch.rand(count, generator=generator) for _ in "xy"], 1) * 2 - 1
+    centre = centre * (0.9 - size).unsqueeze(1)
+    surround = torch.rand(count, generator=generator) * 255
+    return framed, size, centre, surround
+
+
 def _framed(
     images: torch.Tensor, size: torch.Tensor, centre: torch.Tensor, surround: torch.Tensor
 ) -> torch.Tensor:
-    """Each image shrunk to ``size`` of the side, centred at ``centre`` (in [-1, 1]
-    coordinates, inside the frame), on a plain ``surround`` grey (0..255)."""
-    device = images.device
-    zero = torch.zeros_like(size)
-    # The grid samples the source at (output - centre) / size: outside it reads zeros.
-    theta = torch.stack(
-        [
-            torch.stack([1 / size, zero, -centre[:, 0] / size], 1),
-            torch.stack([zero, 1 / size, -centre[:, 1] / size], 1),
-        ],
-        1,
-    ).to(device)
-    grid = functional.affine_grid(theta, list(images.shape), align_corners=False)
-    picture = functional.grid_sample(images, grid, mode="bilinear", align_corners=False)
-    inside = functional.grid_sample(torch.ones_like(images), grid, align_corners=False)
-    return picture + (1 - inside) * surround.to(device).view(-1, 1, 1, 1)
+    """Each image shrunk to ``size`` of the side, centred at ``centre``, on a plain
+    ``surround`` grey (0..255): outside the picture the warp reads zeros."""
+    angle, shift = torch.zeros_like(size), -centre / size.unsqueeze(1)
+    picture = _warp(images, angle, size, shift, padding_mode="zeros")
+    inside = _warp(torch.ones_like(images), angle, size, shift, padding_mode="zeros")
+    return picture + (1 - inside) * surround.to(images.device).view(-1, 1, 1, 1)

@@ -107,11 +107,9 @@ def build_manifest(
         feedback: Accepted feedback file (``<Class>/<file>``) -> its review record
             (``feedback_id``, ``decision``: accept or auto_accept).
     """
-    names = np.asarray(class_names, dtype=object)
-    manifest = pd.concat(
-        [sets[split].index.assign(split=split) for split in SPLITS], ignore_index=True
-    )
-    manifest["label"] = names[manifest["label"].to_numpy(dtype=np.int64)]
+    origins = pd.concat([sets[split].index[["source", "file"]] for split in SPLITS])
+    manifest = model_input_table(sets, class_names)
+    manifest[["source", "file"]] = origins.to_numpy()
     from_feedback = (manifest["source"] == FEEDBACK).to_numpy()
     for column, key in (("feedback_id", "feedback_id"), ("review_decision", "decision")):
         values = {file: record.get(key, "") for file, record in feedback.items()}
