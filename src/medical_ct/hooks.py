@@ -2,6 +2,7 @@
 
 import logging
 import os
+import pkgutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,24 @@ from kedro.pipeline import Node, Pipeline
 logger = logging.getLogger(__name__)
 
 
+# Each parameter group's check, as "module:attribute", imported only when the pipeline
+# uses the group: `kedro run --pipeline data_processing` then imports no torch, scipy or
+# matplotlib (about 5 s of its start-up). Also, settings.py loads this module for every
+# kedro command, even --help.
+PARAMETER_CHECKS = {
+    "params:ingest": "medical_ct.pipelines.data_processing.nodes:validate_ingest",
+    "params:data_processing": (
+        "medical_ct.pipelines.data_processing.nodes:DataProcessingParams.from_params"
+    ),
+    "params:training": "medical_ct.pipelines.training.nodes:TrainingParams.from_params",
+    "params:calibration": "medical_ct.calibration:CalibrationParams.from_params",
+    "params:champion_gate": "medical_ct.pipelines.evaluation.nodes:validate_gate",
+    "params:rollback": "medical_ct.pipelines.rollback.nodes:validate_rollback",
+    "params:rebuild": "medical_ct.pipelines.rebuild.nodes:validate_rebuild",
+    "params:monitoring": "medical_ct.pipelines.monitoring.nodes:MonitoringParams.from_params",
+}
+
+
 class ParameterCheckHook:
     """Checks the parameters a run will use before its first node starts.
 
@@ -25,36 +44,15 @@ class ParameterCheckHook:
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, pipeline: Pipeline, catalog: CatalogProtocol) -> None:
-        # Imported here: settings.py loads this module for every kedro command, even --help.
-        from medical_ct.calibration import CalibrationParams
-        from medical_ct.pipelines.data_processing.nodes import (
-            DataProcessingParams,
-            validate_ingest,
-        )
-        from medical_ct.pipelines.evaluation.nodes import validate_gate
-        from medical_ct.pipelines.monitoring.nodes import MonitoringParams
-        from medical_ct.pipelines.rebuild.nodes import validate_rebuild
-        from medical_ct.pipelines.rollback.nodes import validate_rollback
-        from medical_ct.pipelines.training.nodes import TrainingParams
-
-        checks = {
-            "params:ingest": validate_ingest,
-            "params:data_processing": DataProcessingParams.from_params,
-            "params:training": TrainingParams.from_params,
-            "params:calibration": CalibrationParams.from_params,
-            "params:champion_gate": validate_gate,
-            "params:rollback": validate_rollback,
-            "params:rebuild": validate_rebuild,
-            "params:monitoring": MonitoringParams.from_params,
-        }
         used = pipeline.inputs()
         problems = []
-        for name, check in checks.items():
-            if name in used:
-                try:
-                    check(catalog.load(name))
-                except ValueError as error:
-                    problems.append(str(error))
+        for name, check in PARAMETER_CHECKS.items():
+            if name not in used:
+                continue
+            try:
+                pkgutil.resolve_name(check)(catalog.load(name))
+            except ValueError as error:
+                problems.append(str(error))
         if len(problems) == 1:
             raise ValueError(problems[0])
         if problems:  # every group's problems at once: one run to fix them, not one each

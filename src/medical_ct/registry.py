@@ -4,19 +4,19 @@ kedro-mlflow logs parameters, metrics and artifacts; the registry's aliases and 
 and a model logged with a data-dependent signature and metadata, are done here directly.
 """
 
+from __future__ import annotations
+
 import logging
 import posixpath
 import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
-import mlflow.pytorch
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -24,6 +24,9 @@ from mlflow.types import Schema, TensorSpec
 
 from medical_ct import lifecycle
 from medical_ct.preprocessing import IMAGE_SIZE, PREPROCESSING_SPEC
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def load_alias(
     uri = f"models:/{model_name}/{version.version}"
     # Logged in MLflow's default "pt2" format (torch.export): a traced inference graph that
     # loads without unpickling code, already in eval mode (it does not support .eval()).
-    model = mlflow.pytorch.load_model(uri)
+    model = _pytorch_flavour().load_model(uri)
     metadata = mlflow.models.get_model_info(uri).metadata or {}
     return RegisteredClassifier(
         model=model,
@@ -73,6 +76,15 @@ def load_alias(
         tags=dict(version.tags),
         review_threshold=review_threshold(metadata),
     )
+
+
+def _pytorch_flavour() -> Any:
+    """``mlflow.pytorch``, imported on first use: it imports torch (about 3 s), and this module
+    is imported by every pipeline through the catalog's datasets, data_processing included,
+    which never loads or logs a model."""
+    import mlflow.pytorch
+
+    return mlflow.pytorch
 
 
 def review_threshold(metadata: dict[str, Any]) -> float | None:
@@ -98,7 +110,9 @@ def log_and_register(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names)))]),
     )
-    model_info = mlflow.pytorch.log_model(
+    import torch  # loaded with the flavour below; imported here for its version
+
+    model_info = _pytorch_flavour().log_model(
         model.cpu().eval(),
         name="model",
         signature=signature,

@@ -16,13 +16,12 @@ decodes everything again into fresh shards and deletes the ones nothing referenc
 The model input (train, validation and test sets) is a folder holding only an index: for each
 image its content hash, label and the (store, shard, row) of its pixels in the decoded sets.
 Training reads the pixels into memory (``ModelInputSet["images"]``) or streams them shard by
-shard (``ShardStream``) when they do not fit.
+shard (``medical_ct.pipelines.training.stream``) when they do not fit.
 """
 
 import hashlib
 import io
 import logging
-import math
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -30,7 +29,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import pandas as pd
-import torch
 from fsspec.utils import infer_storage_options
 from kedro.io import AbstractDataset, DatasetError
 
@@ -158,8 +156,10 @@ class ModelInputSet(Mapping):
     def __len__(self) -> int:
         return 3
 
-    def shard_keys(self) -> np.ndarray:
-        return (self.index["source"] + "/" + self.index["shard"]).to_numpy()
+    def shard_groups(self) -> list[np.ndarray]:
+        """The positions of this split's images, grouped by the shard that holds their pixels."""
+        keys = (self.index["source"] + "/" + self.index["shard"]).to_numpy()
+        return [positions for _, positions in _groups(keys)]
 
     def gather(self, positions: np.ndarray) -> np.ndarray:
         """Images (len(positions), 1, H, W) uint8 of the given rows of the index."""
@@ -171,53 +171,6 @@ class ModelInputSet(Mapping):
             source, shard = key.split("/", 1)
             out[where, 0] = self.loaders[source, shard]()[rows[where]]
         return out
-
-
-class ShardStream(torch.utils.data.IterableDataset):
-    """Training batches streamed shard by shard, shuffled across shards, for data beyond memory.
-
-    Each pass visits the shards in a random order, ``shards_in_memory`` at a time; the images
-    of those shards are shuffled together (and with what is left of the previous group) into
-    batches of ``batch_size``: memory holds ``shards_in_memory`` shards (4 KiB per image),
-    not the whole set. Every pass yields ``ceil(n / batch_size)`` batches, like the in-memory
-    path, so the learning-rate schedule is the same.
-    """
-
-    def __init__(
-        self,
-        model_input: ModelInputSet,
-        batch_size: int,
-        shards_in_memory: int,
-        generator: torch.Generator,
-    ) -> None:
-        super().__init__()
-        self.model_input = model_input
-        self.batch_size = batch_size
-        self.shards_in_memory = shards_in_memory
-        self.generator = generator
-        self.groups = [positions for _, positions in _groups(model_input.shard_keys())]
-        self.labels = torch.from_numpy(model_input["labels"])
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = torch.randperm(len(self.groups), generator=self.generator).tolist()
-        images = torch.empty((0, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-        labels = torch.empty(0, dtype=torch.int64)
-        for start in range(0, len(order), self.shards_in_memory):
-            chosen = [self.groups[i] for i in order[start : start + self.shards_in_memory]]
-            positions = np.concatenate(chosen)
-            images = torch.cat([images, torch.from_numpy(self.model_input.gather(positions))])
-            labels = torch.cat([labels, self.labels[positions]])
-            shuffle = torch.randperm(len(labels), generator=self.generator)
-            images, labels = images[shuffle], labels[shuffle]
-            last = start + self.shards_in_memory >= len(order)
-            full = len(labels) if last else len(labels) - len(labels) % self.batch_size
-            for batch in range(0, full, self.batch_size):
-                end = batch + self.batch_size
-                yield images[batch:end], labels[batch:end]
-            images, labels = images[full:], labels[full:]
 
 
 def _read_npy(filesystem: fsspec.AbstractFileSystem, path: str) -> np.ndarray:

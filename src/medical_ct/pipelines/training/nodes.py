@@ -25,8 +25,8 @@ from medical_ct.calibration import (
     fit_temperature,
 )
 from medical_ct.model import TrainingSkipped, build_classifier
+from medical_ct.pipelines.training.stream import ShardStream
 from medical_ct.registry import RegisteredClassifier, RegisteredVersion
-from medical_ct.shards import ShardStream
 
 logger = logging.getLogger(__name__)
 

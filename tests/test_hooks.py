@@ -1,0 +1,49 @@
+"""The hooks: each parameter group's check is found, and imported only by runs that use it."""
+
+import json
+import pkgutil
+import subprocess
+import sys
+
+from medical_ct.hooks import PARAMETER_CHECKS
+from tests.conftest import PROJECT_ROOT
+
+
+def test_every_parameter_check_names_a_function():
+    """The checks are named as strings (imported on demand): a renamed function must fail
+    here, not in the first run that happens to use its group."""
+    for group, check in PARAMETER_CHECKS.items():
+        assert callable(pkgutil.resolve_name(check)), group
+
+
+# What `kedro run --pipeline data_processing` imports of the project: its pipeline (Kedro
+# imports only the requested one), the catalog's dataset classes and the hooks with the
+# checks of the parameter groups the pipeline uses.
+DATA_PROCESSING_IMPORTS = """
+import json, pkgutil, sys
+from pathlib import Path
+from kedro.framework.project import pipelines
+from kedro.framework.startup import bootstrap_project
+bootstrap_project(Path(sys.argv[1]))
+pipelines.set_requested(["data_processing"])
+used = pipelines["data_processing"].inputs()
+from medical_ct import changes, datasets, hooks, shards
+for group, check in hooks.PARAMETER_CHECKS.items():
+    if group in used:
+        pkgutil.resolve_name(check)
+print(json.dumps(sorted({"torch", "scipy.stats", "sklearn"} & sys.modules.keys())))
+"""
+
+
+def test_a_data_processing_run_does_not_import_torch():
+    """Decoding and splitting need no torch, scipy.stats or scikit-learn: importing them cost every
+    data_processing process (a weekly rerun, each of its Airflow tasks) about 5 s of start-up."""
+    result = subprocess.run(
+        [sys.executable, "-c", DATA_PROCESSING_IMPORTS, str(PROJECT_ROOT)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
+    assert json.loads(result.stdout.splitlines()[-1]) == []
