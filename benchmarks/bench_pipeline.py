@@ -55,6 +55,18 @@ def _augmented(**values: object) -> dict[str, object]:
     return {f"{prefix}enabled": "true", **{prefix + key: value for key, value in values.items()}}
 
 
+def _framing(share: float) -> dict[str, object]:
+    """Framing alone on ``share`` of the images: a picture of 0.4-0.85 of the side on a grey."""
+    return _augmented(
+        max_rotation_degrees=0,
+        max_shift_pixels=0,
+        max_zoom=0,
+        frame_probability=1,
+        frame_size=0.4,
+        probability=share,
+    )
+
+
 # Training parameters of each variant on top of conf/base (kedro --params keys and values).
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
@@ -86,23 +98,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
     # Framing only, 4 epochs like the default: a quarter of the images as a smaller picture on a
     # plain grey, as the hands the default calls CXR are (README: the error study).
-    "augment-frame": _augmented(
-        max_rotation_degrees=0,
-        max_shift_pixels=0,
-        max_zoom=0,
-        frame_probability=1,
-        frame_size=0.4,
-        probability=0.25,
-    ),
-    # The same with one image in ten framed: a quarter fixed the framed hands and cost others.
-    "augment-frame-10": _augmented(
-        max_rotation_degrees=0,
-        max_shift_pixels=0,
-        max_zoom=0,
-        frame_probability=1,
-        frame_size=0.4,
-        probability=0.1,
-    ),
+    "augment-frame": _framing(share=0.25),
+    # One image in ten framed: a quarter fixed the framed hands and cost other X-rays.
+    "augment-frame-10": _framing(share=0.1),
     # One more epoch, no augmentation: what the fifth epoch alone buys.
     "5-epochs": {"training.max_epochs": 5, "training.augmentation.enabled": "false"},
     # A wider small CNN (24 channels in the first block, 16 by default): about 2.25x the
