@@ -28,9 +28,13 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/kedro run $(RUN_ARGS)
 
+# Test files spread over TEST_WORKERS processes (pytest-xdist): the suite waits on servers and
+# subprocesses as much as it computes, so two workers keep both cores busy. One file stays on
+# one worker, so a module's servers and trained projects are made once.
+TEST_WORKERS ?= 2
 test: install chromium prometheus
 	$(BIN)/ruff check .
-	$(BIN)/pytest --durations=25
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
