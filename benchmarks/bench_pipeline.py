@@ -106,6 +106,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     # A wider small CNN (24 channels in the first block, 16 by default): about 2.25x the
     # convolutions' work, for the errors a wider model may not make.
     "width-24": {"training.width": 24},
+    # Global average and max pooling side by side: a small hand on a light box keeps its
+    # strongest features instead of having them averaged with the background.
+    "avg-max-pool": {"training.pooling": "avg_max"},
 }
 
 

@@ -13,7 +13,7 @@ from medical_ct.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
-from medical_ct.model import build_classifier, predict_probabilities
+from medical_ct.model import AvgMaxPool, build_classifier, predict_probabilities
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
 from medical_ct.pipelines.training import nodes as training_nodes
 from medical_ct.pipelines.training.nodes import TrainingParams, train_model
@@ -187,6 +187,7 @@ def test_training_parameters_are_checked_once_into_a_typed_object():
         ({"max_epoch": 3}, r"unknown keys \['max_epoch'\]; known: architecture, width"),
         ({"weight_decay": -0.1}, "weight_decay must be a number >= 0, got -0.1"),
         ({"width": "16"}, "width must be a positive integer, got '16'"),
+        ({"pooling": "median"}, "pooling must be one of avg, avg_max, got 'median'"),
         ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
     ],
 )
@@ -287,6 +288,19 @@ def test_divergence_is_a_clear_error(model_input):
 
 def test_torchvision_architectures_take_grayscale_input():
     model = build_classifier("resnet18", num_classes=6).eval()
+    images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    assert predict_probabilities(model, images).shape == (2, 6)
+
+
+def test_avg_max_pooling_keeps_a_small_objects_response_that_averaging_dilutes():
+    features = torch.zeros(1, 2, 8, 8)
+    features[0, 0, 3, 4] = 64.0  # one strong response: a small object
+    features[0, 1] = 1.0  # a response everywhere: the background
+
+    pooled = AvgMaxPool()(features)
+
+    assert pooled.tolist() == [[1.0, 1.0, 64.0, 1.0]]  # averages, then maxima
+    model = build_classifier("small_cnn", num_classes=6, width=4, pooling="avg_max").eval()
     images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
     assert predict_probabilities(model, images).shape == (2, 6)
 

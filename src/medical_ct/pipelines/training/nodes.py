@@ -24,7 +24,7 @@ from medical_ct.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
-from medical_ct.model import TrainingSkipped, build_classifier
+from medical_ct.model import POOLINGS, TrainingSkipped, build_classifier
 from medical_ct.pipelines.training.stream import ShardStream
 from medical_ct.registry import RegisteredClassifier, RegisteredVersion
 
@@ -200,7 +200,7 @@ def train_model(
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     device = _select_device(params.device)
-    model = build_classifier(params.architecture, len(class_names), params.width)
+    model = build_classifier(params.architecture, len(class_names), params.width, params.pooling)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -437,6 +437,7 @@ class TrainingParams:
     learning_rate: float
     seed: int
     weight_decay: float = 0.0
+    pooling: str = "avg"
     device: str = "auto"
     num_threads: int = 0
     data_path: str = "auto"
@@ -465,6 +466,10 @@ class TrainingParams:
             problems.append(
                 "architecture must be small_cnn or a torchvision model name, got "
                 f"{training.get('architecture')!r}"
+            )
+        if training.get("pooling", "avg") not in POOLINGS:
+            problems.append(
+                f"pooling must be one of {', '.join(POOLINGS)}, got {training.get('pooling')!r}"
             )
         if not isinstance(training.get("device", "auto"), str):
             problems.append(f"device must be auto, cpu or cuda[:N], got {training['device']!r}")
