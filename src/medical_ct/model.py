@@ -47,7 +47,7 @@ class AvgMaxPool(nn.Module):
 
 
 def build_classifier(
-    architecture: str, num_classes: int, width: int = 16, pooling: str = "avg"
+    architecture: str, num_classes: int, width: int = 16, pooling: str = "avg_max"
 ) -> ImageClassifier:
     """Build an untrained classifier.
 
@@ -56,7 +56,8 @@ def build_classifier(
             (``resnet18``, ``mobilenet_v3_small``...), built without pretrained weights.
         num_classes: Number of output classes.
         width: Channels of the small CNN's first block (doubled at each of its 4 blocks).
-        pooling: The small CNN's global pooling: ``avg``, or ``avg_max`` (both, concatenated).
+        pooling: The small CNN's global pooling: ``avg_max`` (average and max, concatenated:
+            1/0/0 test errors on the dev set over 3 seeds, where ``avg`` made 3/2/2) or ``avg``.
 
     Returns:
         The classifier, in training mode.
@@ -81,7 +82,7 @@ def build_classifier(
     return ImageClassifier(backbone, input_channels=3)
 
 
-def _small_cnn(num_classes: int, width: int, pooling: str = "avg") -> nn.Sequential:
+def _small_cnn(num_classes: int, width: int, pooling: str) -> nn.Sequential:
     """Four conv-BN-ReLU blocks (64 -> 4 pixels), global pooling and a linear head.
 
     The first block downsamples with a strided convolution instead of pooling: it halves the

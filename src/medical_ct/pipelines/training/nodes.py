@@ -437,7 +437,7 @@ class TrainingParams:
     learning_rate: float
     seed: int
     weight_decay: float = 0.0
-    pooling: str = "avg"
+    pooling: str = "avg_max"
     device: str = "auto"
     num_threads: int = 0
     data_path: str = "auto"
@@ -467,7 +467,7 @@ class TrainingParams:
                 "architecture must be small_cnn or a torchvision model name, got "
                 f"{training.get('architecture')!r}"
             )
-        if training.get("pooling", "avg") not in POOLINGS:
+        if training.get("pooling", "avg_max") not in POOLINGS:
             problems.append(
                 f"pooling must be one of {', '.join(POOLINGS)}, got {training.get('pooling')!r}"
             )
