@@ -13,7 +13,12 @@ from medical_ct.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
-from medical_ct.model import AvgMaxPool, build_classifier, predict_probabilities
+from medical_ct.model import (
+    AvgMaxPool,
+    build_classifier,
+    feature_extractor,
+    predict_probabilities,
+)
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
 from medical_ct.pipelines.training import nodes as training_nodes
 from medical_ct.pipelines.training.nodes import TrainingParams, train_model
@@ -303,6 +308,22 @@ def test_avg_max_pooling_keeps_a_small_objects_response_that_averaging_dilutes()
     model = build_classifier("small_cnn", num_classes=6, width=4, pooling="avg_max").eval()
     images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
     assert predict_probabilities(model, images).shape == (2, 6)
+
+
+def test_features_of_an_avg_max_model_are_its_average_pooling_as_module_and_exported():
+    """Review's out-of-distribution flag and monitoring's drift measure these features."""
+    model = build_classifier("small_cnn", num_classes=6, width=4, pooling="avg_max").eval()
+    images = torch.randint(0, 256, (3, 1, 64, 64), dtype=torch.uint8)
+    pool = next(module for module in model.modules() if isinstance(module, AvgMaxPool))
+    averages = []
+    pool.register_forward_hook(lambda _m, inputs, _o: averages.append(inputs[0].mean((2, 3))))
+
+    from_module = feature_extractor(model)(images)
+    from_graph = feature_extractor(torch.export.export(model, (images,)).module())(images)
+
+    assert from_module.shape == (3, 32)  # the last block's 32 channels, not 64
+    torch.testing.assert_close(from_module, averages[0])
+    torch.testing.assert_close(from_graph, from_module)
 
 
 def overconfident_logits(seed: int = 0, images: int = 2000, accuracy: float = 0.7):
