@@ -103,11 +103,10 @@ def _small_cnn(num_classes: int, width: int, pooling: str) -> nn.Sequential:
         channels_in = channels_out
     assert IMAGE_SIZE % 2**4 == 0, "the small CNN halves the image four times"
     if pooling == "avg_max":
-        head = [AvgMaxPool(), nn.Dropout(0.1), nn.Linear(2 * channels_in, num_classes)]
+        pool, features = [AvgMaxPool()], 2 * channels_in
     else:
-        head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1)]
-        head.append(nn.Linear(channels_in, num_classes))
-    return nn.Sequential(*blocks, *head)
+        pool, features = [nn.AdaptiveAvgPool2d(1), nn.Flatten()], channels_in
+    return nn.Sequential(*blocks, *pool, nn.Dropout(0.1), nn.Linear(features, num_classes))
 
 
 @torch.inference_mode()
