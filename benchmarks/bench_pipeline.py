@@ -42,8 +42,9 @@ from torch import nn
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
-from medical_ct.augmentation import AugmentationParams, augment_batch
+from medical_ct.augmentation import augment_batch
 from medical_ct.model import build_classifier
+from medical_ct.pipelines.training.nodes import TrainingParams
 from medical_ct.shards import ModelInputDataset
 
 DEV_ARCHIVE = PROJECT_ROOT / "../shared/data/mednist/MedNIST-dev.tar.gz"
@@ -144,30 +145,30 @@ def bare_training_loop(data_dir: Path, params: dict, epochs: int) -> float:
         for split in ("train", "validation")
     )
     class_names = json.loads((data_dir / "class_names.json").read_text())
+    settings = TrainingParams.from_params(params)
     started = time.perf_counter()
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(settings.seed)
     model = build_classifier(
-        params["architecture"], len(class_names), params["width"], params["pooling"]
+        settings.architecture, len(class_names), settings.width, settings.pooling
     )
     model = model.to(memory_format=torch.channels_last)
     images = torch.from_numpy(train["images"]).contiguous(memory_format=torch.channels_last)
     labels = torch.from_numpy(train["labels"])
-    batch = params["batch_size"]
+    batch = settings.batch_size
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=params["learning_rate"], weight_decay=params["weight_decay"]
+        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    augmentation = AugmentationParams.from_params(params.get("augmentation"))
-    generator = torch.Generator().manual_seed(params["seed"] + 1)
-    steps = params["max_epochs"] * -(-len(labels) // batch)
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    steps = settings.max_epochs * -(-len(labels) // batch)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=params["learning_rate"], total_steps=steps
+        optimizer, max_lr=settings.learning_rate, total_steps=steps
     )
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(labels))
         for start in range(0, len(labels), batch):
             index = order[start : start + batch]
-            batch_images = augment_batch(images[index], augmentation, generator)
+            batch_images = augment_batch(images[index], settings.augmentation, generator)
             batch_images = batch_images.contiguous(memory_format=torch.channels_last)
             loss = nn.functional.cross_entropy(model(batch_images), labels[index])
             optimizer.zero_grad(set_to_none=True)

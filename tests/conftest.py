@@ -271,8 +271,6 @@ def bentoml_server(
 
     Yields the base URL once ``/livez`` answers; the server's output is shown on failure.
     """
-    import httpx
-
     port = free_port()
     log_path = project / f"bentoml-serve-{port}.log"
     # A BentoML home per server: two servers sharing one would wipe each other's metrics.
@@ -290,18 +288,7 @@ def bentoml_server(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"bentoml serve exited {server.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/livez", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve did not start:\n{log_path.read_text()[-5000:]}")
-            time.sleep(0.5)
+        wait_until_answers(f"{url}/livez", server, log_path, timeout=120)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -311,6 +298,28 @@ def bentoml_server(
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def wait_until_answers(
+    url: str, process: subprocess.Popen, log: Path, timeout: float, interval: float = 0.5
+) -> None:
+    """Until ``url`` answers 200; fails with ``process``'s log if it exits or ``timeout`` passes.
+
+    For the servers the tests start (bentoml serve, Prometheus, airflow standalone).
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            output = log.read_text()[-5000:]
+            pytest.fail(f"{url}: its server exited {process.returncode}:\n{output}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer within {timeout} s:\n{log.read_text()[-5000:]}")
+        time.sleep(interval)
 
 
 def jpeg(image: bytes, name: str = "image.jpeg") -> tuple[str, bytes, str]:

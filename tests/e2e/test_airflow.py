@@ -41,6 +41,7 @@ from tests.conftest import (
     s3_with_bucket,
     upload_images,
     wait_ready,
+    wait_until_answers,
 )
 
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
@@ -324,7 +325,7 @@ def first_week_under_the_scheduler(project: WeeklyProject, log: Path) -> dict:
         # connections; under load the API server took 19 s to listen, so unpause only then
         # (as a user does, in the UI that server serves).
         base = f"http://localhost:{api_port}"
-        wait_for_url(f"{base}/execution/health", log, timeout=180)
+        wait_until_answers(f"{base}/execution/health", standalone, log, timeout=180, interval=1)
         assert_airflow_ok(run_airflow(env, "dags", "unpause", DAG_ID))  # the README's command
         with admin_client(base, Path(env["AIRFLOW_HOME"])) as api:
             # 14 tasks, ~10-30 s each under the scheduler here: 190 s to 470 s measured.
@@ -494,17 +495,6 @@ def test_feedback_to_the_service_is_trained_on_and_served_by_the_next_dag_run(we
 
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def wait_for_url(url: str, log: Path, timeout: float) -> None:
-    """Until ``url`` answers 200 (the server's log is shown if it never does)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        time.sleep(1)
-    pytest.fail(f"{url} did not answer within {timeout} s\n{log.read_text()[-5000:]}")
 
 
 def admin_client(base: str, airflow_home: Path) -> httpx.Client:

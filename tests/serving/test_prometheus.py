@@ -21,6 +21,7 @@ from tests.conftest import (
     free_port,
     jpeg,
     wait_ready,
+    wait_until_answers,
 )
 
 pytestmark = pytest.mark.e2e  # real servers and kedro runs
@@ -68,23 +69,12 @@ def prometheus(service, tmp_path_factory) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{url}/-/ready"):
-            assert server.poll() is None, (folder / "prometheus.log").read_text()
-            assert time.monotonic() < deadline, (folder / "prometheus.log").read_text()
-            time.sleep(0.5)
+        wait_until_answers(f"{url}/-/ready", server, folder / "prometheus.log", timeout=60)
         yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def query(prometheus: str, expr: str) -> list[dict]:
