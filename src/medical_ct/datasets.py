@@ -4,6 +4,7 @@ copied to MLflow from any store, and registered models."""
 import json
 import os
 import posixpath
+import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -422,6 +423,29 @@ class PredictionLogDataset(OptionalPartitionedDataset):
         kwargs.setdefault("dataset", {"type": "pandas.ParquetDataset"})
         kwargs.setdefault("filename_suffix", ".parquet")
         super().__init__(path=path, **kwargs)
+
+    def save(self, data: dict[str, pd.DataFrame]) -> None:
+        """Add the files of ``data``, each visible whole or not at all.
+
+        Other workers, monitoring and review list and read the log while a worker writes: a
+        local file is written under a name no listing takes (no ``.parquet`` suffix), then
+        renamed into place, which is atomic. An object store's PUT already is.
+        """
+        if not isinstance(self._filesystem, LocalFileSystem):
+            super().save(data)
+            return
+        for partition_id, records in data.items():
+            final = self._partition_to_path(partition_id)
+            temporary = f"{final}.{secrets.token_hex(4)}.partial"
+            config = {**self._dataset_config, self._filepath_arg: temporary}
+            try:
+                self._dataset_type(**config).save(records)
+                self._filesystem.mv(temporary, final)
+            except Exception:
+                if self._filesystem.exists(temporary):  # a full disk: leave no debris
+                    self._filesystem.rm(temporary)
+                raise
+        self._invalidate_caches()
 
     def hour_partitions(self, hour: str) -> dict[str, Callable[[], Any]]:
         """The partitions of one ``hour`` (``date=YYYY-MM-DD/hour=HH``), listing nothing else."""

@@ -1,5 +1,6 @@
 """The prediction log in process: records, partitions, ids across writers, a store that fails."""
 
+import threading
 import time
 
 import numpy as np
@@ -148,6 +149,38 @@ def test_records_survive_a_store_that_refuses_writes(tmp_path):
     assert log.flush() == 1
     log.close()
     assert len(next(iter(PredictionLogDataset(path=str(blocked)).load().values()))()) == 1
+
+
+def test_a_reader_never_sees_a_half_written_file(dataset, tmp_path):
+    """Monitoring, review and /feedback of other workers read the log while a worker flushes:
+    a file appears whole or not at all (a half-written Parquet file failed a /feedback)."""
+    log = open_log(dataset)
+    stop, read_errors, files_read = threading.Event(), [], []
+
+    def read_while_writing() -> None:
+        while not stop.is_set():
+            for load in dataset.load().values():
+                try:
+                    files_read.append(len(load()))
+                except Exception as error:  # any torn read fails the test
+                    read_errors.append(error)
+
+    reader = threading.Thread(target=read_while_writing)
+    reader.start()
+    try:
+        for flush in range(20):
+            for seed in range(300):
+                log.append(new_prediction_id(), result(), pixels(flush * 300 + seed))
+            assert log.flush() == 300
+    finally:
+        stop.set()
+        reader.join()
+        log.close()
+
+    assert read_errors == []
+    assert files_read and set(files_read) == {300}
+    written = [path for path in (tmp_path / "prediction_log").rglob("*") if path.is_file()]
+    assert len(written) == 20 and all(path.suffix == ".parquet" for path in written)
 
 
 LOG = {"flush_interval_s": 1.0, "log_pixels": True, "enabled": True}
