@@ -223,25 +223,29 @@ def print_full_run(full_seconds: float, metrics: dict[str, float], epochs: int) 
 
 
 def print_variants(results: dict[str, list[dict]], full_seconds: float) -> None:
-    print("\nvariant        seed  errors  run s  train_model s  epochs  epoch s  load before/after")
+    width = max(14, *(len(name) for name in results))
+    print(
+        f"\n{'variant':{width}s} seed  errors  run s  train_model s  epochs  epoch s  "
+        "load before/after"
+    )
     for name, runs in results.items():
         for run in runs:
             print(
-                f"{name:14s} {run['seed']:4d}  {run['errors']:6d}  {run['wall_s']:5.0f}  "
+                f"{name:{width}s} {run['seed']:4d}  {run['errors']:6d}  {run['wall_s']:5.0f}  "
                 f"{run['train_s']:13.1f}  {run['epochs']:6d}  {run['epoch_s']:7.1f}  "
                 f"{run['load_before']:.2f} / {run['load_after']:.2f}"
             )
     reference = results.get("default")
     reference_train = statistics.mean(r["train_s"] for r in reference) if reference else None
     print(
-        "\nvariant        mean errors  per seed      mean train_model s  vs default  "
+        f"\n{'variant':{width}s} mean errors  per seed      mean train_model s  vs default  "
         "(VARIANTS: parameters)"
     )
     for name, runs in results.items():
         train = statistics.mean(r["train_s"] for r in runs)
         ratio = f"{train / reference_train:11.2f}" if reference_train else " " * 11
         print(
-            f"{name:14s} {statistics.mean(r['errors'] for r in runs):11.2f}  "
+            f"{name:{width}s} {statistics.mean(r['errors'] for r in runs):11.2f}  "
             f"{'/'.join(str(r['errors']) for r in runs):12s}  {train:18.1f}  {ratio}  "
             f"({overrides(name) or 'conf/base'})"
         )
