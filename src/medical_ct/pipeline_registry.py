@@ -16,12 +16,17 @@ FIRST_TRAINING_NODE = "decide_training"
 def register_pipelines() -> dict[str, Pipeline]:
     """Register the project's pipelines.
 
+    Every node is tagged with the name of its pipeline: the weekly DAG runs each task from
+    that pipeline alone (Kedro then imports only its modules), and ``kedro viz`` filters by it.
+
     Returns:
         A mapping from pipeline names to ``Pipeline`` objects; ``__default__`` runs the
         weekly ones (monitoring, data_processing, training, evaluation), not ``rollback`` or
         ``rebuild``.
     """
-    pipelines = find_pipelines(raise_errors=True)
+    pipelines = {
+        name: pipeline.tag(name) for name, pipeline in find_pipelines(raise_errors=True).items()
+    }
     pipelines["__default__"] = default_pipeline(pipelines)
     return pipelines
 
