@@ -140,7 +140,7 @@ BAD_PARAMETERS = {
     "champion_gate.min_accuracy=2": "champion_gate.min_accuracy must be in [0, 1]",
     "data_processing.split.test_fraction=0.95": "leave room for training",
     "data_processing.full_rescan=maybe": "full_rescan must be true or false",
-    "training.data_path=disk": "data_path must be auto, memory or stream",
+    "training.data_path=disk": "data_path must be one of auto, memory, stream",
     "training.augmentation.max_zoom=0.9": (
         "augmentation.max_zoom must be a number in [0, 0.5], got 0.9"
     ),

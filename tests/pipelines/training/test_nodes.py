@@ -179,7 +179,7 @@ def test_training_parameters_are_checked_once_into_a_typed_object():
         ({"batch_size": "64"}, "batch_size must be a positive integer"),
         ({"learning_rate": -1}, "learning_rate must be a positive number"),
         ({"architecture": "no_such_net"}, "unknown architecture 'no_such_net'"),
-        ({"data_path": "disk"}, "data_path must be auto, memory or stream"),
+        ({"data_path": "disk"}, "data_path must be one of auto, memory, stream, got 'disk'"),
         ({"shards_in_memory": 0}, "shards_in_memory must be a positive integer"),
         ({"stream_above_images": "big"}, "stream_above_images must be a positive integer"),
         (
@@ -193,6 +193,7 @@ def test_training_parameters_are_checked_once_into_a_typed_object():
         ({"weight_decay": -0.1}, "weight_decay must be a number >= 0, got -0.1"),
         ({"width": "16"}, "width must be a positive integer, got '16'"),
         ({"pooling": "median"}, "pooling must be one of avg, avg_max, got 'median'"),
+        ({"stem": "pool"}, "stem must be one of conv, conv_pool, got 'pool'"),
         ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
     ],
 )
@@ -295,6 +296,22 @@ def test_torchvision_architectures_take_grayscale_input():
     model = build_classifier("resnet18", num_classes=6).eval()
     images = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
     assert predict_probabilities(model, images).shape == (2, 6)
+
+
+@pytest.mark.parametrize(
+    ("stem", "sides"), [("conv", [64, 32, 16, 8]), ("conv_pool", [64, 16, 8, 4])]
+)
+def test_a_pooling_stem_gives_blocks_two_to_four_a_quarter_of_the_pixels(stem, sides):
+    model = build_classifier("small_cnn", num_classes=6, width=4, stem=stem).eval()
+    seen = []
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Conv2d):
+            layer.register_forward_hook(lambda _, inputs, __: seen.append(inputs[0].shape[-1]))
+
+    logits = model(torch.zeros(2, 1, 64, 64, dtype=torch.uint8))
+
+    assert seen == sides  # the side of each block's input
+    assert logits.shape == (2, 6)
 
 
 def test_avg_max_pooling_keeps_a_small_objects_response_that_averaging_dilutes():

@@ -24,7 +24,7 @@ from medical_ct.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
-from medical_ct.model import POOLINGS, TrainingSkipped, build_classifier
+from medical_ct.model import POOLINGS, STEMS, TrainingSkipped, build_classifier
 from medical_ct.pipelines.training.stream import ShardStream
 from medical_ct.registry import RegisteredClassifier, RegisteredVersion
 
@@ -200,7 +200,9 @@ def train_model(
     if params.num_threads:
         torch.set_num_threads(params.num_threads)
     device = _select_device(params.device)
-    model = build_classifier(params.architecture, len(class_names), params.width, params.pooling)
+    model = build_classifier(
+        params.architecture, len(class_names), params.width, params.pooling, params.stem
+    )
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -421,6 +423,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+DATA_PATHS = ("auto", "memory", "stream")
+
+
 @dataclass(frozen=True)
 class TrainingParams:
     """The ``training`` parameters, checked once (every problem listed in one error).
@@ -438,6 +443,7 @@ class TrainingParams:
     seed: int
     weight_decay: float = 0.0
     pooling: str = "avg_max"
+    stem: str = "conv"
     device: str = "auto"
     num_threads: int = 0
     data_path: str = "auto"
@@ -467,16 +473,13 @@ class TrainingParams:
                 "architecture must be small_cnn or a torchvision model name, got "
                 f"{training.get('architecture')!r}"
             )
-        if training.get("pooling", "avg_max") not in POOLINGS:
-            problems.append(
-                f"pooling must be one of {', '.join(POOLINGS)}, got {training.get('pooling')!r}"
-            )
+        for key, choices in (("pooling", POOLINGS), ("stem", STEMS), ("data_path", DATA_PATHS)):
+            if training.get(key, cls.__dataclass_fields__[key].default) not in choices:
+                problems.append(
+                    f"{key} must be one of {', '.join(choices)}, got {training.get(key)!r}"
+                )
         if not isinstance(training.get("device", "auto"), str):
             problems.append(f"device must be auto, cpu or cuda[:N], got {training['device']!r}")
-        if training.get("data_path", "auto") not in ("auto", "memory", "stream"):
-            problems.append(
-                f"data_path must be auto, memory or stream, got {training.get('data_path')!r}"
-            )
         problems += augmentation_problems(training.get("augmentation"))
         unknown = sorted(set(training) - set(cls.__dataclass_fields__))
         if unknown:
