@@ -70,7 +70,9 @@ def _framing(share: float) -> dict[str, object]:
 
 # Training parameters of each variant on top of conf/base (kedro --params keys and values).
 # The error counts in the comments were measured on top of the default of their day: global
-# average pooling until 2026-12-02, avg_max since (the variants now run with avg_max).
+# average pooling until 2026-12-02, avg_max since; the conv stem until 2026-12-02 09:36,
+# conv_pool since (the variants now run with both). width-24 was measured with the conv stem
+# (1.91x, 3/1/3 errors) and, in a run named stem-pool-width-24, with conv_pool (2/2/1, 1.96x).
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     # Geometry only, mild, 5 epochs: 3 errors on seed 42 (README).
@@ -110,14 +112,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     # convolutions' work, for the errors a wider model may not make.
     "width-24": {"training.width": 24},
     # Narrower, for issue 12's 150 s: a training step of width 8 takes 0.38x width 16's on
-    # this CPU (62 against 165 ms a batch of 128, channels_last), width 12 0.75x.
+    # this CPU (62 against 165 ms a batch of 128, channels_last), width 12 0.75x. With the
+    # conv stem: 2/4/4 and 2/3/3 errors (the conv_pool stem made the time at 1/1/1).
     "width-8": {"training.width": 8},
     "width-12-3-epochs": {"training.width": 12, "training.max_epochs": 3},
-    # A stem that pools too (64 -> 16 pixels before block 2, as ResNet's): a training step
-    # 0.25-0.3x the default's on this CPU (47-58 against 197-205 ms a 128-image batch);
-    # with 24 channels for the capacity the lower resolution may cost.
-    "stem-pool": {"training.stem": "conv_pool"},
-    "stem-pool-width-24": {"training.stem": "conv_pool", "training.width": 24},
+    # The stem without its max pool, the default until 2026-12-02 09:36 (blocks 2-4 on 32, 16
+    # and 8 pixels; 1/0/0 errors over seeds 42/1/2, train_model 3.2x conv_pool's 1/1/1).
+    "stem-conv": {"training.stem": "conv"},
     # Global average pooling alone, the default before avg_max (3/2/2 errors over seeds
     # 42/1/2; avg_max, the default since: 1/0/0).
     "avg-pool": {"training.pooling": "avg"},

@@ -54,8 +54,12 @@ def model_input(sample_dir):
 
 
 def test_training_learns_logs_history_and_returns_a_cpu_model(model_input):
+    """Six epochs: after three the sample's model is right on 65-70% of the validation split,
+    underconfident beyond what the temperature grid's floor (0.5) can sharpen, and whether
+    the floor's temperature lowers the ECE of 49 images is then a coin toss."""
     train, validation, _, class_names, _ = model_input
-    model, history, calibration = train_model(train, validation, class_names, PARAMS, CALIBRATION)
+    params = {**PARAMS, "max_epochs": 6, "patience": 6}
+    model, history, calibration = train_model(train, validation, class_names, params, CALIBRATION)
 
     assert isinstance(model, CalibratedClassifier)
     assert model.temperature.item() == pytest.approx(calibration["temperature"])
@@ -67,7 +71,7 @@ def test_training_learns_logs_history_and_returns_a_cpu_model(model_input):
     assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "best_epoch"} <= set(
         history
     )
-    assert [point["step"] for point in history["val_accuracy"]] == [1, 2, 3]
+    assert [point["step"] for point in history["val_accuracy"]] == [1, 2, 3, 4, 5, 6]
     assert history["train_loss"][-1]["value"] < history["train_loss"][0]["value"]
     accuracy = predict_probabilities(model, validation["images"]).argmax(1) == validation["labels"]
     assert accuracy.mean() > 0.6
@@ -193,7 +197,7 @@ def test_training_parameters_are_checked_once_into_a_typed_object():
         ({"weight_decay": -0.1}, "weight_decay must be a number >= 0, got -0.1"),
         ({"width": "16"}, "width must be a positive integer, got '16'"),
         ({"pooling": "median"}, "pooling must be one of avg, avg_max, got 'median'"),
-        ({"stem": "pool"}, "stem must be one of conv, conv_pool, got 'pool'"),
+        ({"stem": "pool"}, "stem must be one of conv_pool, conv, got 'pool'"),
         ({"device": "cuda:7"} if not torch.cuda.is_available() else {"device": "tpu"}, "device"),
     ],
 )

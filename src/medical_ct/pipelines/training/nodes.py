@@ -443,7 +443,7 @@ class TrainingParams:
     seed: int
     weight_decay: float = 0.0
     pooling: str = "avg_max"
-    stem: str = "conv"
+    stem: str = "conv_pool"
     device: str = "auto"
     num_threads: int = 0
     data_path: str = "auto"
