@@ -43,9 +43,22 @@ PLOTS = {"class_mix.png", "confidence.png", "drift_history.png", "unusual_images
 
 @pytest.fixture(scope="module")
 def project(trained_project, tmp_path_factory) -> Path:
-    """A copy of the trained project: the session's one stays as the default run left it."""
+    """A copy of the trained project: the session's one stays as the default run left it.
+
+    Its low-confidence limit is 50%, not 20%: the sample champion's review threshold comes
+    from about 22 validation images, where one confident error puts it near 1 (0.999 in one
+    run), and a quarter of its answers on unseen dev images then fall under it. That alert
+    would be about the sample champion, not the stream; this module tests drift, and the
+    low-confidence alert is tested with known confidences in pipelines/monitoring/.
+    """
     copy = tmp_path_factory.mktemp("monitoring") / "project"
     shutil.copytree(trained_project, copy)
+    parameters = copy / "conf/base/parameters_monitoring.yml"
+    text = parameters.read_text()
+    assert "max_low_confidence_share: 0.2" in text
+    parameters.write_text(
+        text.replace("max_low_confidence_share: 0.2", "max_low_confidence_share: 0.5")
+    )
     return copy
 
 

@@ -12,8 +12,10 @@ Measured on the 240-image sample with a sample-trained champion (reference: half
 sample). With average pooling (the default until 2026-12-02): held-out sample images
 0.2-1.8, inverted images 2.0-2.3, images with Gaussian noise (sigma 40) 1.7-1.9, uniform
 noise 4.2-4.7. With avg_max pooling (the default since; the average part of its features):
-held-out 0.2-1.3, inverted 0.8-2.6 (3 of 12 over 2.0), uniform noise 3.0. Raw 16x16
-thumbnails separated none of these (all 0.5-1.2): the features are the model's.
+held-out 0.2-1.3, inverted 0.8-2.6 (3 of 12 over 2.0), uniform noise 3.0; and with the
+conv_pool stem too (the default since 2026-12-02 09:36; the champions of two test
+projects): held-out 0.1-1.5, inverted 0.3-2.4 (2 of 12 over 2.0), uniform noise 2.8-3.4.
+Raw 16x16 thumbnails separated none of these (all 0.5-1.2): the features are the model's.
 """
 
 import logging
