@@ -31,7 +31,7 @@ def run_kedro_nodes(pipeline_name: str, *node_names: str) -> None:
 
     The nodes are run from the pipeline they come from (the tag `make dag` found on them), not
     from `__default__`: Kedro then imports that pipeline's modules only, so a
-    data_processing task does not import torch (about 5 s of every task's start-up). The
+    data_processing task does not import torch (about 5 s of its start-up). The
     order of the tasks is the DAG's, generated from `__default__`.
     """
     project_path = Path(os.environ.get("MEDICAL_CT_PROJECT_DIR") or Path.cwd())

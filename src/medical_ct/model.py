@@ -98,10 +98,10 @@ def build_classifier(
 def _small_cnn(num_classes: int, width: int, pooling: str, stem: str) -> nn.Sequential:
     """Four conv-BN-ReLU blocks (64 -> 4 pixels), global pooling and a linear head.
 
-    The first block downsamples with a strided convolution instead of pooling: it halves the
-    cost of a training step on a CPU with no loss of accuracy on 64x64 MedNIST images. With
-    the ``conv_pool`` stem it max-pools too, and the last block does not: blocks 2-4 work on
-    16, 8 and 4 pixels instead of 32, 16 and 8.
+    The first block downsamples with a strided convolution, not a convolution at full size
+    and a pool: half the cost of a training step on a CPU with no loss of accuracy on 64x64
+    MedNIST images. With the ``conv_pool`` stem (the default) a max pool follows it and the
+    last block does not pool: blocks 2-4 work on 16, 8 and 4 pixels instead of 32, 16 and 8.
     """
     blocks: list[nn.Module] = []
     channels_in = 1
