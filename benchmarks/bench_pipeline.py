@@ -1,16 +1,18 @@
 """Full `kedro run` on the MedNIST dev set: training variants side by side, test errors per seed.
 
     .venv/bin/python benchmarks/bench_pipeline.py [--archive PATH] [--seeds 42,1,2]
-        [--variants default,augment-geometry] [--bare] [--keep]
+        [--variants default,stem-conv] [--bare] [--keep]
 
 1. Serves the tarball from a local HTTP server and runs the whole default pipeline in a fresh
    temporary project (download, md5, extract into the raw store, processing, training,
    evaluation, registration) with the project's default parameters: the end-to-end time.
-2. For each variant (``VARIANTS``: the default, augmentation, more epochs) and each seed, the
-   whole default `kedro run` again on that project with ``retrain_on_same_data=true`` and the
-   variant's training parameters (data processing reuses the decoded pixels; the default's
-   first seed is the fresh run of step 1). Variants are interleaved seed by seed, so a burst
-   of other work on the machine slows every variant, not one.
+2. For each variant (``VARIANTS``: the default, the conv stem, pooling, widths, augmentation,
+   more epochs; by default the default and the conv stem, accuracy against time) and each
+   seed, the whole default `kedro run` again on that project with
+   ``retrain_on_same_data=true`` and the variant's training parameters (data processing
+   reuses the decoded pixels; the default's first seed is the fresh run of step 1). Variants
+   are interleaved seed by seed, so a burst of other work on the machine slows every
+   variant, not one.
 3. Prints, for every run: test errors, wall time, the train_model node's time and its mean
    epoch time, and the load average (`uptime`) before and after; then per variant the mean
    errors over the seeds and the train_model time relative to the default's in the same
@@ -328,7 +330,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seeds", default="42,1,2", help="comma-separated training seeds")
     parser.add_argument(
         "--variants",
-        default="default,augment-geometry",
+        default="default,stem-conv",
         help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     parser.add_argument("--bare", action="store_true", help="also time a bare PyTorch loop")
