@@ -302,10 +302,14 @@ class RegisteredModelDataset(AbstractDataset[None, registry.RegisteredClassifier
 
 
 class OptionalPartitionedDataset(PartitionedDataset):
-    """``PartitionedDataset`` that loads an empty or missing folder as ``{}``.
+    """``PartitionedDataset`` that loads an empty or missing folder as ``{}``, and whose saved
+    files appear whole or not at all.
 
-    For stores another process fills in (the service's feedback metadata): having nothing
-    there yet is normal, not an error.
+    For stores another process fills in (the service's feedback records, the review's audit,
+    the prediction log): having nothing there yet is normal, not an error; and a reader
+    (another worker, the review, monitoring, data_processing) lists them while a writer adds
+    files. A local file is written under a name no listing takes (``filename_suffix``, then
+    ``.partial``) and renamed into place, which is atomic; an object store's PUT already is.
     """
 
     def load(self) -> dict[str, Callable[[], Any]]:
@@ -313,6 +317,26 @@ class OptionalPartitionedDataset(PartitionedDataset):
         if not self.exists():
             return {}
         return super().load()
+
+    def save(self, data: dict[str, Any]) -> None:
+        # Without a suffix a temporary name would be listed too; overwrite removes the folder.
+        in_place = self._overwrite or not self._filename_suffix
+        if in_place or not isinstance(self._filesystem, LocalFileSystem):
+            super().save(data)
+            return
+        for partition_id, content in data.items():
+            final = self._partition_to_path(partition_id)
+            temporary = f"{final}.{secrets.token_hex(4)}.partial"
+            config = {**self._dataset_config, self._filepath_arg: temporary}
+            try:
+                lazy = callable(content) and self._save_lazily
+                self._dataset_type(**config).save(content() if lazy else content)
+                self._filesystem.mv(temporary, final)
+            except Exception:
+                if self._filesystem.exists(temporary):  # a full disk: leave no debris
+                    self._filesystem.rm(temporary)
+                raise
+        self._invalidate_caches()
 
 
 class TableInput(MetaDataset):
@@ -423,29 +447,6 @@ class PredictionLogDataset(OptionalPartitionedDataset):
         kwargs.setdefault("dataset", {"type": "pandas.ParquetDataset"})
         kwargs.setdefault("filename_suffix", ".parquet")
         super().__init__(path=path, **kwargs)
-
-    def save(self, data: dict[str, pd.DataFrame]) -> None:
-        """Add the files of ``data``, each visible whole or not at all.
-
-        Other workers, monitoring and review list and read the log while a worker writes: a
-        local file is written under a name no listing takes (no ``.parquet`` suffix), then
-        renamed into place, which is atomic. An object store's PUT already is.
-        """
-        if not isinstance(self._filesystem, LocalFileSystem):
-            super().save(data)
-            return
-        for partition_id, records in data.items():
-            final = self._partition_to_path(partition_id)
-            temporary = f"{final}.{secrets.token_hex(4)}.partial"
-            config = {**self._dataset_config, self._filepath_arg: temporary}
-            try:
-                self._dataset_type(**config).save(records)
-                self._filesystem.mv(temporary, final)
-            except Exception:
-                if self._filesystem.exists(temporary):  # a full disk: leave no debris
-                    self._filesystem.rm(temporary)
-                raise
-        self._invalidate_caches()
 
     def hour_partitions(self, hour: str) -> dict[str, Callable[[], Any]]:
         """The partitions of one ``hour`` (``date=YYYY-MM-DD/hour=HH``), listing nothing else."""
