@@ -110,12 +110,13 @@ def build_manifest(
     origins = pd.concat([sets[split].index[["source", "file"]] for split in SPLITS])
     manifest = model_input_table(sets, class_names)
     manifest[["source", "file"]] = origins.to_numpy()
-    from_feedback = (manifest["source"] == FEEDBACK).to_numpy()
+    from_feedback = np.flatnonzero((manifest["source"] == FEEDBACK).to_numpy())
+    feedback_files = manifest["file"].iloc[from_feedback]  # a few, among every raw image
     for column, key in (("feedback_id", "feedback_id"), ("review_decision", "decision")):
         values = {file: record.get(key, "") for file, record in feedback.items()}
-        manifest[column] = np.where(
-            from_feedback, manifest["file"].map(values).fillna("").to_numpy(), ""
-        )
+        filled = np.full(len(manifest), "", dtype=object)
+        filled[from_feedback] = feedback_files.map(values).fillna("").to_numpy(dtype=object)
+        manifest[column] = filled
     return manifest[MANIFEST_COLUMNS]
 
 

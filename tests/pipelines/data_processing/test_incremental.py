@@ -89,6 +89,32 @@ def test_a_rerun_reads_decodes_and_writes_only_new_or_changed_files(sample_dir, 
     assert again["rejected"] == first["rejected"]
 
 
+def test_a_rerun_follows_a_change_of_classes_both_ways(sample_dir, tmp_path):
+    """A file rejected for its class last run is decoded once its class is accepted, and a
+    decoded file whose class is no longer accepted is rejected: only bytes-based verdicts and
+    decoded pixels are reused."""
+    reads: list[str] = []
+    files = {
+        key: stored
+        for key, stored in stored_files(sample_dir, reads, count=1000).items()
+        if key.split("/")[0] in ("CXR", "Hand", "HeadCT") and key.endswith(("1.jpeg", "2.jpeg"))
+    }
+    without_hand = {**PARAMS, "classes": [name for name in CLASSES if name != "Hand"]}
+    first = decode_images(files, None, without_hand)
+    hands = sorted(file for file in files if file.startswith("Hand/"))
+    assert hands and [r["file"] for r in first["rejected"]] == hands
+
+    reads.clear()
+    second = decode_images(files, first, PARAMS)
+    assert sorted(reads) == hands and not second["rejected"]
+    assert second["content_hashes"] == decode_images(files, None, PARAMS)["content_hashes"]
+
+    third = decode_images(files, second, without_hand)
+    assert [(r["file"], r["reason"]) for r in third["rejected"]] == [
+        (hand, "unknown class 'Hand'") for hand in hands
+    ]
+
+
 def test_full_rescan_decodes_everything_and_deletes_unreferenced_shards(sample_dir, tmp_path):
     reads: list[str] = []
     files = stored_files(sample_dir, reads, count=8)

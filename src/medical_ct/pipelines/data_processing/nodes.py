@@ -126,8 +126,8 @@ def decode_images(
     in ``classes`` are rejected with a reason, never raised. A file whose store version
     (``partition.version``: size and ETag or modification time) equals the one in
     ``previous``'s index is not read again and its pixels are not loaded: its index row (shard
-    and row of its pixels, or its rejection) is kept, so a rerun reads and decodes only new or
-    changed files, and writes only their shards. ``full_rescan`` decodes every file.
+    and row of its pixels, or its rejection by decoding) is kept, so a rerun reads and decodes
+    only new or changed files, and writes only their shards. ``full_rescan`` decodes every file.
 
     Args:
         partitions: Partition id to a function returning the file's bytes, with ``version``.
@@ -135,127 +135,117 @@ def decode_images(
         data_processing: The parameters (see ``DataProcessingParams``).
 
     Returns:
-        The decoded set: its index (one row per file) and the shards of the files decoded now.
+        The decoded set: its index (one row per file, in file order) and the shards of the
+        files decoded now.
     """
     params = DataProcessingParams.from_params(data_processing)
     accepted = set(params.classes) if params.classes else None
-    files = sorted(partitions)
     if isinstance(partitions, StoredFiles):  # a listing: no StoredFile made per file
-        versions = [partitions.versions[file] for file in files]
+        listing = partitions.versions
     else:
-        versions = [getattr(partitions[file], "version", None) for file in files]
+        listing = {file: getattr(partitions[file], "version", None) for file in partitions}
     if previous is not None and params.full_rescan:
         logger.info("full_rescan: decoding every file again and compacting the shards")
-        previous_rows = np.full(len(files), -1)
-    else:
-        previous_rows = _previous_rows(previous, files, versions)
-    rows, reused_rows, reused_positions, to_decode = _sort_out(
-        files, versions, previous_rows, accepted
-    )
+        previous = None
+    kept = _reusable_rows(previous, listing, accepted)
+    kept_files = previous.index["file"].to_numpy(dtype=object)[kept] if len(kept) else []
     new_pixels: list[np.ndarray] = []
-    for position in tqdm(to_decode, desc="Decoding images", unit=" images"):
-        file, version = files[position], versions[position]
-        label = file.partition("/")[0]
-        try:
-            image = preprocess_image(partitions[file]())
-        except InvalidImageError as error:
-            rows.append(_index_row(position, file, version, label, reason=str(error)))
-            continue
-        digest = content_hash(image)
-        rows.append(_index_row(position, file, version, label, digest, row=len(new_pixels)))
-        new_pixels.append(image)
+    rows = [
+        _decoded_row(file, listing[file], partitions, accepted, new_pixels)
+        for file in tqdm(
+            sorted(listing.keys() - set(kept_files)), desc="Decoding images", unit=" images"
+        )
+    ]
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()
     new_shards = _cut_into_shards(index, new_pixels, params.shard_images)
-    positions = [row["position"] for row in rows]
-    if reused_rows:
-        kept_rows = previous.index.iloc[reused_rows][INDEX_COLUMNS].assign(reused=True)
-        index = pd.concat([index, kept_rows], ignore_index=True)
-        positions += reused_positions
-    # In file order, by position in the sorted listing: sorting the names again costs ~1 s.
-    index = index.iloc[np.argsort(positions, kind="stable")].reset_index(drop=True)
+    if len(kept):
+        reused = previous.index.iloc[kept][INDEX_COLUMNS].assign(reused=True)
+        index = _merged_in_file_order(reused, np.asarray(kept_files, dtype=object), index)
     for _, rejection in index[index["reason"] != ""].iterrows():
         logger.warning("Rejected %s: %s", rejection["file"], rejection["reason"])
     logger.info(
         "Decoded %d files into %d new shards, reused %d decoded by the last run",
-        len(index) - len(reused_rows),
+        len(rows),
         len(new_shards),
-        len(reused_rows),
+        len(kept),
     )
-    kept = set(index.loc[index["shard"] != "", "shard"].unique()) - set(new_shards)
-    shards = {name: functools.partial(previous.load_shard, name) for name in kept}
+    in_use = set(index.loc[index["shard"] != "", "shard"].unique()) - set(new_shards)
+    shards = {name: functools.partial(previous.load_shard, name) for name in in_use}
     return ShardedImages(index, shards, new_shards)
 
 
-def _sort_out(
-    files: list[str], versions: list[str | None], previous_rows: np.ndarray, accepted: set | None
-) -> tuple[list[dict[str, Any]], list[int], list[int], list[int]]:
-    """Sort the listed files out: the index rows of files rejected by their path, last run's
-    index rows to reuse and the positions of their files, and the positions of files to decode.
+NOT_IN_A_CLASS_FOLDER = "not inside a class folder (<Class>/<file>)"
+UNKNOWN_CLASS = "unknown class"
 
-    Plain Python over every file, so a rerun pays little per file it reuses.
+
+def _reusable_rows(
+    previous: ShardedImages | None, listing: dict[str, str | None], accepted: set | None
+) -> np.ndarray:
+    """Rows of last run's index to keep as they are: the file is listed with the same version
+    (no version never matches), its class is accepted, and it was decoded or rejected for its
+    bytes (a rejection for its path costs nothing to make again, and ``classes`` may have
+    changed since).
+
+    One dict lookup per file of the last run: about 0.3 s at 500,000 files.
     """
-    rows: list[dict[str, Any]] = []
-    reused_rows: list[int] = []
-    reused_positions: list[int] = []
-    to_decode: list[int] = []
-    for position, (file, previous_row) in enumerate(
-        zip(files, previous_rows.tolist(), strict=True)
-    ):
-        label, _, name = file.partition("/")
-        if not name:
-            reason = "not inside a class folder (<Class>/<file>)"
-        elif accepted is not None and label not in accepted:
-            reason = f"unknown class {label!r}"
-        elif previous_row >= 0:
-            reused_rows.append(previous_row)
-            reused_positions.append(position)
-            continue
-        else:
-            to_decode.append(position)
-            continue
-        rows.append(_index_row(position, file, versions[position], label, reason=reason))
-    return rows, reused_rows, reused_positions, to_decode
+    if previous is None or previous.index.empty:
+        return np.array([], np.int64)
+    index = previous.index
+    now = map(listing.get, index["file"].tolist())
+    before = index["version"].tolist()
+    same = np.fromiter(
+        (version is not None and version == old for version, old in zip(now, before, strict=True)),
+        bool,
+        len(index),
+    )
+    keep = same & ~index["reason"].str.startswith((NOT_IN_A_CLASS_FOLDER, UNKNOWN_CLASS)).to_numpy()
+    if accepted is not None:
+        keep &= index["label"].isin(accepted).to_numpy()
+    return np.flatnonzero(keep)
 
 
-def _index_row(
-    position: int,
+def _decoded_row(
     file: str,
     version: str | None,
-    label: str,
-    digest: str = "",
-    row: int = -1,
-    reason: str = "",
+    partitions: dict[str, Callable[[], bytes]],
+    accepted: set | None,
+    new_pixels: list[np.ndarray],
 ) -> dict[str, Any]:
-    """A row of a decoded set's index for a file decoded (or rejected) by this run;
-    ``position``, the file's place in the sorted listing, orders the index (not a column)."""
-    return {
-        "position": position,
-        "file": file,
-        "version": version,
-        "label": label,
-        "content_hash": digest,
-        "shard": "",
-        "row": row,
-        "reason": reason,
-        "reused": False,
-    }
+    """The index row of a file read now: rejected for its path or its bytes, or decoded (its
+    pixels appended to ``new_pixels``, the row pointing at them until ``_cut_into_shards``)."""
+    label, _, name = file.partition("/")
+    row = {"file": file, "version": version, "label": label, "content_hash": "", "shard": ""}
+    row |= {"row": -1, "reason": "", "reused": False}
+    if not name:
+        return row | {"reason": NOT_IN_A_CLASS_FOLDER}
+    if accepted is not None and label not in accepted:
+        return row | {"reason": f"{UNKNOWN_CLASS} {label!r}"}
+    try:
+        image = preprocess_image(partitions[file]())
+    except InvalidImageError as error:
+        return row | {"reason": str(error)}
+    new_pixels.append(image)
+    return row | {"content_hash": content_hash(image), "row": len(new_pixels) - 1}
 
 
-def _previous_rows(
-    previous: ShardedImages | None, files: list[str], versions: list[str | None]
-) -> np.ndarray:
-    """For each (file, version), its row in last run's index, or -1 (new, changed, unknown)."""
-    if previous is None or previous.index.empty:
-        return np.full(len(files), -1)
-    known = previous.index
-    known_keys = pd.Index(known["file"] + "\n" + known["version"].fillna("\0"))
-    keys = pd.Index(
-        [
-            f"{file}\n{version}" if version is not None else "\0"
-            for file, version in zip(files, versions, strict=True)
-        ]
-    )
-    return known_keys.get_indexer(keys)
+def _merged_in_file_order(
+    reused: pd.DataFrame, reused_files: np.ndarray, decoded: pd.DataFrame
+) -> pd.DataFrame:
+    """Last run's rows (in file order, as it saved them) with the rows decoded now, in file
+    order: each new row is placed by binary search, so no sort over every file."""
+    if not pd.Index(reused_files).is_monotonic_increasing:  # not written by this code
+        merged = pd.concat([reused, decoded], ignore_index=True)
+        return merged.iloc[np.argsort(merged["file"].to_numpy(dtype=object))].reset_index(drop=True)
+    if decoded.empty:
+        return reused.reset_index(drop=True)
+    before = np.searchsorted(reused_files, decoded["file"].to_numpy(dtype=object))
+    places = np.concatenate([np.arange(len(reused)), before])
+    ties = np.concatenate([np.ones(len(reused), np.int8), np.zeros(len(decoded), np.int8)])
+    order = np.lexsort((ties, places))
+    # The few new rows take the loaded rows' column types: concatenating Arrow strings with
+    # Python ones would convert every row (0.4 s at 500,000).
+    decoded = decoded.astype(reused.dtypes.to_dict())
+    return pd.concat([reused, decoded], ignore_index=True).iloc[order].reset_index(drop=True)
 
 
 def _cut_into_shards(
