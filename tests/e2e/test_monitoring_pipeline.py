@@ -6,6 +6,8 @@ import json
 import shutil
 import subprocess
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -125,17 +127,29 @@ def held_back(sample_dir) -> list[tuple[str, bytes]]:
     return images
 
 
-def post_through_the_service(project: Path, images: list[bytes]) -> list[dict]:
-    """The answers of a real `bentoml serve` of ``project`` to ``images``; stopping the
-    server writes its last prediction log records."""
+def post(url: str, images: list[bytes]) -> list[dict]:
+    """The answers of the real service at ``url`` to ``images``, 8 requests at a time (as
+    clients send them; the service batches them)."""
     import httpx
 
-    with bentoml_server(project) as url:
-        wait_ready(url)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            answers = [client.post("/predict", files={"image": jpeg(image)}) for image in images]
+    with httpx.Client(base_url=url, timeout=30) as client, ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(lambda image: client.post("/predict", files={"image": jpeg(image)}), images)
+        )
     assert [answer.status_code for answer in answers] == [200] * len(images)
     return [answer.json() for answer in answers]
+
+
+def wait_until_logged(project: Path, records: int, timeout: float = 60) -> None:
+    """Wait until the service's prediction log holds ``records`` records: its workers flush
+    every second (``flush_interval_s``), and a monitoring run must not start before the
+    records it is to read are all there."""
+    log = PredictionLogDataset(path=str(project / "data/01_raw/prediction_log"))
+    deadline = time.monotonic() + timeout
+    while (found := sum(len(load()) for load in log.load().values())) < records:
+        assert time.monotonic() < deadline, f"{found} of {records} records logged"
+        time.sleep(0.5)
+    assert found == records
 
 
 def invert(image: bytes) -> bytes:
@@ -158,32 +172,18 @@ def test_monitoring_measures_new_records_and_alerts_on_a_drifted_log(
     assert first_weekly.data.metrics["monitoring.predictions"] == 0
     assert "monitoring.alert" not in first_weekly.data.tags
 
-    answers = post_through_the_service(project, [image for _, image in held_back])
-    measured = np.mean(
-        [a["label"] == label for a, (label, _) in zip(answers, held_back, strict=True)]
-    )
-    logged = len(answers)
-    assert_ok(kedro(project, "run", "--pipeline", "monitoring"))
-    _, runs = latest_monitoring_run(project)
-    unshifted = runs[0]
-
-    metrics = unshifted.data.metrics
-    assert metrics["monitoring.predictions"] == logged
-    assert metrics["monitoring.input_drift_detected"] == 0
-    assert metrics["monitoring.prediction_drift_detected"] == 0
-    assert abs(metrics["monitoring.estimated_accuracy"] - measured) <= 0.02, measured
-    assert 0 <= metrics["monitoring.low_confidence_share"] <= 1
-    assert "monitoring.alert" not in unshifted.data.tags
-    artifacts = {a.path for a in client.list_artifacts(unshifted.info.run_id, "monitoring")}
-    assert {"monitoring/report.html", "monitoring/summary.json"} <= artifacts
-    plots = client.list_artifacts(unshifted.info.run_id, "monitoring/plots")
-    assert {Path(a.path).name for a in plots} == PLOTS
-    page = Path(client.download_artifacts(unshifted.info.run_id, "monitoring/report.html"))
-    assert "No threshold crossed" in page.read_text()
-    assert_no_alert_in_random_draws(project, monkeypatch, draws=5, size=logged // 3)
-
-    # Inverted grey levels: the drifted stream; only these new records are read.
-    drifted = len(post_through_the_service(project, [invert(image) for _, image in held_back]))
+    # One real `bentoml serve` for both streams: a monitoring run reads what its workers
+    # flushed while it keeps serving, as in production.
+    with bentoml_server(project) as url:
+        wait_ready(url)
+        answers = post(url, [image for _, image in held_back])
+        logged = len(answers)
+        wait_until_logged(project, logged)
+        assert_ok(kedro(project, "run", "--pipeline", "monitoring"))
+        assert_no_alert_on_the_unshifted_stream(project, held_back, answers, monkeypatch)
+        # Inverted grey levels: the drifted stream; only these new records are read.
+        drifted = len(post(url, [invert(image) for _, image in held_back]))
+    wait_until_logged(project, logged + drifted)  # stopping the server flushed the rest
     result = kedro(project, "run", "--pipeline", "monitoring")
     assert_ok(result)
     _, runs = latest_monitoring_run(project)
@@ -206,6 +206,33 @@ def test_monitoring_measures_new_records_and_alerts_on_a_drifted_log(
     assert "no new prediction log records since the last run" in output_of(result)
     _, runs = latest_monitoring_run(project)
     assert runs[0].data.metrics["monitoring.predictions"] == 0
+
+
+def assert_no_alert_on_the_unshifted_stream(
+    project: Path, held_back: list[tuple[str, bytes]], answers: list[dict], monkeypatch
+) -> None:
+    """The monitoring run over the service's answers to held-back images: no drift, no
+    alert, the estimated accuracy within 2 points of the measured one, its report and plots;
+    and no alert in random draws of the same records."""
+    client, runs = latest_monitoring_run(project)
+    unshifted = runs[0]
+    measured = np.mean(
+        [a["label"] == label for a, (label, _) in zip(answers, held_back, strict=True)]
+    )
+    metrics = unshifted.data.metrics
+    assert metrics["monitoring.predictions"] == len(answers)
+    assert metrics["monitoring.input_drift_detected"] == 0
+    assert metrics["monitoring.prediction_drift_detected"] == 0
+    assert abs(metrics["monitoring.estimated_accuracy"] - measured) <= 0.02, measured
+    assert 0 <= metrics["monitoring.low_confidence_share"] <= 1
+    assert "monitoring.alert" not in unshifted.data.tags
+    artifacts = {a.path for a in client.list_artifacts(unshifted.info.run_id, "monitoring")}
+    assert {"monitoring/report.html", "monitoring/summary.json"} <= artifacts
+    plots = client.list_artifacts(unshifted.info.run_id, "monitoring/plots")
+    assert {Path(a.path).name for a in plots} == PLOTS
+    page = Path(client.download_artifacts(unshifted.info.run_id, "monitoring/report.html"))
+    assert "No threshold crossed" in page.read_text()
+    assert_no_alert_in_random_draws(project, monkeypatch, draws=5, size=len(answers) // 3)
 
 
 def assert_no_alert_in_random_draws(project: Path, monkeypatch, draws: int, size: int) -> None:
