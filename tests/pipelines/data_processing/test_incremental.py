@@ -16,7 +16,7 @@ from medical_ct import registry
 from medical_ct.datasets import ImageFolderDataset, StoredFile
 from medical_ct.pipelines.data_processing.nodes import decode_images
 from medical_ct.pipelines.training.nodes import decide_training
-from medical_ct.shards import ModelInputDataset, NpzDataset, ShardedImagesDataset
+from medical_ct.shards import ModelInputDataset, NpzDataset, ShardedImages, ShardedImagesDataset
 from tests.conftest import (
     CLASSES,
     FAST_RUN_PARAMS,
@@ -113,6 +113,22 @@ def test_a_rerun_follows_a_change_of_classes_both_ways(sample_dir, tmp_path):
     assert [(r["file"], r["reason"]) for r in third["rejected"]] == [
         (hand, "unknown class 'Hand'") for hand in hands
     ]
+
+
+def test_a_rerun_over_an_index_out_of_file_order_still_places_every_row(sample_dir):
+    """New rows are placed among last run's by binary search, which needs last run's index in
+    file order, as this code writes it; an index in another order is sorted instead."""
+    files = stored_files(sample_dir, [], count=12)
+    names = sorted(files)
+    first = decode_images({name: files[name] for name in names[1::2]}, None, PARAMS)
+    shuffled = ShardedImages(first.index.sample(frac=1, random_state=0), first.shards)
+    shuffled.new_shards.update(first.new_shards)
+    assert shuffled.index["file"].tolist() != sorted(shuffled.index["file"])
+
+    rerun = decode_images(files, shuffled, PARAMS)
+    assert rerun["reused"] == 6
+    assert rerun["files"] == names
+    assert rerun["content_hashes"] == decode_images(files, None, PARAMS)["content_hashes"]
 
 
 def test_full_rescan_decodes_everything_and_deletes_unreferenced_shards(sample_dir, tmp_path):
