@@ -322,6 +322,29 @@ def wait_until_answers(
         time.sleep(interval)
 
 
+PREDICTION_LOG_DIR = Path("data/01_raw/prediction_log")
+
+
+def read_prediction_log(project: Path):
+    """Every record of a project's local prediction log, as one DataFrame."""
+    import pandas as pd
+
+    files = sorted((project / PREDICTION_LOG_DIR).rglob("*.parquet"))
+    return pd.concat([pd.read_parquet(path) for path in files]) if files else pd.DataFrame()
+
+
+def logged_records(project: Path, prediction_ids: list[str], timeout: float = 10):
+    """The log's records of ``prediction_ids``, once all are written (the service's workers
+    flush every second), or what is there after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = read_prediction_log(project)
+        found = log[log["prediction_id"].isin(prediction_ids)] if len(log) else log
+        if len(found) >= len(prediction_ids) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 def jpeg(image: bytes, name: str = "image.jpeg") -> tuple[str, bytes, str]:
     """A multipart file of ``image`` as a browser or curl sends a .jpeg (the APIs take image/*)."""
     return name, image, "image/jpeg"

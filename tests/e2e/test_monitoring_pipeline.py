@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import tarfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tests.conftest import (
     bucket_env,
     jpeg,
     kedro,
+    logged_records,
     make_project,
     mlflow_client,
     project_env,
@@ -140,16 +140,11 @@ def post(url: str, images: list[bytes]) -> list[dict]:
     return [answer.json() for answer in answers]
 
 
-def wait_until_logged(project: Path, records: int, timeout: float = 60) -> None:
-    """Wait until the service's prediction log holds ``records`` records: its workers flush
-    every second (``flush_interval_s``), and a monitoring run must not start before the
-    records it is to read are all there."""
-    log = PredictionLogDataset(path=str(project / "data/01_raw/prediction_log"))
-    deadline = time.monotonic() + timeout
-    while (found := sum(len(load()) for load in log.load().values())) < records:
-        assert time.monotonic() < deadline, f"{found} of {records} records logged"
-        time.sleep(0.5)
-    assert found == records
+def assert_all_logged(project: Path, answers: list[dict]) -> None:
+    """Wait until the service's prediction log holds the records of ``answers``: its workers
+    flush every second, and a monitoring run must not start before they are all there."""
+    ids = [answer["prediction_id"] for answer in answers]
+    assert len(logged_records(project, ids, timeout=60)) == len(ids)
 
 
 def invert(image: bytes) -> bytes:
@@ -178,12 +173,13 @@ def test_monitoring_measures_new_records_and_alerts_on_a_drifted_log(
         wait_ready(url)
         answers = post(url, [image for _, image in held_back])
         logged = len(answers)
-        wait_until_logged(project, logged)
+        assert_all_logged(project, answers)
         assert_ok(kedro(project, "run", "--pipeline", "monitoring"))
         assert_no_alert_on_the_unshifted_stream(project, held_back, answers, monkeypatch)
         # Inverted grey levels: the drifted stream; only these new records are read.
-        drifted = len(post(url, [invert(image) for _, image in held_back]))
-    wait_until_logged(project, logged + drifted)  # stopping the server flushed the rest
+        drifted_answers = post(url, [invert(image) for _, image in held_back])
+    assert_all_logged(project, drifted_answers)  # stopping the server flushed the rest
+    drifted = len(drifted_answers)
     result = kedro(project, "run", "--pipeline", "monitoring")
     assert_ok(result)
     _, runs = latest_monitoring_run(project)

@@ -25,8 +25,10 @@ from tests.conftest import (
     bentoml_server,
     jpeg,
     kedro,
+    logged_records,
     mlflow_client,
     read_model_input,
+    read_prediction_log,
     served_versions,
     wait_ready,
 )
@@ -34,7 +36,6 @@ from tests.conftest import (
 pytestmark = pytest.mark.e2e  # real servers and kedro runs
 
 FEEDBACK_DIR = Path("data/01_raw/feedback_pending/images")
-PREDICTION_LOG_DIR = Path("data/01_raw/prediction_log")
 METADATA_DIR = Path("data/01_raw/feedback_pending/records")
 REVIEWER = {"Authorization": "Bearer reviewer-token-for-tests"}
 
@@ -258,22 +259,6 @@ def test_openapi_documents_predict_and_feedback_and_swagger_serves_it(client):
     assert "http://" not in swagger.text and "https://" not in swagger.text  # works offline
     for asset in ("swagger-ui-bundle.js", "swagger-initializer.js", "swagger-ui.css"):
         assert client.get(f"/static_content/{asset}").status_code == 200, asset
-
-
-def read_prediction_log(project: Path) -> pd.DataFrame:
-    files = sorted((project / PREDICTION_LOG_DIR).rglob("*.parquet"))
-    return pd.concat([pd.read_parquet(path) for path in files]) if files else pd.DataFrame()
-
-
-def logged_records(project: Path, prediction_ids: list[str], timeout: float = 10) -> pd.DataFrame:
-    """The log's records of ``prediction_ids``, once all are written (within a flush or two)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = read_prediction_log(project)
-        found = log[log["prediction_id"].isin(prediction_ids)] if len(log) else log
-        if len(found) >= len(prediction_ids) or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
 
 
 def test_every_answer_is_in_the_prediction_log_and_refusals_are_not(client, project, sample_dir):

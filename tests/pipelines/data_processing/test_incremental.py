@@ -121,8 +121,9 @@ def test_a_rerun_over_an_index_out_of_file_order_still_places_every_row(sample_d
     files = stored_files(sample_dir, [], count=12)
     names = sorted(files)
     first = decode_images({name: files[name] for name in names[1::2]}, None, PARAMS)
-    shuffled = ShardedImages(first.index.sample(frac=1, random_state=0), first.shards)
-    shuffled.new_shards.update(first.new_shards)
+    shuffled = ShardedImages(
+        first.index.sample(frac=1, random_state=0), first.shards, first.new_shards
+    )
     assert shuffled.index["file"].tolist() != sorted(shuffled.index["file"])
 
     rerun = decode_images(files, shuffled, PARAMS)

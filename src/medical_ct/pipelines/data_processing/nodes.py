@@ -160,7 +160,7 @@ def decode_images(
     new_shards = _cut_into_shards(index, new_pixels, params.shard_images)
     if len(kept):
         reused = previous.index.iloc[kept][INDEX_COLUMNS].assign(reused=True)
-        index = _merged_in_file_order(reused, np.asarray(kept_files, dtype=object), index)
+        index = _merged_in_file_order(reused, kept_files, index)
     for _, rejection in index[index["reason"] != ""].iterrows():
         logger.warning("Rejected %s: %s", rejection["file"], rejection["reason"])
     logger.info(
