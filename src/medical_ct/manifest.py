@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from medical_ct.preprocessing import IMAGE_SIZE, InvalidImageError, content_hash, preprocess_image
 
@@ -37,7 +39,7 @@ def choose_images(
     """One copy per content hash: a feedback label wins over a raw one, then the first file.
 
     Vectorised over the decoded sets' indexes (no Python per image): a weekly rerun redoes
-    this over every image, so it must cost little next to what is new.
+    this over every image, so it must cost little next to what is new (0.4 s at 500,000).
 
     Returns:
         The chosen copies sorted by content hash (``content_hash``, ``label``, ``source``,
@@ -51,17 +53,20 @@ def choose_images(
         ],
         ignore_index=True,
     )
-    duplicate = copies["content_hash"].duplicated(keep="first").to_numpy()
-    chosen = copies[~duplicate]
-    dropped = copies[duplicate]
-    chosen_labels = pd.Series(chosen["label"].to_numpy(), index=chosen["content_hash"].to_numpy())
-    kept_label = chosen_labels.loc[dropped["content_hash"].to_numpy()].to_numpy()
-    other_label = dropped["label"].to_numpy() != kept_label
-    # Python's sort of a list: the columns can be object dtype (a concat with an empty store),
-    # whose numpy argsort compares strings pair by pair, 2 s at 500,000 images against 0.4 s.
-    hashes = chosen["content_hash"].tolist()
-    chosen = chosen.iloc[sorted(range(len(hashes)), key=hashes.__getitem__)]
-    return chosen.reset_index(drop=True), int(duplicate.sum()), int(other_label.sum())
+    # Arrow's sort is stable, so each image's copies stay in the order above and the first of
+    # a run of equal hashes is the one to keep: no hash table over every image (pandas'
+    # ``duplicated`` took 0.7 s at 500,000) and no Python string per image.
+    hashes = pa.array(copies["content_hash"], pa.large_string())
+    order = pc.sort_indices(hashes).to_numpy()
+    hashes = hashes.take(order)
+    first = np.ones(len(order), bool)
+    first[1:] = pc.not_equal(hashes[1:], hashes[:-1]).to_numpy(zero_copy_only=False)
+    labels = pa.array(copies["label"], pa.large_string()).take(order)
+    kept = np.flatnonzero(first)
+    kept_label = labels.take(kept[np.cumsum(first)[~first] - 1])
+    other_label = pc.sum(pc.not_equal(labels.filter(~first), kept_label)).as_py() or 0
+    chosen = copies.iloc[order[kept]].reset_index(drop=True)
+    return chosen, int(len(order) - len(kept)), int(other_label)
 
 
 def fingerprint(table: pd.DataFrame) -> str:
@@ -69,9 +74,17 @@ def fingerprint(table: pd.DataFrame) -> str:
 
     ``table`` has those three columns (``label`` the class name) in model-input order.
     """
-    columns = (table[column].tolist() for column in ("content_hash", "label", "split"))
-    # Lists: iterating Arrow strings is slow. One update of one string: 500k rows in 0.2 s.
-    return hashlib.sha256("".join(map("{}:{}:{}\n".format, *columns)).encode()).hexdigest()
+    digest = hashlib.sha256()
+    # In chunks: the lines of 500,000 rows as Python strings took 230 MB at once, the peak of
+    # a weekly rerun. Lists: iterating Arrow strings is slow; one string per chunk is fast.
+    for start in range(0, len(table), _FINGERPRINT_ROWS):
+        chunk = table.iloc[start : start + _FINGERPRINT_ROWS]
+        columns = (chunk[column].tolist() for column in ("content_hash", "label", "split"))
+        digest.update("".join(map("{}:{}:{}\n".format, *columns)).encode())
+    return digest.hexdigest()
+
+
+_FINGERPRINT_ROWS = 1 << 16
 
 
 def model_input_table(sets: Mapping[str, Mapping], class_names: list[str]) -> pd.DataFrame:

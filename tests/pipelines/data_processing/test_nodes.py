@@ -10,15 +10,17 @@ from kedro.io import DatasetError
 from PIL import Image
 
 from medical_ct.datasets import FolderHasFilesDataset
-from medical_ct.manifest import fingerprint
+from medical_ct.manifest import choose_images, fingerprint
 from medical_ct.pipelines.data_processing.nodes import (
     build_model_input,
     decode_images,
     ingest_mednist,
     report_data,
+    report_feedback,
     split_of,
     splits_of,
 )
+from medical_ct.shards import ShardedImages
 from tests.conftest import CLASSES
 
 SPLIT = {"validation_fraction": 0.2, "test_fraction": 0.2}
@@ -121,6 +123,50 @@ def test_split_and_fingerprint_keep_their_formulas():
     )
     lines = "".join(f"{h}:{label}:{split}\n" for h, label, split in table.to_numpy())
     assert fingerprint(table) == hashlib.sha256(lines.encode()).hexdigest()
+    # hashed in chunks of rows: a table longer than one chunk hashes its lines as one text
+    rows = len(hashes) * 131 + 7  # 65,674 rows: two chunks, the second short
+    long = table.sample(rows, replace=True, random_state=0).reset_index(drop=True)
+    lines = "".join(f"{h}:{label}:{split}\n" for h, label, split in long.to_numpy())
+    assert fingerprint(long) == hashlib.sha256(lines.encode()).hexdigest()
+
+
+def decoded_set(files: list[str], labels: list[str], hashes: list[str]) -> ShardedImages:
+    """A decoded set with these index rows (no pixels): for nodes that read only the index."""
+    count = len(files)
+    index = pd.DataFrame(
+        {"file": files, "version": "1", "label": labels, "content_hash": hashes}
+        | {"shard": "s.npy", "row": np.arange(count), "reason": "", "reused": False}
+    )
+    return ShardedImages(index)
+
+
+def test_choose_images_keeps_the_first_copy_of_each_image_feedback_first():
+    """Against the definition, row by row, on a store where most images have copies."""
+    rng = np.random.default_rng(7)
+
+    def images(count: int) -> ShardedImages:
+        return decoded_set(
+            [f"{i:05d}.png" for i in range(count)],
+            rng.choice(["CXR", "Hand", "HeadCT"], count).tolist(),
+            [f"{h:064x}" for h in rng.integers(0, count // 2, count)],
+        )
+
+    raw, feedback = images(3000), images(200)
+    chosen, duplicates, with_another_label = choose_images(raw, feedback)
+
+    expected, dropped, other = {}, 0, 0
+    for source, store in (("feedback", feedback), ("raw", raw)):
+        for row in store.accepted.itertuples():
+            if row.content_hash in expected:
+                dropped += 1
+                other += row.label != expected[row.content_hash]["label"]
+            else:
+                expected[row.content_hash] = {"label": row.label, "source": source, "row": row.row}
+    assert (duplicates, with_another_label) == (dropped, other) and other > 0
+    assert chosen["content_hash"].tolist() == sorted(expected)
+    assert chosen[["label", "source", "row"]].to_dict("records") == [
+        expected[digest] for digest in sorted(expected)
+    ]
 
 
 def test_duplicates_are_dropped_and_feedback_label_wins(sample_dir):
@@ -142,6 +188,38 @@ def test_duplicates_are_dropped_and_feedback_label_wins(sample_dir):
             break
     else:
         pytest.fail("the corrected image is missing from the model input")
+
+
+def test_report_feedback_names_the_accepted_labels_that_change_a_raw_one():
+    h = [digit * 64 for digit in "1239"]
+    raw = decoded_set(["Hand/a.png", "CXR/b.png", "Hand/c.png"], ["Hand", "CXR", "Hand"], h[:3])
+    feedback = decoded_set(
+        ["CXR/f1.png", "Hand/f2.png", "CXR/f3.png"], ["CXR", "Hand", "CXR"], [h[0], h[2], h[3]]
+    )
+    records = {  # id0 relabels raw a, id1 agrees with raw c, id2 has no raw copy, id3 no file
+        f"id{n}": {"feedback_id": f"id{n}", "accepted_as": file, "label": label}
+        | {"decision": "accept", "reviewer": "ann"}
+        for n, (file, label) in enumerate(
+            [("CXR/f1.png", "CXR"), ("Hand/f2.png", "Hand"), ("CXR/f3.png", "CXR"), ("x", "CXR")]
+        )
+    }
+    accepted = {key: (lambda record=record: record) for key, record in records.items()}
+    pending = {"id0": dict, "id9": dict}
+
+    report, metrics = report_feedback(pending, accepted, {}, raw, feedback)
+
+    assert report["accepted_changing_a_raw_label"] == [
+        {
+            "feedback_id": "id0",
+            "raw_label": "Hand",
+            "label": "CXR",
+            "submitted_label": None,
+            "reviewer": "ann",
+            "decided_at": None,
+        }
+    ]
+    assert (report["pending"], report["accepted"], report["changed_raw_label"]) == (1, 4, 1)
+    assert metrics["feedback.changed_raw_label"] == {"value": 1, "step": 0}
 
 
 def test_model_input_layout(sample_dir):
