@@ -39,7 +39,7 @@ def choose_images(
     """One copy per content hash: a feedback label wins over a raw one, then the first file.
 
     Vectorised over the decoded sets' indexes (no Python per image): a weekly rerun redoes
-    this over every image, so it must cost little next to what is new (0.4 s at 500,000).
+    this over every image, so it must cost little next to what is new.
 
     Returns:
         The chosen copies sorted by content hash (``content_hash``, ``label``, ``source``,
@@ -69,6 +69,9 @@ def choose_images(
     return chosen, int(len(order) - len(kept)), int(other_label)
 
 
+_FINGERPRINT_ROWS = 1 << 16  # lines hashed at a time
+
+
 def fingerprint(table: pd.DataFrame) -> str:
     """The dataset fingerprint: sha256 of ``content_hash:label:split`` lines, in table order.
 
@@ -82,9 +85,6 @@ def fingerprint(table: pd.DataFrame) -> str:
         columns = (chunk[column].tolist() for column in ("content_hash", "label", "split"))
         digest.update("".join(map("{}:{}:{}\n".format, *columns)).encode())
     return digest.hexdigest()
-
-
-_FINGERPRINT_ROWS = 1 << 16
 
 
 def model_input_table(sets: Mapping[str, Mapping], class_names: list[str]) -> pd.DataFrame:

@@ -77,10 +77,9 @@ class ShardedImages(Mapping):
         self.new_shards = dict(new_shards or {})
         # Files whose decoding was taken from the previous run (``reused`` rows).
         self.reused = int(self.index["reused"].sum())
-        accepted = (self.index["reason"] == "").to_numpy()
-        # No copy of the whole index when nothing was rejected (180 MB at 500,000 images).
-        self.accepted = self.index[accepted] if not accepted.all() else self.index
-        self.accepted = self.accepted.reset_index(drop=True)
+        kept = (self.index["reason"] == "").to_numpy()
+        # The index itself when nothing was rejected: no copy of it (180 MB at 500,000 images).
+        self.accepted = self.index if kept.all() else self.index[kept].reset_index(drop=True)
 
     def __getitem__(self, key: str) -> Any:
         if key in ("labels", "content_hashes", "files", "versions"):

@@ -124,7 +124,7 @@ def test_split_and_fingerprint_keep_their_formulas():
     lines = "".join(f"{h}:{label}:{split}\n" for h, label, split in table.to_numpy())
     assert fingerprint(table) == hashlib.sha256(lines.encode()).hexdigest()
     # hashed in chunks of rows: a table longer than one chunk hashes its lines as one text
-    rows = len(hashes) * 131 + 7  # 65,674 rows: two chunks, the second short
+    rows = 65_536 + 100  # two chunks of 65,536 rows, the second short
     long = table.sample(rows, replace=True, random_state=0).reset_index(drop=True)
     lines = "".join(f"{h}:{label}:{split}\n" for h, label, split in long.to_numpy())
     assert fingerprint(long) == hashlib.sha256(lines.encode()).hexdigest()
