@@ -21,6 +21,7 @@ from medical_ct.registry import load_alias
 from medical_ct.serving.prediction_log import PredictionLog, new_prediction_id
 from tests.conftest import (
     KEDRO,
+    PREDICTION_LOG_DIR,
     assert_ok,
     bentoml_server,
     bucket_env,
@@ -73,7 +74,7 @@ def log_answers(project: Path, images: np.ndarray, monkeypatch, log_path: str = 
     champion = load_alias()
     probabilities = predict_probabilities(champion.model, images[:, None])
     log = PredictionLog(
-        PredictionLogDataset(path=log_path or str(project / "data/01_raw/prediction_log")),
+        PredictionLogDataset(path=log_path or str(project / PREDICTION_LOG_DIR)),
         flush_interval_s=3600,
         log_pixels=True,
     )
@@ -238,7 +239,7 @@ def assert_no_alert_in_random_draws(project: Path, monkeypatch, draws: int, size
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     champion = load_alias()
-    log = PredictionLogDataset(path=str(project / "data/01_raw/prediction_log")).load()
+    log = PredictionLogDataset(path=str(project / PREDICTION_LOG_DIR)).load()
     reference = read_model_input(str(project / "data"), "train")
     conf = yaml.safe_load((project / "conf/base/parameters_monitoring.yml").read_text())
     for seed in range(draws):

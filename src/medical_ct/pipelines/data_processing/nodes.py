@@ -440,15 +440,15 @@ def report_feedback(
     feedback_hashes = dict(
         zip(feedback_images["files"], feedback_images["content_hashes"], strict=True)
     )
+    digests = [feedback_hashes.get(record.get("accepted_as")) for record in accepted_records]
     # The raw labels of the accepted feedback's images only: a dict of every raw image was
     # 500,000 Python strings (0.2 s, 100 MB) for a few hundred lookups.
-    wanted = {feedback_hashes.get(record.get("accepted_as")) for record in accepted_records}
     raw = raw_images.accepted
-    raw = raw[raw["content_hash"].isin(wanted - {None})]
+    raw = raw[raw["content_hash"].isin(set(digests) - {None})]
     raw_labels = dict(zip(raw["content_hash"].tolist(), raw["label"].tolist(), strict=True))
     changed = []
-    for record in accepted_records:
-        raw_label = raw_labels.get(feedback_hashes.get(record.get("accepted_as"), ""))
+    for record, digest in zip(accepted_records, digests, strict=True):
+        raw_label = raw_labels.get(digest)
         if raw_label is not None and raw_label != record.get("label"):
             changed.append(
                 {"feedback_id": record.get("feedback_id"), "raw_label": raw_label, **_who(record)}
