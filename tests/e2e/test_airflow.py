@@ -546,10 +546,10 @@ def ctrl_c_stops_it() -> None:
 def stop_group(process: subprocess.Popen) -> None:
     """Ctrl-C for standalone and its parts, as in a terminal; SIGKILL what is left after 10 s.
 
-    Airflow 3.3's standalone stops in about 3 s, or not at all: in 8 of 14 tries here it was
+    Airflow 3.3's standalone stops in 3-6 s, or not at all: in 11 of 16 tries here it was
     still running 8 s after the Ctrl-C (its scheduler waiting on idle LocalExecutor workers,
     its DAG processor, or standalone itself on a part that had exited), and a second Ctrl-C
-    ended it in 2 of 4. The DAG run is over by then: only its processes are left to end.
+    ended it in 2 of 3. The DAG run is over by then: only its processes are left to end.
     """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGINT)
