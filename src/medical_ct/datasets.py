@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path, PurePosixPath
+from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Any
 
 import fsspec
@@ -217,34 +218,52 @@ def _local_has_file(folder: str) -> bool:
 
 
 def _local_versions(root: str) -> dict[str, str]:
-    """``{partition: "size:mtime"}`` of every file under a local folder, walked with ``os.scandir``.
+    """``{partition: "size:mtime"}`` of every file under a local folder: one ``lstat`` a file.
 
     fsspec's ``find`` builds a dict of a dozen fields per file and the partition was cut with
     ``posixpath.relpath``: 33 s for 500,000 images, the largest cost of a weekly rerun at that
-    size. This reads one ``stat`` per file and keeps the version fsspec gave (its ``mtime`` is
-    ``st_mtime`` of the file itself, its size the target's for a link), so decoded pixels of
-    earlier runs stay valid.
+    size. This keeps the version fsspec gave (its ``mtime`` is ``st_mtime`` of the file itself,
+    its size the target's for a link), so decoded pixels of earlier runs stay valid. Names
+    from ``os.listdir`` and one ``os.lstat`` each, its mode telling files from folders, took
+    1.7 s at 500,000 files; ``os.scandir``'s entries, asked ``is_dir``, ``is_file`` and
+    ``is_symlink`` besides, 2.0 s. The system calls alone take about 1 s of it.
     """
     versions: dict[str, str] = {}
     folders = [(root, "")]
     while folders:
         folder, partition_prefix = folders.pop()
         try:
-            entries = list(os.scandir(folder))
+            names = os.listdir(folder)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        for entry in entries:
-            partition = partition_prefix + entry.name
-            if entry.is_dir(follow_symlinks=False):
-                folders.append((entry.path, partition + "/"))
-            elif entry.is_file():  # a regular file or a link to one
-                try:
-                    own = entry.stat(follow_symlinks=False)
-                    size = entry.stat().st_size if entry.is_symlink() else own.st_size
-                except FileNotFoundError:  # deleted while listing
+        for name in names:
+            path = f"{folder}/{name}"
+            try:
+                own = os.lstat(path)
+            except FileNotFoundError:  # deleted while listing
+                continue
+            if S_ISREG(own.st_mode):
+                size = own.st_size
+            elif S_ISDIR(own.st_mode):
+                folders.append((path, f"{partition_prefix}{name}/"))
+                continue
+            elif S_ISLNK(own.st_mode):
+                size = _linked_file_size(path)
+                if size is None:
                     continue
-                versions[partition] = f"{size}:{own.st_mtime}"
+            else:
+                continue
+            versions[partition_prefix + name] = f"{size}:{own.st_mtime}"
     return versions
+
+
+def _linked_file_size(path: str) -> int | None:
+    """The size of the file a link points to; ``None`` for a broken link or one to a folder."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return None
+    return target.st_size if S_ISREG(target.st_mode) else None
 
 
 class MlflowReportDataset(AbstractDataset[Any, Any]):

@@ -78,13 +78,62 @@ def fingerprint(table: pd.DataFrame) -> str:
     ``table`` has those three columns (``label`` the class name) in model-input order.
     """
     digest = hashlib.sha256()
-    # In chunks: the lines of 500,000 rows as Python strings took 230 MB at once, the peak of
-    # a weekly rerun. Lists: iterating Arrow strings is slow; one string per chunk is fast.
+    # Arrow joins each chunk's lines into one buffer, which is hashed as it lies: no Python
+    # string per row (Python strings of 500,000 lines took 230 MB and 0.2 s, twice a rerun).
     for start in range(0, len(table), _FINGERPRINT_ROWS):
         chunk = table.iloc[start : start + _FINGERPRINT_ROWS]
-        columns = (chunk[column].tolist() for column in ("content_hash", "label", "split"))
-        digest.update("".join(map("{}:{}:{}\n".format, *columns)).encode())
+        content_hash, label, split = (arrow_strings(chunk[name]) for name in FINGERPRINT_COLUMNS)
+        split = pc.binary_join_element_wise(split, _LARGE_EMPTY, _LARGE_NEWLINE)
+        lines = pc.binary_join_element_wise(content_hash, label, split, _LARGE_COLON)
+        digest.update(_joined_bytes(lines))
     return digest.hexdigest()
+
+
+FINGERPRINT_COLUMNS = ("content_hash", "label", "split")
+_LARGE_EMPTY, _LARGE_COLON, _LARGE_NEWLINE = (
+    pa.scalar(text, pa.large_string()) for text in ("", ":", "\n")
+)
+
+
+def arrow_strings(column: pd.Series) -> pa.Array:
+    """A column as one Arrow ``large_string`` array (no copy for pandas' Arrow strings)."""
+    strings = pa.array(column, pa.large_string())
+    return strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
+
+
+def _joined_bytes(strings: pa.Array) -> memoryview:
+    """The bytes of every string of an Arrow string array, one after the other."""
+    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset :]
+    values = strings.buffers()[2]
+    if values is None:  # no characters at all
+        return memoryview(b"")
+    return memoryview(values)[offsets[0] : offsets[len(strings)]]
+
+
+_NIBBLES = np.full(256, 16, np.uint8)  # 16: not a hex digit
+_NIBBLES[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+_NIBBLES[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def hash_prefixes(content_hashes: pd.Series) -> np.ndarray:
+    """The first 16 hex digits of each content hash as an unsigned 64-bit integer.
+
+    Read straight from the Arrow buffer of the hashes' first 16 characters: a weekly rerun
+    does this for every image (Python's ``bytes.fromhex`` over a list of them took 0.3 s at
+    500,000).
+
+    Raises:
+        ValueError: A hash is shorter than 16 characters or not hex.
+    """
+    strings = arrow_strings(content_hashes)
+    prefixes = pc.utf8_slice_codeunits(strings, 0, 16)
+    joined = np.frombuffer(_joined_bytes(prefixes), np.uint8)
+    digits = _NIBBLES[joined]
+    if strings.null_count or len(joined) != 16 * len(strings) or (digits == 16).any():
+        raise ValueError("content hashes must be sha256 hex digests (64 hex digits)")
+    digits = digits.reshape(-1, 8, 2)
+    packed = (digits[:, :, 0] << 4) | digits[:, :, 1]  # 8 bytes a hash, most significant first
+    return np.ascontiguousarray(packed).view(">u8")[:, 0].astype(np.uint64)
 
 
 def model_input_table(sets: Mapping[str, Mapping], class_names: list[str]) -> pd.DataFrame:

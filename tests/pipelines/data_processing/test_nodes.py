@@ -128,6 +128,16 @@ def test_split_and_fingerprint_keep_their_formulas():
     long = table.sample(rows, replace=True, random_state=0).reset_index(drop=True)
     lines = "".join(f"{h}:{label}:{split}\n" for h, label, split in long.to_numpy())
     assert fingerprint(long) == hashlib.sha256(lines.encode()).hexdigest()
+    assert fingerprint(table.iloc[:0]) == hashlib.sha256(b"").hexdigest()
+    assert fingerprint(long.astype(object)) == fingerprint(long)  # Python or Arrow strings
+
+
+@pytest.mark.parametrize("bad", ["abc", "g" * 64, "\u00e9" * 64, None])
+def test_splits_of_refuses_what_is_not_a_sha256_hex_digest(bad):
+    """The split is read from the hashes' bytes: a short, non-hex or missing hash is an error
+    naming what a hash must be, not a split made of whatever bytes lie there."""
+    with pytest.raises(ValueError, match="sha256 hex digests"):
+        splits_of(pd.Series(["0" * 64, bad, "f" * 64], dtype=object), 0.2, 0.2)
 
 
 def decoded_set(files: list[str], labels: list[str], hashes: list[str]) -> ShardedImages:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from medical_ct.datasets import StoredFiles
@@ -16,9 +18,11 @@ from medical_ct.manifest import (
     FEEDBACK,
     RAW,
     SPLITS,
+    arrow_strings,
     build_manifest,
     choose_images,
     fingerprint,
+    hash_prefixes,
     model_input_table,
 )
 from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
@@ -146,20 +150,17 @@ def decode_images(
     if previous is not None and params.full_rescan:
         logger.info("full_rescan: decoding every file again and compacting the shards")
         previous = None
-    kept = _reusable_rows(previous, listing, accepted)
-    kept_files = previous.index["file"].to_numpy(dtype=object)[kept] if len(kept) else []
+    kept, to_read = _reusable_rows(previous, listing, accepted)
     new_pixels: list[np.ndarray] = []
     rows = [
         _decoded_row(file, listing[file], partitions, accepted, new_pixels)
-        for file in tqdm(
-            sorted(listing.keys() - set(kept_files)), desc="Decoding images", unit=" images"
-        )
+        for file in tqdm(to_read, desc="Decoding images", unit=" images")
     ]
     index = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()
     new_shards = _cut_into_shards(index, new_pixels, params.shard_images)
     if len(kept):
         reused = previous.index.iloc[kept][INDEX_COLUMNS].assign(reused=True)
-        index = _merged_in_file_order(reused, kept_files, index)
+        index = _merged_in_file_order(reused, index)
     for _, rejection in index[index["reason"] != ""].iterrows():
         logger.warning("Rejected %s: %s", rejection["file"], rejection["reason"])
     logger.info(
@@ -179,28 +180,32 @@ UNKNOWN_CLASS = "unknown class"
 
 def _reusable_rows(
     previous: ShardedImages | None, listing: dict[str, str | None], accepted: set | None
-) -> np.ndarray:
-    """Rows of last run's index to keep as they are: the file is listed with the same version
-    (no version never matches), its class is accepted, and it was decoded or rejected for its
-    bytes (a rejection for its path costs nothing to make again, and ``classes`` may have
-    changed since).
+) -> tuple[np.ndarray, list[str]]:
+    """Rows of last run's index to keep as they are, and the listed files to read now.
 
-    One dict lookup per file of the last run: about 0.3 s at 500,000 files.
+    A row is kept when its file is listed with the same version (no version never matches),
+    its class is accepted, and it was decoded or rejected for its bytes (a rejection for its
+    path costs nothing to make again, and ``classes`` may have changed since). Every other
+    listed file is read, in file order.
+
+    Arrow's hash join of the listing with last run's index: 0.3 s at 500,000 files, against
+    0.8 s for a dict lookup and a Python comparison per file and a set of the kept ones.
     """
+    listed = pa.array(list(listing), pa.large_string())
     if previous is None or previous.index.empty:
-        return np.array([], np.int64)
+        return np.array([], np.int64), sorted(listing)
     index = previous.index
-    now = map(listing.get, index["file"].tolist())
-    before = index["version"].tolist()
-    same = np.fromiter(
-        (version is not None and version == old for version, old in zip(now, before, strict=True)),
-        bool,
-        len(index),
-    )
-    keep = same & ~index["reason"].str.startswith((NOT_IN_A_CLASS_FOLDER, UNKNOWN_CLASS)).to_numpy()
+    versions = pa.array(list(listing.values()), pa.large_string())
+    now = versions.take(pc.index_in(arrow_strings(index["file"]), value_set=listed))
+    same = pc.fill_null(pc.equal(now, arrow_strings(index["version"])), False)
+    keep = same.to_numpy(zero_copy_only=False)
+    keep &= ~index["reason"].str.startswith((NOT_IN_A_CLASS_FOLDER, UNKNOWN_CLASS)).to_numpy()
     if accepted is not None:
         keep &= index["label"].isin(accepted).to_numpy()
-    return np.flatnonzero(keep)
+    kept = np.flatnonzero(keep)
+    kept_files = arrow_strings(index["file"]).take(kept)
+    to_read = listed.filter(pc.invert(pc.is_in(listed, value_set=kept_files)))
+    return kept, sorted(to_read.to_pylist())
 
 
 def _decoded_row(
@@ -227,24 +232,14 @@ def _decoded_row(
     return row | {"content_hash": content_hash(image), "row": len(new_pixels) - 1}
 
 
-def _merged_in_file_order(
-    reused: pd.DataFrame, reused_files: np.ndarray, decoded: pd.DataFrame
-) -> pd.DataFrame:
-    """Last run's rows (in file order, as it saved them) with the rows decoded now, in file
-    order: each new row is placed by binary search, so no sort over every file."""
-    if not pd.Index(reused_files).is_monotonic_increasing:  # not written by this code
-        merged = pd.concat([reused, decoded], ignore_index=True)
-        return merged.iloc[np.argsort(merged["file"].to_numpy(dtype=object))].reset_index(drop=True)
-    if decoded.empty:
-        return reused.reset_index(drop=True)
-    before = np.searchsorted(reused_files, decoded["file"].to_numpy(dtype=object))
-    places = np.concatenate([np.arange(len(reused)), before])
-    ties = np.concatenate([np.ones(len(reused), np.int8), np.zeros(len(decoded), np.int8)])
-    order = np.lexsort((ties, places))
+def _merged_in_file_order(reused: pd.DataFrame, decoded: pd.DataFrame) -> pd.DataFrame:
+    """Last run's rows with the rows decoded now, in file order (Arrow's sort: 0.02 s at
+    500,000 files, whatever order last run's index was saved in)."""
     # The few new rows take the loaded rows' column types: concatenating Arrow strings with
     # Python ones would convert every row (0.4 s at 500,000).
-    decoded = decoded.astype(reused.dtypes.to_dict())
-    return pd.concat([reused, decoded], ignore_index=True).iloc[order].reset_index(drop=True)
+    merged = pd.concat([reused, decoded.astype(reused.dtypes.to_dict())], ignore_index=True)
+    order = pc.sort_indices(arrow_strings(merged["file"])).to_numpy()
+    return merged.iloc[order].reset_index(drop=True)
 
 
 def _cut_into_shards(
@@ -321,8 +316,7 @@ def splits_of(
     The first 15 hex digits of the hash, as a fraction of 16**15, fall in [0, test) for test,
     then [test, test + validation) for validation. Vectorised: a rerun splits every image.
     """
-    prefixes = bytes.fromhex("".join(digest[:16] for digest in content_hashes.tolist()))
-    fractions = (np.frombuffer(prefixes, dtype=">u8") >> np.uint64(4)) / 16**15
+    fractions = (hash_prefixes(content_hashes) >> np.uint64(4)) / 16**15
     test = fractions < test_fraction
     validation = ~test & (fractions < test_fraction + validation_fraction)
     return np.select([test, validation], ["test", "validation"], "train")
