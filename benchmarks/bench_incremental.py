@@ -20,9 +20,11 @@
 adds a synthetic scale run on the local disk (no upload to moto): for each size N, N small
 distinct PNG images (16x16, grayscale) are written under a fresh project's raw store, a full
 `kedro run --pipeline data_processing` decodes them, 1% more are added and the rerun is timed
-(the median of ``--repeats`` reruns from the same state; the last one's steps are printed).
-Each run's peak RSS is that of its own `kedro` process (the reruns': the largest). What should
-stay flat from 100k to 500k is the rerun's time and memory; the full run's grow with N.
+(the median of ``--repeats`` reruns from the same state; the last one's steps are printed),
+then one more rerun with nothing new ("none"): what a rerun costs for the images already
+decoded, which is what grows with N. "ms/new" is what each new image adds (rerun minus none,
+over the new images). Each run's peak RSS is that of its own `kedro` process (the reruns':
+the largest). The full run's time and memory grow with N.
 """
 
 import argparse
@@ -97,7 +99,8 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
     print(f"\nsynthetic scale run on the local disk, {new_fraction:.0%} new in the rerun")
     print(
         f"{'images':>10}{'full s':>10}{'full MiB':>10}{'rerun s':>10}{'range s':>13}"
-        f"{'rerun MiB':>11}{'ratio':>8}  load before the reruns"
+        f"{'rerun MiB':>11}{'ratio':>8}{'none s':>10}{'none MiB':>10}{'ms/new':>10}"
+        "  load before the reruns"
     )
     timings = {}
     for size in sizes:
@@ -130,6 +133,10 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
                 assert report["files_reused_from_last_run"] == size - new
             rerun_seconds = statistics.median(seconds for seconds, _ in reruns)
             rerun_rss = max(rss for _, rss in reruns)
+            # Once more with nothing new: what a rerun costs for the images it already has.
+            idle_seconds, idle_rss = run_kedro(project, env, "--pipeline", "data_processing")
+            report = json.loads((project / "data/08_reporting/data_report.json").read_text())
+            assert report["files_reused_from_last_run"] == size, report
             timings[size] = (
                 first_and_last_steps(env["MLFLOW_TRACKING_URI"]),
                 full_seconds,
@@ -138,9 +145,11 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         spread = f"{min(s for s, _ in reruns):.1f}-{max(s for s, _ in reruns):.1f}"
+        per_new_ms = (rerun_seconds - idle_seconds) / new * 1000
         print(
             f"{size:>10}{full_seconds:>10.1f}{full_rss:>10.0f}{rerun_seconds:>10.1f}{spread:>13}"
-            f"{rerun_rss:>11.0f}{rerun_seconds / full_seconds:>8.3f}  {load}"
+            f"{rerun_rss:>11.0f}{rerun_seconds / full_seconds:>8.3f}{idle_seconds:>10.1f}"
+            f"{idle_rss:>10.0f}{per_new_ms:>10.2f}  {load}"
         )
     for size, ((full, rerun), full_seconds, rerun_seconds) in timings.items():
         print(f"\n{size} images:")
