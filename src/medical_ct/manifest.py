@@ -8,7 +8,7 @@ can be rebuilt from the stores and checked against the fingerprint.
 
 import hashlib
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,9 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from medical_ct.preprocessing import IMAGE_SIZE, InvalidImageError, content_hash, preprocess_image
-
-if TYPE_CHECKING:
-    from medical_ct.shards import ModelInputSet, ShardedImages
+from medical_ct.shards import ModelInputSet, ShardedImages
 
 SPLITS = ("train", "validation", "test")
 RAW, FEEDBACK = "raw", "feedback"
@@ -34,7 +32,7 @@ MANIFEST_COLUMNS = [
 
 
 def choose_images(
-    raw_images: "ShardedImages", feedback_images: "ShardedImages"
+    raw_images: ShardedImages, feedback_images: ShardedImages
 ) -> tuple[pd.DataFrame, int, int]:
     """One copy per content hash: a feedback label wins over a raw one, then the first file.
 
@@ -137,14 +135,18 @@ def hash_prefixes(content_hashes: pd.Series) -> np.ndarray:
 
 
 def model_input_table(sets: Mapping[str, Mapping], class_names: list[str]) -> pd.DataFrame:
-    """``content_hash``, ``label`` (class name) and ``split`` of every image of the model input."""
-    names = np.asarray(class_names, dtype=object)
+    """``content_hash``, ``label`` (class name) and ``split`` of every image of the model input.
+
+    Arrow strings throughout: the class names are taken by label, a ``ModelInputSet``'s hashes
+    are its index column (no list of 500,000 Python strings made and read back).
+    """
+    names = pa.array(class_names, pa.large_string())
     return pd.concat(
         [
             pd.DataFrame(
                 {
-                    "content_hash": sets[split]["content_hashes"],
-                    "label": names[np.asarray(sets[split]["labels"], dtype=np.int64)],
+                    "content_hash": _content_hashes(sets[split]),
+                    "label": pd.Series(names.take(pa.array(sets[split]["labels"])), dtype="str"),
                     "split": split,
                 },
                 columns=["content_hash", "label", "split"],
@@ -155,8 +157,14 @@ def model_input_table(sets: Mapping[str, Mapping], class_names: list[str]) -> pd
     )
 
 
+def _content_hashes(data: Mapping) -> pd.Series:
+    if isinstance(data, ModelInputSet):
+        return data.index["content_hash"]
+    return pd.Series(data["content_hashes"], dtype="str")
+
+
 def build_manifest(
-    sets: Mapping[str, "ModelInputSet"],
+    sets: Mapping[str, ModelInputSet],
     class_names: list[str],
     feedback: Mapping[str, Mapping[str, Any]],
 ) -> pd.DataFrame:
@@ -169,16 +177,19 @@ def build_manifest(
         feedback: Accepted feedback file (``<Class>/<file>``) -> its review record
             (``feedback_id``, ``decision``: accept or auto_accept).
     """
-    origins = pd.concat([sets[split].index[["source", "file"]] for split in SPLITS])
+    origins = pd.concat(
+        [sets[split].index[["source", "file"]] for split in SPLITS], ignore_index=True
+    )
     manifest = model_input_table(sets, class_names)
-    manifest[["source", "file"]] = origins.to_numpy()
+    manifest[["source", "file"]] = origins  # both indexed 0..n-1, in the same order
     from_feedback = np.flatnonzero((manifest["source"] == FEEDBACK).to_numpy())
     feedback_files = manifest["file"].iloc[from_feedback]  # a few, among every raw image
     for column, key in (("feedback_id", "feedback_id"), ("review_decision", "decision")):
         values = {file: record.get(key, "") for file, record in feedback.items()}
-        filled = np.full(len(manifest), "", dtype=object)
-        filled[from_feedback] = feedback_files.map(values).fillna("").to_numpy(dtype=object)
-        manifest[column] = filled
+        manifest[column] = ""
+        if len(from_feedback):
+            filled = feedback_files.map(values).fillna("").astype("str").to_numpy()
+            manifest.iloc[from_feedback, manifest.columns.get_loc(column)] = filled
     return manifest[MANIFEST_COLUMNS]
 
 

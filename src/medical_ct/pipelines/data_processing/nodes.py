@@ -29,6 +29,7 @@ from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
 from medical_ct.preprocessing import InvalidImageError, content_hash, preprocess_image
 from medical_ct.shards import (
     INDEX_COLUMNS,
+    INDEX_DTYPES,
     MODEL_INPUT_COLUMNS,
     ModelInputSet,
     ShardedImages,
@@ -156,7 +157,9 @@ def decode_images(
         _decoded_row(file, listing[file], partitions, accepted, new_pixels)
         for file in tqdm(to_read, desc="Decoding images", unit=" images")
     ]
-    index = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()
+    index = (
+        pd.DataFrame(rows, columns=INDEX_COLUMNS).astype(INDEX_DTYPES) if rows else empty_index()
+    )
     new_shards = _cut_into_shards(index, new_pixels, params.shard_images)
     if len(kept):
         reused = previous.index.iloc[kept][INDEX_COLUMNS].assign(reused=True)
@@ -235,9 +238,7 @@ def _decoded_row(
 def _merged_in_file_order(reused: pd.DataFrame, decoded: pd.DataFrame) -> pd.DataFrame:
     """Last run's rows with the rows decoded now, in file order (Arrow's sort: 0.02 s at
     500,000 files, whatever order last run's index was saved in)."""
-    # The few new rows take the loaded rows' column types: concatenating Arrow strings with
-    # Python ones would convert every row (0.4 s at 500,000).
-    merged = pd.concat([reused, decoded.astype(reused.dtypes.to_dict())], ignore_index=True)
+    merged = pd.concat([reused, decoded], ignore_index=True)  # both typed by INDEX_DTYPES
     order = pc.sort_indices(arrow_strings(merged["file"])).to_numpy()
     return merged.iloc[order].reset_index(drop=True)
 
@@ -294,8 +295,9 @@ def build_model_input(
             f"need images of at least 2 classes to train a classifier, found {class_names}; "
             "check the raw store and ingest"
         )
-    labels = chosen["label"].map({name: i for i, name in enumerate(class_names)})
-    model_input = chosen.assign(label=labels.astype(np.int64))[MODEL_INPUT_COLUMNS]
+    # Each label's place among the class names, by Arrow (pandas' map: 0.15 s at 500,000).
+    labels = pc.index_in(arrow_strings(chosen["label"]), value_set=pa.array(class_names))
+    model_input = chosen.assign(label=labels.to_numpy().astype(np.int64))[MODEL_INPUT_COLUMNS]
     splits = splits_of(chosen["content_hash"], params.validation_fraction, params.test_fraction)
     sources = {RAW: raw_images, FEEDBACK: feedback_images}
     loaders = {
