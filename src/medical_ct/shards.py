@@ -47,7 +47,8 @@ ShardLoader = Callable[[], np.ndarray]
 
 # Text columns as pandas' Arrow-backed strings, in every index: one index with Python object
 # columns (an empty feedback set read back from Parquet, whose empty columns have no type)
-# made every column of the dedupe's concatenation Python objects (0.5 s and ~150 MB at 500k).
+# made every column of the dedupe's concatenation Python strings: at 500k, build_model_input
+# took 0.8 s instead of 0.4 s and its model input held 143 MiB instead of 75.
 INDEX_DTYPES = {
     column: {"row": "int64", "reused": "bool"}.get(column, "str") for column in INDEX_COLUMNS
 }
