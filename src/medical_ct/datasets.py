@@ -8,7 +8,7 @@ import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path, PurePosixPath
 from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Any
@@ -272,12 +272,19 @@ class MlflowReportDataset(AbstractDataset[Any, Any]):
     kedro-mlflow's ``MlflowArtifactDataset`` logs the saved file's path, which only works for
     local files; this copies the saved bytes to a temporary file first, so reports can live
     in the bucket and in MLflow alike.
+
+    The wrapped dataset is made on first use: kedro-mlflow makes every dataset of the catalog
+    when a run starts, and making a plot's ``MatplotlibDataset`` imports matplotlib's pyplot
+    (0.4 s), which data_processing and most tasks of the weekly DAG never use.
     """
 
     def __init__(self, *, dataset: dict[str, Any], artifact_path: str = "") -> None:
         self._dataset_config = dict(dataset)
-        self._dataset = AbstractDataset.from_config("report", dict(dataset))
         self._artifact_path = artifact_path
+
+    @cached_property
+    def _dataset(self) -> AbstractDataset:
+        return AbstractDataset.from_config("report", dict(self._dataset_config))
 
     def load(self) -> Any:
         return self._dataset.load()
