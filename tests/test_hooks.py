@@ -39,15 +39,22 @@ print(json.dumps(sorted({"torch", "scipy.stats", "sklearn"} & sys.modules.keys()
 def test_a_data_processing_run_does_not_import_torch():
     """Decoding and splitting need no torch, scipy.stats or scikit-learn: importing them cost every
     data_processing process (a weekly rerun, each of its Airflow tasks) about 5 s of start-up."""
+    assert json_printed_by(DATA_PROCESSING_IMPORTS) == []
+
+
+def json_printed_by(script: str, **env: str) -> object:
+    """The JSON a script prints last, run in a fresh interpreter on the project (what it
+    imports is then what a run imports)."""
     result = subprocess.run(
-        [sys.executable, "-c", DATA_PROCESSING_IMPORTS, str(PROJECT_ROOT)],
+        [sys.executable, "-c", script, str(PROJECT_ROOT)],
         capture_output=True,
         text=True,
         check=True,
         cwd=PROJECT_ROOT,
         timeout=120,
+        env={**os.environ, **env},
     )
-    assert json.loads(result.stdout.splitlines()[-1]) == []
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 # What a run's start makes of the catalog: kedro-mlflow's hook makes every dataset in it.
@@ -74,19 +81,10 @@ def test_a_run_imports_matplotlib_only_when_it_saves_a_plot(tmp_path):
     pyplot (0.4 s) in data_processing and most tasks of the weekly DAG. Every report's wrapped
     dataset is still made here once, so a wrong type in the catalog fails this test, not a
     run that reaches the save."""
-    result = subprocess.run(
-        [sys.executable, "-c", CATALOG_AT_START, str(PROJECT_ROOT)],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=PROJECT_ROOT,
-        timeout=120,
-        env={
-            **os.environ,
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "KEDRO_DISABLE_TELEMETRY": "1",
-        },
+    found = json_printed_by(
+        CATALOG_AT_START,
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        KEDRO_DISABLE_TELEMETRY="1",
     )
-    found = json.loads(result.stdout.splitlines()[-1])
     assert found["pyplot_at_start"] is False
     assert found["reports"] >= 10
