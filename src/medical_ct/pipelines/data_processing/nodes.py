@@ -197,17 +197,17 @@ def _reusable_rows(
     if previous is None or previous.index.empty:
         return np.array([], np.int64), sorted(listing)
     index = previous.index
+    files = arrow_strings(index["file"])
     listed = pa.array(list(listing), pa.large_string())
     versions = pa.array(list(listing.values()), pa.large_string())
-    now = versions.take(pc.index_in(arrow_strings(index["file"]), value_set=listed))
+    now = versions.take(pc.index_in(files, value_set=listed))
     same = pc.fill_null(pc.equal(now, arrow_strings(index["version"])), False)
     keep = same.to_numpy(zero_copy_only=False)
     keep &= ~index["reason"].str.startswith((NOT_IN_A_CLASS_FOLDER, UNKNOWN_CLASS)).to_numpy()
     if accepted is not None:
         keep &= index["label"].isin(accepted).to_numpy()
     kept = np.flatnonzero(keep)
-    kept_files = arrow_strings(index["file"]).take(kept)
-    to_read = listed.filter(pc.invert(pc.is_in(listed, value_set=kept_files)))
+    to_read = listed.filter(pc.invert(pc.is_in(listed, value_set=files.take(kept))))
     return kept, sorted(to_read.to_pylist())
 
 
