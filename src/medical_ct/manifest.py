@@ -54,12 +54,12 @@ def choose_images(
     # Arrow's sort is stable, so each image's copies stay in the order above and the first of
     # a run of equal hashes is the one to keep: no hash table over every image (pandas'
     # ``duplicated`` took 0.7 s at 500,000) and no Python string per image.
-    hashes = pa.array(copies["content_hash"], pa.large_string())
+    hashes = arrow_strings(copies["content_hash"])
     order = pc.sort_indices(hashes).to_numpy()
     hashes = hashes.take(order)
     first = np.ones(len(order), bool)
     first[1:] = pc.not_equal(hashes[1:], hashes[:-1]).to_numpy(zero_copy_only=False)
-    labels = pa.array(copies["label"], pa.large_string()).take(order)
+    labels = arrow_strings(copies["label"]).take(order)
     kept = np.flatnonzero(first)
     kept_label = labels.take(kept[np.cumsum(first)[~first] - 1])
     other_label = pc.sum(pc.not_equal(labels.filter(~first), kept_label)).as_py() or 0
