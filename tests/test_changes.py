@@ -1,11 +1,17 @@
-"""S3 event messages as SQS delivers them (directly or through SNS); the queue itself is
-exercised against moto's server in tests/e2e/test_s3.py."""
+"""Listing what is new: S3 event messages as SQS delivers them (directly or through SNS; the
+queue itself is exercised against moto's server in tests/e2e/test_s3.py), and a local disk's
+folder times."""
 
 import json
+import logging
+import os
+import time
 
 import pytest
+from kedro.io import DatasetError
 
-from medical_ct.changes import NotAnS3Event, event_keys
+from medical_ct.changes import NotAnS3Event, event_keys, local_versions
+from medical_ct.datasets import ImageFolderDataset
 
 
 def s3_event(*keys: str, source: str = "aws:s3") -> dict:
@@ -41,3 +47,101 @@ def test_anything_else_is_refused_with_the_message_shown(body):
     with pytest.raises(NotAnS3Event) as refused:
         event_keys(body)
     assert body[:20] in str(refused.value)
+
+
+def write(path, content: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+def age_folders(root, seconds: float = 60) -> None:
+    """Move every folder's time back: as after a week, not within the 2 s it is not trusted."""
+    for folder in [root, *(path for path in root.rglob("*") if path.is_dir())]:
+        then = os.stat(folder).st_mtime - seconds
+        os.utime(folder, (then, then))
+
+
+def folder_times_store(tmp_path, **settings) -> ImageFolderDataset:
+    changes = {"folder_times": True, "filepath": str(tmp_path / "listing.parquet")} | settings
+    return ImageFolderDataset(path=str(tmp_path / "raw"), changes=changes)
+
+
+def listed(tmp_path, **settings) -> dict[str, str]:
+    return dict(folder_times_store(tmp_path, **settings).load().versions)
+
+
+def test_folder_times_list_only_the_folders_whose_time_moved(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    for name in ("Hand/week-1/a.jpeg", "Hand/week-1/b.jpeg", "CXR/c.jpeg", "CXR/d.jpeg"):
+        write(raw / name, name.encode())
+    age_folders(raw)
+    caplog.set_level(logging.INFO, logger="medical_ct.changes")
+    assert listed(tmp_path) == local_versions(str(raw))[0]
+    assert "listing every file (no saved listing yet)" in caplog.text
+
+    write(raw / "Hand/week-2/e.jpeg", b"new week")  # a new folder: Hand's time moves
+    (raw / "CXR/c.jpeg").unlink()
+    write(raw / "CXR/d.part", b"replaced")
+    os.replace(raw / "CXR/d.part", raw / "CXR/d.jpeg")
+    caplog.clear()
+    assert listed(tmp_path) == local_versions(str(raw))[0]
+    # Hand, Hand/week-2 and CXR listed (2 files asked); the root and Hand/week-1 not.
+    assert "3 of 5 folders changed since the last listing: 2 files asked again, 4 files" in (
+        caplog.text
+    )
+
+
+def test_a_file_rewritten_in_place_waits_for_the_full_listing(tmp_path, caplog):
+    """The one change folder times cannot see: the folder's names are the same."""
+    raw = tmp_path / "raw"
+    write(raw / "Hand/a.jpeg", b"one")
+    age_folders(raw)
+    before = listed(tmp_path)
+    time.sleep(0.01)
+    (raw / "Hand/a.jpeg").write_bytes(b"other bytes")
+    assert listed(tmp_path) == before != local_versions(str(raw))[0]
+    caplog.set_level(logging.INFO, logger="medical_ct.changes")
+    assert listed(tmp_path, full_listing=True) == local_versions(str(raw))[0]
+    assert "(full_listing is set)" in caplog.text
+    (raw / "Hand/a.jpeg").write_bytes(b"third")
+    assert listed(tmp_path, full_listing_days=0) == local_versions(str(raw))[0]
+    assert "over 0 days old" in caplog.text
+
+
+def test_a_folder_changed_just_before_its_listing_is_listed_again(tmp_path):
+    """Its time may not move for a change made in the same tick of the file system's clock."""
+    raw = tmp_path / "raw"
+    write(raw / "Hand/a.jpeg", b"one")
+    listed(tmp_path)  # Hand changed under 2 s ago: not trusted next time
+    (raw / "Hand/a.jpeg").write_bytes(b"rewritten in place")
+    assert listed(tmp_path) == local_versions(str(raw))[0]
+
+
+def test_an_unreadable_saved_listing_lists_everything_again(tmp_path, caplog):
+    write(tmp_path / "raw/Hand/a.jpeg", b"one")
+    (tmp_path / "listing.parquet").write_bytes(b"not Parquet")
+    caplog.set_level(logging.INFO, logger="medical_ct.changes")
+    assert listed(tmp_path) == local_versions(str(tmp_path / "raw"))[0]
+    assert "is not a readable listing" in caplog.text and "listing every file" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "changes", "message"),
+    [
+        (
+            "s3://bucket/raw",
+            {"folder_times": True, "filepath": "x"},
+            "folder_times: true` with a local",
+        ),
+        ("data/raw", {"folder_times": True}, "changes.filepath"),
+        ("data/raw", {"folder_times": "yes", "filepath": "x"}, "must be true or false, got 'yes'"),
+        (
+            "data/raw",
+            {"folder_times": True, "filepath": "x", "max_events": 5},
+            "not one of FolderTimes's",
+        ),
+    ],
+)
+def test_bad_changes_settings_say_what_is_wrong(path, changes, message):
+    with pytest.raises(DatasetError, match=message):
+        ImageFolderDataset(path=path, changes=changes)

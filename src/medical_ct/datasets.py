@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path, PurePosixPath
-from stat import S_ISDIR, S_ISLNK, S_ISREG
 from typing import Any
 
 import fsspec
@@ -26,7 +25,7 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.types import ColSpec, DataType, Schema
 
 from medical_ct import manifest, registry
-from medical_ct.changes import ChangeFeed, object_version
+from medical_ct.changes import ChangeFeed, FolderTimes, local_versions, object_version
 
 
 class StoredFile:
@@ -88,7 +87,8 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
     since on S3 each folder is its own paginated listing of 1,000 keys a request and a store
     of millions of images is mostly waiting on those requests; with ``changes`` (an SQS queue
     of the bucket's events, ``medical_ct.changes``) the last listing is patched instead. On a
-    local disk it is one ``stat`` per file. Bytes are read only when a
+    local disk it is one ``stat`` per file, or per changed folder's file with ``changes:
+    {folder_times: true}``. Bytes are read only when a
     ``StoredFile`` is called. Saving takes ``{"<Class>/<file>": bytes or a function returning
     bytes}`` and writes each file; files already there and not in the dict are left alone.
     """
@@ -112,30 +112,44 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
         self._listing_threads = listing_threads
         self._changes = self._change_feed(changes or {})
 
-    def _change_feed(self, changes: dict[str, Any]) -> ChangeFeed | None:
-        """``changes: {queue_url, filepath, ...}`` (``medical_ct.changes.ChangeFeed``): on S3,
+    def _change_feed(self, changes: dict[str, Any]) -> ChangeFeed | FolderTimes | None:
+        """``changes: {queue_url | folder_times, filepath, ...}`` (``medical_ct.changes``):
         patch the last listing (kept at ``filepath``, a key Kedro resolves like any dataset
-        path) with the bucket's events instead of listing every key; no ``queue_url`` (the
-        default) lists every key."""
-        if not changes.get("queue_url"):
-            return None
-        if isinstance(self._filesystem, LocalFileSystem) or not changes.get("filepath"):
-            raise DatasetError(
-                f"{self._path}: `changes` needs an S3 path and `changes.filepath` (where the "
-                "last listing is kept, e.g. ${globals:root}/02_intermediate/raw_listing.parquet)"
-            )
+        path) instead of listing every file: with the bucket's events on S3 (``queue_url``),
+        with the folders' modification times on a local disk (``folder_times: true``).
+        Neither (the default) lists every file."""
         settings = dict(changes)
+        queue_url, folder_times = settings.get("queue_url"), settings.pop("folder_times", False)
+        if not isinstance(folder_times, bool):
+            raise DatasetError(
+                f"{self._path}: `changes.folder_times` must be true or false, got {folder_times!r}"
+            )
+        if not queue_url and not folder_times:
+            return None
+        local = isinstance(self._filesystem, LocalFileSystem)
+        if (queue_url and local) or (folder_times and not local) or not settings.get("filepath"):
+            raise DatasetError(
+                f"{self._path}: `changes` needs `queue_url` with an S3 path, or `folder_times: "
+                "true` with a local one, and `changes.filepath` (where the last listing is "
+                "kept, e.g. ${globals:root}/02_intermediate/raw_listing.parquet)"
+            )
         listing = fsspec.core.split_protocol(settings.pop("filepath"))[1]
-        return ChangeFeed(
-            filesystem=self._filesystem,
-            root=self._root,
-            listing=listing,
-            **settings,
-        )
+        if folder_times:
+            settings.pop("queue_url", None)
+        feed = FolderTimes if folder_times else ChangeFeed
+        try:
+            return feed(filesystem=self._filesystem, root=self._root, listing=listing, **settings)
+        except TypeError as error:
+            raise DatasetError(
+                f"{self._path}: a `changes` setting is not one of {feed.__name__}'s ({error}); "
+                "see medical_ct/changes.py"
+            ) from None
 
     def load(self) -> StoredFiles:
-        if isinstance(self._filesystem, LocalFileSystem):
-            versions = _local_versions(self._root)
+        if isinstance(self._changes, FolderTimes):
+            versions = self._changes.versions()
+        elif isinstance(self._filesystem, LocalFileSystem):
+            versions = local_versions(self._root)[0]
         elif self._changes is not None:
             versions = self._changes.versions(self._store_versions)
         else:
@@ -215,55 +229,6 @@ def _local_has_file(folder: str) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     return False
-
-
-def _local_versions(root: str) -> dict[str, str]:
-    """``{partition: "size:mtime"}`` of every file under a local folder: one ``lstat`` a file.
-
-    fsspec's ``find`` builds a dict of a dozen fields per file and the partition was cut with
-    ``posixpath.relpath``: 33 s for 500,000 images, the largest cost of a weekly rerun at that
-    size. This keeps the version fsspec gave (its ``mtime`` is ``st_mtime`` of the file itself,
-    its size the target's for a link), so decoded pixels of earlier runs stay valid. Names
-    from ``os.listdir`` and one ``os.lstat`` each, its mode telling files from folders, took
-    1.7 s at 500,000 files; ``os.scandir``'s entries, asked ``is_dir``, ``is_file`` and
-    ``is_symlink`` besides, 2.0 s. The system calls alone take about 1 s of it.
-    """
-    versions: dict[str, str] = {}
-    folders = [(root, "")]
-    while folders:
-        folder, partition_prefix = folders.pop()
-        try:
-            names = os.listdir(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for name in names:
-            path = f"{folder}/{name}"
-            try:
-                own = os.lstat(path)
-            except FileNotFoundError:  # deleted while listing
-                continue
-            if S_ISREG(own.st_mode):
-                size = own.st_size
-            elif S_ISDIR(own.st_mode):
-                folders.append((path, f"{partition_prefix}{name}/"))
-                continue
-            elif S_ISLNK(own.st_mode):
-                size = _linked_file_size(path)
-                if size is None:
-                    continue
-            else:
-                continue
-            versions[partition_prefix + name] = f"{size}:{own.st_mtime}"
-    return versions
-
-
-def _linked_file_size(path: str) -> int | None:
-    """The size of the file a link points to; ``None`` for a broken link or one to a folder."""
-    try:
-        target = os.stat(path)
-    except OSError:
-        return None
-    return target.st_size if S_ISREG(target.st_mode) else None
 
 
 class MlflowReportDataset(AbstractDataset[Any, Any]):

@@ -522,5 +522,5 @@ def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
     assert load(queue_retention_days=0) == listed() and "dropped events" in caplog.text
     s3.pipe_file(listing, b"not Parquet")
     assert load() == listed() and "is not a readable listing" in caplog.text
-    with pytest.raises(DatasetError, match="needs an S3 path"):
+    with pytest.raises(DatasetError, match="`queue_url` with an S3 path"):
         ImageFolderDataset(path="data/01_raw", changes={"queue_url": queue, "filepath": "x"})

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+import re
 
 import fsspec
 import numpy as np
@@ -402,22 +403,36 @@ def test_a_local_rerun_on_unchanged_data_skips_training(trained_project):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("folder_times", [False, True], ids=["every-file", "folder-times"])
 def test_a_local_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
-    tmp_path, sample_dir
+    tmp_path, sample_dir, folder_times
 ):
+    """With ``raw_folder_times`` the rerun lists only the raw store's folders whose time moved;
+    its files are changed as writers replace files (a new file renamed over the old one), which
+    moves the folder's time: a rewrite in place is the one change it leaves to the monthly full
+    listing (tests/test_changes.py)."""
     project = make_project(tmp_path / "project", sample_dir)
     data = project / "data"
+    if folder_times:
+        (project / "conf/local/globals.yml").write_text("raw_folder_times: true\n")
+        for folder in [data / "01_raw/mednist", *(data / "01_raw/mednist").iterdir()]:
+            os.utime(folder, (os.stat(folder).st_atime, os.stat(folder).st_mtime - 60))
 
     def put(key: str, content: bytes) -> None:
         (data / key).parent.mkdir(parents=True, exist_ok=True)
-        (data / key).write_bytes(content)
+        (data / f"{key}.part").write_bytes(content)
+        os.replace(data / f"{key}.part", data / key)
 
     seed_feedback(put, sample_dir)
     assert_ok(kedro(project, "run", "--pipeline", "data_processing"))
     first = json.loads((data / "08_reporting/data_report.json").read_text())
     read_again = add_change_and_delete(put, lambda key: (data / key).unlink(), sample_dir)
 
-    assert_ok(kedro(project, "run", "--pipeline", "data_processing"))
+    result = kedro(project, "run", "--pipeline", "data_processing")
+    assert_ok(result)
+    # Rich wraps long log lines around the logger's file:line column: taken out.
+    log = " ".join(re.sub(r"\s\S+\.py:\d+\s", " ", result.stdout + result.stderr).split())
+    assert ("3 of 7 folders changed" in log and "120 files asked again" in log) == folder_times
     rerun = json.loads((data / "08_reporting/data_report.json").read_text())
     rerun_rows = model_input_rows(str(data))
     assert_ok(kedro(project, "run", "--pipeline", "data_processing", "--params", RESCAN))
