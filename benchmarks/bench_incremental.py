@@ -18,13 +18,17 @@
     .venv/bin/python benchmarks/bench_incremental.py --scale 100000,500000 [--skip-s3] [--repeats 3]
 
 adds a synthetic scale run on the local disk (no upload to moto): for each size N, N small
-distinct PNG images (16x16, grayscale) are written under a fresh project's raw store, a full
-`kedro run --pipeline data_processing` decodes them, 1% more are added and the rerun is timed
-(the median of ``--repeats`` reruns from the same state; the last one's steps are printed),
-then one more rerun with nothing new ("none"): what a rerun costs for the images already
-decoded, which is what grows with N. "ms/new" is what each new image adds (rerun minus none,
-over the new images). Each run's peak RSS is that of its own `kedro` process (the reruns':
-the largest). The full run's time and memory grow with N.
+distinct PNG images (16x16, grayscale) are written under a fresh project's raw store, in
+batch folders of 1% each (``<Class>/batch-NNNN/``, as a hospital's exports arrive), a full
+`kedro run --pipeline data_processing` decodes them, 1% more are added in a new batch folder
+and the rerun is timed both ways of listing the local store, alternately: asking every file
+its size and time ("every file", the default) and listing only the folders whose time moved
+("folder times", ``raw_folder_times``). Each is the median of ``--repeats`` reruns from the
+same state (the last one's steps are printed), then one more rerun with nothing new
+("none"): what a rerun costs for the images already decoded, which is what grows with N.
+"ms/new" is what each new image adds (rerun minus none, over the new images). Each run's peak
+RSS is that of its own `kedro` process (the reruns': the largest). The full run's time and
+memory grow with N.
 """
 
 import argparse
@@ -70,22 +74,31 @@ def first_and_last_steps(tracking_uri: str) -> tuple[dict[str, float], dict[str,
     return runs[0], runs[-1]
 
 
-def print_node_seconds(
-    full: dict[str, float], rerun: dict[str, float], full_seconds: float, rerun_seconds: float
-) -> None:
-    print(f"{'where the time went (NodeTimingHook)':48}{'full s':>10}{'rerun s':>10}")
-    for key in sorted(full, key=full.get, reverse=True):
-        if max(full[key], rerun.get(key, 0)) >= 0.1:
-            print(f"{key:48}{full[key]:10.1f}{rerun.get(key, float('nan')):10.1f}")
-    outside = (full_seconds - sum(full.values()), rerun_seconds - sum(rerun.values()))
-    print(f"{'the rest (start-up, hooks, MLflow run)':48}{outside[0]:10.1f}{outside[1]:10.1f}")
+def print_node_seconds(columns: dict[str, tuple[dict[str, float], float]]) -> None:
+    """Seconds per step of each run, ``{column: (steps, wall seconds)}``, the first's order."""
+    (first, _), *_ = columns.values()
+    print(f"{'where the time went (NodeTimingHook)':48}" + "".join(f"{c:>14}" for c in columns))
+    for key in sorted(first, key=first.get, reverse=True):
+        if max(steps.get(key, 0) for steps, _ in columns.values()) >= 0.1:
+            cells = (steps.get(key, float("nan")) for steps, _ in columns.values())
+            print(f"{key:48}" + "".join(f"{cell:14.1f}" for cell in cells))
+    rest = (seconds - sum(steps.values()) for steps, seconds in columns.values())
+    print(f"{'the rest (start-up, hooks, MLflow run)':48}" + "".join(f"{r:14.1f}" for r in rest))
 
 
-def write_synthetic(raw: Path, numbers: range) -> None:
+def write_synthetic(raw: Path, numbers: range, batch: int) -> None:
+    """Images ``numbers`` as ``<Class>/batch-NNNN/<number>.png``, ``batch`` numbers a folder."""
     for number in numbers:
-        folder = raw / CLASSES[number % len(CLASSES)]
+        folder = raw / CLASSES[number % len(CLASSES)] / f"batch-{number // batch:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{number:08d}.png").write_bytes(synthetic_png(number))
+
+
+LISTINGS = {"every file": "false", "folder times": "true"}  # raw_folder_times
+
+
+def use_listing(project: Path, listing: str) -> None:
+    (project / "conf/local/globals.yml").write_text(f"raw_folder_times: {LISTINGS[listing]}\n")
 
 
 def data_report(project: Path) -> dict:
@@ -93,18 +106,18 @@ def data_report(project: Path) -> dict:
 
 
 def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
-    """Full run and 1% rerun of data_processing on N synthetic images on the local disk.
+    """Full run, then 1% reruns of data_processing on N synthetic images on the local disk.
 
-    The rerun runs ``repeats`` times from the same state (the decoded sets' indexes as the
-    full run left them: shards are named by their content, so the rerun writes the same ones
-    again), and its median is printed with the range: one rerun's time varied by a quarter
-    from run to run on this machine.
+    The reruns run ``repeats`` times each way of listing, alternately, from the same state (the
+    decoded sets' indexes and the saved listing as the full run left them: shards are named by
+    their content, so each rerun writes the same ones again). Medians are printed with their
+    range: one rerun's time varied by a quarter from run to run on this machine.
     """
     print(f"\nsynthetic scale run on the local disk, {new_fraction:.0%} new in the rerun")
     print(
-        f"{'images':>10}{'full s':>10}{'full MiB':>10}{'rerun s':>10}{'range s':>13}"
-        f"{'rerun MiB':>11}{'ratio':>8}{'none s':>10}{'none MiB':>10}{'ms/new':>10}"
-        "  load before the reruns"
+        f"{'images':>10}  {'listing':<14}{'full s':>8}{'full MiB':>10}{'rerun s':>9}"
+        f"{'range s':>11}{'rerun MiB':>11}{'ratio':>7}{'none s':>8}{'none MiB':>10}"
+        f"{'ms/new':>8}  load before the reruns"
     )
     timings = {}
     for size in sizes:
@@ -113,7 +126,7 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
             project = make_project(workdir / "project")
             raw = project / "data/01_raw/mednist"
             new = round(size * new_fraction)
-            write_synthetic(raw, range(size - new))
+            write_synthetic(raw, range(size - new), batch=new)
             env = {
                 **os.environ,
                 "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
@@ -121,43 +134,55 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
                 "PYTHONPATH": str(PROJECT_ROOT / "src"),
             }
             env.pop("KEDRO_ENV", None)
+            use_listing(project, "folder times")  # which also saves the listing for its reruns
             full_seconds, full_rss = run_kedro(project, env, "--pipeline", "data_processing")
-            indexes = {
-                path: path.read_bytes() for path in project.glob("data/02_*/*/index.parquet")
-            }
-            write_synthetic(raw, range(size - new, size))
+            state = [
+                *project.glob("data/02_*/*/index.parquet"),
+                *project.glob("data/02_*/*.parquet"),
+            ]
+            state = {path: path.read_bytes() for path in state}
+            write_synthetic(raw, range(size - new, size), batch=new)
             load = uptime()
-            reruns = []
+            reruns: dict[str, list[tuple[float, float]]] = {listing: [] for listing in LISTINGS}
             for _ in range(repeats):
-                for path, content in indexes.items():
-                    path.write_bytes(content)
-                reruns.append(run_kedro(project, env, "--pipeline", "data_processing"))
-                report = data_report(project)
-                assert report["raw_images_decoded"] == size, report["raw_images_decoded"]
-                assert report["files_reused_from_last_run"] == size - new
-            rerun_seconds = statistics.median(seconds for seconds, _ in reruns)
-            rerun_rss = max(rss for _, rss in reruns)
-            # The steps of the full run and the last 1% rerun, before the run below is logged.
-            timings[size] = (
-                first_and_last_steps(env["MLFLOW_TRACKING_URI"]),
-                full_seconds,
-                reruns[-1][0],
-            )
-            # Once more with nothing new: what a rerun costs for the images it already has.
-            idle_seconds, idle_rss = run_kedro(project, env, "--pipeline", "data_processing")
-            assert data_report(project)["files_reused_from_last_run"] == size
+                for listing, runs in reruns.items():
+                    for path, content in state.items():
+                        path.write_bytes(content)
+                    use_listing(project, listing)
+                    runs.append(run_kedro(project, env, "--pipeline", "data_processing"))
+                    report = data_report(project)
+                    assert report["raw_images_decoded"] == size, report["raw_images_decoded"]
+                    assert report["files_reused_from_last_run"] == size - new
+            # The steps of the full run and of the last 1% rerun each way, before the runs below.
+            steps = step_seconds(env["MLFLOW_TRACKING_URI"])
+            timings[size] = {
+                "full": (steps[0], full_seconds),
+                **{
+                    listing: (steps[position - len(LISTINGS)], runs[-1][0])
+                    for position, (listing, runs) in enumerate(reruns.items())
+                },
+            }
+            # Once more each way with nothing new: what a rerun costs for the images it has.
+            idle = {}
+            for listing in LISTINGS:
+                use_listing(project, listing)
+                idle[listing] = run_kedro(project, env, "--pipeline", "data_processing")
+                assert data_report(project)["files_reused_from_last_run"] == size
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        spread = f"{min(s for s, _ in reruns):.1f}-{max(s for s, _ in reruns):.1f}"
-        per_new_ms = (rerun_seconds - idle_seconds) / new * 1000
-        print(
-            f"{size:>10}{full_seconds:>10.1f}{full_rss:>10.0f}{rerun_seconds:>10.1f}{spread:>13}"
-            f"{rerun_rss:>11.0f}{rerun_seconds / full_seconds:>8.3f}{idle_seconds:>10.1f}"
-            f"{idle_rss:>10.0f}{per_new_ms:>10.2f}  {load}"
-        )
-    for size, ((full, rerun), full_seconds, rerun_seconds) in timings.items():
+        for listing, runs in reruns.items():
+            rerun_seconds = statistics.median(seconds for seconds, _ in runs)
+            spread = f"{min(s for s, _ in runs):.1f}-{max(s for s, _ in runs):.1f}"
+            idle_seconds, idle_rss = idle[listing]
+            print(
+                f"{size:>10}  {listing:<14}{full_seconds:>8.1f}{full_rss:>10.0f}"
+                f"{rerun_seconds:>9.1f}{spread:>11}{max(rss for _, rss in runs):>11.0f}"
+                f"{rerun_seconds / full_seconds:>7.3f}{idle_seconds:>8.1f}{idle_rss:>10.0f}"
+                f"{(rerun_seconds - idle_seconds) / new * 1000:>8.2f}  {load}"
+            )
+    for size, columns in timings.items():
         print(f"\n{size} images:")
-        print_node_seconds(full, rerun, full_seconds, rerun_seconds)
+        print_node_seconds(columns)
 
 
 def main() -> None:
@@ -257,7 +282,7 @@ def s3_run(archive: Path, new_fraction: float, change_queue: bool) -> None:
     print(f"load before the full run: {load_full}")
     print(f"load before the rerun:    {load_rerun}")
     print(f"load after:               {uptime()}")
-    print_node_seconds(full_nodes, rerun_nodes, full_seconds, rerun_seconds)
+    print_node_seconds({"full": (full_nodes, full_seconds), "rerun": (rerun_nodes, rerun_seconds)})
     print(f"full run report: {full_report['images_per_split']}")
     print(f"rerun report:    {rerun_report['images_per_split']}")
 
