@@ -10,7 +10,7 @@ import time
 import pytest
 from kedro.io import DatasetError
 
-from medical_ct.changes import NotAnS3Event, event_keys, local_versions
+from medical_ct.changes import NotAnS3Event, event_keys
 from medical_ct.datasets import ImageFolderDataset
 
 
@@ -67,7 +67,12 @@ def folder_times_store(tmp_path, **settings) -> ImageFolderDataset:
 
 
 def listed(tmp_path, **settings) -> dict[str, str]:
-    return dict(folder_times_store(tmp_path, **settings).load().versions)
+    return folder_times_store(tmp_path, **settings).load().versions
+
+
+def every_file(raw) -> dict[str, str]:
+    """The listing without folder times: every file asked its size and time."""
+    return ImageFolderDataset(path=str(raw)).load().versions
 
 
 def test_folder_times_list_only_the_folders_whose_time_moved(tmp_path, caplog):
@@ -76,7 +81,7 @@ def test_folder_times_list_only_the_folders_whose_time_moved(tmp_path, caplog):
         write(raw / name, name.encode())
     age_folders(raw)
     caplog.set_level(logging.INFO, logger="medical_ct.changes")
-    assert listed(tmp_path) == local_versions(str(raw))[0]
+    assert listed(tmp_path) == every_file(raw)
     assert "listing every file (no saved listing yet)" in caplog.text
 
     write(raw / "Hand/week-2/e.jpeg", b"new week")  # a new folder: Hand's time moves
@@ -84,7 +89,7 @@ def test_folder_times_list_only_the_folders_whose_time_moved(tmp_path, caplog):
     write(raw / "CXR/d.part", b"replaced")
     os.replace(raw / "CXR/d.part", raw / "CXR/d.jpeg")
     caplog.clear()
-    assert listed(tmp_path) == local_versions(str(raw))[0]
+    assert listed(tmp_path) == every_file(raw)
     # Hand, Hand/week-2 and CXR listed (2 files asked); the root and Hand/week-1 not.
     assert "3 of 5 folders changed since the last listing: 2 files asked again, 4 files" in (
         caplog.text
@@ -99,12 +104,12 @@ def test_a_file_rewritten_in_place_waits_for_the_full_listing(tmp_path, caplog):
     before = listed(tmp_path)
     time.sleep(0.01)
     (raw / "Hand/a.jpeg").write_bytes(b"other bytes")
-    assert listed(tmp_path) == before != local_versions(str(raw))[0]
+    assert listed(tmp_path) == before != every_file(raw)
     caplog.set_level(logging.INFO, logger="medical_ct.changes")
-    assert listed(tmp_path, full_listing=True) == local_versions(str(raw))[0]
+    assert listed(tmp_path, full_listing=True) == every_file(raw)
     assert "(full_listing is set)" in caplog.text
     (raw / "Hand/a.jpeg").write_bytes(b"third")
-    assert listed(tmp_path, full_listing_days=0) == local_versions(str(raw))[0]
+    assert listed(tmp_path, full_listing_days=0) == every_file(raw)
     assert "over 0 days old" in caplog.text
 
 
@@ -114,14 +119,14 @@ def test_a_folder_changed_just_before_its_listing_is_listed_again(tmp_path):
     write(raw / "Hand/a.jpeg", b"one")
     listed(tmp_path)  # Hand changed under 2 s ago: not trusted next time
     (raw / "Hand/a.jpeg").write_bytes(b"rewritten in place")
-    assert listed(tmp_path) == local_versions(str(raw))[0]
+    assert listed(tmp_path) == every_file(raw)
 
 
 def test_an_unreadable_saved_listing_lists_everything_again(tmp_path, caplog):
     write(tmp_path / "raw/Hand/a.jpeg", b"one")
     (tmp_path / "listing.parquet").write_bytes(b"not Parquet")
     caplog.set_level(logging.INFO, logger="medical_ct.changes")
-    assert listed(tmp_path) == local_versions(str(tmp_path / "raw"))[0]
+    assert listed(tmp_path) == every_file(tmp_path / "raw")
     assert "is not a readable listing" in caplog.text and "listing every file" in caplog.text
 
 

@@ -64,15 +64,23 @@ class _Listing:
     saved_at: float  # when it was last saved, patched or not
     folder_times: dict[str, int] = field(default_factory=dict)  # local: "A/B/" -> st_mtime_ns
 
-    def versions(self, folders: list[str] | None = None) -> dict[str, str]:
-        """``{partition: version}`` of every file, or of the files right inside ``folders``
-        (``"A/B/"``; ``""`` the root), picked in Arrow: no Python string per file left out."""
-        table = self.table
-        if folders is not None:
-            folder = pc.replace_substring_regex(table.column("file"), "[^/]*$", "")
-            table = table.filter(pc.is_in(folder, value_set=pa.array(folders, pa.string())))
-        files, versions = (table.column(name).to_pylist() for name in ("file", "version"))
+    def versions(self) -> dict[str, str]:
+        """``{partition: version}`` of every file."""
+        files, versions = (self.table.column(name).to_pylist() for name in ("file", "version"))
         return dict(zip(files, versions, strict=True))
+
+    def in_folders(self, folders: list[str]) -> pa.Table:
+        """The rows of the files right inside ``folders`` (``"A/B/"``; ``""`` the root),
+        picked in Arrow: no Python string per file."""
+        folder = pc.replace_substring_regex(self.table.column("file"), "[^/]*$", "")
+        return self.table.filter(pc.is_in(folder, value_set=pa.array(folders, pa.string())))
+
+
+def listing_table(files: list[str], versions: list[str | None]) -> pa.Table:
+    """A listing as every reader of it takes it: ``file`` and ``version`` string columns."""
+    return pa.table(
+        {"file": pa.array(files, pa.string()), "version": pa.array(versions, pa.string())}
+    )
 
 
 def _read_listing(filesystem: fsspec.AbstractFileSystem, path: str) -> _Listing | None:
@@ -95,16 +103,10 @@ def _read_listing(filesystem: fsspec.AbstractFileSystem, path: str) -> _Listing 
 def _write_listing(
     filesystem: fsspec.AbstractFileSystem,
     path: str,
-    versions: dict[str, str],
+    table: pa.Table,
     listed_at: float,
     folder_times: dict[str, int] | None = None,
 ) -> None:
-    table = pa.table(
-        {
-            "file": pa.array(list(versions), pa.string()),
-            "version": pa.array(list(versions.values()), pa.string()),
-        }
-    )
     metadata = {_LISTED_AT: str(listed_at), _SAVED_AT: str(time.time())}
     if folder_times is not None:
         metadata[_FOLDER_TIMES] = json.dumps(folder_times)
@@ -217,9 +219,9 @@ class ChangeFeed:
             else boto3.session.Session().region_name or "us-east-1",
         )
 
-    def versions(self, list_all: Callable[[], dict[str, str]]) -> dict[str, str]:
-        """``{partition: version}`` now: last listing patched with the queue's events, or
-        ``list_all()`` when a full listing is due (see the module docstring)."""
+    def versions(self, list_all: Callable[[], pa.Table]) -> pa.Table:
+        """The listing now (``listing_table``): the last one patched with the queue's events,
+        or ``list_all()`` when a full listing is due (see the module docstring)."""
         saved = _read_listing(self._filesystem, self._listing)
         messages = self._receive()
         try:
@@ -230,19 +232,21 @@ class ChangeFeed:
             keys, reason = set(), "a queue message is not an S3 event (see the warning above)"
         if reason or saved is None:
             logger.info("%s: listing every file (%s)", self._root, reason)
-            versions, listed_at = list_all(), time.time()
+            listing, listed_at = list_all(), time.time()
         else:
-            versions, listed_at = self._patch(saved.versions(), keys), saved.listed_at
+            versions = self._patch(saved.versions(), keys)
+            listing = listing_table(list(versions), list(versions.values()))
+            listed_at = saved.listed_at
             logger.info(
                 "%s: %d event messages, %d keys asked again, %d files (no full listing)",
                 self._root,
                 len(messages),
                 len(keys),
-                len(versions),
+                listing.num_rows,
             )
-        _write_listing(self._filesystem, self._listing, versions, listed_at)
+        _write_listing(self._filesystem, self._listing, listing, listed_at)
         self._delete(messages)
-        return versions
+        return listing
 
     def _full_listing_reason(self, saved: _Listing | None, messages: int) -> str:
         reason = _full_listing_reason(saved, self._full_listing, self._full_listing_days)
@@ -352,18 +356,17 @@ class FolderTimes:
         self._filesystem, self._root, self._listing = filesystem, root, listing
         self._full_listing, self._full_listing_days = full_listing, full_listing_days
 
-    def versions(self) -> dict[str, str]:
-        """``{partition: "size:mtime"}`` of every file now (see the class docstring)."""
+    def versions(self) -> pa.Table:
+        """The listing now (``listing_table``; see the class docstring)."""
         saved = _read_listing(self._filesystem, self._listing)
         reason = _full_listing_reason(saved, self._full_listing, self._full_listing_days)
         if reason or saved is None:
             logger.info("%s: listing every file (%s)", self._root, reason)
-            versions, folder_times, _ = local_versions(self._root, {})
+            listing, folder_times, _ = local_versions(self._root, {})
             listed_at = time.time()
         else:
-            versions, folder_times, unchanged = local_versions(self._root, saved.folder_times)
-            asked = len(versions)
-            versions |= saved.versions(unchanged)
+            listed, folder_times, unchanged = local_versions(self._root, saved.folder_times)
+            listing = pa.concat_tables([listed, saved.in_folders(unchanged)])
             listed_at = saved.listed_at
             logger.info(
                 "%s: %d of %d folders changed since the last listing: %d files asked again, "
@@ -371,13 +374,13 @@ class FolderTimes:
                 self._root,
                 len(folder_times) - len(unchanged),
                 len(folder_times),
-                asked,
-                len(versions),
+                listed.num_rows,
+                listing.num_rows,
             )
             if folder_times == saved.folder_times:
-                return versions  # nothing to save: the saved listing is this one
-        _write_listing(self._filesystem, self._listing, versions, listed_at, folder_times)
-        return versions
+                return listing  # nothing to save: the saved listing is this one
+        _write_listing(self._filesystem, self._listing, listing, listed_at, folder_times)
+        return listing
 
     def describe(self) -> dict[str, Any]:
         return {"folder_times": True, "listing": self._listing}
@@ -385,8 +388,8 @@ class FolderTimes:
 
 def local_versions(
     root: str, saved_folder_times: dict[str, int] | None = None
-) -> tuple[dict[str, str], dict[str, int], list[str]]:
-    """``{partition: "size:mtime"}`` of the files under a local folder: one ``lstat`` a file.
+) -> tuple[pa.Table, dict[str, int], list[str]]:
+    """The listing (``listing_table``, ``size:mtime``) of a local folder: one ``lstat`` a file.
 
     With ``saved_folder_times`` (``{"A/B/": st_mtime_ns}`` of the last listing; ``{}``: none),
     each folder is asked its time first, and a folder whose time is the saved one is not
@@ -402,10 +405,11 @@ def local_versions(
     ``is_symlink`` besides, 2.0 s. The system calls alone take about 1 s of it.
 
     Returns:
-        The versions of the files listed, every folder's time now (0 for a folder changed in
+        The listing of the files listed, every folder's time now (0 for a folder changed in
         the last 2 s: listed again next time) and the folders not listed.
     """
-    versions: dict[str, str] = {}
+    files: list[str] = []
+    versions: list[str] = []
     folder_times: dict[str, int] = {}
     unchanged: list[str] = []
     subfolders = _subfolders(saved_folder_times or {})
@@ -441,8 +445,9 @@ def local_versions(
                     continue
             else:
                 continue
-            versions[partition_prefix + name] = f"{size}:{own.st_mtime}"
-    return versions, folder_times, unchanged
+            files.append(partition_prefix + name)
+            versions.append(f"{size}:{own.st_mtime}")
+    return listing_table(files, versions), folder_times, unchanged
 
 
 def _subfolders(folders: dict[str, int]) -> defaultdict[str, list[str]]:

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from medical_ct.changes import listing_table
 from medical_ct.datasets import StoredFiles
 from medical_ct.manifest import (
     FEEDBACK,
@@ -145,17 +146,18 @@ def decode_images(
     params = DataProcessingParams.from_params(data_processing)
     accepted = set(params.classes) if params.classes else None
     if isinstance(partitions, StoredFiles):  # a listing: no StoredFile made per file
-        listing = partitions.versions
+        listing, read = partitions.listing, partitions.read
     else:
-        listing = {file: getattr(partitions[file], "version", None) for file in partitions}
+        versions = [getattr(partitions[file], "version", None) for file in partitions]
+        listing, read = listing_table(list(partitions), versions), lambda f: partitions[f]()
     if previous is not None and params.full_rescan:
         logger.info("full_rescan: decoding every file again and compacting the shards")
         previous = None
     kept, to_read = _reusable_rows(previous, listing, accepted)
     new_pixels: list[np.ndarray] = []
     rows = [
-        _decoded_row(file, listing[file], partitions, accepted, new_pixels)
-        for file in tqdm(to_read, desc="Decoding images", unit=" images")
+        _decoded_row(file, version, read, accepted, new_pixels)
+        for file, version in tqdm(to_read, desc="Decoding images", unit=" images")
     ]
     index = (
         pd.DataFrame(rows, columns=INDEX_COLUMNS).astype(INDEX_DTYPES) if rows else empty_index()
@@ -182,24 +184,25 @@ UNKNOWN_CLASS = "unknown class"
 
 
 def _reusable_rows(
-    previous: ShardedImages | None, listing: dict[str, str | None], accepted: set | None
-) -> tuple[np.ndarray, list[str]]:
+    previous: ShardedImages | None, listing: pa.Table, accepted: set | None
+) -> tuple[np.ndarray, list[tuple[str, str | None]]]:
     """Rows of last run's index to keep as they are, and the listed files to read now.
 
     A row is kept when its file is listed with the same version (no version never matches),
     its class is accepted, and it was decoded or rejected for its bytes (a rejection for its
     path costs nothing to make again, and ``classes`` may have changed since). Every other
-    listed file is read, in file order.
+    listed file is read, in file order, with its version.
 
-    Arrow's hash join of the listing with last run's index: 0.30 s at 500,000 files, against
-    0.56 s for a dict lookup and a Python comparison per file, then a set of the kept ones.
+    Arrow's hash join of the listing (``file``, ``version``) with last run's index: 0.30 s at
+    500,000 files, against 0.56 s for a dict lookup and a Python comparison per file.
     """
+    listed = listing.column("file").cast(pa.large_string()).combine_chunks()
+    versions = listing.column("version").cast(pa.large_string()).combine_chunks()
     if previous is None or previous.index.empty:
-        return np.array([], np.int64), sorted(listing)
+        order = pc.sort_indices(listed)
+        return np.array([], np.int64), _pairs(listed.take(order), versions.take(order))
     index = previous.index
     files = arrow_strings(index["file"])
-    listed = pa.array(list(listing), pa.large_string())
-    versions = pa.array(list(listing.values()), pa.large_string())
     now = versions.take(pc.index_in(files, value_set=listed))
     same = pc.fill_null(pc.equal(now, arrow_strings(index["version"])), False)
     keep = same.to_numpy(zero_copy_only=False)
@@ -207,14 +210,20 @@ def _reusable_rows(
     if accepted is not None:
         keep &= index["label"].isin(accepted).to_numpy()
     kept = np.flatnonzero(keep)
-    to_read = listed.filter(pc.invert(pc.is_in(listed, value_set=files.take(kept))))
-    return kept, sorted(to_read.to_pylist())
+    new = pc.invert(pc.is_in(listed, value_set=files.take(kept)))
+    listed, versions = listed.filter(new), versions.filter(new)
+    order = pc.sort_indices(listed)
+    return kept, _pairs(listed.take(order), versions.take(order))
+
+
+def _pairs(files: pa.Array, versions: pa.Array) -> list[tuple[str, str | None]]:
+    return list(zip(files.to_pylist(), versions.to_pylist(), strict=True))
 
 
 def _decoded_row(
     file: str,
     version: str | None,
-    partitions: dict[str, Callable[[], bytes]],
+    read: Callable[[str], bytes],
     accepted: set | None,
     new_pixels: list[np.ndarray],
 ) -> dict[str, Any]:
@@ -228,7 +237,7 @@ def _decoded_row(
     if accepted is not None and label not in accepted:
         return row | {"reason": f"{UNKNOWN_CLASS} {label!r}"}
     try:
-        image = preprocess_image(partitions[file]())
+        image = preprocess_image(read(file))
     except InvalidImageError as error:
         return row | {"reason": str(error)}
     new_pixels.append(image)
