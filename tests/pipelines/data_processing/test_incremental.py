@@ -408,9 +408,9 @@ def test_a_local_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
     tmp_path, sample_dir, folder_times
 ):
     """With ``raw_folder_times`` the rerun lists only the raw store's folders whose time moved;
-    its files are changed as writers replace files (a new file renamed over the old one), which
-    moves the folder's time: a rewrite in place is the one change it leaves to the monthly full
-    listing (tests/test_changes.py)."""
+    its files are then changed as writers replace files (a new file renamed over the old one),
+    which moves the folder's time: a rewrite in place is the one change it leaves to the
+    monthly full listing (tests/test_changes.py). Without it, files are rewritten in place."""
     project = make_project(tmp_path / "project", sample_dir)
     data = project / "data"
     if folder_times:
@@ -420,8 +420,9 @@ def test_a_local_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
 
     def put(key: str, content: bytes) -> None:
         (data / key).parent.mkdir(parents=True, exist_ok=True)
-        (data / f"{key}.part").write_bytes(content)
-        os.replace(data / f"{key}.part", data / key)
+        (data / f"{key}.part" if folder_times else data / key).write_bytes(content)
+        if folder_times:
+            os.replace(data / f"{key}.part", data / key)
 
     seed_feedback(put, sample_dir)
     assert_ok(kedro(project, "run", "--pipeline", "data_processing"))
