@@ -136,11 +136,12 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
             env.pop("KEDRO_ENV", None)
             use_listing(project, "folder times")  # which also saves the listing for its reruns
             full_seconds, full_rss = run_kedro(project, env, "--pipeline", "data_processing")
-            state = [
+            # The decoded sets' indexes and the saved listing, as the full run left them.
+            saved = [
                 *project.glob("data/02_*/*/index.parquet"),
                 *project.glob("data/02_*/*.parquet"),
             ]
-            state = {path: path.read_bytes() for path in state}
+            state = {path: path.read_bytes() for path in saved}
             write_synthetic(raw, range(size - new, size), batch=new)
             load = uptime()
             reruns: dict[str, list[tuple[float, float]]] = {listing: [] for listing in LISTINGS}

@@ -64,11 +64,6 @@ class _Listing:
     saved_at: float  # when it was last saved, patched or not
     folder_times: dict[str, int] = field(default_factory=dict)  # local: "A/B/" -> st_mtime_ns
 
-    def versions(self) -> dict[str, str]:
-        """``{partition: version}`` of every file."""
-        files, versions = (self.table.column(name).to_pylist() for name in ("file", "version"))
-        return dict(zip(files, versions, strict=True))
-
     def in_folders(self, folders: list[str]) -> pa.Table:
         """The rows of the files right inside ``folders`` (``"A/B/"``; ``""`` the root),
         picked in Arrow: no Python string per file."""
@@ -81,6 +76,12 @@ def listing_table(files: list[str], versions: list[str | None]) -> pa.Table:
     return pa.table(
         {"file": pa.array(files, pa.string()), "version": pa.array(versions, pa.string())}
     )
+
+
+def listing_versions(listing: pa.Table) -> dict[str, str | None]:
+    """``{partition: version}`` of a listing, for lookups by name."""
+    files, versions = (listing.column(name).to_pylist() for name in ("file", "version"))
+    return dict(zip(files, versions, strict=True))
 
 
 def _read_listing(filesystem: fsspec.AbstractFileSystem, path: str) -> _Listing | None:
@@ -234,7 +235,7 @@ class ChangeFeed:
             logger.info("%s: listing every file (%s)", self._root, reason)
             listing, listed_at = list_all(), time.time()
         else:
-            versions = self._patch(saved.versions(), keys)
+            versions = self._patch(listing_versions(saved.table), keys)
             listing = listing_table(list(versions), list(versions.values()))
             listed_at = saved.listed_at
             logger.info(

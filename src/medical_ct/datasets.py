@@ -30,6 +30,7 @@ from medical_ct.changes import (
     ChangeFeed,
     FolderTimes,
     listing_table,
+    listing_versions,
     local_versions,
     object_version,
 )
@@ -77,8 +78,7 @@ class StoredFiles(Mapping[str, StoredFile]):
 
     @cached_property
     def versions(self) -> dict[str, str]:
-        files, versions = (self.listing.column(name).to_pylist() for name in ("file", "version"))
-        return dict(zip(files, versions, strict=True))
+        return listing_versions(self.listing)
 
     def read(self, partition: str) -> bytes:
         return self._read(f"{self._root}/{partition}")

@@ -93,9 +93,13 @@ _LARGE_EMPTY, _LARGE_COLON, _LARGE_NEWLINE = (
 )
 
 
-def arrow_strings(column: pd.Series) -> pa.Array:
-    """A column as one Arrow ``large_string`` array (no copy for pandas' Arrow strings)."""
-    strings = pa.array(column, pa.large_string())
+def arrow_strings(column: pd.Series | pa.ChunkedArray) -> pa.Array:
+    """A pandas or Arrow column as one Arrow ``large_string`` array (no copy for Arrow
+    strings)."""
+    if isinstance(column, pa.ChunkedArray):
+        strings = column.cast(pa.large_string())
+    else:
+        strings = pa.array(column, pa.large_string())
     return strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
 
 

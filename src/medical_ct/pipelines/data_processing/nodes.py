@@ -196,28 +196,23 @@ def _reusable_rows(
     Arrow's hash join of the listing (``file``, ``version``) with last run's index: 0.30 s at
     500,000 files, against 0.56 s for a dict lookup and a Python comparison per file.
     """
-    listed = listing.column("file").cast(pa.large_string()).combine_chunks()
-    versions = listing.column("version").cast(pa.large_string()).combine_chunks()
-    if previous is None or previous.index.empty:
-        order = pc.sort_indices(listed)
-        return np.array([], np.int64), _pairs(listed.take(order), versions.take(order))
-    index = previous.index
-    files = arrow_strings(index["file"])
-    now = versions.take(pc.index_in(files, value_set=listed))
-    same = pc.fill_null(pc.equal(now, arrow_strings(index["version"])), False)
-    keep = same.to_numpy(zero_copy_only=False)
-    keep &= ~index["reason"].str.startswith((NOT_IN_A_CLASS_FOLDER, UNKNOWN_CLASS)).to_numpy()
-    if accepted is not None:
-        keep &= index["label"].isin(accepted).to_numpy()
-    kept = np.flatnonzero(keep)
-    new = pc.invert(pc.is_in(listed, value_set=files.take(kept)))
-    listed, versions = listed.filter(new), versions.filter(new)
+    listed, versions = (arrow_strings(listing.column(name)) for name in ("file", "version"))
+    kept = np.array([], np.int64)
+    if previous is not None and not previous.index.empty:
+        index = previous.index
+        files = arrow_strings(index["file"])
+        now = versions.take(pc.index_in(files, value_set=listed))
+        same = pc.fill_null(pc.equal(now, arrow_strings(index["version"])), False)
+        keep = same.to_numpy(zero_copy_only=False)
+        keep &= ~index["reason"].str.startswith((NOT_IN_A_CLASS_FOLDER, UNKNOWN_CLASS)).to_numpy()
+        if accepted is not None:
+            keep &= index["label"].isin(accepted).to_numpy()
+        kept = np.flatnonzero(keep)
+        new = pc.invert(pc.is_in(listed, value_set=files.take(kept)))
+        listed, versions = listed.filter(new), versions.filter(new)
     order = pc.sort_indices(listed)
-    return kept, _pairs(listed.take(order), versions.take(order))
-
-
-def _pairs(files: pa.Array, versions: pa.Array) -> list[tuple[str, str | None]]:
-    return list(zip(files.to_pylist(), versions.to_pylist(), strict=True))
+    pairs = zip(listed.take(order).to_pylist(), versions.take(order).to_pylist(), strict=True)
+    return kept, list(pairs)
 
 
 def _decoded_row(
