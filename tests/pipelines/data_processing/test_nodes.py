@@ -20,6 +20,7 @@ from medical_ct.pipelines.data_processing.nodes import (
     split_of,
     splits_of,
 )
+from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.shards import ShardedImages
 from tests.conftest import CLASSES
 
@@ -67,6 +68,26 @@ def test_decode_rejects_bad_files_counts_them_and_keeps_the_rest(sample_dir):
     assert len(decoded["labels"]) == len(files) + 1
     assert decoded.pixels_of(np.arange(len(files) + 1)).shape == (len(files) + 1, 64, 64)
     assert "CXR/rgba.png" in decoded["files"]
+
+
+def test_each_file_decoded_lies_in_its_shard_row_and_shards_follow_content_hashes(sample_dir):
+    """The shards are cut from the decoded pixels reordered in place (no second copy): each
+    accepted file's pixels must be found where its index row points, with its hash, between
+    rejected files (which take no pixels) and across shards of 7, in content-hash order."""
+    files = sample_files(sample_dir, per_class=10)
+    bad = {"Hand/zero.jpeg": b"", "AbdomenCT/notes.txt": b"text", "Dental/x.jpeg": b""}
+    decoded = decode_images(partitions_from({**files, **bad}), None, PARAMS | {"shard_images": 7})
+
+    accepted = decoded.accepted
+    assert len(accepted) == len(files) and len(decoded.new_shards) == -(-len(files) // 7)
+    for file, digest, shard, row in accepted[["file", "content_hash", "shard", "row"]].values:
+        pixels = decoded.new_shards[shard][row]
+        assert content_hash(pixels) == digest
+        assert np.array_equal(pixels, preprocess_image(files[file]))
+    in_shard_order = [
+        content_hash(pixels) for pixels in np.concatenate([*decoded.new_shards.values()])
+    ]
+    assert in_shard_order == sorted(accepted["content_hash"])
 
 
 def test_decode_of_an_empty_store_is_empty():
