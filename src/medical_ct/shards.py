@@ -24,7 +24,7 @@ import io
 import logging
 import posixpath
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import numpy as np
@@ -36,7 +36,22 @@ from medical_ct.preprocessing import IMAGE_SIZE
 
 logger = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ["file", "version", "label", "content_hash", "shard", "row", "reason", "reused"]
+
+class IndexRow(NamedTuple):
+    """One row of a decoded set's index, as the decode node makes it: a tuple, not a dict,
+    because a full run makes one per file (a dict of eight keys was 0.6 KB an image)."""
+
+    file: str
+    version: str | None
+    label: str
+    content_hash: str = ""
+    shard: str = ""
+    row: int = -1
+    reason: str = ""
+    reused: bool = False
+
+
+INDEX_COLUMNS = list(IndexRow._fields)
 # ``file``: where the image came from in its store, for the training manifest.
 MODEL_INPUT_COLUMNS = ["content_hash", "label", "source", "file", "shard", "row"]
 # Memory of one image in a shard, and of the model input held in memory by training.

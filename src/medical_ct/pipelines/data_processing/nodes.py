@@ -5,7 +5,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,7 @@ from medical_ct.shards import (
     INDEX_COLUMNS,
     INDEX_DTYPES,
     MODEL_INPUT_COLUMNS,
+    IndexRow,
     ModelInputSet,
     ShardedImages,
     empty_index,
@@ -218,20 +219,6 @@ def _reusable_rows(
     return kept, list(pairs)
 
 
-class _IndexRow(NamedTuple):
-    """One row of a decoded set's index (``INDEX_COLUMNS``): a tuple, not a dict, because a
-    full run makes one per file (a dict of eight keys was 0.6 KB an image)."""
-
-    file: str
-    version: str | None
-    label: str
-    content_hash: str = ""
-    shard: str = ""
-    row: int = -1
-    reason: str = ""
-    reused: bool = False
-
-
 class _Pixels:
     """The pixels decoded by this run, in one array allocated up front (a row per file to
     read; the rows of files rejected are never written, so never take memory).
@@ -257,19 +244,19 @@ def _decoded_row(
     read: Callable[[str], bytes],
     accepted: set | None,
     new_pixels: _Pixels,
-) -> _IndexRow:
+) -> IndexRow:
     """The index row of a file read now: rejected for its path or its bytes, or decoded (its
     pixels appended to ``new_pixels``, the row pointing at them until ``_cut_into_shards``)."""
     label, _, name = file.partition("/")
     if not name:
-        return _IndexRow(file, version, label, reason=NOT_IN_A_CLASS_FOLDER)
+        return IndexRow(file, version, label, reason=NOT_IN_A_CLASS_FOLDER)
     if accepted is not None and label not in accepted:
-        return _IndexRow(file, version, label, reason=f"{UNKNOWN_CLASS} {label!r}")
+        return IndexRow(file, version, label, reason=f"{UNKNOWN_CLASS} {label!r}")
     try:
         image = preprocess_image(read(file))
     except InvalidImageError as error:
-        return _IndexRow(file, version, label, reason=str(error))
-    return _IndexRow(file, version, label, content_hash(image), row=new_pixels.append(image))
+        return IndexRow(file, version, label, reason=str(error))
+    return IndexRow(file, version, label, content_hash(image), row=new_pixels.append(image))
 
 
 def _merged_in_file_order(reused: pd.DataFrame, decoded: pd.DataFrame) -> pd.DataFrame:
@@ -300,8 +287,9 @@ def _cut_into_shards(
     shard_column = index["shard"].to_numpy(dtype=object).copy()
     for start in range(0, len(new_rows), shard_images):
         rows = new_rows[start : start + shard_images]
-        name = shard_name(pixels[start : start + len(rows)])
-        shards[name] = pixels[start : start + len(rows)]
+        shard = pixels[start : start + len(rows)]
+        name = shard_name(shard)
+        shards[name] = shard
         shard_column[rows] = name
         row_column[rows] = np.arange(len(rows))
     index["shard"] = shard_column
