@@ -197,22 +197,25 @@ def _reusable_rows(
     path costs nothing to make again, and ``classes`` may have changed since). Every other
     listed file is read, in file order, with its version.
 
-    Arrow's hash join of the listing (``file``, ``version``) with last run's index: 0.30 s at
-    500,000 files, against 0.56 s for a dict lookup and a Python comparison per file.
+    One hash lookup (Arrow's) of the index's files in the listing, whose positions also say
+    which listed files are kept: 0.45 s at a million files, against 0.8 s when a second lookup
+    (the kept files in the listing) found the files to read.
     """
     listed, versions = (arrow_strings(listing.column(name)) for name in ("file", "version"))
     kept = np.array([], np.int64)
     if previous is not None and not previous.index.empty:
         index = previous.index
-        files = arrow_strings(index["file"])
-        now = versions.take(pc.index_in(files, value_set=listed))
-        same = pc.fill_null(pc.equal(now, arrow_strings(index["version"])), False)
-        keep = same.to_numpy(zero_copy_only=False)
-        keep &= ~index["reason"].str.startswith((NOT_IN_A_CLASS_FOLDER, UNKNOWN_CLASS)).to_numpy()
+        eligible = ~index["reason"].str.startswith((NOT_IN_A_CLASS_FOLDER, UNKNOWN_CLASS))
         if accepted is not None:
-            keep &= index["label"].isin(accepted).to_numpy()
-        kept = np.flatnonzero(keep)
-        new = pc.invert(pc.is_in(listed, value_set=files.take(kept)))
+            eligible &= index["label"].isin(accepted)
+        position = pc.index_in(arrow_strings(index["file"]), value_set=listed)
+        at = np.flatnonzero(pc.is_valid(position).to_numpy(zero_copy_only=False))
+        listed_at = position.drop_null().to_numpy()
+        same = pc.equal(arrow_strings(index["version"]).take(at), versions.take(listed_at))
+        keep = pc.fill_null(same, False).to_numpy(zero_copy_only=False) & eligible.to_numpy()[at]
+        kept = at[keep]
+        new = np.ones(len(listed), bool)
+        new[listed_at[keep]] = False
         listed, versions = listed.filter(new), versions.filter(new)
     order = pc.sort_indices(listed)
     pairs = zip(listed.take(order).to_pylist(), versions.take(order).to_pylist(), strict=True)
