@@ -51,12 +51,10 @@ def choose_images(
         ],
         ignore_index=True,
     )
-    # Arrow's sort is stable, so each image's copies stay in the order above and the first of
-    # a run of equal hashes is the one to keep: no hash table over every image (pandas'
-    # ``duplicated`` took 0.7 s at 500,000) and no Python string per image.
-    hashes = arrow_strings(copies["content_hash"])
-    order = pc.sort_indices(hashes).to_numpy()
-    hashes = hashes.take(order)
+    # A stable sort keeps each image's copies in the order above, so the first of a run of
+    # equal hashes is the one to keep: no hash table over every image (pandas' ``duplicated``
+    # took 0.7 s at 500,000) and no Python string per image.
+    order, hashes = sort_by_hash(copies["content_hash"])
     first = np.ones(len(order), bool)
     first[1:] = pc.not_equal(hashes[1:], hashes[:-1]).to_numpy(zero_copy_only=False)
     labels = arrow_strings(copies["label"]).take(order)
@@ -65,6 +63,23 @@ def choose_images(
     other_label = pc.sum(pc.not_equal(labels.filter(~first), kept_label)).as_py() or 0
     chosen = copies.iloc[order[kept]].reset_index(drop=True)
     return chosen, int(len(order) - len(kept)), int(other_label)
+
+
+def sort_by_hash(content_hashes: pd.Series) -> tuple[np.ndarray, pa.Array]:
+    """A stable sort of content hashes: the order, and the hashes (Arrow strings) in it.
+
+    Sorted by the hashes' first 16 hex digits as integers (NumPy's stable sort): 0.3 s at a
+    million, with the check, against 1.0 s for Arrow's sort of the strings. The sorted hashes
+    are checked to be in string order, so hashes sharing those digits (or not lowercase)
+    fall back to Arrow's sort of the whole strings: the order is the same either way.
+    """
+    hashes = arrow_strings(content_hashes)
+    order = np.argsort(hash_prefixes(content_hashes), kind="stable")
+    in_order = hashes.take(order)
+    if len(order) > 1 and not pc.all(pc.less_equal(in_order[:-1], in_order[1:])).as_py():
+        order = pc.sort_indices(hashes).to_numpy()
+        in_order = hashes.take(order)
+    return order, in_order
 
 
 _FINGERPRINT_ROWS = 1 << 16  # lines hashed at a time

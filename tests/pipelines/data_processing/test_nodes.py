@@ -171,15 +171,22 @@ def decoded_set(files: list[str], labels: list[str], hashes: list[str]) -> Shard
     return ShardedImages(index)
 
 
-def test_choose_images_keeps_the_first_copy_of_each_image_feedback_first():
-    """Against the definition, row by row, on a store where most images have copies."""
+@pytest.mark.parametrize("hashes", ["sha256", "sharing their first 16 digits"])
+def test_choose_images_keeps_the_first_copy_of_each_image_feedback_first(hashes):
+    """Against the definition, row by row, on a store where most images have copies: with
+    hashes as they come (sorted by their first 16 digits as integers) and with hashes that
+    share those digits (which fall back to sorting the whole strings)."""
     rng = np.random.default_rng(7)
+    digests = {
+        "sha256": [hashlib.sha256(bytes([i % 256, i // 256])).hexdigest() for i in range(1500)],
+        "sharing their first 16 digits": [f"{i:064x}" for i in range(1500)],
+    }[hashes]
 
     def images(count: int) -> ShardedImages:
         return decoded_set(
             [f"{i:05d}.png" for i in range(count)],
             rng.choice(["CXR", "Hand", "HeadCT"], count).tolist(),
-            [f"{h:064x}" for h in rng.integers(0, count // 2, count)],
+            [digests[i] for i in rng.integers(0, count // 2, count)],
         )
 
     raw, feedback = images(3000), images(200)
