@@ -41,7 +41,8 @@ from pathlib import Path
 
 from project import PROJECT_ROOT, uptime
 
-CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
+# The project's own data_processing parameters (classes, split), as a weekly run has them.
+PARAMETERS = PROJECT_ROOT / "conf/base/parameters_data_processing.yml"
 STEPS = [
     "load previous",
     "decode_images",
@@ -63,13 +64,18 @@ def measure(size: int) -> dict:
     import pandas as pd
     import psutil
     import pyarrow as pa
+    import yaml
 
     from medical_ct.datasets import StoredFiles
     from medical_ct.pipelines.data_processing import nodes
     from medical_ct.shards import INDEX_DTYPES, ModelInputDataset, ShardedImagesDataset
 
+    params = yaml.safe_load(PARAMETERS.read_text())["data_processing"]
+    classes = params["classes"]
     folder = Path(tempfile.mkdtemp(prefix="bench-rerun-steps-"))
-    files = sorted(f"{CLASSES[n % 6]}/batch-{n * 100 // size:04d}/{n:08d}.png" for n in range(size))
+    files = sorted(
+        f"{classes[n % len(classes)]}/batch-{n * 100 // size:04d}/{n:08d}.png" for n in range(size)
+    )
     versions = [f"{150 + n % 100}-{1764000000 + n}.000000" for n in range(size)]
     index = pd.DataFrame(
         {
@@ -90,7 +96,6 @@ def measure(size: int) -> dict:
     decoded = ShardedImagesDataset(path=str(folder / "decoded_raw"))
     listing = StoredFiles(pa.table({"file": files, "version": versions}), None, str(folder))
     del index, files, versions
-    params = {"classes": CLASSES, "split": {"validation_fraction": 0.1, "test_fraction": 0.15}}
     sources = {"raw": str(folder / "decoded_raw"), "feedback": str(folder / "decoded_feedback")}
     model_input = {
         split: ModelInputDataset(path=str(folder / split), shards_from=sources)

@@ -74,7 +74,7 @@ def sort_by_hash(content_hashes: pd.Series) -> tuple[np.ndarray, pa.Array]:
     lower case) fall back to Arrow's sort of the whole strings: the order is the same.
     """
     hashes = arrow_strings(content_hashes)
-    order = np.argsort(hash_prefixes(content_hashes), kind="stable")
+    order = np.argsort(hash_prefixes(hashes), kind="stable")
     in_order = hashes.take(order)
     if len(order) > 1 and not pc.all(pc.less_equal(in_order[:-1], in_order[1:])).as_py():
         order = pc.sort_indices(hashes).to_numpy()
@@ -108,7 +108,7 @@ _LARGE_EMPTY, _LARGE_COLON, _LARGE_NEWLINE = (
 )
 
 
-def arrow_strings(column: pd.Series | pa.ChunkedArray) -> pa.Array:
+def arrow_strings(column: pd.Series | pa.Array | pa.ChunkedArray) -> pa.Array:
     """A pandas or Arrow column as one Arrow ``large_string`` array (no copy for Arrow
     strings)."""
     if isinstance(column, pa.ChunkedArray):
@@ -132,7 +132,7 @@ _NIBBLES[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.
 _NIBBLES[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16, dtype=np.uint8)
 
 
-def hash_prefixes(content_hashes: pd.Series) -> np.ndarray:
+def hash_prefixes(content_hashes: pd.Series | pa.Array) -> np.ndarray:
     """The first 16 hex digits of each content hash as an unsigned 64-bit integer.
 
     Read straight from the Arrow buffer of the hashes' first 16 characters: a weekly rerun
