@@ -295,7 +295,7 @@ def _cut_into_shards(
         shards[name] = shard
         shard_column[rows] = name
         row_column[rows] = np.arange(len(rows))
-    index["shard"] = shard_column
+    index["shard"] = pd.array(shard_column, dtype=INDEX_DTYPES["shard"])  # as loads type it
     index["row"] = row_column
     return shards
 
