@@ -126,7 +126,9 @@ def measure_in(folder: Path, size: int) -> dict:
     previous = None  # released, as Kedro releases it after the node
     step("save decoded", lambda: decoded.save(raw))
     raw = step("load decoded", lambda: load_each(decoded, 3))
-    feedback = nodes.decode_images({}, None, params)
+    feedback_set = ShardedImagesDataset(path=sources["feedback"])  # empty, typed as loaded
+    feedback_set.save(nodes.decode_images({}, None, params))
+    feedback = load_each(feedback_set, 1)
     *sets, class_names, stats = step(
         "build_model_input", lambda: nodes.build_model_input(raw, feedback, params)
     )
