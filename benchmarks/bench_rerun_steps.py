@@ -152,9 +152,9 @@ def measure_in(folder: Path, size: int) -> dict:
 def load_each(dataset, nodes: int):
     """``dataset`` loaded by ``nodes`` nodes one after the other, each copy dropped after its
     node as Kedro drops it: the last one."""
-    for _ in range(nodes):
-        loaded = dataset.load()
-    return loaded
+    for _ in range(nodes - 1):
+        dataset.load()  # and dropped before the next load
+    return dataset.load()
 
 
 def run_child(src: Path, size: int) -> dict:
