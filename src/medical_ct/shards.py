@@ -244,14 +244,15 @@ class _Folder:
         return lambda: _read_npy(self.filesystem, path)
 
     def read_parquet(self, name: str) -> pd.DataFrame | None:
-        if name in self._written:
-            table, checksum = self._written[name]
+        kept = self._written.get(name)  # one lookup: ThreadRunner may load from two threads
+        if kept is not None:
+            table, checksum = kept
             try:
                 if self.filesystem.checksum(self.join(name)) == checksum:
                     return table.copy(deep=False)  # copy-on-write: the caller cannot change it
             except FileNotFoundError:
                 pass
-            del self._written[name]
+            self._written.pop(name, None)
         try:
             data = self.filesystem.cat_file(self.join(name))
         except FileNotFoundError:
