@@ -247,6 +247,7 @@ class _Folder:
         kept = self._written.get(name)  # one lookup: ThreadRunner may load from two threads
         if kept is not None:
             table, checksum = kept
+            self.filesystem.invalidate_cache(self.join(name))  # s3fs: a HEAD, not its listings
             try:
                 if self.filesystem.checksum(self.join(name)) == checksum:
                     return table.copy(deep=False)  # copy-on-write: the caller cannot change it

@@ -4,6 +4,7 @@ No boto or s3fs mocks: the kedro subprocesses talk HTTP to a moto server (as s3f
 suite does), and track runs in an `mlflow server` whose artifacts live in the same bucket.
 """
 
+import io
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import fsspec
 import pytest
 import s3fs
 from kedro.io import DatasetError
@@ -23,6 +25,8 @@ from kedro.io import DatasetError
 from medical_ct import registry
 from medical_ct.changes import create_event_queue
 from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
+from medical_ct.pipelines.data_processing.nodes import decode_images
+from medical_ct.shards import ShardedImagesDataset
 from tests.conftest import (
     FAST_RUN_PARAMS,
     KEDRO,
@@ -444,6 +448,36 @@ def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint
     cache_off = {"fs_args": {"skip_instance_cache": True}}
     assert FolderHasFilesDataset(path=f"s3://{root}", **cache_off).load() is True
     assert FolderHasFilesDataset(path=f"s3://{BUCKET}/nothing/here", **cache_off).load() is False
+
+
+def test_an_index_kept_from_a_save_is_checked_against_the_bucket_not_a_cached_listing(
+    s3, s3_endpoint, sample_dir
+):
+    """A dataset hands its run's later nodes the index it saved while the object's ETag is
+    the one it wrote. s3fs answers ``checksum`` from its listing cache once the folder has been
+    listed in the process: the check asks the bucket (a HEAD), so an index another run wrote
+    in between is read."""
+    credentials = {
+        "endpoint_url": s3_endpoint,
+        "key": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "secret": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    }
+    files = {
+        f"{path.parent.name}/{path.name}": (lambda path=path: path.read_bytes())
+        for path in sorted(sample_dir.glob("*/*.jpeg"))[::24]
+    }
+    params = {"classes": None, "split": {"validation_fraction": 0.2, "test_fraction": 0.2}}
+    folder = f"{BUCKET}/kept-index/decoded"
+    store = ShardedImagesDataset(path=f"s3://{folder}", credentials=credentials)
+    store.save(decode_images(files, None, params))
+    fsspec.filesystem("s3", **credentials).ls(folder)  # the store's client: fsspec shares it
+
+    other = decode_images({name: files[name] for name in sorted(files)[:4]}, None, params)
+    buffer = io.BytesIO()
+    other.index.to_parquet(buffer, index=False)
+    s3.pipe(f"{folder}/index.parquet", buffer.getvalue())  # another run, another client
+
+    assert store.load()["files"] == sorted(files)[:4]
 
 
 def test_one_catalog_serves_both_environments_and_s3_moves_every_persisted_dataset(monkeypatch):
