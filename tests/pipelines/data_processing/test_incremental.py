@@ -170,7 +170,7 @@ def test_an_index_saved_in_a_run_is_not_read_again_until_its_file_changes_or_is_
     sample_dir, tmp_path, monkeypatch
 ):
     """The nodes after a save load each decoded set three times and each split of the model
-    input twice in one data_processing run (1.2 s of reads at a million images): a dataset
+    input twice in one data_processing run (about 1 s of reads at a million images): a dataset
     hands back the index it wrote while its file is the one it wrote. A file another writer
     replaced is read, and a dataset Kedro released reads its file."""
     reads = []
