@@ -301,7 +301,22 @@ def location(value: Location) -> str:
     )
 
 
-class ShardedImagesDataset(AbstractDataset[ShardedImages, ShardedImages | None]):
+class _IndexedFolder:
+    """What the datasets of a folder with an ``index.parquet`` share (before
+    ``AbstractDataset`` in their bases): it exists when its index does, and Kedro's release
+    drops the index its save kept (see ``_Folder``)."""
+
+    _folder: _Folder
+
+    def _exists(self) -> bool:
+        return self._folder.filesystem.exists(self._folder.join("index.parquet"))
+
+    def _release(self) -> None:
+        super()._release()
+        self._folder.forget()
+
+
+class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, ShardedImages | None]):
     """A decoded image set in a folder of shards (see the module); ``None`` when there is none.
 
     Saving writes the shards decoded by this run (``new_shards``; a shard already there is not
@@ -370,10 +385,6 @@ class ShardedImagesDataset(AbstractDataset[ShardedImages, ShardedImages | None])
             legacy.fs.rm_file(legacy.path)
             logger.info("Deleted %s: replaced by the shards in %s", self._legacy, self._path)
 
-    def _release(self) -> None:
-        super()._release()
-        self._folder.forget()
-
     def _shard_files(self) -> list[str]:
         try:
             paths = self._folder.filesystem.ls(self._folder.join("shards"), detail=False)
@@ -387,14 +398,11 @@ class ShardedImagesDataset(AbstractDataset[ShardedImages, ShardedImages | None])
         opened = fsspec.open(self._legacy, **(self._credentials or {}))
         return opened.fs.exists(opened.path)
 
-    def _exists(self) -> bool:
-        return self._folder.filesystem.exists(self._folder.join("index.parquet"))
-
     def _describe(self) -> dict[str, Any]:
         return {"path": self._path, "legacy": self._legacy}
 
 
-class ModelInputDataset(AbstractDataset[ModelInputSet, ModelInputSet]):
+class ModelInputDataset(_IndexedFolder, AbstractDataset[ModelInputSet, ModelInputSet]):
     """One split of the model input: an index into the decoded sets' shards (no pixels copied).
 
     ``shards_from`` names the folders of the decoded sets by source (``raw``, ``feedback``,
@@ -437,13 +445,6 @@ class ModelInputDataset(AbstractDataset[ModelInputSet, ModelInputSet]):
 
     def save(self, data: ModelInputSet) -> None:
         self._folder.write_parquet("index.parquet", data.index[MODEL_INPUT_COLUMNS])
-
-    def _release(self) -> None:
-        super()._release()
-        self._folder.forget()
-
-    def _exists(self) -> bool:
-        return self._folder.filesystem.exists(self._folder.join("index.parquet"))
 
     def _describe(self) -> dict[str, Any]:
         return {"path": self._path, "shards_from": sorted(self._sources)}
