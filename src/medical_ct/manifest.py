@@ -8,7 +8,7 @@ can be rebuilt from the stores and checked against the fingerprint.
 
 import hashlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -31,18 +31,32 @@ MANIFEST_COLUMNS = [
 ]
 
 
-def choose_images(
-    raw_images: ShardedImages, feedback_images: ShardedImages
-) -> tuple[pd.DataFrame, int, int]:
+class Choice(NamedTuple):
+    """The dedupe's answer, before any copy of what it chose: which rows of ``copies`` won.
+
+    The model input takes each split straight from ``copies``: a frame of the chosen copies
+    made first and then cut into splits held both at once (a million rows: 200 MB more at
+    the node's peak).
+    """
+
+    copies: pd.DataFrame  # every accepted copy, feedback first (``choose_images``' columns)
+    rows: np.ndarray  # positions in ``copies`` of the chosen copies, in content-hash order
+    labels: pa.Array  # their labels (class names), in that order
+    prefixes: np.ndarray  # their hashes' first 16 hex digits as integers (for the split)
+    duplicates: int  # copies dropped
+    with_another_label: int  # of those, how many had another label than the chosen copy
+
+    def table(self, where: np.ndarray | slice = slice(None)) -> pd.DataFrame:
+        """The chosen copies (those ``where`` selects, in content-hash order), indexed 0..n-1."""
+        return self.copies.iloc[self.rows[where]].reset_index(drop=True)
+
+
+def choose_images(raw_images: ShardedImages, feedback_images: ShardedImages) -> Choice:
     """One copy per content hash: a feedback label wins over a raw one, then the first file.
 
     Vectorised over the decoded sets' indexes (no Python per image): a weekly rerun redoes
-    this over every image, so it must cost little next to what is new.
-
-    Returns:
-        The chosen copies sorted by content hash (``content_hash``, ``label``, ``source``,
-        ``file``, ``shard``, ``row``), the number of duplicates dropped, and how many of them
-        had another label than the chosen copy.
+    this over every image, so it must cost little next to what is new. The copies are
+    ``content_hash``, ``label``, ``file``, ``shard``, ``row`` and ``source`` (which set).
     """
     copies = pd.concat(
         [
@@ -54,32 +68,40 @@ def choose_images(
     # A stable sort keeps each image's copies in the order above, so the first of a run of
     # equal hashes is the one to keep: no hash table over every image (pandas' ``duplicated``
     # took 0.7 s at 500,000) and no Python string per image.
-    order, hashes = sort_by_hash(copies["content_hash"])
+    order, hashes, prefixes = sort_by_hash(copies["content_hash"])
     first = np.ones(len(order), bool)
     first[1:] = pc.not_equal(hashes[1:], hashes[:-1]).to_numpy(zero_copy_only=False)
     labels = arrow_strings(copies["label"]).take(order)
     kept = np.flatnonzero(first)
     kept_label = labels.take(kept[np.cumsum(first)[~first] - 1])
     other_label = pc.sum(pc.not_equal(labels.filter(~first), kept_label)).as_py() or 0
-    chosen = copies.iloc[order[kept]].reset_index(drop=True)
-    return chosen, int(len(order) - len(kept)), int(other_label)
+    return Choice(
+        copies,
+        order[kept],
+        labels.take(kept),
+        prefixes[kept],
+        int(len(order) - len(kept)),
+        int(other_label),
+    )
 
 
-def sort_by_hash(content_hashes: pd.Series) -> tuple[np.ndarray, pa.Array]:
-    """A stable sort of content hashes: the order, and the hashes (Arrow strings) in it.
+def sort_by_hash(content_hashes: pd.Series) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """A stable sort of content hashes: the order, and the hashes (Arrow strings) and their
+    first 16 hex digits as integers (``hash_prefixes``) in it.
 
-    Sorted by the hashes' first 16 hex digits as integers (NumPy's stable sort): 0.3 s at a
-    million with the check, against 1.25 s for Arrow's sort of the strings. The sorted hashes
-    are checked to be in string order, so hashes sharing those digits (or mixing upper and
-    lower case) fall back to Arrow's sort of the whole strings: the order is the same.
+    Sorted by those integers (NumPy's stable sort): 0.3 s at a million with the check,
+    against 1.25 s for Arrow's sort of the strings. The sorted hashes are checked to be in
+    string order, so hashes sharing those digits (or mixing upper and lower case) fall back
+    to Arrow's sort of the whole strings: the order is the same.
     """
     hashes = arrow_strings(content_hashes)
-    order = np.argsort(hash_prefixes(hashes), kind="stable")
+    prefixes = hash_prefixes(hashes)
+    order = np.argsort(prefixes, kind="stable")
     in_order = hashes.take(order)
     if len(order) > 1 and not pc.all(pc.less_equal(in_order[:-1], in_order[1:])).as_py():
         order = pc.sort_indices(hashes).to_numpy()
         in_order = hashes.take(order)
-    return order, in_order
+    return order, in_order, prefixes[order]
 
 
 _FINGERPRINT_ROWS = 1 << 16  # lines hashed at a time

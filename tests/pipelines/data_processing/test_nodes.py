@@ -190,7 +190,12 @@ def test_choose_images_keeps_the_first_copy_of_each_image_feedback_first(hashes)
         )
 
     raw, feedback = images(3000), images(200)
-    chosen, duplicates, with_another_label = choose_images(raw, feedback)
+    choice = choose_images(raw, feedback)
+    chosen, duplicates, with_another_label = (
+        choice.table(),
+        choice.duplicates,
+        choice.with_another_label,
+    )
 
     expected, dropped, other = {}, 0, 0
     for source, store in (("feedback", feedback), ("raw", raw)):
@@ -205,6 +210,8 @@ def test_choose_images_keeps_the_first_copy_of_each_image_feedback_first(hashes)
     assert chosen[["label", "source", "row"]].to_dict("records") == [
         expected[digest] for digest in sorted(expected)
     ]
+    assert choice.labels.to_pylist() == chosen["label"].tolist()
+    assert choice.prefixes.tolist() == [int(digest[:16], 16) for digest in chosen["content_hash"]]
 
 
 def test_duplicates_are_dropped_and_feedback_label_wins(sample_dir):

@@ -342,40 +342,60 @@ def build_model_input(
         statistics.
     """
     params = DataProcessingParams.from_params(data_processing)
-    chosen, duplicates, with_another_label = choose_images(raw_images, feedback_images)
-    class_names = sorted(chosen["label"].unique().tolist())
+    choice = choose_images(raw_images, feedback_images)
+    class_names = sorted(pc.unique(choice.labels).to_pylist())
     if len(class_names) < 2:
         raise ValueError(
             f"need images of at least 2 classes to train a classifier, found {class_names}; "
             "check the raw store and ingest"
         )
     # Each label's place among the class names, by Arrow (pandas' map: 0.14 s at 500,000).
-    labels = pc.index_in(arrow_strings(chosen["label"]), value_set=pa.array(class_names))
-    model_input = chosen.assign(label=labels.to_numpy().astype(np.int64))[MODEL_INPUT_COLUMNS]
-    splits = splits_of(chosen["content_hash"], params.validation_fraction, params.test_fraction)
+    labels = pc.index_in(choice.labels, value_set=pa.array(class_names)).to_numpy()
+    splits = split_codes(choice.prefixes, params.validation_fraction, params.test_fraction)
     sources = {RAW: raw_images, FEEDBACK: feedback_images}
     loaders = {
         (source, name): (lambda images=images, name=name: images.load_shard(name))
         for source, images in sources.items()
         for name in {*images.shards, *images.new_shards}
     }
-    sets = {name: ModelInputSet(model_input[splits == name], loaders) for name in SPLITS}
-    stats = {"duplicates": duplicates, "duplicates_with_another_label": with_another_label}
+    sets = {}
+    for code, name in enumerate(SPLITS):
+        where = splits == code
+        split = choice.table(where).assign(label=labels[where].astype(np.int64))
+        sets[name] = ModelInputSet(split[MODEL_INPUT_COLUMNS], loaders)
+    stats = {
+        "duplicates": choice.duplicates,
+        "duplicates_with_another_label": choice.with_another_label,
+    }
     return sets["train"], sets["validation"], sets["test"], class_names, stats
+
+
+def split_codes(
+    prefixes: np.ndarray, validation_fraction: float, test_fraction: float
+) -> np.ndarray:
+    """Each image's split as its place in ``SPLITS``, from its content hash alone.
+
+    ``prefixes`` are the hashes' first 16 hex digits as integers (``hash_prefixes``). The
+    first 15, as a fraction of 16**15, fall in [0, test) for test, then [test, test +
+    validation) for validation. Vectorised: a rerun splits every image.
+    """
+    fractions = (prefixes >> np.uint64(4)) / 16**15
+    test = fractions < test_fraction
+    validation = ~test & (fractions < test_fraction + validation_fraction)
+    return np.select(
+        [test, validation],
+        [SPLITS.index("test"), SPLITS.index("validation")],
+        SPLITS.index("train"),
+    )
 
 
 def splits_of(
     content_hashes: pd.Series, validation_fraction: float, test_fraction: float
 ) -> np.ndarray:
-    """The split ("train", "validation" or "test") of each image, from its content hash alone.
-
-    The first 15 hex digits of the hash, as a fraction of 16**15, fall in [0, test) for test,
-    then [test, test + validation) for validation. Vectorised: a rerun splits every image.
-    """
-    fractions = (hash_prefixes(content_hashes) >> np.uint64(4)) / 16**15
-    test = fractions < test_fraction
-    validation = ~test & (fractions < test_fraction + validation_fraction)
-    return np.select([test, validation], ["test", "validation"], "train")
+    """The split ("train", "validation" or "test") of each image, from its content hash alone
+    (see ``split_codes``)."""
+    codes = split_codes(hash_prefixes(content_hashes), validation_fraction, test_fraction)
+    return np.array(SPLITS)[codes]
 
 
 def split_of(content_hash: str, validation_fraction: float, test_fraction: float) -> str:
