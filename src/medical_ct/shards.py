@@ -126,9 +126,20 @@ class ShardedImages(Mapping):
         return 6
 
     def load_shard(self, name: str) -> np.ndarray:
+        return self.shard_loader(name)()
+
+    def shard_loader(self, name: str) -> ShardLoader:
+        """What reads shard ``name``, holding neither this set nor its index.
+
+        The next run's decoded set and the model input keep loaders of the shards they take
+        from this set. A loader bound to the set kept its whole index (200 MiB at a million
+        images) alive as long as they lived: in a catalog run until they are saved, in
+        memory (``MemoryDataset``s: tests, a notebook) until their last node ran.
+        """
         if name in self.new_shards:
-            return self.new_shards[name]
-        return self.shards[name]()
+            pixels = self.new_shards[name]
+            return lambda: pixels
+        return self.shards[name]
 
     def pixels_of(self, rows: np.ndarray) -> np.ndarray:
         """Pixels (len(rows), H, W) of accepted images by their row in file order."""

@@ -1,11 +1,13 @@
 """Incremental runs on the local store: decoding reuses last run's pixels, unchanged data skips
 training."""
 
+import gc
 import json
 import logging
 import os
 import pickle
 import re
+import weakref
 
 import fsspec
 import numpy as np
@@ -101,6 +103,31 @@ def test_a_rerun_reads_decodes_and_writes_only_new_or_changed_files(sample_dir, 
     rows = np.arange(len(fresh["labels"]))
     assert np.array_equal(again.pixels_of(rows), fresh.pixels_of(rows))
     assert again["rejected"] == first["rejected"]
+
+
+def test_what_a_rerun_makes_does_not_keep_last_runs_index_or_the_decoded_sets_alive(
+    sample_dir, tmp_path
+):
+    """Last run's index is read only to be joined with the listing: the decoded set and the
+    model input made from it keep loaders of its shards, not it (a loader bound to the set
+    held its index, 200 MiB at a million images, as long as what it made lived)."""
+    every = sorted(stored_files(sample_dir, [], count=240).items())
+    files = dict(every[::20])  # two of each class
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    store.save(decode_images(files, None, PARAMS))
+    previous = next_run(store).load()
+    files.update(every[1::40])  # new in the rerun: one of each class
+    decoded = decode_images(files, previous, PARAMS)
+    model_input = build_model_input(decoded, decode_images({}, None, PARAMS), PARAMS)
+    alive = [weakref.ref(previous), weakref.ref(decoded)]
+    del previous, decoded
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None]
+    fresh = build_model_input(
+        decode_images(files, None, PARAMS), decode_images({}, None, PARAMS), PARAMS
+    )
+    for split, again in zip(model_input[:3], fresh[:3], strict=True):
+        assert np.array_equal(split["images"], again["images"])  # every shard still readable
 
 
 def test_a_rerun_follows_a_change_of_classes_both_ways(sample_dir, tmp_path):

@@ -1,6 +1,5 @@
 """Nodes of the data_processing pipeline: ingest, decode, dedupe, split and report."""
 
-import functools
 import logging
 import re
 from collections.abc import Callable
@@ -179,7 +178,7 @@ def decode_images(
         len(kept),
     )
     in_use = set(index.loc[index["shard"] != "", "shard"].unique()) - set(new_shards)
-    shards = {name: functools.partial(previous.load_shard, name) for name in in_use}
+    shards = {name: previous.shard_loader(name) for name in in_use}
     return ShardedImages(index, shards, new_shards)
 
 
@@ -354,7 +353,7 @@ def build_model_input(
     splits = split_codes(choice.prefixes, params.validation_fraction, params.test_fraction)
     sources = {RAW: raw_images, FEEDBACK: feedback_images}
     loaders = {
-        (source, name): (lambda images=images, name=name: images.load_shard(name))
+        (source, name): images.shard_loader(name)
         for source, images in sources.items()
         for name in {*images.shards, *images.new_shards}
     }
