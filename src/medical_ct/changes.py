@@ -49,6 +49,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from medical_ct.shards import PARQUET_WRITE_OPTIONS
+
 logger = logging.getLogger(__name__)
 
 _DAY = 86400.0
@@ -112,7 +114,7 @@ def _write_listing(
     if folder_times is not None:
         metadata[_FOLDER_TIMES] = json.dumps(folder_times)
     buffer = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(metadata), buffer)
+    pq.write_table(table.replace_schema_metadata(metadata), buffer, **PARQUET_WRITE_OPTIONS)
     filesystem.pipe_file(path, buffer.getvalue())
 
 

@@ -59,6 +59,12 @@ IMAGE_BYTES = IMAGE_SIZE * IMAGE_SIZE
 
 ShardLoader = Callable[[], np.ndarray]
 
+# Every index a run rewrites (decoded sets, model input, the store's listing) is zstd Parquet,
+# level 1: hex hashes and paths take half the bytes of the default snappy (a million images:
+# the decoded index 80 MiB, now 42; read 0.16 s, now 0.12; written 0.1 s slower), which a
+# weekly rerun writes again, to S3 in production. The catalog's training manifest too.
+PARQUET_WRITE_OPTIONS = {"compression": "zstd", "compression_level": 1}
+
 
 # Text columns as pandas' Arrow-backed strings, in every index: one index with Python object
 # columns (an empty feedback set read back from Parquet, whose empty columns have no type)
@@ -280,7 +286,7 @@ class _Folder:
 
     def write_parquet(self, name: str, data: pd.DataFrame) -> None:
         buffer = io.BytesIO()
-        data.to_parquet(buffer, index=False)
+        data.to_parquet(buffer, index=False, **PARQUET_WRITE_OPTIONS)
         self.filesystem.pipe_file(self.join(name), buffer.getvalue())
         self._written[name] = (
             data.reset_index(drop=True),

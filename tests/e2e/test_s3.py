@@ -18,6 +18,7 @@ from pathlib import Path
 
 import boto3
 import fsspec
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 from kedro.io import DatasetError
@@ -168,6 +169,13 @@ def test_the_whole_pipeline_runs_on_the_bucket(s3_run, s3):
         "08_reporting/confusion_matrix.png",
     ):
         assert s3.exists(f"{ROOT}/{key}"), key
+    for key in (  # what every rerun writes again: zstd, half the bytes of snappy
+        "02_intermediate/decoded_raw/index.parquet",
+        "05_model_input/train/index.parquet",
+        "05_model_input/training_manifest.parquet",
+    ):
+        with s3.open(f"{ROOT}/{key}") as file:
+            assert pq.ParquetFile(file).metadata.row_group(0).column(0).compression == "ZSTD"
     report = read_json(s3, "08_reporting/data_report.json")
     assert sum(report["images_per_split"].values()) + report["duplicates"] == uploaded
     assert read_json(s3, "08_reporting/promotion.json")["alias"] == registry.CHAMPION_ALIAS
@@ -538,6 +546,8 @@ def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
         return {name: file.version for name, file in dataset.load().items()}
 
     assert load() == listed() and "no saved listing yet" in caplog.text
+    with s3.open(listing) as file:  # rewritten every run: zstd, half the bytes of snappy
+        assert pq.ParquetFile(file).metadata.row_group(0).column(0).compression == "ZSTD"
     s3.pipe({f"{root}/CXR/a b+c.jpeg": b"new", f"{root}/Hand/1.jpeg": b"changed"})
     s3.rm_file(f"{root}/Hand/2.jpeg")
     s3.pipe_file(f"{root}/CXR/a b+c.jpeg", b"changed twice")  # two events, one key
