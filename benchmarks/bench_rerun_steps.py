@@ -77,7 +77,12 @@ def measure_in(folder: Path, size: int) -> dict:
 
     from medical_ct.datasets import StoredFiles
     from medical_ct.pipelines.data_processing import nodes
-    from medical_ct.shards import INDEX_DTYPES, ModelInputDataset, ShardedImagesDataset
+    from medical_ct.shards import (
+        INDEX_DTYPES,
+        ModelInputDataset,
+        ShardedImages,
+        ShardedImagesDataset,
+    )
 
     params = yaml.safe_load(PARAMETERS.read_text())["data_processing"]
     classes = params["classes"]
@@ -99,9 +104,9 @@ def measure_in(folder: Path, size: int) -> dict:
             "reused": False,
         }
     ).astype(INDEX_DTYPES)
-    (folder / "decoded_raw").mkdir()
-    index.to_parquet(folder / "decoded_raw/index.parquet", index=False)  # what a full run left
     decoded = ShardedImagesDataset(path=str(folder / "decoded_raw"))
+    decoded.save(ShardedImages(index))  # what a full run left, as the tree writes it
+    decoded.release()  # a new run: it reads the file
     listing = StoredFiles(pa.table({"file": files, "version": versions}), None, str(folder))
     del index, files, versions
     sources = {"raw": str(folder / "decoded_raw"), "feedback": str(folder / "decoded_feedback")}
