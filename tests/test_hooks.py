@@ -3,11 +3,12 @@
 import json
 import os
 import pkgutil
+import shutil
 import subprocess
 import sys
 
 from medical_ct.hooks import PARAMETER_CHECKS
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, kedro, make_project, mlflow_client
 
 
 def test_every_parameter_check_names_a_function():
@@ -88,3 +89,21 @@ def test_a_run_imports_matplotlib_only_when_it_saves_a_plot(tmp_path):
     )
     assert found["pyplot_at_start"] is False
     assert found["reports"] >= 10
+
+
+def test_a_run_that_fails_midway_still_logs_where_its_time_went(tmp_path, sample_dir):
+    """One class in the raw store: decoding runs, the model input refuses to be built with a
+    message saying what to check, and the failed MLflow run still has the timings of what ran,
+    the save after the last node that ended included (sent as the run fails)."""
+    project = make_project(tmp_path / "project")
+    shutil.copytree(sample_dir / "Hand", project / "data/01_raw/mednist/Hand")
+    result = kedro(project, "run", "--pipeline", "data_processing")
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0
+    assert "need images of at least 2 classes" in output and "check the raw store" in output
+    client = mlflow_client(project)
+    (run,) = client.search_runs([client.get_experiment_by_name("medical_ct").experiment_id])
+    assert run.info.status == "FAILED"
+    timings = {"node_seconds.decode_raw_images", "save_seconds.decoded_raw_images"}
+    assert timings <= set(run.data.metrics)
+    assert "node_seconds.build_model_input" not in run.data.metrics

@@ -3,6 +3,7 @@
 import logging
 import os
 import pkgutil
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ from kedro.framework.context import KedroContext
 from kedro.framework.hooks import hook_impl
 from kedro.io import CatalogProtocol
 from kedro.pipeline import Node, Pipeline
+from mlflow.entities import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +71,32 @@ class NodeTimingHook:
     kedro-mlflow records parameters, metrics and artifacts but not where the time goes; with
     these metrics the MLflow UI shows which step of a weekly run grew, and whether it was the
     work or the store (listing a bucket, reading last run's index).
+
+    The timings are sent in one batch when each node ends (its loads and its time; its saves,
+    which Kedro makes after, go with the next node's or at the end of the run): a request per
+    timing took 0.3 s of every data_processing run (49 of them, 6 ms each on sqlite).
     """
 
     def __init__(self) -> None:
         self._started: dict[str, float] = {}
+        self._timings: list[Metric] = []
+        self._lock = threading.Lock()  # a ThreadRunner's nodes end in several threads
 
     def _start(self, key: str) -> None:
         self._started[key] = time.perf_counter()
 
-    def _log(self, key: str, metric: str) -> None:
+    def _stop(self, key: str, metric: str) -> None:
         started = self._started.pop(key, None)
-        if started is not None and mlflow.active_run() is not None:
-            mlflow.log_metric(metric, time.perf_counter() - started)
+        if started is not None:
+            seconds = time.perf_counter() - started
+            with self._lock:
+                self._timings.append(Metric(metric, seconds, int(time.time() * 1000), 0))
+
+    def _send(self) -> None:
+        with self._lock:
+            timings, self._timings = self._timings, []
+        if timings and (run := mlflow.active_run()) is not None:
+            mlflow.MlflowClient().log_batch(run.info.run_id, metrics=timings)
 
     @hook_impl
     def before_node_run(self, node: Node) -> None:
@@ -90,7 +106,8 @@ class NodeTimingHook:
     def after_node_run(self, node: Node, outputs: dict[str, Any]) -> None:
         started = self._started.get(f"node:{node.name}", time.perf_counter())
         logger.info("Node %s took %.1f s", node.name, time.perf_counter() - started)
-        self._log(f"node:{node.name}", f"node_seconds.{node.name}")
+        self._stop(f"node:{node.name}", f"node_seconds.{node.name}")
+        self._send()
 
     @hook_impl
     def before_dataset_loaded(self, dataset_name: str) -> None:
@@ -99,7 +116,7 @@ class NodeTimingHook:
 
     @hook_impl
     def after_dataset_loaded(self, dataset_name: str) -> None:
-        self._log(f"load:{dataset_name}", f"load_seconds.{dataset_name}")
+        self._stop(f"load:{dataset_name}", f"load_seconds.{dataset_name}")
 
     @hook_impl
     def before_dataset_saved(self, dataset_name: str) -> None:
@@ -107,7 +124,16 @@ class NodeTimingHook:
 
     @hook_impl
     def after_dataset_saved(self, dataset_name: str) -> None:
-        self._log(f"save:{dataset_name}", f"save_seconds.{dataset_name}")
+        self._stop(f"save:{dataset_name}", f"save_seconds.{dataset_name}")
+
+    # tryfirst: before kedro-mlflow ends the run.
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self) -> None:
+        self._send()
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self) -> None:
+        self._send()
 
 
 class AirflowRunTrackingHook:

@@ -9,6 +9,8 @@ import torch
 import yaml
 
 from medical_ct import registry
+from medical_ct.pipeline_registry import default_pipeline
+from medical_ct.pipelines import data_processing, evaluation, monitoring, training
 from medical_ct.pipelines.data_processing.nodes import split_of
 from medical_ct.preprocessing import content_hash, preprocess_image
 from tests.conftest import (
@@ -19,6 +21,8 @@ from tests.conftest import (
     make_project,
     mlflow_client,
 )
+
+WEEKLY = (monitoring, data_processing, training, evaluation)
 
 
 def champion_version(project) -> str:
@@ -56,6 +60,13 @@ def test_first_run_tracks_everything_and_promotes_a_champion(trained_project):
         assert metric in run.data.metrics, metric
     assert run.data.metrics["temperature"] != 1.0
     assert run.data.metrics["val_ece"] < run.data.metrics["val_ece_uncalibrated"]
+    # Where the time went (NodeTimingHook): every node and every dataset it saved; the last
+    # node's saves come after its end and are sent as the run ends, before it is closed.
+    pipelines = {module.__name__.rsplit(".", 1)[-1]: module.create_pipeline() for module in WEEKLY}
+    nodes = default_pipeline(pipelines).nodes
+    timings = {f"node_seconds.{node.name}" for node in nodes}
+    timings |= {f"save_seconds.{output}" for node in nodes for output in node.outputs}
+    assert sorted(timings - set(run.data.metrics)) == []
 
     artifacts = {
         a.path
