@@ -23,8 +23,9 @@ import hashlib
 import io
 import logging
 import posixpath
+import secrets
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import fsspec
 import numpy as np
@@ -284,10 +285,33 @@ class _Folder:
                 "data_processing.full_rescan=true`"
             ) from None
 
+    def write(self, name: str, write: Callable[[BinaryIO], None]) -> None:
+        """Writes file ``name`` by ``write(file)``, whole or not at all.
+
+        On a local disk into a temporary name, renamed into place once complete (a rename is
+        atomic); on an object store in one PUT (atomic already). Written in place, a disk that
+        filled up or a run killed mid-write left half a file: half a shard, whose name is its
+        content's, so the next save of the same pixels found the name taken and kept it (a
+        full rescan too), and the index then named a shard nobody could read.
+        """
+        path = self.join(name)
+        if self.protocol != "file":
+            buffer = io.BytesIO()
+            write(buffer)
+            self.filesystem.pipe_file(path, buffer.getvalue())
+            return
+        temporary = f"{path}.{secrets.token_hex(4)}.partial"
+        try:
+            with self.filesystem.open(temporary, "wb") as file:
+                write(file)
+            self.filesystem.mv(temporary, path)
+        except BaseException:
+            if self.filesystem.exists(temporary):
+                self.filesystem.rm_file(temporary)
+            raise
+
     def write_parquet(self, name: str, data: pd.DataFrame) -> None:
-        buffer = io.BytesIO()
-        data.to_parquet(buffer, index=False, **PARQUET_WRITE_OPTIONS)
-        self.filesystem.pipe_file(self.join(name), buffer.getvalue())
+        self.write(name, lambda file: data.to_parquet(file, index=False, **PARQUET_WRITE_OPTIONS))
         self._written[name] = (
             data.reset_index(drop=True),
             self.filesystem.checksum(self.join(name)),
@@ -389,9 +413,12 @@ class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, Sharde
         for name, pixels in data.new_shards.items():
             if name in existing:
                 continue
-            buffer = io.BytesIO()
-            np.save(buffer, np.ascontiguousarray(pixels), allow_pickle=False)
-            folder.filesystem.pipe_file(folder.join("shards", name), buffer.getvalue())
+            folder.write(
+                posixpath.join("shards", name),
+                lambda file, pixels=pixels: np.save(
+                    file, np.ascontiguousarray(pixels), allow_pickle=False
+                ),
+            )
         folder.write_parquet("index.parquet", data.index[INDEX_COLUMNS])
         if data.reused == 0 and not data.shards:
             referenced = set(data.index["shard"].unique())

@@ -1,13 +1,17 @@
 """Incremental runs on the local store: decoding reuses last run's pixels, unchanged data skips
 training."""
 
+import contextlib
 import gc
 import json
 import logging
 import os
 import pickle
 import re
+import resource
+import signal
 import weakref
+from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -128,6 +132,35 @@ def test_what_a_rerun_makes_does_not_keep_last_runs_index_or_the_decoded_sets_al
     )
     for split, again in zip(model_input[:3], fresh[:3], strict=True):
         assert np.array_equal(split["images"], again["images"])  # every shard still readable
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes past ``size`` bytes of a file fail (EFBIG), as on a disk that fills up."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_save_cut_short_leaves_no_half_file_and_the_next_one_completes(sample_dir, tmp_path):
+    """A shard is named by its content: half a shard left by a save cut short (a full disk, a
+    killed run) was kept by the next save of the same pixels, which found its name taken, and
+    the index then named a shard that could not be read. A save writes each file whole or not
+    at all."""
+    decoded = decode_images(stored_files(sample_dir, [], count=12), None, PARAMS)
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    with file_size_limit(8 * 1024), pytest.raises(DatasetError, match="File too large"):
+        store.save(decoded)
+    assert [path for path in (tmp_path / "decoded").rglob("*") if path.is_file()] == []
+    store.save(decoded)
+    again = next_run(store).load()
+    rows = np.arange(len(decoded["labels"]))
+    assert np.array_equal(again.pixels_of(rows), decoded.pixels_of(rows))
 
 
 def test_a_rerun_follows_a_change_of_classes_both_ways(sample_dir, tmp_path):
