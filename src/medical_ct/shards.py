@@ -309,6 +309,8 @@ class _Folder:
             if self.filesystem.exists(temporary):
                 self.filesystem.rm_file(temporary)
             raise
+        for leftover in self.filesystem.glob(f"{path}.*.partial"):  # of a run killed mid-write
+            self.filesystem.rm_file(leftover)
 
     def write_parquet(self, name: str, data: pd.DataFrame) -> None:
         self.write(name, lambda file: data.to_parquet(file, index=False, **PARQUET_WRITE_OPTIONS))

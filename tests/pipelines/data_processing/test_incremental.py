@@ -151,13 +151,16 @@ def test_a_save_cut_short_leaves_no_half_file_and_the_next_one_completes(sample_
     """A shard is named by its content: half a shard left by a save cut short (a full disk, a
     killed run) was kept by the next save of the same pixels, which found its name taken, and
     the index then named a shard that could not be read. A save writes each file whole or not
-    at all."""
+    at all; what a killed run left is deleted by the next write of that file."""
     decoded = decode_images(stored_files(sample_dir, [], count=12), None, PARAMS)
     store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
     with file_size_limit(8 * 1024), pytest.raises(DatasetError, match="File too large"):
         store.save(decoded)
     assert [path for path in (tmp_path / "decoded").rglob("*") if path.is_file()] == []
+    killed = tmp_path / "decoded/index.parquet.0dead0ff.partial"  # a run killed mid-write
+    killed.write_bytes(b"PAR1")
     store.save(decoded)
+    assert not killed.exists()
     again = next_run(store).load()
     rows = np.arange(len(decoded["labels"]))
     assert np.array_equal(again.pixels_of(rows), decoded.pixels_of(rows))
