@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from medical_ct.hooks import PARAMETER_CHECKS
 from tests.conftest import PROJECT_ROOT, kedro, make_project, mlflow_client
 
@@ -91,6 +93,7 @@ def test_a_run_imports_matplotlib_only_when_it_saves_a_plot(tmp_path):
     assert found["reports"] >= 10
 
 
+@pytest.mark.e2e
 def test_a_run_that_fails_midway_still_logs_where_its_time_went(tmp_path, sample_dir):
     """One class in the raw store: decoding runs, the model input refuses to be built with a
     message saying what to check, and the failed MLflow run still has the timings of what ran,
