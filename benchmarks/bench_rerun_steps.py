@@ -154,10 +154,10 @@ def measure_in(folder: Path, size: int) -> dict:
     }
 
 
-def load_each(dataset, nodes: int):
-    """``dataset`` loaded by ``nodes`` nodes one after the other, each copy dropped after its
-    node as Kedro drops it: the last one."""
-    for _ in range(nodes - 1):
+def load_each(dataset, loads: int):
+    """``dataset`` loaded ``loads`` times, by as many nodes one after the other, each copy
+    dropped after its node as Kedro drops it: the last one."""
+    for _ in range(loads - 1):
         dataset.load()  # and dropped before the next load
     return dataset.load()
 

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from medical_ct.shards import PARQUET_WRITE_OPTIONS
+from medical_ct.shards import PARQUET_WRITE_OPTIONS, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,8 @@ def _write_listing(
     metadata = {_LISTED_AT: str(listed_at), _SAVED_AT: str(time.time())}
     if folder_times is not None:
         metadata[_FOLDER_TIMES] = json.dumps(folder_times)
-    buffer = io.BytesIO()
-    pq.write_table(table.replace_schema_metadata(metadata), buffer, **PARQUET_WRITE_OPTIONS)
-    filesystem.pipe_file(path, buffer.getvalue())
+    table = table.replace_schema_metadata(metadata)
+    write_file(filesystem, path, lambda file: pq.write_table(table, file, **PARQUET_WRITE_OPTIONS))
 
 
 def _full_listing_reason(

@@ -4,7 +4,6 @@ copied to MLflow from any store, and registered models."""
 import json
 import os
 import posixpath
-import secrets
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from medical_ct.changes import (
     local_versions,
     object_version,
 )
+from medical_ct.shards import whole_file
 
 
 class StoredFile:
@@ -330,17 +330,10 @@ class OptionalPartitionedDataset(PartitionedDataset):
             super().save(data)
             return
         for partition_id, content in data.items():
-            final = self._partition_to_path(partition_id)
-            temporary = f"{final}.{secrets.token_hex(4)}.partial"
-            config = {**self._dataset_config, self._filepath_arg: temporary}
-            try:
-                lazy = callable(content) and self._save_lazily
+            lazy = callable(content) and self._save_lazily
+            with whole_file(self._filesystem, self._partition_to_path(partition_id)) as temporary:
+                config = {**self._dataset_config, self._filepath_arg: temporary}
                 self._dataset_type(**config).save(content() if lazy else content)
-                self._filesystem.mv(temporary, final)
-            except Exception:
-                if self._filesystem.exists(temporary):  # a full disk: leave no debris
-                    self._filesystem.rm(temporary)
-                raise
         self._invalidate_caches()
 
 

@@ -19,6 +19,7 @@ Training reads the pixels into memory (``ModelInputSet["images"]``) or streams t
 shard (``medical_ct.pipelines.training.stream``) when they do not fit.
 """
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -30,6 +31,7 @@ from typing import Any, BinaryIO, NamedTuple
 import fsspec
 import numpy as np
 import pandas as pd
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import infer_storage_options
 from kedro.io import AbstractDataset, DatasetError
 
@@ -212,6 +214,36 @@ class ModelInputSet(Mapping):
         return out
 
 
+@contextlib.contextmanager
+def whole_file(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+    """A temporary name beside ``path`` (local disk) for the block to write; renamed to
+    ``path`` when the block ends (a rename is atomic), deleted when it raises. A reader, and
+    the next save, never see half a file: a disk that filled up or a run killed mid-write
+    left one when files were written in place."""
+    temporary = f"{path}.{secrets.token_hex(4)}.partial"
+    try:
+        yield temporary
+        filesystem.mv(temporary, path)
+    except BaseException:
+        if filesystem.exists(temporary):  # a full disk: leave no debris
+            filesystem.rm_file(temporary)
+        raise
+
+
+def write_file(
+    filesystem: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO], None]
+) -> None:
+    """``write(file)`` into ``path``, whole or not at all: on a local disk through
+    ``whole_file``, straight to disk; on an object store in one PUT (atomic already)."""
+    if not isinstance(filesystem, LocalFileSystem):
+        buffer = io.BytesIO()
+        write(buffer)
+        filesystem.pipe_file(path, buffer.getvalue())
+        return
+    with whole_file(filesystem, path) as temporary, filesystem.open(temporary, "wb") as file:
+        write(file)
+
+
 def _read_npy(filesystem: fsspec.AbstractFileSystem, path: str) -> np.ndarray:
     try:
         pixels = np.load(io.BytesIO(filesystem.cat_file(path)), allow_pickle=False)
@@ -286,31 +318,17 @@ class _Folder:
             ) from None
 
     def write(self, name: str, write: Callable[[BinaryIO], None]) -> None:
-        """Writes file ``name`` by ``write(file)``, whole or not at all.
+        """Writes file ``name`` by ``write(file)``, whole or not at all (``write_file``).
 
-        On a local disk into a temporary name, renamed into place once complete (a rename is
-        atomic); on an object store in one PUT (atomic already). Written in place, a disk that
-        filled up or a run killed mid-write left half a file: half a shard, whose name is its
-        content's, so the next save of the same pixels found the name taken and kept it (a
-        full rescan too), and the index then named a shard nobody could read.
+        Written in place, half a shard left by a full disk or a killed run stayed: its name
+        is its content's, so the next save of the same pixels found the name taken and kept
+        it (a full rescan too), and the index then named a shard nobody could read.
         """
         path = self.join(name)
-        if self.protocol != "file":
-            buffer = io.BytesIO()
-            write(buffer)
-            self.filesystem.pipe_file(path, buffer.getvalue())
-            return
-        temporary = f"{path}.{secrets.token_hex(4)}.partial"
-        try:
-            with self.filesystem.open(temporary, "wb") as file:
-                write(file)
-            self.filesystem.mv(temporary, path)
-        except BaseException:
-            if self.filesystem.exists(temporary):
-                self.filesystem.rm_file(temporary)
-            raise
-        for leftover in self.filesystem.glob(f"{path}.*.partial"):  # of a run killed mid-write
-            self.filesystem.rm_file(leftover)
+        write_file(self.filesystem, path, write)
+        if isinstance(self.filesystem, LocalFileSystem):
+            for leftover in self.filesystem.glob(f"{path}.*.partial"):  # a killed run's
+                self.filesystem.rm_file(leftover)
 
     def write_parquet(self, name: str, data: pd.DataFrame) -> None:
         self.write(name, lambda file: data.to_parquet(file, index=False, **PARQUET_WRITE_OPTIONS))
