@@ -4,6 +4,7 @@ import contextlib
 import functools
 import http.server
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,19 @@ def make_project(root: Path, raw_images_from: Path | None = None) -> Path:
     if raw_images_from is not None:
         shutil.copytree(raw_images_from, root / "data/01_raw/mednist")
     return root
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Writes past ``size`` bytes of a file fail (EFBIG), as on a disk that fills up."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def project_env(project: Path, **extra: str) -> dict[str, str]:

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from medical_ct.shards import PARQUET_WRITE_OPTIONS, write_file
+from medical_ct.shards import PARQUET_WRITE_OPTIONS, PARTIAL_SUFFIX, write_file
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +404,8 @@ def local_versions(
     its size the target's for a link), so decoded pixels of earlier runs stay valid. Names
     from ``os.listdir`` and one ``os.lstat`` each, its mode telling files from folders, took
     1.7 s at 500,000 files; ``os.scandir``'s entries, asked ``is_dir``, ``is_file`` and
-    ``is_symlink`` besides, 2.0 s. The system calls alone take about 1 s of it.
+    ``is_symlink`` besides, 2.0 s. The system calls alone take about 1 s of it. A file still
+    being written under its temporary name (``*.partial``, ``shards.whole_file``) is left out.
 
     Returns:
         The listing of the files listed, every folder's time now (0 for a folder changed in
@@ -437,6 +438,8 @@ def local_versions(
             except FileNotFoundError:  # deleted while listing
                 continue
             if S_ISREG(own.st_mode):
+                if name.endswith(PARTIAL_SUFFIX):  # being written (shards.whole_file)
+                    continue
                 size = own.st_size
             elif S_ISDIR(own.st_mode):
                 folders.append((path, f"{partition_prefix}{name}/"))

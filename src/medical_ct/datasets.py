@@ -33,7 +33,7 @@ from medical_ct.changes import (
     local_versions,
     object_version,
 )
-from medical_ct.shards import whole_file
+from medical_ct.shards import PARTIAL_SUFFIX, whole_file, write_file
 
 
 class StoredFile:
@@ -105,7 +105,11 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
     local disk it is one ``stat`` per file, or per changed folder's file with ``changes:
     {folder_times: true}``. Bytes are read only when a
     ``StoredFile`` is called. Saving takes ``{"<Class>/<file>": bytes or a function returning
-    bytes}`` and writes each file; files already there and not in the dict are left alone.
+    bytes}`` and writes each file whole (``shards.write_file``: a listing never sees half an
+    image, nor the ``.partial`` name it is written under); files already there and not in the
+    dict are left alone. ``durable: true`` (the feedback stores: images a person sent) syncs
+    each file to the disk before ``save`` returns; off for the raw store, whose ingest writes
+    tens of thousands of images it can fetch again.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
         fs_args: dict[str, Any] | None = None,
         listing_threads: int = 8,
         changes: dict[str, Any] | None = None,
+        durable: bool = False,
     ) -> None:
         protocol, _ = fsspec.core.split_protocol(path)
         local = {"auto_mkdir": True} if protocol in (None, "file") else {}
@@ -126,6 +131,7 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
         self._root = root.rstrip("/")
         self._listing_threads = listing_threads
         self._changes = self._change_feed(changes or {})
+        self._durable = durable
 
     def _change_feed(self, changes: dict[str, Any]) -> ChangeFeed | FolderTimes | None:
         """``changes: {queue_url | folder_times, filepath, ...}`` (``medical_ct.changes``):
@@ -192,8 +198,13 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
 
     def save(self, data: dict[str, Any]) -> None:
         for partition, content in data.items():
-            path = posixpath.join(self._root, partition)
-            self._filesystem.pipe_file(path, content() if callable(content) else content)
+            image = content() if callable(content) else content
+            write_file(
+                self._filesystem,
+                posixpath.join(self._root, partition),
+                lambda file, image=image: file.write(image),
+                durable=self._durable,
+            )
 
     def has_files(self) -> bool:
         """Whether any file lies under the folder, found without listing all of it (nor
@@ -232,11 +243,12 @@ class FolderHasFilesDataset(ImageFolderDataset):
 
 def _local_has_file(folder: str) -> bool:
     """Whether a file lies under a local folder: ``os.scandir`` reads entries as they come,
-    so this stops at the first file (fsspec's ``walk`` listed a whole class folder first)."""
+    so this stops at the first file (fsspec's ``walk`` listed a whole class folder first).
+    What a killed ingest left half-written (``*.partial``) is not a file of the store."""
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_file():
+                if entry.is_file() and not entry.name.endswith(PARTIAL_SUFFIX):
                     return True
                 if entry.is_dir(follow_symlinks=False) and _local_has_file(entry.path):
                     return True
@@ -315,7 +327,14 @@ class OptionalPartitionedDataset(PartitionedDataset):
     (another worker, the review, monitoring, data_processing) lists them while a writer adds
     files. A local file is written under a name no listing takes (``filename_suffix``, then
     ``.partial``) and renamed into place, which is atomic; an object store's PUT already is.
+    ``durable`` (the default: these are records nobody can make again) syncs each file to the
+    disk before ``save`` returns, so an acknowledged label survives a power cut
+    (``shards.whole_file``).
     """
+
+    def __init__(self, *, durable: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._durable = durable
 
     def load(self) -> dict[str, Callable[[], Any]]:
         self.release()  # drops the cached listing: another process adds files
@@ -331,7 +350,8 @@ class OptionalPartitionedDataset(PartitionedDataset):
             return
         for partition_id, content in data.items():
             lazy = callable(content) and self._save_lazily
-            with whole_file(self._filesystem, self._partition_to_path(partition_id)) as temporary:
+            path = self._partition_to_path(partition_id)
+            with whole_file(self._filesystem, path, durable=self._durable) as temporary:
                 config = {**self._dataset_config, self._filepath_arg: temporary}
                 self._dataset_type(**config).save(content() if lazy else content)
         self._invalidate_caches()

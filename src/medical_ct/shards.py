@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import io
 import logging
+import os
 import posixpath
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -214,33 +215,67 @@ class ModelInputSet(Mapping):
         return out
 
 
+PARTIAL_SUFFIX = ".partial"  # a file being written: listings of a store leave it out
+
+
 @contextlib.contextmanager
-def whole_file(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[str]:
+def whole_file(
+    filesystem: fsspec.AbstractFileSystem, path: str, *, durable: bool = False
+) -> Iterator[str]:
     """A temporary name beside ``path`` (local disk) for the block to write; renamed to
     ``path`` when the block ends (a rename is atomic), deleted when it raises. A reader, and
     the next save, never see half a file: a disk that filled up or a run killed mid-write
-    left one when files were written in place."""
-    temporary = f"{path}.{secrets.token_hex(4)}.partial"
+    left one when files were written in place.
+
+    ``durable``: the file's bytes reach the disk before its name does, and the name before
+    this returns (``fsync`` of the file, then of its folder), so what a person wrote survives
+    a power cut once it is acknowledged. Without it, the kernel writes when it likes, and a
+    power cut may leave the new name on a short file: fine for what a rerun can make again
+    (shards, indexes), not for a clinician's label. 0.4 ms a small file on this machine.
+    """
+    temporary = f"{path}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
     try:
         yield temporary
+        if durable:
+            _fsync(temporary)
         filesystem.mv(temporary, path)
+        if durable:
+            _fsync(posixpath.dirname(path))
     except BaseException:
         if filesystem.exists(temporary):  # a full disk: leave no debris
             filesystem.rm_file(temporary)
         raise
 
 
+def _fsync(path: str) -> None:
+    """Flush a local file's or folder's data and metadata to the disk (any descriptor of it
+    will do: the kernel syncs the file, not the descriptor)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def write_file(
-    filesystem: fsspec.AbstractFileSystem, path: str, write: Callable[[BinaryIO], None]
+    filesystem: fsspec.AbstractFileSystem,
+    path: str,
+    write: Callable[[BinaryIO], None],
+    *,
+    durable: bool = False,
 ) -> None:
     """``write(file)`` into ``path``, whole or not at all: on a local disk through
-    ``whole_file``, straight to disk; on an object store in one PUT (atomic already)."""
+    ``whole_file`` (``durable``: see there), straight to disk; on an object store in one PUT
+    (atomic already, and stored durably before S3 answers it)."""
     if not isinstance(filesystem, LocalFileSystem):
         buffer = io.BytesIO()
         write(buffer)
         filesystem.pipe_file(path, buffer.getvalue())
         return
-    with whole_file(filesystem, path) as temporary, filesystem.open(temporary, "wb") as file:
+    with (
+        whole_file(filesystem, path, durable=durable) as temporary,
+        filesystem.open(temporary, "wb") as file,
+    ):
         write(file)
 
 
@@ -327,7 +362,7 @@ class _Folder:
         path = self.join(name)
         write_file(self.filesystem, path, write)
         if isinstance(self.filesystem, LocalFileSystem):
-            for leftover in self.filesystem.glob(f"{path}.*.partial"):  # a killed run's
+            for leftover in self.filesystem.glob(f"{path}.*{PARTIAL_SUFFIX}"):  # a killed run's
                 self.filesystem.rm_file(leftover)
 
     def write_parquet(self, name: str, data: pd.DataFrame) -> None:

@@ -1,17 +1,13 @@
 """Incremental runs on the local store: decoding reuses last run's pixels, unchanged data skips
 training."""
 
-import contextlib
 import gc
 import json
 import logging
 import os
 import pickle
 import re
-import resource
-import signal
 import weakref
-from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -35,6 +31,7 @@ from tests.conftest import (
     FAST_RUN_PARAMS,
     add_change_and_delete,
     assert_ok,
+    file_size_limit,
     kedro,
     make_project,
     mlflow_client,
@@ -132,19 +129,6 @@ def test_what_a_rerun_makes_does_not_keep_last_runs_index_or_the_decoded_sets_al
     )
     for split, again in zip(model_input[:3], fresh[:3], strict=True):
         assert np.array_equal(split["images"], again["images"])  # every shard still readable
-
-
-@contextlib.contextmanager
-def file_size_limit(size: int) -> Iterator[None]:
-    """Writes past ``size`` bytes of a file fail (EFBIG), as on a disk that fills up."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an OSError, not a kill
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_a_save_cut_short_leaves_no_half_file_and_the_next_one_completes(sample_dir, tmp_path):

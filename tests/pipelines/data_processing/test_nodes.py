@@ -334,6 +334,8 @@ def test_the_raw_store_probe_finds_a_file_below_empty_folders(tmp_path):
     (store / "AbdomenCT").mkdir(parents=True)
     (store / "Hand/nested").mkdir(parents=True)
     assert probe.load() is False  # folders without a file
+    (store / "Hand/b.jpeg.0dead0ff.partial").write_bytes(b"x")  # what a killed ingest left
+    assert probe.load() is False
     (store / "Hand/nested/a.jpeg").write_bytes(b"x")
     assert probe.load() is True
     with pytest.raises(DatasetError, match="read-only"):

@@ -1,0 +1,84 @@
+"""The project's datasets write what people sent whole, and on the disk before it is answered."""
+
+import os
+from pathlib import Path
+
+import pytest
+from kedro.io import DatasetError
+
+from medical_ct.datasets import ImageFolderDataset
+from medical_ct.serving.project import load_project
+from medical_ct.serving.review import ReviewStore
+from tests.conftest import file_size_limit, make_project
+
+
+def fsynced_paths(monkeypatch) -> list[str]:
+    """The path of every file or folder ``os.fsync``ed from now on, in order (then synced)."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(descriptor: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return synced
+
+
+def test_feedback_and_decisions_reach_the_disk_before_they_are_answered(
+    tmp_path, sample_dir, monkeypatch
+):
+    """A 200 from /feedback or /review promised a clinician's label was kept: a power cut
+    right after could leave its name on an empty file when the kernel had not written it yet.
+    Each file of the feedback stores is synced under its temporary name, renamed, and its
+    folder synced, through the project's own catalog; ingest's raw images are not (tens of
+    thousands, and MedNIST can be fetched again)."""
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)  # the catalog's data/ paths are relative, as for kedro run
+    catalog = load_project(project).catalog
+    store = ReviewStore(catalog)
+    image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
+    synced = fsynced_paths(monkeypatch)
+
+    submitted = store.submit(image, "Hand", {"submitter": "t"}, pending={})
+    store.decide(submitted["feedback_id"], "accept", "alice")
+
+    data = project / "data/01_raw"
+    written = sorted(path for path in data.rglob("*") if path.is_file())
+    assert [str(path.relative_to(data)).split("/")[0] for path in written] == [
+        "feedback_accepted",  # images/Hand/<sha256>.jpeg
+        "feedback_accepted",  # records/<id>.json
+        "feedback_pending",
+        "feedback_pending",
+        "review_audit",
+    ]
+    assert not any(path.name.endswith(".partial") for path in data.rglob("*"))
+    for path in written:
+        partial = [i for i, name in enumerate(synced) if name.startswith(f"{path}.")]
+        folder = [i for i, name in enumerate(synced) if name == str(path.parent)]
+        assert len(partial) == 1 and synced[partial[0]].endswith(".partial"), (path, synced)
+        assert folder and max(folder) > partial[0], (path, synced)  # the name after the bytes
+
+    synced.clear()
+    catalog.save("raw_images", {"Hand/raw.jpeg": image})
+    assert synced == []
+    assert (data / "mednist/Hand/raw.jpeg").read_bytes() == image
+
+
+def test_an_image_cut_short_is_never_listed(tmp_path, sample_dir):
+    """A feedback image was written in place: a full disk or a killed worker left half a JPEG
+    that data_processing listed (and rejected as undecodable) and the review showed broken. It
+    is written under a temporary name the listing leaves out, then renamed."""
+    store = ImageFolderDataset(path=str(tmp_path / "images"))
+    image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
+    with file_size_limit(len(image) // 2), pytest.raises(DatasetError, match="File too large"):
+        store.save({"Hand/cut.jpeg": image})
+    assert [path for path in (tmp_path / "images").rglob("*") if path.is_file()] == []
+
+    killed = tmp_path / "images/Hand/killed.jpeg.0dead0ff.partial"  # a worker killed mid-write
+    killed.write_bytes(image[:100])
+    store.save({"Hand/whole.jpeg": image})
+    listed = store.load()
+    assert list(listed) == ["Hand/whole.jpeg"]
+    assert listed["Hand/whole.jpeg"]() == image
+    assert Path(killed).exists()  # another writer's may still be in flight: not deleted
