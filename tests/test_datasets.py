@@ -82,3 +82,9 @@ def test_an_image_cut_short_is_never_listed(tmp_path, sample_dir):
     assert list(listed) == ["Hand/whole.jpeg"]
     assert listed["Hand/whole.jpeg"]() == image
     assert Path(killed).exists()  # another writer's may still be in flight: not deleted
+
+    in_the_way = tmp_path / "images/Hand/taken.jpeg"  # a folder where the file should go
+    in_the_way.mkdir()
+    with pytest.raises(DatasetError, match="Is a directory"):
+        store.save({"Hand/taken.jpeg": image})
+    assert list(in_the_way.iterdir()) == []  # not moved inside it (fsspec's mv would)
