@@ -16,8 +16,11 @@ from kedro.framework.project import configure_project, pipelines
 
 from tests.conftest import PROJECT_ROOT
 
-README = (PROJECT_ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```(\w*)\n(.*?)```", README, re.S)
+# The README and the benchmarks' record of runs, whose commands run from the project root too.
+DOCS = "\n".join(
+    (PROJECT_ROOT / name).read_text() for name in ("README.md", "benchmarks/README.md")
+)
+BLOCKS = re.findall(r"```(\w*)\n(.*?)```", DOCS, re.S)
 MAKE_TARGETS = set(re.findall(r"^([\w-]+):", (PROJECT_ROOT / "Makefile").read_text(), re.M))
 # Installed by the Makefile (prometheus, chromium) or by the system; the rest are in .venv/bin.
 SYSTEM_COMMANDS = {"curl", "prometheus", "mc", "export"}
@@ -104,4 +107,4 @@ def test_every_kedro_run_names_a_pipeline_an_environment_and_parameters_that_exi
     "source", [body for language, body in BLOCKS if language == "python"], ids=lambda _: "python"
 )
 def test_every_python_example_compiles(source):
-    compile(source, "README.md", "exec")
+    compile(source, "README", "exec")
