@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from kedro.io import DatasetError
 
-from medical_ct.datasets import ImageFolderDataset
+from medical_ct.datasets import ImageFolderDataset, OptionalJSONDataset
 from medical_ct.serving.project import load_project
 from medical_ct.serving.review import ReviewStore
 from tests.conftest import file_size_limit, make_project
@@ -88,3 +88,19 @@ def test_an_image_cut_short_is_never_listed(tmp_path, sample_dir):
     with pytest.raises(DatasetError, match="Is a directory"):
         store.save({"Hand/taken.jpeg": image})
     assert list(in_the_way.iterdir()) == []  # not moved inside it (fsspec's mv would)
+
+
+def test_a_state_read_back_next_run_is_written_whole_and_a_bad_one_says_what_to_do(tmp_path):
+    """Monitoring reads back what its last run saved (where it read through, its trend): a
+    run killed mid-write left half a JSON file, and every later run failed on it."""
+    state = OptionalJSONDataset(filepath=str(tmp_path / "state.json"))
+    assert state.load() is None  # before the first run
+    state.save({"read_through": "a", "history": [1, 2]})
+    with file_size_limit(8), pytest.raises(DatasetError, match="File too large"):
+        state.save({"read_through": "b", "history": [1, 2, 3]})
+    assert state.load() == {"read_through": "a", "history": [1, 2]}  # the last whole one
+    assert [path.name for path in tmp_path.iterdir()] == ["state.json"]
+
+    (tmp_path / "state.json").write_text('{"read_through": "a", "hist')  # edited by hand
+    with pytest.raises(DatasetError, match=r"is not JSON .* delete it to start afresh"):
+        state.load()

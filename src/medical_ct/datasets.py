@@ -17,7 +17,6 @@ import pandas as pd
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from kedro.io import AbstractDataset, DatasetError
-from kedro_datasets.json import JSONDataset
 from kedro_datasets.partitions import PartitionedDataset
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -504,8 +503,44 @@ class MlflowRunTagsDataset(AbstractDataset[dict[str, str], None]):
         return {}
 
 
-class OptionalJSONDataset(JSONDataset):
-    """A JSON file that loads as ``None`` while it does not exist (before a first run wrote it)."""
+class OptionalJSONDataset(AbstractDataset[Any, Any]):
+    """A JSON state a run reads back the next time (monitoring's: what it read through, the
+    figures of its last runs): ``None`` while it does not exist (before a first run wrote it).
+
+    Written whole (``shards.write_file``): Kedro's ``JSONDataset`` writes in place, so a run
+    killed mid-write left half a file, and every later run failed to read it with a bare JSON
+    error until someone deleted it. A file that is not JSON (edited by hand) is an error that
+    says what deleting it costs.
+    """
+
+    def __init__(self, *, filepath: str, credentials: dict[str, Any] | None = None) -> None:
+        protocol, _ = fsspec.core.split_protocol(filepath)
+        local = {"auto_mkdir": True} if protocol in (None, "file") else {}
+        self._filepath = filepath
+        self._filesystem, self._path = fsspec.core.url_to_fs(
+            filepath, **local, **(credentials or {})
+        )
 
     def load(self) -> Any:
-        return super().load() if self.exists() else None
+        try:
+            text = self._filesystem.cat_file(self._path)
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as error:
+            raise DatasetError(
+                f"{self._filepath} is not JSON ({error}): restore it, or delete it to start "
+                "afresh (monitoring then reads the whole prediction log again, and its trend "
+                "of earlier runs starts over)"
+            ) from None
+
+    def save(self, data: Any) -> None:
+        text = json.dumps(data, indent=2).encode()
+        write_file(self._filesystem, self._path, lambda file: file.write(text))
+
+    def _exists(self) -> bool:
+        return self._filesystem.exists(self._path)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": self._filepath}
