@@ -1,10 +1,14 @@
-"""The project's datasets write what people sent whole, and on the disk before it is answered."""
+"""The project's datasets write what people sent whole, on the disk before it is answered, and
+the stores read back what they can, saying what they cannot."""
 
+import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
 from kedro.io import DatasetError
+from prometheus_client import REGISTRY
 
 from medical_ct.datasets import ImageFolderDataset, OptionalJSONDataset
 from medical_ct.serving.project import load_project
@@ -104,3 +108,56 @@ def test_a_state_read_back_next_run_is_written_whole_and_a_bad_one_says_what_to_
     (tmp_path / "state.json").write_text('{"read_through": "a", "hist')  # edited by hand
     with pytest.raises(DatasetError, match=r"is not JSON .* delete it to start afresh"):
         state.load()
+
+
+def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
+    tmp_path, sample_dir, monkeypatch, caplog
+):
+    """One record that is not JSON (a hand edit, a disk error) failed every /feedback and
+    /review of every worker: each listing read it. It is left out, named in the log once, and
+    counted on /metrics; the rest of the queue works, and a mended file is read again."""
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    store = ReviewStore(load_project(project).catalog)
+    image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
+    good = store.submit(image, "Hand", {"submitter": "t"}, pending={})
+    records = project / "data/01_raw"
+    bad = {
+        "feedback_pending/records/Hand-notjson.json": '{"feedback_id": "Hand-notjson", "lab',
+        "feedback_pending/records/Hand-noimage.json": '{"label": "Hand", "submitted_at": "x"}',
+        "feedback_pending/records/Hand-badtime.json": json.dumps(
+            {"image": "Hand/x.jpeg", "label": "Hand", "submitted_at": "last Tuesday"}
+        ),
+        "feedback_accepted/records/Hand-list.json": "[1, 2]",
+    }
+    for path, text in bad.items():
+        (records / path).parent.mkdir(parents=True, exist_ok=True)
+        (records / path).write_text(text)
+
+    root = logging.getLogger()
+    if caplog.handler not in root.handlers:  # a first load_project's logging set-up drops it
+        root.addHandler(caplog.handler)
+    read = store.records()
+    store.records()  # a second look logs nothing new
+    assert list(read.pending) == [good["feedback_id"]] and read.accepted == {}
+    assert [item["feedback_id"] for item in read.waiting()] == [good["feedback_id"]]
+    logged = [r.getMessage() for r in caplog.records if r.name == "medical_ct.serving.review"]
+    assert len(logged) == 4, logged
+    for name, problem in [
+        ("Hand-notjson", "Unterminated string"),
+        ("Hand-noimage", "no image"),
+        ("Hand-badtime", "is not an ISO time"),
+        ("Hand-list", "a JSON list, not an object"),
+    ]:
+        assert any(name in line and problem in line for line in logged), (name, logged)
+    assert unreadable_gauge("pending_feedback_records") == 3
+    assert unreadable_gauge("accepted_feedback_records") == 1
+
+    store.decide(good["feedback_id"], "accept", "alice")  # the queue still works
+    (records / "feedback_accepted/records/Hand-list.json").write_text('{"label": "Hand"}')
+    assert set(store.records().accepted) == {good["feedback_id"], "Hand-list"}  # mended: read
+    assert unreadable_gauge("accepted_feedback_records") == 0
+
+
+def unreadable_gauge(store: str) -> float | None:
+    return REGISTRY.get_sample_value("medical_ct_feedback_unreadable_records", {"store": store})

@@ -179,6 +179,32 @@ def test_feedback_waits_pending_unflagged_and_nothing_is_trained_on(
     seen["ordinary"] = receipt["feedback_id"]
 
 
+def test_a_record_broken_by_hand_is_left_out_counted_and_stops_nothing(
+    client, project, sample_dir, seen
+):
+    """Each listing of a store read every record: one that is not JSON (a hand edit) answered
+    500 to every /feedback and /review of both workers. Now both go on without it, /metrics
+    counts it (alert MedicalCTFeedbackRecordUnreadable), and once deleted the count is 0."""
+    broken = project / PENDING / "records/Hand-brokenbyhand.json"
+    broken.write_text('{"feedback_id": "Hand-brokenbyhand", "label": "Ha')
+    try:
+        for _ in range(4):  # both workers, whichever answers
+            assert seen["ordinary"] in queue(client)
+        repeat = post(client, confident_image(client, sample_dir, "Hand"), "Hand")  # no new item
+        assert repeat.status_code == 202 and repeat.json()["feedback_id"] == seen["ordinary"]
+        metrics = client.get("/metrics").text
+        assert 'medical_ct_feedback_unreadable_records{store="pending_feedback_records"} 1.0' in (
+            metrics
+        ), metrics
+    finally:
+        broken.unlink()
+    queue(client)
+    metrics = client.get("/metrics").text
+    assert 'medical_ct_feedback_unreadable_records{store="pending_feedback_records"} 0.0' in (
+        metrics
+    )
+
+
 def test_a_label_the_champion_confidently_disputes_is_flagged(client, sample_dir, seen):
     image = confident_image(client, sample_dir, "Hand", skip=1)  # not the ordinary one
 

@@ -51,3 +51,9 @@ feedback_pending = bentoml.metrics.Gauge(
     # Every worker reads the same store: the latest count, from whichever worker, is true.
     multiprocess_mode="livemostrecent",
 )
+feedback_unreadable_records = bentoml.metrics.Gauge(
+    name="medical_ct_feedback_unreadable_records",
+    documentation="Feedback records the service cannot read and leaves out, by store (see the log)",
+    labelnames=["store"],
+    multiprocess_mode="livemostrecent",  # every worker reads the same stores
+)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import hmac
 import io
+import logging
 import os
 import threading
 from collections import defaultdict
@@ -25,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from kedro.io import CatalogProtocol
+from kedro.io import CatalogProtocol, DatasetError
 from PIL import Image
 
 from medical_ct.model import embed, feature_extractor
@@ -42,6 +43,8 @@ ACCEPTED_RECORDS = "accepted_feedback_records"
 REJECTED_RECORDS = "rejected_feedback_records"
 AUDIT_LOG = "review_audit"
 AUTO_REVIEWER = "auto:agree_with_model"
+
+logger = logging.getLogger(__name__)
 
 
 class ReviewError(Exception):
@@ -155,21 +158,73 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+# What the service reads of a pending record besides its id (a record without them cannot be
+# queued or decided); an accepted or rejected record only needs to be a JSON object.
+_REQUIRED_FIELDS = {PENDING_RECORDS: ("image", "label", "submitted_at")}
+
+
 class _RecordCache:
-    """The records of one partitioned store, read once each (they are never rewritten)."""
+    """The records of one partitioned store, read once each (they are never rewritten).
+
+    A record that cannot be read (not JSON, not an object, a pending one without its image,
+    label or time: a hand edit, a disk error) is left out and tried again at the next look,
+    with an error in the log naming it and a gauge counting it
+    (``medical_ct_feedback_unreadable_records``, alert ``MedicalCTFeedbackRecordUnreadable``):
+    one bad file used to fail every /feedback and /review of every worker.
+    """
 
     def __init__(self, catalog: CatalogProtocol, name: str) -> None:
         self._catalog = catalog
         self._name = name
         self._records: dict[str, dict] = {}
+        self._unreadable: set[str] = set()
         self._lock = threading.Lock()
 
     def all(self) -> dict[str, dict]:
         with self._lock:
             partitions = self._catalog.load(self._name)
+            unreadable = {}
             for key in partitions.keys() - self._records.keys():
-                self._records[key] = partitions[key]()
+                record, problem = self._read(partitions[key])
+                if problem:
+                    unreadable[key] = problem
+                else:
+                    self._records[key] = record
+            for key in unreadable.keys() - self._unreadable:  # once a file, not every look
+                logger.error(
+                    "Feedback record %s of %s cannot be read (%s): it is left out until it is "
+                    "mended. Restore it from a backup (review_audit keeps who decided what and "
+                    "when), or delete it (a pending item then waits for its image's next "
+                    "/feedback)",
+                    key,
+                    self._name,
+                    unreadable[key],
+                )
+            self._unreadable = set(unreadable)
+            metrics.feedback_unreadable_records.labels(store=self._name).set(len(unreadable))
             return dict(self._records)
+
+    def _read(self, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
+        """The record, or what is wrong with it."""
+        try:
+            record = load()
+        except DatasetError as error:
+            return None, str(error.__cause__ or error).splitlines()[-1]
+        if not isinstance(record, dict):
+            return None, f"a JSON {type(record).__name__}, not an object"
+        missing = [
+            field
+            for field in _REQUIRED_FIELDS.get(self._name, ())
+            if not isinstance(record.get(field), str)
+        ]
+        if missing:
+            return None, f"no {', '.join(missing)}"
+        if "submitted_at" in _REQUIRED_FIELDS.get(self._name, ()):
+            try:
+                _submitted_at(record)
+            except ValueError:
+                return None, f"submitted_at {record['submitted_at']!r} is not an ISO time"
+        return record, None
 
 
 @dataclass(frozen=True)
