@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import http.server
+import json
 import os
 import resource
 import shutil
@@ -223,12 +224,24 @@ def read_model_input(data_root: str, split: str, endpoint: str | None = None):
 
 
 FEEDBACK_ROOT = "01_raw/feedback_accepted/images"
+FEEDBACK_RECORDS = "01_raw/feedback_accepted/records"
+ACCEPT = {"decision": "accept", "reviewer": "tests", "decided_at": "2026-12-04T00:00:00+00:00"}
+
+
+def accept_feedback(put: Callable[[str, bytes], None], accepted_as: str, image: bytes) -> None:
+    """An accepted feedback image and the record that accepts it, as a review writes them
+    (data_processing trains only on accepted images a record names)."""
+    put(f"{FEEDBACK_ROOT}/{accepted_as}", image)
+    label, name = accepted_as.split("/")
+    feedback_id = f"{label}-{name.split('.')[0]}"
+    record = {"feedback_id": feedback_id, "label": label, "accepted_as": accepted_as}
+    put(f"{FEEDBACK_RECORDS}/{feedback_id}.json", json.dumps(record | ACCEPT).encode())
 
 
 def seed_feedback(put: Callable[[str, bytes], None], sample: Path) -> None:
     """Two accepted feedback images: a relabelled sample image and a new one."""
-    put(f"{FEEDBACK_ROOT}/CXR/fb-1.jpeg", sorted(sample.glob("Hand/*.jpeg"))[2].read_bytes())
-    put(f"{FEEDBACK_ROOT}/Hand/fb-2.jpeg", sorted(sample.glob("ChestCT/*.jpeg"))[0].read_bytes())
+    accept_feedback(put, "CXR/fb-1.jpeg", sorted(sample.glob("Hand/*.jpeg"))[2].read_bytes())
+    accept_feedback(put, "Hand/fb-2.jpeg", sorted(sample.glob("ChestCT/*.jpeg"))[0].read_bytes())
 
 
 def add_change_and_delete(
@@ -240,7 +253,7 @@ def add_change_and_delete(
     put("01_raw/mednist/HeadCT/new-1.jpeg", sorted(sample.glob("AbdomenCT/*.jpeg"))[0].read_bytes())
     put(f"01_raw/mednist/Hand/{hand[0].name}", cxr[0].read_bytes())  # other pixels, same name
     delete(f"01_raw/mednist/CXR/{cxr[1].name}")
-    put(f"{FEEDBACK_ROOT}/HeadCT/fb-3.jpeg", cxr[2].read_bytes())
+    accept_feedback(put, "HeadCT/fb-3.jpeg", cxr[2].read_bytes())
     put(f"{FEEDBACK_ROOT}/CXR/fb-1.jpeg", hand[3].read_bytes())
     delete(f"{FEEDBACK_ROOT}/Hand/fb-2.jpeg")
     return 4

@@ -15,6 +15,7 @@ import fsspec
 import mlflow
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 from kedro.io import AbstractDataset, DatasetError
 from kedro_datasets.partitions import PartitionedDataset
@@ -33,6 +34,22 @@ from medical_ct.changes import (
     object_version,
 )
 from medical_ct.shards import PARTIAL_SUFFIX, whole_file, write_file
+
+
+def read_record(load: Callable[[], Any]) -> tuple[dict | None, str | None]:
+    """A feedback record (one JSON object of a record store), or what is wrong with it.
+
+    The review service and data_processing both leave out a record they cannot read, saying
+    so, rather than stop on it: one file edited by hand into broken JSON stopped every
+    /feedback and /review, and would stop the weekly run.
+    """
+    try:
+        record = load()
+    except DatasetError as error:
+        return None, str(error.__cause__ or error).splitlines()[-1]
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not an object"
+    return record, None
 
 
 class StoredFile:
@@ -90,6 +107,12 @@ class StoredFiles(Mapping[str, StoredFile]):
 
     def __len__(self) -> int:
         return self.listing.num_rows
+
+    def only(self, files: set[str]) -> "StoredFiles":
+        """The files of this listing that are in ``files``, in the same order."""
+        names = pa.array(sorted(files), pa.string())
+        kept = self.listing.filter(pc.is_in(self.listing.column("file"), value_set=names))
+        return StoredFiles(kept, self._read, self._root)
 
 
 class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):

@@ -332,14 +332,19 @@ def runs(client, project, sample_dir, seen) -> dict:
     pending = queue(client)
     good = {image: "Hand" for image in new_images(sample_dir, "Hand", 9)}
     bad = {image: "CXR" for image in new_images(sample_dir, "AbdomenCT", 5, start=10)}
-    ids = {
-        image: post(client, image, label).json()["feedback_id"]
-        for image, label in {**good, **bad}.items()
-    }
+    receipts = {image: post(client, image, label).json() for image, label in (good | bad).items()}
+    ids = {image: receipt["feedback_id"] for image, receipt in receipts.items()}
     for image in list(good)[:8]:
         assert decide(client, ids[image], "accept").status_code == 200
     for image in bad:
         assert decide(client, ids[image], "reject", headers=BOB).status_code == 200
+    # An accept that failed between its image and its record (the store refused the record,
+    # the service answered 503) left the image in the accepted store; a reviewer then rejected
+    # it. No record accepts it: it must not train.
+    stored_as = receipts[next(iter(bad))]["stored_as"]  # "CXR/<sha256>.png", as accepted
+    half_accepted = project / ACCEPTED / "images" / stored_as
+    half_accepted.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(project / PENDING / "images" / stored_as, half_accepted)
     waiting = kedro(project, "run", "--params", RUN_PARAMS)
     assert_ok(waiting)
     assert decide(client, ids[list(good)[8]], "accept").status_code == 200
@@ -390,6 +395,8 @@ def test_fewer_new_images_than_min_new_images_do_not_train(runs):
 
 def test_poisoned_labels_left_pending_never_train_and_accepted_ones_do(runs, project):
     labels, splits, _ = model_input(project)
+
+    assert "1 accepted feedback images have no accepted record" in runs["trained"]
 
     for digest, (_, original) in runs["poisoned"].items():
         assert labels[digest] == original  # the raw label, not the posted one

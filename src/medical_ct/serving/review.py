@@ -26,9 +26,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from kedro.io import CatalogProtocol, DatasetError
+from kedro.io import CatalogProtocol
 from PIL import Image
 
+from medical_ct.datasets import read_record
 from medical_ct.model import embed, feature_extractor
 from medical_ct.preprocessing import preprocess_image
 from medical_ct.serving import metrics
@@ -206,12 +207,9 @@ class _RecordCache:
 
     def _read(self, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
         """The record, or what is wrong with it."""
-        try:
-            record = load()
-        except DatasetError as error:
-            return None, str(error.__cause__ or error).splitlines()[-1]
-        if not isinstance(record, dict):
-            return None, f"a JSON {type(record).__name__}, not an object"
+        record, problem = read_record(load)
+        if record is None:
+            return None, problem
         missing = [
             field
             for field in _REQUIRED_FIELDS.get(self._name, ())
@@ -319,9 +317,12 @@ class ReviewStore:
     ) -> tuple[dict[str, Any], int]:
         """Accept (under ``label`` if given, else the submitted one) or reject a pending item.
 
-        The accepted image is copied into the store ``data_processing`` reads; the decision
-        record and an audit entry are added. Raises ``ReviewError`` 404 (unknown id) or 409
-        (already decided); the caller checks that ``label`` is a class (422).
+        The accepted image is copied into the store ``data_processing`` reads, then the
+        decision record and an audit entry are added. The record is what makes the image
+        train (``data_processing`` takes only accepted images a record names), so a decision
+        the store refused after the image (503: "nothing was decided") trains nothing.
+        Raises ``ReviewError`` 404 (unknown id) or 409 (already decided); the caller checks
+        that ``label`` is a class (422).
 
         Returns:
             The decision record, and how many items still wait for a decision.

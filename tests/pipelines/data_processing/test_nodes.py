@@ -9,11 +9,12 @@ import pytest
 from kedro.io import DatasetError
 from PIL import Image
 
-from medical_ct.datasets import FolderHasFilesDataset
+from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
 from medical_ct.manifest import choose_images, fingerprint
 from medical_ct.pipelines.data_processing.nodes import (
     build_model_input,
     decode_images,
+    decode_reviewed_feedback,
     ingest_mednist,
     report_data,
     report_feedback,
@@ -355,3 +356,35 @@ def test_the_raw_store_probe_finds_a_file_below_empty_folders(tmp_path):
 def test_ingest_parameters_are_checked(ingest, message):
     with pytest.raises(ValueError, match=f"parameters ingest: {message}"):
         ingest_mednist(False, ingest)
+
+
+def test_only_feedback_images_an_accepted_record_names_are_decoded(sample_dir, tmp_path, caplog):
+    """A decision writes the accepted image, then its record: one that failed between the two
+    left an image no record accepts (its item still pending, and maybe rejected since). It is
+    not trained on; neither is the image of a record nobody can read (named in the log)."""
+    files = sample_files(sample_dir, per_class=1)
+    accepted, half_decided, unreadable = sorted(files)[:3]
+    store = ImageFolderDataset(path=str(tmp_path / "accepted"))
+    store.save({name: files[name] for name in (accepted, half_decided, unreadable)})
+
+    def broken() -> dict:
+        raise DatasetError("Failed while loading data") from ValueError("Expecting value")
+
+    records = {
+        "a-1": lambda: {"accepted_as": accepted, "label": accepted.split("/")[0]},
+        "u-1": broken,
+        "l-1": lambda: ["not", "a", "record"],
+    }
+    for listing in (store.load(), partitions_from(files)):  # the catalog's and a plain dict
+        caplog.clear()
+        decoded = decode_reviewed_feedback(listing, records, None, PARAMS)
+        assert decoded["files"] == [accepted]
+        logged = " ".join(record.getMessage() for record in caplog.records)
+        assert f"{len(listing) - 1} accepted feedback images have no accepted record" in logged
+        assert half_decided in logged and unreadable in logged
+        assert "Feedback record u-1 of accepted_feedback_records cannot be read (Expecting" in (
+            logged
+        )
+        assert "Feedback record l-1 of accepted_feedback_records cannot be read (a JSON list" in (
+            logged
+        )

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from medical_ct.changes import listing_table
-from medical_ct.datasets import StoredFiles
+from medical_ct.datasets import StoredFiles, read_record
 from medical_ct.manifest import (
     FEEDBACK,
     RAW,
@@ -180,6 +180,62 @@ def decode_images(
     in_use = set(index.loc[index["shard"] != "", "shard"].unique()) - set(new_shards)
     shards = {name: previous.shard_loader(name) for name in in_use}
     return ShardedImages(index, shards, new_shards)
+
+
+def decode_reviewed_feedback(
+    partitions: dict[str, Callable[[], bytes]],
+    accepted_feedback: dict[str, Callable[[], dict]],
+    previous: ShardedImages | None,
+    data_processing: dict[str, Any],
+) -> ShardedImages:
+    """Decode the images of the accepted feedback store that an accepted record names.
+
+    A decision writes the accepted image, then its record. One that failed between the two
+    (the store refused the record: the service answered 503, "nothing was decided") left an
+    image in the accepted store while its item stayed pending, and a reviewer may then have
+    rejected it. The record says a person accepted that label, so an image without one is
+    left out (the log names it) until a decision writes its record. Otherwise as
+    ``decode_images``.
+
+    Args:
+        accepted_feedback: The review's accepted records, ``{feedback_id: record}``; a
+            record's ``accepted_as`` is the file of the accepted store it accepted.
+    """
+    records = readable_records(accepted_feedback, "accepted_feedback_records")
+    reviewed = {record.get("accepted_as") for record in records.values()} - {None}
+    unreviewed = sorted(set(partitions) - reviewed)
+    if unreviewed:
+        logger.warning(
+            "%d accepted feedback images have no accepted record (a decision that failed "
+            "midway; the item waits for a decision again), not trained on: %s",
+            len(unreviewed),
+            ", ".join(unreviewed[:10]) + (" ..." if len(unreviewed) > 10 else ""),
+        )
+    if isinstance(partitions, StoredFiles):
+        partitions = partitions.only(reviewed)
+    else:
+        partitions = {file: partitions[file] for file in partitions if file in reviewed}
+    return decode_images(partitions, previous, data_processing)
+
+
+def readable_records(partitions: dict[str, Callable[[], Any]], store: str) -> dict[str, dict]:
+    """``{feedback_id: record}`` of a record store, leaving out, with an error naming each,
+    the records that are not JSON objects (``read_record``): as the review service does."""
+    records = {}
+    for feedback_id, load in partitions.items():
+        record, problem = read_record(load)
+        if record is None:
+            logger.error(
+                "Feedback record %s of %s cannot be read (%s): left out, and the image it "
+                "accepted does not train, until it is mended (restore it from a backup: "
+                "review_audit keeps who decided what and when)",
+                feedback_id,
+                store,
+                problem,
+            )
+        else:
+            records[feedback_id] = record
+    return records
 
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder (<Class>/<file>)"
@@ -481,10 +537,12 @@ def build_training_manifest(
     Returns:
         One row per image, in the order of the dataset fingerprint.
     """
-    records = {}
-    for feedback_id, load in accepted_feedback.items():
-        record = load()
-        records[record.get("accepted_as", "")] = record | {"feedback_id": feedback_id}
+    records = {
+        record.get("accepted_as", ""): record | {"feedback_id": feedback_id}
+        for feedback_id, record in readable_records(
+            accepted_feedback, "accepted_feedback_records"
+        ).items()
+    }
     sets = dict(zip(SPLITS, (train_set, validation_set, test_set), strict=True))
     return build_manifest(sets, class_names, records)
 
@@ -504,7 +562,7 @@ def report_feedback(
     Returns:
         The report and its counts as MLflow metrics (``feedback.pending`` ...).
     """
-    accepted_records = [load() for load in accepted.values()]
+    accepted_records = list(readable_records(accepted, "accepted_feedback_records").values())
     decided = accepted.keys() | rejected.keys()
     feedback_hashes = dict(
         zip(feedback_images["files"], feedback_images["content_hashes"], strict=True)

@@ -6,6 +6,7 @@ from .nodes import (
     build_model_input,
     build_training_manifest,
     decode_images,
+    decode_reviewed_feedback,
     ingest_mednist,
     report_data,
     report_feedback,
@@ -32,9 +33,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="decode_raw_images",
             ),
             Node(
-                func=decode_images,
+                func=decode_reviewed_feedback,
                 inputs=[
                     "feedback_images",
+                    "accepted_feedback_records",
                     "previous_decoded_feedback_images",
                     "params:data_processing",
                 ],
