@@ -396,7 +396,7 @@ def test_fewer_new_images_than_min_new_images_do_not_train(runs):
 def test_poisoned_labels_left_pending_never_train_and_accepted_ones_do(runs, project):
     labels, splits, _ = model_input(project)
 
-    assert "1 accepted feedback images have no accepted record" in runs["trained"]
+    assert "Not training on 1 accepted feedback image(s) that no accepted record" in runs["trained"]
 
     for digest, (_, original) in runs["poisoned"].items():
         assert labels[digest] == original  # the raw label, not the posted one

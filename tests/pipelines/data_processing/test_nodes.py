@@ -380,7 +380,7 @@ def test_only_feedback_images_an_accepted_record_names_are_decoded(sample_dir, t
         decoded = decode_reviewed_feedback(listing, records, None, PARAMS)
         assert decoded["files"] == [accepted]
         logged = " ".join(record.getMessage() for record in caplog.records)
-        assert f"{len(listing) - 1} accepted feedback images have no accepted record" in logged
+        assert f"Not training on {len(listing) - 1} accepted feedback image(s)" in logged
         assert half_decided in logged and unreadable in logged
         assert "Feedback record u-1 of accepted_feedback_records cannot be read (Expecting" in (
             logged

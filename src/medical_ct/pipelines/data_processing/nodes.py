@@ -206,8 +206,8 @@ def decode_reviewed_feedback(
     unreviewed = sorted(set(partitions) - reviewed)
     if unreviewed:
         logger.warning(
-            "%d accepted feedback images have no accepted record (a decision that failed "
-            "midway; the item waits for a decision again), not trained on: %s",
+            "Not training on %d accepted feedback image(s) that no accepted record names (a "
+            "decision that failed midway: the item waits for a decision again): %s",
             len(unreviewed),
             ", ".join(unreviewed[:10]) + (" ..." if len(unreviewed) > 10 else ""),
         )
