@@ -2,6 +2,7 @@
 copied to MLflow from any store, and registered models."""
 
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -35,6 +36,8 @@ from medical_ct.changes import (
 )
 from medical_ct.shards import PARTIAL_SUFFIX, whole_file, write_file
 
+logger = logging.getLogger(__name__)
+
 
 def read_record(load: Callable[[], Any]) -> tuple[dict | None, str | None]:
     """A feedback record (one JSON object of a record store), or what is wrong with it.
@@ -50,6 +53,26 @@ def read_record(load: Callable[[], Any]) -> tuple[dict | None, str | None]:
     if not isinstance(record, dict):
         return None, f"a JSON {type(record).__name__}, not an object"
     return record, None
+
+
+def readable_records(partitions: dict[str, Callable[[], Any]], store: str) -> dict[str, dict]:
+    """``{feedback_id: record}`` of a record store, leaving out, with an error naming each,
+    the records that are not JSON objects (``read_record``): as the review service does."""
+    records = {}
+    for feedback_id, load in partitions.items():
+        record, problem = read_record(load)
+        if record is None:
+            logger.error(
+                "Feedback record %s of %s cannot be read (%s): left out, and the image it "
+                "accepted does not train, until it is mended (restore it from a backup: "
+                "review_audit keeps who decided what and when)",
+                feedback_id,
+                store,
+                problem,
+            )
+        else:
+            records[feedback_id] = record
+    return records
 
 
 class StoredFile:

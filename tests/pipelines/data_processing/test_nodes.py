@@ -1,5 +1,6 @@
 """data_processing nodes on real sample images and on bad files."""
 
+import functools
 import hashlib
 import io
 
@@ -13,6 +14,7 @@ from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
 from medical_ct.manifest import choose_images, fingerprint
 from medical_ct.pipelines.data_processing.nodes import (
     build_model_input,
+    collect_records,
     decode_images,
     decode_reviewed_feedback,
     ingest_mednist,
@@ -249,10 +251,9 @@ def test_report_feedback_names_the_accepted_labels_that_change_a_raw_one():
             [("CXR/f1.png", "CXR"), ("Hand/f2.png", "Hand"), ("CXR/f3.png", "CXR"), ("x", "CXR")]
         )
     }
-    accepted = {key: (lambda record=record: record) for key, record in records.items()}
     pending = {"id0": dict, "id9": dict}
 
-    report, metrics = report_feedback(pending, accepted, {}, raw, feedback)
+    report, metrics = report_feedback(pending, records, {}, raw, feedback)
 
     assert report["accepted_changing_a_raw_label"] == [
         {
@@ -377,8 +378,9 @@ def test_only_feedback_images_an_accepted_record_names_are_decoded(sample_dir, t
     }
     for listing in (store.load(), partitions_from(files)):  # the catalog's and a plain dict
         caplog.clear()
-        decoded = decode_reviewed_feedback(listing, records, None, PARAMS)
+        decoded, kept = decode_reviewed_feedback(listing, records, None, None, PARAMS)
         assert decoded["files"] == [accepted]
+        assert set(kept) == {"a-1"}  # what the manifest and the feedback report get
         logged = " ".join(record.getMessage() for record in caplog.records)
         assert f"Not training on {len(listing) - 1} accepted feedback image(s)" in logged
         assert half_decided in logged and unreadable in logged
@@ -388,3 +390,30 @@ def test_only_feedback_images_an_accepted_record_names_are_decoded(sample_dir, t
         assert "Feedback record l-1 of accepted_feedback_records cannot be read (a JSON list" in (
             logged
         )
+
+
+def test_accepted_records_are_read_once_each_across_runs():
+    """Records are never rewritten: a rerun reads only those listed since the last run, keeps
+    last run's for the others (a GET each on S3, every week, in every node that needed them),
+    drops the deleted, tries an unreadable one again, and a full rescan reads them all."""
+    reads: list[str] = []
+
+    def store(*names: str, broken: tuple[str, ...] = ()) -> dict:
+        def load(name: str) -> dict:
+            reads.append(name)
+            if name in broken:
+                raise DatasetError("Failed while loading") from ValueError("Expecting value")
+            return {"feedback_id": name, "accepted_as": f"Hand/{name}.png"}
+
+        return {name: functools.partial(load, name) for name in names}
+
+    first = collect_records(store("a", "b", "c", broken=("c",)), None)
+    assert (sorted(first), sorted(reads)) == (["a", "b"], ["a", "b", "c"])
+    reads.clear()
+    second = collect_records(store("b", "c", "d"), first)  # a deleted, c mended, d new
+    assert (sorted(second), sorted(reads)) == (["b", "c", "d"], ["c", "d"])
+    assert second["b"] is first["b"]
+    reads.clear()
+    rescan = {**PARAMS, "full_rescan": True}
+    _, third = decode_reviewed_feedback({}, store("b", "c", "d"), second, None, rescan)
+    assert (sorted(third), sorted(reads)) == (["b", "c", "d"], ["b", "c", "d"])

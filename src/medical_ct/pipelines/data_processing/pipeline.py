@@ -37,10 +37,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "feedback_images",
                     "accepted_feedback_records",
+                    "previous_accepted_records",
                     "previous_decoded_feedback_images",
                     "params:data_processing",
                 ],
-                outputs="decoded_feedback_images",
+                outputs=["decoded_feedback_images", "accepted_records"],
                 name="decode_feedback_images",
             ),
             Node(
@@ -74,7 +75,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "validation_set",
                     "test_set",
                     "class_names",
-                    "accepted_feedback_records",
+                    "accepted_records",
                 ],
                 outputs="training_manifest",
                 name="build_training_manifest",
@@ -83,7 +84,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 func=report_feedback,
                 inputs=[
                     "pending_feedback_records",
-                    "accepted_feedback_records",
+                    "accepted_records",
                     "rejected_feedback_records",
                     "decoded_raw_images",
                     "decoded_feedback_images",

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from scipy.stats import chisquare, ks_2samp
 from sklearn.decomposition import PCA
 
+from medical_ct.datasets import readable_records
 from medical_ct.model import embed, feature_extractor
 from medical_ct.plots import message_figure
 from medical_ct.preprocessing import IMAGE_SIZE
@@ -416,7 +417,7 @@ def monitor_predictions(
     logger.info("Monitoring: %d new records in %d partitions", len(records), len(names))
     threshold = champion.review_threshold or params.fallback_review_threshold
     training_shares = _training_shares(reference_set, len(champion.class_names))
-    accepted = [load() for load in accepted_feedback.values()]
+    accepted = list(readable_records(accepted_feedback, "accepted_feedback_records").values())
     summary.update(
         status="measured",
         records=len(records),
