@@ -217,6 +217,7 @@ def test_feedback_error_rate_counts_accepted_corrections_of_the_version(
         "c": accepted(ids[2], "CXR", "CXR"),
         "d": accepted(ids[3], "CXR", "HeadCT"),  # wrong
         "e": accepted(ids[4], "CXR", "Hand", version="2"),  # another version's answer
+        "f": ["edited", "by", "hand"],  # not a record: left out, named in the log, not fatal
     }
     _, metrics, _, _ = run(log, champion, reference, feedback=feedback)
     assert metric(metrics, "feedback_error_rate") == pytest.approx(2 / 4)
