@@ -146,6 +146,7 @@ def medical_ct():  # noqa: PLR0915 (a task per node)
     tasks["decode_feedback_images"] >> tasks["report_feedback"]
     tasks["decode_raw_images"] >> tasks["report_feedback"]
     tasks["build_model_input"] >> tasks["build_training_manifest"]
+    tasks["decode_feedback_images"] >> tasks["build_training_manifest"]
     tasks["build_model_input"] >> tasks["report_data"]
     tasks["decode_feedback_images"] >> tasks["report_data"]
     tasks["decode_raw_images"] >> tasks["report_data"]
