@@ -10,7 +10,12 @@ import pytest
 from kedro.io import DatasetError
 from prometheus_client import REGISTRY
 
-from medical_ct.datasets import ImageFolderDataset, OptionalJSONDataset
+from medical_ct.datasets import (
+    ImageFolderDataset,
+    OptionalJSONDataset,
+    RecordsDataset,
+    read_record,
+)
 from medical_ct.serving.project import load_project
 from medical_ct.serving.review import ReviewStore
 from tests.conftest import file_size_limit, make_project
@@ -161,3 +166,23 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
 
 def unreadable_gauge(store: str) -> float | None:
     return REGISTRY.get_sample_value("medical_ct_feedback_unreadable_records", {"store": store})
+
+
+def test_a_record_store_lists_names_reads_on_call_and_writes_whole(tmp_path):
+    """The review's stores: the service lists them on every /feedback and /review, so a
+    listing makes no object per record and reads nothing until a record is asked for."""
+    store = RecordsDataset(path=str(tmp_path / "records"))
+    assert store.load() == {}  # nobody wrote yet
+    store.save({"Hand-1": {"label": "Hand"}, "2026/Hand-2": {"label": "CXR"}})
+    (tmp_path / "records/Hand-3.json.0dead0ff.partial").write_text('{"lab')  # being written
+    (tmp_path / "records/Hand-4.json").write_text('{"label": "Ha')  # edited by hand
+    listed = store.load()
+    assert sorted(listed) == ["2026/Hand-2", "Hand-1", "Hand-4"]
+    assert listed["2026/Hand-2"]() == {"label": "CXR"}
+    assert read_record(listed["Hand-4"]) == (
+        None,
+        "Unterminated string starting at: line 1 column 11 (char 10)",
+    )
+    with pytest.raises(DatasetError, match="would leave"):
+        store.save({"../elsewhere": {"label": "Hand"}})
+    assert not (tmp_path / "elsewhere.json").exists()

@@ -367,14 +367,13 @@ class OptionalPartitionedDataset(PartitionedDataset):
     """``PartitionedDataset`` that loads an empty or missing folder as ``{}``, and whose saved
     files appear whole or not at all.
 
-    For stores another process fills in (the service's feedback records, the review's audit,
-    the prediction log): having nothing there yet is normal, not an error; and a reader
-    (another worker, the review, monitoring, data_processing) lists them while a writer adds
-    files. A local file is written under a name no listing takes (``filename_suffix``, then
-    ``.partial``) and renamed into place, which is atomic; an object store's PUT already is.
-    ``durable`` (the default: these are records nobody can make again) syncs each file to the
-    disk before ``save`` returns, so an acknowledged label survives a power cut
-    (``shards.whole_file``).
+    For stores another process fills in (the prediction log; the review's records are
+    ``RecordsDataset``): having nothing there yet is normal, not an error; and a reader
+    (another worker, the review, monitoring) lists them while a writer adds files. A local
+    file is written under a name no listing takes (``filename_suffix``, then ``.partial``) and
+    renamed into place, which is atomic; an object store's PUT already is. ``durable`` (the
+    default: what the service logged cannot be made again) syncs each file to the disk before
+    ``save`` returns (``shards.whole_file``).
     """
 
     def __init__(self, *, durable: bool = True, **kwargs: Any) -> None:
@@ -400,6 +399,71 @@ class OptionalPartitionedDataset(PartitionedDataset):
                 config = {**self._dataset_config, self._filepath_arg: temporary}
                 self._dataset_type(**config).save(content() if lazy else content)
         self._invalidate_caches()
+
+
+class RecordsDataset(AbstractDataset[dict[str, Any], dict[str, Callable[[], Any]]]):
+    """A store of JSON records, one file each (``<path>/<id>.json``): the review's pending,
+    accepted and rejected records and its audit log.
+
+    Loads as ``{id: loader}`` (``{}`` while the folder is missing: nobody wrote yet), listing
+    the folder afresh each time (the service's workers and the review add records) and
+    reading a record only when its loader is called. Saves ``{id: record}``, each file whole
+    (``shards.write_file``: a listing never sees half a record) and, with ``durable`` (the
+    default: records nobody can make again), synced to the disk before ``save`` returns.
+
+    Kedro's ``PartitionedDataset`` made a ``JSONDataset`` per file at every listing (about 0.1
+    ms each): at 10,000 pending and 10,000 accepted records the service spent 1.6 s of every
+    /feedback and /review listing them.
+    """
+
+    SUFFIX = ".json"
+
+    def __init__(
+        self, *, path: str, credentials: dict[str, Any] | None = None, durable: bool = True
+    ) -> None:
+        protocol, _ = fsspec.core.split_protocol(path)
+        local = {"auto_mkdir": True} if protocol in (None, "file") else {}
+        self._path = path
+        self._filesystem, root = fsspec.core.url_to_fs(path, **local, **(credentials or {}))
+        self._root = root.rstrip("/")
+        self._durable = durable
+
+    def load(self) -> dict[str, Callable[[], Any]]:
+        self._filesystem.invalidate_cache(self._root)  # other processes add records
+        try:
+            paths = self._filesystem.find(self._root)
+        except FileNotFoundError:
+            return {}
+        start, end = len(self._root) + 1, -len(self.SUFFIX)
+        return {
+            path[start:end]: partial(self._read, path)
+            for path in paths
+            if path.endswith(self.SUFFIX)  # not a *.partial being written
+        }
+
+    def _read(self, path: str) -> Any:
+        try:
+            return json.loads(self._filesystem.cat_file(path))
+        except ValueError as error:
+            raise DatasetError(f"{path} is not JSON") from error
+
+    def save(self, data: dict[str, Any]) -> None:
+        for record_id, record in data.items():
+            if record_id.startswith("/") or ".." in record_id.split("/"):
+                raise DatasetError(f"record id {record_id!r} would leave {self._path}")
+            text = json.dumps(record, indent=2).encode()
+            write_file(
+                self._filesystem,
+                f"{self._root}/{record_id}{self.SUFFIX}",
+                lambda file, text=text: file.write(text),
+                durable=self._durable,
+            )
+
+    def _exists(self) -> bool:
+        return self._filesystem.exists(self._root)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"path": self._path, "durable": self._durable}
 
 
 class TableInput(MetaDataset):
