@@ -10,11 +10,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KEDRO = str(Path(sys.executable).with_name("kedro"))
 
 
-def make_project(root: Path) -> Path:
-    """A project using this repo's conf and installed package, with its own data and store."""
-    shutil.copytree(PROJECT_ROOT / "conf", root / "conf")
+def make_project(root: Path, tree: Path = PROJECT_ROOT) -> Path:
+    """A project using ``tree``'s conf (this repo's by default) and the installed package, with
+    its own data and store."""
+    shutil.copytree(tree / "conf", root / "conf")
     for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
+        shutil.copy(tree / name, root / name)
     (root / "src").mkdir()
     return root
 
