@@ -75,6 +75,23 @@ def readable_records(partitions: dict[str, Callable[[], Any]], store: str) -> di
     return records
 
 
+def open_store(path: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of a catalog path (``options``: credentials, fs_args) and the path on
+    it; on a local disk, folders are made as files are written into them."""
+    protocol, _ = fsspec.core.split_protocol(path)
+    local = {"auto_mkdir": True} if protocol in (None, "file") else {}
+    filesystem, on_it = fsspec.core.url_to_fs(path, **local, **options)
+    return filesystem, on_it.rstrip("/")
+
+
+def write_json(
+    filesystem: fsspec.AbstractFileSystem, path: str, data: Any, *, durable: bool = False
+) -> None:
+    """``data`` as indented JSON, written whole (``shards.write_file``)."""
+    text = json.dumps(data, indent=2).encode()
+    write_file(filesystem, path, lambda file: file.write(text), durable=durable)
+
+
 class StoredFile:
     """One file of an image folder: call it for its bytes.
 
@@ -133,7 +150,7 @@ class StoredFiles(Mapping[str, StoredFile]):
 
     def only(self, files: set[str]) -> "StoredFiles":
         """The files of this listing that are in ``files``, in the same order."""
-        names = pa.array(sorted(files), pa.string())
+        names = pa.array(list(files), pa.string())
         kept = self.listing.filter(pc.is_in(self.listing.column("file"), value_set=names))
         return StoredFiles(kept, self._read, self._root)
 
@@ -167,13 +184,8 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
         changes: dict[str, Any] | None = None,
         durable: bool = False,
     ) -> None:
-        protocol, _ = fsspec.core.split_protocol(path)
-        local = {"auto_mkdir": True} if protocol in (None, "file") else {}
         self._path = path
-        self._filesystem, root = fsspec.core.url_to_fs(
-            path, **local, **(credentials or {}), **(fs_args or {})
-        )
-        self._root = root.rstrip("/")
+        self._filesystem, self._root = open_store(path, **(credentials or {}), **(fs_args or {}))
         self._listing_threads = listing_threads
         self._changes = self._change_feed(changes or {})
         self._durable = durable
@@ -421,11 +433,8 @@ class RecordsDataset(AbstractDataset[dict[str, Any], dict[str, Callable[[], Any]
     def __init__(
         self, *, path: str, credentials: dict[str, Any] | None = None, durable: bool = True
     ) -> None:
-        protocol, _ = fsspec.core.split_protocol(path)
-        local = {"auto_mkdir": True} if protocol in (None, "file") else {}
         self._path = path
-        self._filesystem, root = fsspec.core.url_to_fs(path, **local, **(credentials or {}))
-        self._root = root.rstrip("/")
+        self._filesystem, self._root = open_store(path, **(credentials or {}))
         self._durable = durable
 
     def load(self) -> dict[str, Callable[[], Any]]:
@@ -451,13 +460,8 @@ class RecordsDataset(AbstractDataset[dict[str, Any], dict[str, Callable[[], Any]
         for record_id, record in data.items():
             if record_id.startswith("/") or ".." in record_id.split("/"):
                 raise DatasetError(f"record id {record_id!r} would leave {self._path}")
-            text = json.dumps(record, indent=2).encode()
-            write_file(
-                self._filesystem,
-                f"{self._root}/{record_id}{self.SUFFIX}",
-                lambda file, text=text: file.write(text),
-                durable=self._durable,
-            )
+            path = f"{self._root}/{record_id}{self.SUFFIX}"
+            write_json(self._filesystem, path, record, durable=self._durable)
 
     def _exists(self) -> bool:
         return self._filesystem.exists(self._root)
@@ -624,12 +628,8 @@ class OptionalJSONDataset(AbstractDataset[Any, Any]):
     """
 
     def __init__(self, *, filepath: str, credentials: dict[str, Any] | None = None) -> None:
-        protocol, _ = fsspec.core.split_protocol(filepath)
-        local = {"auto_mkdir": True} if protocol in (None, "file") else {}
         self._filepath = filepath
-        self._filesystem, self._path = fsspec.core.url_to_fs(
-            filepath, **local, **(credentials or {})
-        )
+        self._filesystem, self._path = open_store(filepath, **(credentials or {}))
 
     def load(self) -> Any:
         try:
@@ -646,8 +646,7 @@ class OptionalJSONDataset(AbstractDataset[Any, Any]):
             ) from None
 
     def save(self, data: Any) -> None:
-        text = json.dumps(data, indent=2).encode()
-        write_file(self._filesystem, self._path, lambda file: file.write(text))
+        write_json(self._filesystem, self._path, data)
 
     def _exists(self) -> bool:
         return self._filesystem.exists(self._path)

@@ -161,7 +161,7 @@ def now() -> datetime:
 
 # What the service reads of a pending record besides its id (a record without them cannot be
 # queued or decided); an accepted or rejected record only needs to be a JSON object.
-_REQUIRED_FIELDS = {PENDING_RECORDS: ("image", "label", "submitted_at")}
+_PENDING_FIELDS = ("image", "label", "submitted_at")
 
 
 class _RecordCache:
@@ -208,20 +208,15 @@ class _RecordCache:
     def _read(self, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
         """The record, or what is wrong with it."""
         record, problem = read_record(load)
-        if record is None:
-            return None, problem
-        missing = [
-            field
-            for field in _REQUIRED_FIELDS.get(self._name, ())
-            if not isinstance(record.get(field), str)
-        ]
+        if record is None or self._name != PENDING_RECORDS:
+            return record, problem
+        missing = [field for field in _PENDING_FIELDS if not isinstance(record.get(field), str)]
         if missing:
             return None, f"no {', '.join(missing)}"
-        if "submitted_at" in _REQUIRED_FIELDS.get(self._name, ()):
-            try:
-                _submitted_at(record)
-            except ValueError:
-                return None, f"submitted_at {record['submitted_at']!r} is not an ISO time"
+        try:
+            _submitted_at(record)
+        except ValueError:
+            return None, f"submitted_at {record['submitted_at']!r} is not an ISO time"
         return record, None
 
 
