@@ -115,6 +115,23 @@ def test_a_state_read_back_next_run_is_written_whole_and_a_bad_one_says_what_to_
         state.load()
 
 
+def test_an_image_is_read_by_its_name_without_a_listing_and_only_inside_its_store(
+    tmp_path, sample_dir
+):
+    """The review reads the images its records name, one at a time: a listing of every image
+    ever sent, on every /review, grew with the store. A name cannot climb out of it."""
+    store = ImageFolderDataset(path=str(tmp_path / "images"))
+    image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
+    store.save({"Hand/one.jpeg": image})
+    (tmp_path / "secret.txt").write_text("a token")
+    assert store.read("Hand/one.jpeg") == image
+    for name in ("../secret.txt", "Hand/../../secret.txt", str(tmp_path / "secret.txt")):
+        with pytest.raises(DatasetError, match="would leave"):
+            store.read(name)
+    with pytest.raises(FileNotFoundError):
+        store.read("Hand/never-sent.jpeg")
+
+
 def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     tmp_path, sample_dir, monkeypatch, caplog
 ):
@@ -127,6 +144,7 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
     good = store.submit(image, "Hand", {"submitter": "t"}, pending={})
     records = project / "data/01_raw"
+    t = good["submitted_at"]
     bad = {
         "feedback_pending/records/Hand-notjson.json": '{"feedback_id": "Hand-notjson", "lab',
         "feedback_pending/records/Hand-noimage.json": '{"label": "Hand", "submitted_at": "x"}',
@@ -134,6 +152,9 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
             {"image": "Hand/x.jpeg", "label": "Hand", "submitted_at": "last Tuesday"}
         ),
         "feedback_accepted/records/Hand-list.json": "[1, 2]",
+        "feedback_pending/records/Hand-climbs.json": json.dumps(
+            {"image": "../../../conf/local/credentials.yml", "label": "Hand", "submitted_at": t}
+        ),
     }
     for path, text in bad.items():
         (records / path).parent.mkdir(parents=True, exist_ok=True)
@@ -147,15 +168,16 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     assert list(read.pending) == [good["feedback_id"]] and read.accepted == {}
     assert [item["feedback_id"] for item in read.waiting()] == [good["feedback_id"]]
     logged = [r.getMessage() for r in caplog.records if r.name == "medical_ct.serving.review"]
-    assert len(logged) == 4, logged
+    assert len(logged) == 5, logged
     for name, problem in [
         ("Hand-notjson", "Unterminated string"),
         ("Hand-noimage", "no image"),
         ("Hand-badtime", "is not an ISO time"),
         ("Hand-list", "a JSON list, not an object"),
+        ("Hand-climbs", "would leave pending_feedback_images"),  # not served by /review/image
     ]:
         assert any(name in line and problem in line for line in logged), (name, logged)
-    assert unreadable_gauge("pending_feedback_records") == 3
+    assert unreadable_gauge("pending_feedback_records") == 4
     assert unreadable_gauge("accepted_feedback_records") == 1
 
     store.decide(good["feedback_id"], "accept", "alice")  # the queue still works
@@ -176,8 +198,13 @@ def test_a_record_store_lists_names_reads_on_call_and_writes_whole(tmp_path):
     store.save({"Hand-1": {"label": "Hand"}, "2026/Hand-2": {"label": "CXR"}})
     (tmp_path / "records/Hand-3.json.0dead0ff.partial").write_text('{"lab')  # being written
     (tmp_path / "records/Hand-4.json").write_text('{"label": "Ha')  # edited by hand
+    (tmp_path / "backup.json").write_text('{"label": "HeadCT"}')
+    (tmp_path / "records/Hand-5.json").symlink_to(tmp_path / "backup.json")  # restored so
+    (tmp_path / "records/Hand-6.json").symlink_to(tmp_path / "gone.json")  # points nowhere
     listed = store.load()
-    assert sorted(listed) == ["2026/Hand-2", "Hand-1", "Hand-4"]
+    assert sorted(listed) == ["2026/Hand-2", "Hand-1", "Hand-4", "Hand-5"]
+    assert "Hand-5" in listed and "Hand-6" not in listed
+    assert listed["Hand-5"]() == {"label": "HeadCT"}
     assert listed["2026/Hand-2"]() == {"label": "CXR"}
     assert read_record(listed["Hand-4"]) == (
         None,

@@ -26,10 +26,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from kedro.io import CatalogProtocol
+from kedro.io import CatalogProtocol, DatasetError
 from PIL import Image
 
-from medical_ct.datasets import read_record
+from medical_ct.datasets import inside, read_record
 from medical_ct.model import embed, feature_extractor
 from medical_ct.preprocessing import preprocess_image
 from medical_ct.serving import metrics
@@ -160,7 +160,8 @@ def now() -> datetime:
 
 
 # What the service reads of a pending record besides its id (a record without them cannot be
-# queued or decided); an accepted or rejected record only needs to be a JSON object.
+# queued or decided; its image must lie in the pending store); an accepted or rejected record
+# only needs to be a JSON object.
 _PENDING_FIELDS = ("image", "label", "submitted_at")
 
 
@@ -217,6 +218,10 @@ class _RecordCache:
             _submitted_at(record)
         except ValueError:
             return None, f"submitted_at {record['submitted_at']!r} is not an ISO time"
+        try:
+            inside(PENDING_IMAGES, record["image"])  # the image is read by this path
+        except DatasetError as error:
+            return None, f"image {error}"
         return record, None
 
 
@@ -299,13 +304,13 @@ class ReviewStore:
     def images(
         self, feedback_ids: list[str], pending: dict[str, dict] | None = None
     ) -> list[bytes]:
-        """The submitted images, as sent (one listing of the pending store for all of them)."""
+        """The submitted images, as sent, each read by the path its record names."""
         records = self._pending.all() if pending is None else pending
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
             raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
-        files = self._catalog.load(PENDING_IMAGES)
-        return [files[records[feedback_id]["image"]]() for feedback_id in feedback_ids]
+        images = self._catalog.get(PENDING_IMAGES)
+        return [images.read(records[feedback_id]["image"]) for feedback_id in feedback_ids]
 
     def decide(
         self, feedback_id: str, decision: str, reviewer: str, label: str | None = None

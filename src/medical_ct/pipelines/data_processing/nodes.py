@@ -2,7 +2,7 @@
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,7 +226,7 @@ def decode_reviewed_feedback(
 
 
 def collect_records(
-    partitions: dict[str, Callable[[], dict]], previous: dict[str, dict] | None
+    partitions: Mapping[str, Callable[[], dict]], previous: dict[str, dict] | None
 ) -> dict[str, dict]:
     """``{feedback_id: record}`` of the readable records of a store, each read once.
 
@@ -239,7 +239,7 @@ def collect_records(
     known = previous or {}
     kept = {key: known[key] for key in partitions if key in known}
     new = readable_records(
-        {key: load for key, load in partitions.items() if key not in known},
+        {key: partitions[key] for key in partitions if key not in known},
         "accepted_feedback_records",
     )
     logger.info(
