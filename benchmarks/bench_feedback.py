@@ -1,16 +1,19 @@
-"""What a data_processing rerun costs for the reviewed feedback it already has.
+"""What the reviewed feedback already stored costs a data_processing rerun and the service.
 
     .venv/bin/python benchmarks/bench_feedback.py [--records 10000] [--repeats 5]
         [--against REF]
 
-Years of review leave tens of thousands of accepted records (one JSON file each) beside
-their images. This makes a project with the 240-image sample in the raw store and N accepted
-feedback images (small distinct PNGs) with their records, as the review writes them; runs
+Years of review leave tens of thousands of records (one JSON file each) beside their images.
+This makes a project with the 240-image sample in the raw store and N feedback items (small
+distinct PNGs), each pending and accepted with its records, as the review leaves them; runs
 `kedro run --pipeline data_processing` once; then reruns it with nothing new ``--repeats``
 times, and prints the median wall time and its range, the peak RSS, and the seconds of the
-steps that read the records (NodeTimingHook's metrics). ``--against REF`` makes a second
+steps that read the records (NodeTimingHook's metrics). Then what the service's review does
+on every request, in process on the same project: ``ReviewStore.records()`` (each record
+store listed; every /feedback, /review and decision) and ``images([one])`` (every image the
+review page shows, every accept), median seconds a call. ``--against REF`` makes a second
 project from a checkout of REF (a git worktree in a temporary folder; its own conf and code,
-the same data), alternates the reruns of the two and prints the ratios.
+the same data), alternates the runs of the two and prints the ratios.
 """
 
 import argparse
@@ -19,6 +22,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,37 +40,76 @@ STEPS = (
 )
 
 
-def accepted_feedback(data: Path, count: int) -> None:
-    """``count`` accepted images and their records under ``data`` (01_raw/feedback_accepted)."""
+def reviewed_feedback(data: Path, count: int) -> None:
+    """``count`` items under ``data``/01_raw, each as the review leaves an accepted one: its
+    image and record in the pending stores, and in the accepted ones."""
     for number in range(count):
         label, name = CLASSES[number % len(CLASSES)], f"{number:08d}.png"
-        image = data / "01_raw/feedback_accepted/images" / label / name
-        image.parent.mkdir(parents=True, exist_ok=True)
-        image.write_bytes(synthetic_png(10**7 + number))
         feedback_id = f"{label}-{number:032x}"
-        record = {
+        pending = {
             "feedback_id": feedback_id,
             "image": f"{label}/{name}",
             "label": label,
-            "submitted_label": label,
             "submitted_at": "2026-12-04T00:00:00+00:00",
             "submitter": "10.0.0.1",
+        }
+        accepted = {
+            **pending,
+            "submitted_label": label,
             "accepted_as": f"{label}/{name}",
             "decision": "accept",
             "reviewer": "alice",
             "decided_at": "2026-12-04T00:00:00+00:00",
         }
-        records = data / "01_raw/feedback_accepted/records"
-        records.mkdir(parents=True, exist_ok=True)
-        (records / f"{feedback_id}.json").write_text(json.dumps(record))
+        for store, record in (("feedback_pending", pending), ("feedback_accepted", accepted)):
+            image = data / "01_raw" / store / "images" / label / name
+            image.parent.mkdir(parents=True, exist_ok=True)
+            image.write_bytes(synthetic_png(10**7 + number))
+            records = data / "01_raw" / store / "records"
+            records.mkdir(parents=True, exist_ok=True)
+            (records / f"{feedback_id}.json").write_text(json.dumps(record))
+
+
+# Run with a tree's code in its project: the review's per-request reads, median of ``repeats``
+REVIEW_CALLS = """
+import json, statistics, sys, time
+from pathlib import Path
+from medical_ct.serving.project import load_project
+from medical_ct.serving.review import ReviewStore
+
+store = ReviewStore(load_project(Path(sys.argv[1])).catalog)
+started = time.perf_counter()
+pending = store.records().pending
+first = time.perf_counter() - started
+one = sorted(pending)[len(pending) // 2]
+seconds = {"records(), first (reads every record)": first}
+for name, call in (("records()", store.records), ("images([one])", lambda: store.images([one]))):
+    times = []
+    for _ in range(int(sys.argv[2])):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    seconds[f"{name}, median a call"] = statistics.median(times)
+print(json.dumps(seconds))
+"""
+
+
+def review_calls(project: Path, env: dict[str, str], repeats: int) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, "-c", REVIEW_CALLS, str(project), str(repeats)],
+        cwd=project, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if done.returncode:
+        sys.exit(f"the review's calls failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def project_for(tree: Path, folder: Path, records: int) -> tuple[Path, dict[str, str]]:
-    """A project with ``tree``'s conf, the sample and ``records`` accepted items, and the
+    """A project with ``tree``'s conf, the sample and ``records`` reviewed items, and the
     environment that runs ``tree``'s code in it."""
     project = make_project(folder, tree)
     shutil.copytree(SAMPLE, project / "data/01_raw/mednist")
-    accepted_feedback(project / "data", records)
+    reviewed_feedback(project / "data", records)
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
@@ -105,6 +148,10 @@ def main() -> None:
             for _ in range(args.repeats):
                 for name, (project, env) in projects.items():  # alternately: the same load
                     reruns[name].append(run_kedro(project, env, "--pipeline", "data_processing"))
+            service = {name: [] for name in projects}
+            for _ in range(3):
+                for name, (project, env) in projects.items():
+                    service[name].append(review_calls(project, env, args.repeats))
             print(f"load after:  {uptime()}")
             steps = {
                 name: step_seconds(env["MLFLOW_TRACKING_URI"])[1:]
@@ -116,10 +163,12 @@ def main() -> None:
                     ["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force",
                      str(worktree)], check=False, capture_output=True,
                 )  # fmt: skip
-    report(reruns, steps)
+    report(reruns, steps, service)
 
 
-def report(reruns: dict[str, list], steps: dict[str, list[dict]]) -> None:
+def report(
+    reruns: dict[str, list], steps: dict[str, list[dict]], service: dict[str, list[dict]]
+) -> None:
     names = list(reruns)
     print("\nrerun with nothing new" + "".join(f"{name:>22}" for name in names))
 
@@ -139,9 +188,15 @@ def report(reruns: dict[str, list], steps: dict[str, list[dict]]) -> None:
             f"{step:40s}"
             + "".join(f"{statistics.median(v):>20.3f} s" if v else f"{'-':>20}  " for v in values)
         )
+    print("\nthe review, in process (median of 3 processes)")
+    for call in service[names[0]][0]:
+        values = [statistics.median(run[call] for run in service[name]) for name in names]
+        row(call, values)
+        if len(names) == 2:
+            print(f"{'':40s}{'this tree / ' + names[1]:>20} = {values[0] / values[1]:.3f}")
     if len(names) == 2:
         this, other = (statistics.median(walls[name]) for name in names)
-        print(f"\nwall: this tree / {names[1]} = {this / other:.2f}")
+        print(f"\nrerun wall: this tree / {names[1]} = {this / other:.2f}")
 
 
 if __name__ == "__main__":
