@@ -75,6 +75,32 @@ def readable_records(partitions: Mapping[str, Callable[[], Any]], store: str) ->
     return records
 
 
+def collect_records(
+    partitions: Mapping[str, Callable[[], Any]], kept: dict[str, dict] | None
+) -> dict[str, dict]:
+    """``{feedback_id: record}`` of the readable accepted records, each read once across runs.
+
+    The service never rewrites a record, so the ones data_processing kept last run (``kept``:
+    ``accepted_records.json``) stand for those still listed, and only the ones listed since
+    are read (``readable_records``): at 10,000 accepted records, reading them all took 0.4-0.5
+    s on a local disk and a GET each on S3, in each node that needed them (monitoring's
+    included), every week. ``None`` reads them all (a full rescan: a record edited by hand);
+    one that cannot be read is tried again next time.
+    """
+    known = kept or {}
+    still_listed = {key: known[key] for key in partitions if key in known}
+    new = readable_records(
+        {key: partitions[key] for key in partitions if key not in known},
+        "accepted_feedback_records",
+    )
+    logger.info(
+        "Accepted feedback records: %d read now, %d kept from the last data_processing run",
+        len(new),
+        len(still_listed),
+    )
+    return still_listed | new
+
+
 def inside(folder: str, name: str) -> str:
     """``name``, checked to name a file under ``folder`` (a store's path, for the message): a
     record's id or image path comes from a file a person can edit.

@@ -244,7 +244,9 @@ def assert_no_alert_in_random_draws(project: Path, monkeypatch, draws: int, size
     conf = yaml.safe_load((project / "conf/base/parameters_monitoring.yml").read_text())
     for seed in range(draws):
         params = {**conf["monitoring"], "seed": seed, "max_drift_images": size}
-        summary, metrics, _, _ = monitor_predictions(log, None, champion, reference, {}, params)
+        summary, metrics, _, _ = monitor_predictions(
+            log, None, champion, reference, {}, None, params
+        )
         assert summary["alerts"] == [], (seed, summary["alerts"])
         assert metrics["monitoring.input_drift_detected"]["value"] == 0, seed
 

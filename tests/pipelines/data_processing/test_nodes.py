@@ -10,11 +10,10 @@ import pytest
 from kedro.io import DatasetError
 from PIL import Image
 
-from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
+from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset, collect_records
 from medical_ct.manifest import choose_images, fingerprint
 from medical_ct.pipelines.data_processing.nodes import (
     build_model_input,
-    collect_records,
     decode_images,
     decode_reviewed_feedback,
     ingest_mednist,

@@ -1,6 +1,8 @@
 """monitoring nodes, in memory: drift on shifted images and not on held-out ones, prediction
 drift, confidence, feedback error rate, incremental reads, parameters, nothing to measure."""
 
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -107,13 +109,21 @@ def write_log(
     return ids
 
 
-def run(dataset, champion, reference, state=None, feedback=None, **params):
+def run(dataset, champion, reference, state=None, feedback=None, kept=None, reads=None, **params):
+    """``feedback``: the accepted records as stored; ``kept``: those data_processing kept last
+    run; ``reads``: a list that gets the id of every record read from the store."""
+
+    def load(key: str) -> object:
+        (reads if reads is not None else []).append(key)
+        return feedback[key]
+
     return monitor_predictions(
         dataset.load(),
         state,
         champion,
         reference,
-        {key: (lambda record=record: record) for key, record in (feedback or {}).items()},
+        {key: functools.partial(load, key) for key in feedback or {}},
+        kept,
         {**PARAMS, **params},
     )
 
@@ -219,8 +229,17 @@ def test_feedback_error_rate_counts_accepted_corrections_of_the_version(
         "e": accepted(ids[4], "CXR", "Hand", version="2"),  # another version's answer
         "f": ["edited", "by", "hand"],  # not a record: left out, named in the log, not fatal
     }
-    _, metrics, _, _ = run(log, champion, reference, feedback=feedback)
+    reads = []
+    _, metrics, _, _ = run(log, champion, reference, feedback=feedback, reads=reads)
     assert metric(metrics, "feedback_error_rate") == pytest.approx(2 / 4)
+    assert sorted(reads) == ["a", "b", "c", "d", "e", "f"]
+
+    # what the last data_processing kept stands for its records; the rest are read
+    kept = {key: feedback[key] for key in ("a", "b", "c", "e")}
+    reads.clear()
+    _, metrics, _, _ = run(log, champion, reference, feedback=feedback, kept=kept, reads=reads)
+    assert metric(metrics, "feedback_error_rate") == pytest.approx(2 / 4)
+    assert sorted(reads) == ["d", "f"]
 
     _, without, _, _ = run(log, champion, reference)
     assert "monitoring.feedback_error_rate" not in without

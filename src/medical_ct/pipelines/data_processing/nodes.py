@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from medical_ct.changes import listing_table
-from medical_ct.datasets import StoredFiles, readable_records
+from medical_ct.datasets import StoredFiles, collect_records
 from medical_ct.manifest import (
     FEEDBACK,
     RAW,
@@ -223,29 +223,6 @@ def decode_reviewed_feedback(
     else:
         partitions = {file: partitions[file] for file in partitions if file in reviewed}
     return decode_images(partitions, previous, data_processing), records
-
-
-def collect_records(
-    partitions: Mapping[str, Callable[[], dict]], previous: dict[str, dict] | None
-) -> dict[str, dict]:
-    """``{feedback_id: record}`` of the readable records of a store, each read once.
-
-    The service never rewrites a record, so last run's (``previous``) stand for the ones
-    still listed, and only the ones listed since are read (``readable_records``): at 10,000
-    accepted records, reading them all took 0.4-0.5 s on a local disk and a GET each on S3,
-    in each node that needed them, every week. A full rescan reads them all again (one edited
-    by hand); one that cannot be read is tried again every run.
-    """
-    known = previous or {}
-    kept = {key: known[key] for key in partitions if key in known}
-    new = readable_records(
-        {key: partitions[key] for key in partitions if key not in known},
-        "accepted_feedback_records",
-    )
-    logger.info(
-        "Accepted feedback records: %d read now, %d kept from the last run", len(new), len(kept)
-    )
-    return kept | new
 
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder (<Class>/<file>)"
@@ -556,9 +533,9 @@ def build_training_manifest(
 
 
 def report_feedback(
-    pending: dict[str, Callable[[], dict]],
+    pending: Mapping[str, Callable[[], dict]],
     accepted: dict[str, dict],
-    rejected: dict[str, Callable[[], dict]],
+    rejected: Mapping[str, Callable[[], dict]],
     raw_images: ShardedImages,
     feedback_images: ShardedImages,
 ) -> tuple[dict[str, Any], dict[str, Any]]:

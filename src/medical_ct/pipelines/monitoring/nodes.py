@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from scipy.stats import chisquare, ks_2samp
 from sklearn.decomposition import PCA
 
-from medical_ct.datasets import readable_records
+from medical_ct.datasets import collect_records
 from medical_ct.model import embed, feature_extractor
 from medical_ct.plots import message_figure
 from medical_ct.preprocessing import IMAGE_SIZE
@@ -380,6 +380,7 @@ def monitor_predictions(
     champion: RegisteredClassifier | None,
     reference_set: Mapping[str, Any] | None,
     accepted_feedback: Mapping[str, Callable[[], dict[str, Any]]],
+    kept_records: dict[str, dict] | None,
     monitoring: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Figure]:
     """Measure the prediction log's new records against the champion's training data.
@@ -390,6 +391,8 @@ def monitor_predictions(
         champion: The registry's champion; ``None`` before the first promotion.
         reference_set: The model input's train split (``None`` before data_processing).
         accepted_feedback: ``{feedback id: loader}`` of the accepted feedback records.
+        kept_records: The readable ones data_processing kept last run (``accepted_records``;
+            ``None`` before it ran): only records listed since are read (``collect_records``).
         monitoring: The ``monitoring`` parameters.
 
     Returns:
@@ -417,7 +420,7 @@ def monitor_predictions(
     logger.info("Monitoring: %d new records in %d partitions", len(records), len(names))
     threshold = champion.review_threshold or params.fallback_review_threshold
     training_shares = _training_shares(reference_set, len(champion.class_names))
-    accepted = list(readable_records(accepted_feedback, "accepted_feedback_records").values())
+    accepted = list(collect_records(accepted_feedback, kept_records).values())
     summary.update(
         status="measured",
         records=len(records),

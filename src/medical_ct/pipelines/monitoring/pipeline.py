@@ -16,6 +16,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "champion_model",
                     "monitoring_reference",
                     "accepted_feedback_records",
+                    "previous_accepted_records",
                     "params:monitoring",
                 ],
                 outputs=[
