@@ -85,6 +85,7 @@ class MedicalCT:
         )
         reviewer_tokens()  # a malformed MEDICAL_CT_REVIEWER_TOKENS stops the start, saying why
         self.reviews = ReviewQueue(project.catalog, project.review)
+        self.reviews.watch()
 
     def __is_ready__(self) -> bool:
         return self.holder.current is not None
@@ -211,6 +212,7 @@ class MedicalCT:
     @bentoml.on_shutdown
     def stop(self) -> None:
         self.holder.stop()
+        self.reviews.stop()
         self.prediction_log.close()
 
 

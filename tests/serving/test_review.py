@@ -5,9 +5,13 @@ on one project: submissions and flags first, then decisions, then the poisoning 
 min_new_images runs, then the burst limit (it floods the submitter's minute).
 """
 
+import hashlib
 import io
 import json
+import re
 import shutil
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -47,6 +51,7 @@ SERVE_ENV = {
     "MEDICAL_CT_REVIEWER_TOKENS": "alice:alice-token-for-tests,bob:bob-token-for-tests",
     "MEDICAL_CT_BURST_FLAG_PER_MINUTE": str(FLAG_PER_MINUTE),
     "MEDICAL_CT_BURST_REFUSE_PER_MINUTE": str(REFUSE_PER_MINUTE),
+    "MEDICAL_CT_REVIEW_LOOK_EVERY_S": "1",
 }
 PENDING = Path("data/01_raw/feedback_pending")
 ACCEPTED = Path("data/01_raw/feedback_accepted")
@@ -177,6 +182,36 @@ def test_feedback_waits_pending_unflagged_and_nothing_is_trained_on(
     assert (project / PENDING / "images" / receipt["stored_as"]).read_bytes() == image
     assert not (project / ACCEPTED).exists()
     seen["ordinary"] = receipt["feedback_id"]
+
+
+def pending_on_metrics(client: httpx.Client) -> float | None:
+    found = re.search(r"^medical_ct_feedback_pending (\S+)$", client.get("/metrics").text, re.M)
+    return float(found[1]) if found else None
+
+
+def test_metrics_count_what_waits_without_a_request(client, project, sample_dir):
+    """The pending count on /metrics was set only by /feedback and /review: 0 after every
+    start, blind to items another replica stored. Each worker now looks every look_every_s
+    (1 s here): an item stored as another replica stores it shows up with no request."""
+    before = pending_on_metrics(client)
+    assert before is not None and before >= 1  # the ordinary item, counted since the start
+    image = new_images(sample_dir, "HeadCT", 1, start=30)[0]
+    digest = hashlib.sha256(image).hexdigest()
+    (project / PENDING / f"images/HeadCT/{digest}.png").parent.mkdir(exist_ok=True)
+    (project / PENDING / f"images/HeadCT/{digest}.png").write_bytes(image)
+    record = {
+        "feedback_id": f"HeadCT-{digest[:32]}",
+        "image": f"HeadCT/{digest}.png",
+        "sha256": digest,
+        "label": "HeadCT",
+        "submitted_at": datetime.now(UTC).isoformat(),
+        "submitter": "10.0.0.7",  # another replica's client
+    }
+    (project / PENDING / f"records/{record['feedback_id']}.json").write_text(json.dumps(record))
+    deadline = time.monotonic() + 15
+    while pending_on_metrics(client) != before + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert pending_on_metrics(client) == before + 1
 
 
 def test_a_record_broken_by_hand_is_left_out_counted_and_stops_nothing(
@@ -465,6 +500,7 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
             "burst": {"flag_per_minute": 1000, "refuse_per_minute": 1000},
             "out_of_distribution": {"reference_images_per_class": 10, "max_distance_ratio": 1.5},
             "auto_accept": {"policy": "agree_with_model", "min_confidence": 0.9},
+            "look_every_s": 60,
         }
     )
     reviews = ReviewQueue(loaded.catalog, policy)
@@ -491,6 +527,8 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
         ({"auto_accept": {"policy": "always", "min_confidence": 0.9}}, "auto_accept.policy"),
         ({"burst": {"flag_per_minute": 10, "refuse_per_minute": 5}}, "flag_per_minute"),
         ({"burst": {"flag_per_minute": "x", "refuse_per_minute": 5}}, "review.yml is invalid"),
+        ({"look_every_s": 0}, "look_every_s must be over 0"),
+        ({"look_every_s": None}, "review.yml is invalid"),
     ],
 )
 def test_a_bad_review_config_is_refused(change, message):
@@ -499,6 +537,7 @@ def test_a_bad_review_config_is_refused(change, message):
         "burst": {"flag_per_minute": 20, "refuse_per_minute": 60},
         "out_of_distribution": {"reference_images_per_class": 10, "max_distance_ratio": 1.5},
         "auto_accept": {"policy": False, "min_confidence": 0.99},  # YAML's bare `off`
+        "look_every_s": 60,
     }
     assert ReviewConfig.from_config(config).auto_accept == "off"
     with pytest.raises(ValueError, match=message):

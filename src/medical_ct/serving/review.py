@@ -73,6 +73,7 @@ class ReviewConfig:
     ood_max_distance_ratio: float
     auto_accept: str
     auto_accept_min_confidence: float
+    look_every_s: float
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ReviewConfig":
@@ -96,6 +97,7 @@ class ReviewConfig:
                     str(config["auto_accept"]["policy"]),
                 ),
                 auto_accept_min_confidence=float(config["auto_accept"]["min_confidence"]),
+                look_every_s=float(config["look_every_s"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"conf review.yml is invalid ({error!r}): got {config!r}") from None
@@ -107,6 +109,8 @@ class ReviewConfig:
             problems.append("burst needs 0 < flag_per_minute <= refuse_per_minute")
         if review.ood_reference_images_per_class < 2 or review.ood_max_distance_ratio <= 0:
             problems.append("out_of_distribution needs >= 2 images per class, a ratio > 0")
+        if review.look_every_s <= 0:
+            problems.append(f"look_every_s must be over 0 seconds, not {review.look_every_s}")
         if review.auto_accept not in ("off", "agree_with_model"):
             problems.append(f"auto_accept.policy is off or agree_with_model, not {review}")
         if problems:
@@ -485,6 +489,31 @@ class ReviewQueue:
         self._catalog = catalog
         self._reference: tuple[str, Callable, OodReference | None] | None = None
         self._reference_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def watch(self) -> None:
+        """Look at the stores now and every ``look_every_s`` seconds, in a daemon thread.
+
+        The pending count on /metrics (``medical_ct_feedback_pending``) and the unreadable
+        records' were set only by a request: after each start they said 0 until someone sent
+        feedback or opened the review, and they missed what other replicas decided. The first
+        look also reads every record before the first request would (0.5 s at 10,000 items,
+        locally; a GET each on S3). A store that does not answer is tried at the next look.
+        """
+
+        def look() -> None:
+            while True:
+                try:
+                    metrics.feedback_pending.set(len(self.store.records().waiting()))
+                except Exception as error:  # the store is down: requests say so, not this
+                    logger.warning("The feedback stores could not be read (%r)", error)
+                if self._stop.wait(self.config.look_every_s):
+                    return
+
+        threading.Thread(target=look, name="review-watcher", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def submit(
         self,
