@@ -49,6 +49,7 @@ def reviewed_feedback(data: Path, count: int) -> None:
         pending = {
             "feedback_id": feedback_id,
             "image": f"{label}/{name}",
+            "sha256": f"{number:064x}",
             "label": label,
             "submitted_at": "2026-12-04T00:00:00+00:00",
             "submitter": "10.0.0.1",

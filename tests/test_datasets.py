@@ -144,16 +144,23 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
     good = store.submit(image, "Hand", {"submitter": "t"}, pending={})
     records = project / "data/01_raw"
-    t = good["submitted_at"]
+
+    def pending(name: str, **edited: str | None) -> str:
+        """A pending record as the service writes it, with one field ``edited`` by hand."""
+        record = {**good, "feedback_id": name, **edited}
+        return json.dumps({key: value for key, value in record.items() if value is not None})
+
     bad = {
         "feedback_pending/records/Hand-notjson.json": '{"feedback_id": "Hand-notjson", "lab',
-        "feedback_pending/records/Hand-noimage.json": '{"label": "Hand", "submitted_at": "x"}',
-        "feedback_pending/records/Hand-badtime.json": json.dumps(
-            {"image": "Hand/x.jpeg", "label": "Hand", "submitted_at": "last Tuesday"}
+        "feedback_pending/records/Hand-noimage.json": pending("Hand-noimage", image=None),
+        "feedback_pending/records/Hand-nohash.json": pending("Hand-nohash", sha256=None),
+        "feedback_pending/records/Hand-badtime.json": pending(
+            "Hand-badtime", submitted_at="last Tuesday"
         ),
+        "feedback_pending/records/Hand-otherid.json": pending("Hand-otherid", feedback_id="x"),
         "feedback_accepted/records/Hand-list.json": "[1, 2]",
-        "feedback_pending/records/Hand-climbs.json": json.dumps(
-            {"image": "../../../conf/local/credentials.yml", "label": "Hand", "submitted_at": t}
+        "feedback_pending/records/Hand-climbs.json": pending(
+            "Hand-climbs", image="../../../conf/local/credentials.yml"
         ),
     }
     for path, text in bad.items():
@@ -168,16 +175,18 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     assert list(read.pending) == [good["feedback_id"]] and read.accepted == {}
     assert [item["feedback_id"] for item in read.waiting()] == [good["feedback_id"]]
     logged = [r.getMessage() for r in caplog.records if r.name == "medical_ct.serving.review"]
-    assert len(logged) == 5, logged
+    assert len(logged) == 7, logged
     for name, problem in [
         ("Hand-notjson", "Unterminated string"),
         ("Hand-noimage", "no image"),
+        ("Hand-nohash", "no sha256"),  # the flags compare images by it
         ("Hand-badtime", "is not an ISO time"),
+        ("Hand-otherid", "feedback_id 'x' is not its file's name"),  # looked up by it
         ("Hand-list", "a JSON list, not an object"),
         ("Hand-climbs", "would leave pending_feedback_images"),  # not served by /review/image
     ]:
         assert any(name in line and problem in line for line in logged), (name, logged)
-    assert unreadable_gauge("pending_feedback_records") == 4
+    assert unreadable_gauge("pending_feedback_records") == 6
     assert unreadable_gauge("accepted_feedback_records") == 1
 
     store.decide(good["feedback_id"], "accept", "alice")  # the queue still works

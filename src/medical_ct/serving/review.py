@@ -163,17 +163,17 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-# What the service reads of a pending record besides its id (a record without them cannot be
-# queued or decided; its image must lie in the pending store); an accepted or rejected record
-# only needs to be a JSON object.
-_PENDING_FIELDS = ("image", "label", "submitted_at")
+# What the service reads of a pending record (a record without them cannot be queued or
+# decided; its feedback_id must be its file's name, its image must lie in the pending store);
+# an accepted or rejected record only needs to be a JSON object.
+_PENDING_FIELDS = ("feedback_id", "image", "label", "submitted_at", "sha256")
 
 
 class _RecordCache:
     """The records of one partitioned store, read once each (they are never rewritten).
 
-    A record that cannot be read (not JSON, not an object, a pending one without its image,
-    label or time: a hand edit, a disk error) is left out and tried again at the next look,
+    A record that cannot be read (not JSON, not an object, a pending one without a field the
+    queue reads: a hand edit, a disk error) is left out and tried again at the next look,
     with an error in the log naming it and a gauge counting it
     (``medical_ct_feedback_unreadable_records``, alert ``MedicalCTFeedbackRecordUnreadable``):
     one bad file used to fail every /feedback and /review of every worker.
@@ -191,7 +191,7 @@ class _RecordCache:
             partitions = self._catalog.load(self._name)
             unreadable = {}
             for key in partitions.keys() - self._records.keys():
-                record, problem = self._read(partitions[key])
+                record, problem = self._read(key, partitions[key])
                 if problem:
                     unreadable[key] = problem
                 else:
@@ -210,14 +210,16 @@ class _RecordCache:
             metrics.feedback_unreadable_records.labels(store=self._name).set(len(unreadable))
             return dict(self._records)
 
-    def _read(self, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
-        """The record, or what is wrong with it."""
+    def _read(self, key: str, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
+        """The record stored as ``key``, or what is wrong with it."""
         record, problem = read_record(load)
         if record is None or self._name != PENDING_RECORDS:
             return record, problem
         missing = [field for field in _PENDING_FIELDS if not isinstance(record.get(field), str)]
         if missing:
             return None, f"no {', '.join(missing)}"
+        if record["feedback_id"] != key:  # the queue looks an item up by the id it names
+            return None, f"feedback_id {record['feedback_id']!r} is not its file's name"
         try:
             _submitted_at(record)
         except ValueError:
