@@ -527,7 +527,7 @@ class RecordsDataset(AbstractDataset[dict[str, Any], RecordLoaders]):
         self._filesystem, self._root = open_store(path, **(credentials or {}))
         self._durable = durable
 
-    def load(self) -> "RecordLoaders":
+    def load(self) -> RecordLoaders:
         end = -len(self.SUFFIX)
         paths = {
             name[:end]: f"{self._root}/{name}"

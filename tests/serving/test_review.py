@@ -207,7 +207,10 @@ def test_metrics_count_what_waits_without_a_request(client, project, sample_dir)
         "submitted_at": datetime.now(UTC).isoformat(),
         "submitter": "10.0.0.7",  # another replica's client
     }
-    (project / PENDING / f"records/{record['feedback_id']}.json").write_text(json.dumps(record))
+    stored = project / PENDING / f"records/{record['feedback_id']}.json"
+    written = stored.with_name(f"{stored.name}.0tests0.partial")  # whole, as a replica writes
+    written.write_text(json.dumps(record))
+    written.replace(stored)
     deadline = time.monotonic() + 15
     while pending_on_metrics(client) != before + 1 and time.monotonic() < deadline:
         time.sleep(0.5)

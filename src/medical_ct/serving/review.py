@@ -507,7 +507,7 @@ class ReviewQueue:
             while True:
                 try:
                     metrics.feedback_pending.set(len(self.store.records().waiting()))
-                except Exception as error:  # the store is down: requests say so, not this
+                except Exception as error:  # a store down: logged, tried at the next look
                     logger.warning("The feedback stores could not be read (%r)", error)
                 if self._stop.wait(self.config.look_every_s):
                     return

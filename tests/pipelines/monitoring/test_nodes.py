@@ -112,9 +112,10 @@ def write_log(
 def run(dataset, champion, reference, state=None, feedback=None, kept=None, reads=None, **params):
     """``feedback``: the accepted records as stored; ``kept``: those data_processing kept last
     run; ``reads``: a list that gets the id of every record read from the store."""
+    reads = [] if reads is None else reads
 
     def load(key: str) -> object:
-        (reads if reads is not None else []).append(key)
+        reads.append(key)
         return feedback[key]
 
     return monitor_predictions(
