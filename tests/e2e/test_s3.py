@@ -25,7 +25,12 @@ from kedro.io import DatasetError
 
 from medical_ct import registry
 from medical_ct.changes import create_event_queue
-from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
+from medical_ct.datasets import (
+    FolderHasFilesDataset,
+    ImageFolderDataset,
+    RecordsDataset,
+    read_record,
+)
 from medical_ct.pipelines.data_processing.nodes import decode_images
 from medical_ct.shards import ShardedImagesDataset
 from tests.conftest import (
@@ -456,6 +461,30 @@ def test_listing_more_than_a_thousand_objects_pages_through_them(s3, s3_endpoint
     cache_off = {"fs_args": {"skip_instance_cache": True}}
     assert FolderHasFilesDataset(path=f"s3://{root}", **cache_off).load() is True
     assert FolderHasFilesDataset(path=f"s3://{BUCKET}/nothing/here", **cache_off).load() is False
+
+
+def test_records_are_read_together_and_checked_as_one_at_a_time_would(s3, s3_endpoint, monkeypatch):
+    """The review's first look and a full rescan read every record: one GET at a time waited
+    out the store's latency once a record. ``fetched`` reads them in one gathered ``cat``
+    (they are in hand before a loader is called) and judges each as its own read would."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    root = f"{BUCKET}/records-read-together"
+    store = RecordsDataset(path=f"s3://{root}", credentials={"skip_instance_cache": True})
+    store.save({f"Hand-{index}": {"label": "Hand", "index": index} for index in range(300)})
+    s3.pipe(f"{root}/Hand-broken.json", b'{"label": "Ha')  # edited by hand
+    loaders = store.load()
+    together = loaders.fetched(list(loaders))
+    s3.rm(root, recursive=True)  # what was fetched is in hand; a lone loader reads the bucket
+    assert together["Hand-7"]() == {"label": "Hand", "index": 7}
+    assert [read_record(together[f"Hand-{index}"])[1] for index in range(300)] == [None] * 300
+    assert read_record(together["Hand-broken"]) == (
+        None,
+        "Unterminated string starting at: line 1 column 11 (char 10)",
+    )
+    with pytest.raises(FileNotFoundError):
+        loaders["Hand-7"]()
 
 
 def test_an_index_kept_from_a_save_is_checked_against_the_bucket_not_a_cached_listing(

@@ -29,7 +29,7 @@ import numpy as np
 from kedro.io import CatalogProtocol, DatasetError
 from PIL import Image
 
-from medical_ct.datasets import inside, read_record
+from medical_ct.datasets import fetched, inside, read_record
 from medical_ct.model import embed, feature_extractor
 from medical_ct.preprocessing import preprocess_image
 from medical_ct.serving import metrics
@@ -190,8 +190,9 @@ class _RecordCache:
         with self._lock:
             partitions = self._catalog.load(self._name)
             unreadable = {}
-            for key in partitions.keys() - self._records.keys():
-                record, problem = self._read(key, partitions[key])
+            new = fetched(partitions, partitions.keys() - self._records.keys())
+            for key, load in new.items():
+                record, problem = self._read(key, load)
                 if problem:
                     unreadable[key] = problem
                 else:
