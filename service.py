@@ -179,7 +179,7 @@ class MedicalCT:
             _check_label(served, label)
         reviewer = reviewer_of(ctx.request.headers.get("authorization", ""))
         try:
-            record, _ = await anyio.to_thread.run_sync(
+            record = await anyio.to_thread.run_sync(
                 self.reviews.decide, feedback_id, decision, reviewer, label
             )
         except ReviewError as refused:

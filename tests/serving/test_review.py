@@ -184,17 +184,22 @@ def test_feedback_waits_pending_unflagged_and_nothing_is_trained_on(
     seen["ordinary"] = receipt["feedback_id"]
 
 
-def pending_on_metrics(client: httpx.Client) -> float | None:
-    found = re.search(r"^medical_ct_feedback_pending (\S+)$", client.get("/metrics").text, re.M)
+def gauge(client: httpx.Client, name: str = "medical_ct_feedback_pending") -> float | None:
+    found = re.search(rf"^{name} (\S+)$", client.get("/metrics").text, re.M)
     return float(found[1]) if found else None
 
 
-def test_metrics_count_what_waits_without_a_request(client, project, sample_dir):
+def test_metrics_count_what_waits_without_a_request(client, project, sample_dir, seen):
     """The pending count on /metrics was set only by /feedback and /review: 0 after every
     start, blind to items another replica stored. Each worker now looks every look_every_s
-    (1 s here): an item stored as another replica stores it shows up with no request."""
-    before = pending_on_metrics(client)
+    (1 s here): an item stored as another replica stores it shows up with no request. The
+    oldest waiting item's time is there too (alert MedicalCTFeedbackWaitsForReview)."""
+    before = gauge(client)
     assert before is not None and before >= 1  # the ordinary item, counted since the start
+    ordinary = json.loads((project / PENDING / f"records/{seen['ordinary']}.json").read_text())
+    oldest = gauge(client, "medical_ct_feedback_oldest_pending_timestamp_seconds")
+    sent = datetime.fromisoformat(ordinary["submitted_at"]).timestamp()
+    assert oldest == pytest.approx(sent, abs=0.01)
     image = new_images(sample_dir, "HeadCT", 1, start=30)[0]
     digest = hashlib.sha256(image).hexdigest()
     (project / PENDING / f"images/HeadCT/{digest}.png").parent.mkdir(exist_ok=True)
@@ -212,9 +217,9 @@ def test_metrics_count_what_waits_without_a_request(client, project, sample_dir)
     written.write_text(json.dumps(record))
     written.replace(stored)
     deadline = time.monotonic() + 15
-    while pending_on_metrics(client) != before + 1 and time.monotonic() < deadline:
+    while gauge(client) != before + 1 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert pending_on_metrics(client) == before + 1
+    assert gauge(client) == before + 1
 
 
 def test_a_record_broken_by_hand_is_left_out_counted_and_stops_nothing(

@@ -51,6 +51,12 @@ feedback_pending = bentoml.metrics.Gauge(
     # Every worker reads the same store: the latest count, from whichever worker, is true.
     multiprocess_mode="livemostrecent",
 )
+feedback_oldest_pending = bentoml.metrics.Gauge(
+    name="medical_ct_feedback_oldest_pending_timestamp_seconds",
+    documentation="When the oldest feedback item still waiting for a review was sent (Unix "
+    "time; 0 when none waits), as the store said at the last look",
+    multiprocess_mode="livemostrecent",  # a time, not an age: PromQL takes time() - it
+)
 feedback_unreadable_records = bentoml.metrics.Gauge(
     name="medical_ct_feedback_unreadable_records",
     documentation="Feedback records the service cannot read and leaves out, by store (see the log)",

@@ -321,7 +321,7 @@ class ReviewStore:
 
     def decide(
         self, feedback_id: str, decision: str, reviewer: str, label: str | None = None
-    ) -> tuple[dict[str, Any], int]:
+    ) -> tuple[dict[str, Any], list[dict]]:
         """Accept (under ``label`` if given, else the submitted one) or reject a pending item.
 
         The accepted image is copied into the store ``data_processing`` reads, then the
@@ -332,7 +332,7 @@ class ReviewStore:
         that ``label`` is a class (422).
 
         Returns:
-            The decision record, and how many items still wait for a decision.
+            The decision record, and the items that still wait for a decision, oldest first.
         """
         with self._decide_lock:
             records = self.records()
@@ -377,11 +377,18 @@ class ReviewStore:
                 raise StoreError(
                     f"the review store refused the write ({type(error).__name__})"
                 ) from error
-            return record, len(records.waiting()) - 1
+            return record, [item for item in records.waiting() if item is not submitted]
 
 
 def _submitted_at(record: dict) -> datetime:
     return datetime.fromisoformat(record["submitted_at"])
+
+
+def count_waiting(waiting: list[dict]) -> None:
+    """/metrics: how many items wait for a review, and when the oldest of ``waiting`` (oldest
+    first) was sent (0 when none waits): alert ``MedicalCTFeedbackWaitsForReview``."""
+    metrics.feedback_pending.set(len(waiting))
+    metrics.feedback_oldest_pending.set(_submitted_at(waiting[0]).timestamp() if waiting else 0)
 
 
 # ---- flags: each with a reason a person can read ----
@@ -507,7 +514,7 @@ class ReviewQueue:
         def look() -> None:
             while True:
                 try:
-                    metrics.feedback_pending.set(len(self.store.records().waiting()))
+                    count_waiting(self.store.records().waiting())
                 except Exception as error:  # a store down: logged, tried at the next look
                     logger.warning("The feedback stores could not be read (%r)", error)
                 if self._stop.wait(self.config.look_every_s):
@@ -547,30 +554,29 @@ class ReviewQueue:
         stored = self.store.submit(image, label, record, records.pending)
         feedback_id = stored["feedback_id"]
         status = records.status_of(feedback_id) or "pending"  # None: stored just now
-        waiting = len(records.waiting()) + (feedback_id not in records.pending)
         if status == "pending" and self.config.auto_accept == "agree_with_model":
             view = served.classify(pixels[None])[0]
             if agrees_confidently(label, view, self.config):
                 with contextlib.suppress(ReviewError):  # a reviewer was faster
-                    _, waiting = self.decide(feedback_id, "auto_accept", AUTO_REVIEWER)
-                    status = "accepted"
-        metrics.feedback_pending.set(waiting)
+                    self.decide(feedback_id, "auto_accept", AUTO_REVIEWER)  # counts what waits
+                    return stored, "accepted"
+        count_waiting(records.waiting() + ([] if feedback_id in records.pending else [stored]))
         return stored, status
 
     def decide(
         self, feedback_id: str, decision: str, reviewer: str, label: str | None = None
-    ) -> tuple[dict[str, Any], int]:
-        """The decision record, and how many items still wait (also set on /metrics)."""
+    ) -> dict[str, Any]:
+        """The decision record (what still waits is counted on /metrics)."""
         record, waiting = self.store.decide(feedback_id, decision, reviewer, label)
         metrics.feedback_reviews_total.labels(decision=decision).inc()
-        metrics.feedback_pending.set(waiting)
-        return record, waiting
+        count_waiting(waiting)
+        return record
 
     def queue(self, served: ServedModel, limit: int) -> list[dict[str, Any]]:
         """Pending items, oldest first: the champion's view now, the flags and their reasons."""
         records = self.store.records()
         waiting = records.waiting()
-        metrics.feedback_pending.set(len(waiting))
+        count_waiting(waiting)
         items = waiting[:limit]
         if not items:
             return []
