@@ -211,6 +211,15 @@ class _RecordCache:
             metrics.feedback_unreadable_records.labels(store=self._name).set(len(unreadable))
             return dict(self._records)
 
+    def these(self, keys: list[str]) -> dict[str, dict]:
+        """The records of ``keys``, listing the store again only when one was not read yet
+        (a record is never rewritten, so one read stands): the review page asks an image
+        per item, each of which listed the whole store again."""
+        with self._lock:
+            if all(key in self._records for key in keys):
+                return {key: self._records[key] for key in keys}
+        return self.all()
+
     def _read(self, key: str, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
         """The record stored as ``key``, or what is wrong with it."""
         record, problem = read_record(load)
@@ -312,7 +321,7 @@ class ReviewStore:
         self, feedback_ids: list[str], pending: dict[str, dict] | None = None
     ) -> list[bytes]:
         """The submitted images, as sent, each read by the path its record names."""
-        records = self._pending.all() if pending is None else pending
+        records = self._pending.these(feedback_ids) if pending is None else pending
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
             raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
