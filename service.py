@@ -195,7 +195,7 @@ class MedicalCT:
     def review_image(self, feedback_id: str) -> bytes:
         """``GET /review/image/<feedback_id>``: the submitted image, as it was sent."""
         try:
-            return self.reviews.store.images([feedback_id])[0]
+            return self.reviews.store.image(feedback_id)
         except ReviewError as refused:
             raise ServiceError(refused.status, str(refused)) from None
 

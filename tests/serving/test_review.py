@@ -44,7 +44,7 @@ pytestmark = pytest.mark.e2e  # real servers and kedro runs
 SUBMITTER = {"Authorization": "Bearer submitter-token-for-tests"}
 ALICE = {"Authorization": "Bearer alice-token-for-tests"}
 BOB = {"Authorization": "Bearer bob-token-for-tests"}
-FLAG_PER_MINUTE, REFUSE_PER_MINUTE = 30, 70
+FLAG_PER_MINUTE, REFUSE_PER_MINUTE = 30, 80  # the runs below send 64 in a minute
 SERVE_ENV = {
     "MEDICAL_CT_WORKERS": "2",
     "MEDICAL_CT_FEEDBACK_TOKEN": "submitter-token-for-tests",
@@ -354,6 +354,47 @@ def test_the_review_page_decides_with_a_key(server, project, client, sample_dir,
     seen["rejected"].add(receipt["feedback_id"])
 
 
+def test_an_item_whose_image_was_deleted_shows_flagged_and_can_be_rejected_not_accepted(
+    server, client, project, sample_dir, chromium, seen
+):
+    """A pending item whose image was deleted by hand answered 500 to every GET /review that
+    showed it, on every worker, and 503 "try again" to its accept. Now the queue shows it with
+    no model view and a flag saying what to do, on the page too; its image is 404, an accept
+    409, and a reviewer can reject it."""
+    receipt = post(client, new_images(sample_dir, "CXR", 1, start=20)[0], "CXR").json()
+    (project / PENDING / "images" / receipt["stored_as"]).unlink()
+
+    pending = queue(client)
+    item = pending[receipt["feedback_id"]]
+    assert item["model"] is None and item["out_of_distribution_ratio"] is None
+    (flag,) = item["flags"]
+    assert flag["flag"] == "image_missing" and receipt["stored_as"] in flag["reason"]
+    assert "restore it from a backup, or reject the item" in flag["reason"]
+    assert pending[seen["noise"]]["model"]["version"] == "1"  # the others as before
+    image = client.get(item["image_url"], headers=ALICE)
+    assert image.status_code == 404 and receipt["stored_as"] in image.json()["error"]
+    accept = decide(client, receipt["feedback_id"], "accept")
+    assert accept.status_code == 409 and "cannot accept: the image" in accept.json()["error"]
+    with chromium_browser(chromium) as browser:
+        page = browser.new_page()
+        page.goto(f"{server}/#review")
+        page.fill("#reviewer-token", "alice-token-for-tests")
+        page.click("#load-queue")
+        page.wait_for_selector("#review-item:not([hidden])")
+        for _ in range(20):
+            if page.get_attribute("#review-item", "data-feedback-id") == receipt["feedback_id"]:
+                break
+            page.keyboard.press("n")
+            page.wait_for_timeout(200)
+        assert page.is_hidden("#review-model")
+        assert "image missing: the image of feedback" in page.text_content("#review-flags")
+        page.keyboard.press("r")
+        page.wait_for_selector("#review-status.ok")
+
+    assert (project / REJECTED / "records" / f"{receipt['feedback_id']}.json").is_file()
+    seen["rejected"].add(receipt["feedback_id"])
+
+
 # ---- what the next runs train on ----
 @pytest.fixture(scope="module")
 def runs(client, project, sample_dir, seen) -> dict:
@@ -464,7 +505,7 @@ def test_the_run_logs_the_review_counts_and_the_manifest_names_each_decision(run
     manifest = pd.read_parquet(manifest_path)
 
     assert report["accepted"] == len(seen["accepted"]) == 12
-    assert report["rejected"] == len(seen["rejected"]) == 7  # 1 + 1 on the page + 5
+    assert report["rejected"] == len(seen["rejected"]) == 8  # 1 + 2 on the page + 5
     assert report["pending"] >= 50 and report["auto_accepted"] == 0
     (changed,) = report["accepted_changing_a_raw_label"]
     assert changed["feedback_id"] == seen["conflicting"][0]

@@ -29,7 +29,7 @@ import numpy as np
 from kedro.io import CatalogProtocol, DatasetError
 from PIL import Image
 
-from medical_ct.datasets import fetched, inside, read_record
+from medical_ct.datasets import ImageFolderDataset, fetched, inside, read_record
 from medical_ct.model import embed, feature_extractor
 from medical_ct.preprocessing import preprocess_image
 from medical_ct.serving import metrics
@@ -319,14 +319,23 @@ class ReviewStore:
 
     def images(
         self, feedback_ids: list[str], pending: dict[str, dict] | None = None
-    ) -> list[bytes]:
-        """The submitted images, as sent, each read by the path its record names."""
+    ) -> list[bytes | None]:
+        """The submitted images, as sent, each read by the path its record names; None for one
+        missing from the store (deleted by hand): its item can still be rejected, where one
+        such file answered 500 to every ``GET /review`` that showed it."""
         records = self._pending.these(feedback_ids) if pending is None else pending
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
             raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
         images = self._catalog.get(PENDING_IMAGES)
-        return [images.read(records[feedback_id]["image"]) for feedback_id in feedback_ids]
+        return [_read_or_none(images, records[key]["image"]) for key in feedback_ids]
+
+    def image(self, feedback_id: str) -> bytes:
+        """One submitted image; ``ReviewError`` 404 for an unknown id or a missing image."""
+        (image,) = self.images([feedback_id])
+        if image is None:
+            raise ReviewError(404, missing_image(self._pending.these([feedback_id])[feedback_id]))
+        return image
 
     def decide(
         self, feedback_id: str, decision: str, reviewer: str, label: str | None = None
@@ -376,17 +385,36 @@ class ReviewStore:
             try:
                 if accepted:
                     (image,) = self.images([feedback_id], records.pending)
+                    if image is None:
+                        raise ReviewError(409, f"cannot accept: {missing_image(submitted)}")
                     self._catalog.save(ACCEPTED_IMAGES, {record["accepted_as"]: image})
                     self._catalog.save(ACCEPTED_RECORDS, {feedback_id: record})
                 else:
                     self._catalog.save(REJECTED_RECORDS, {feedback_id: record})
                 stamp = record["decided_at"].replace(":", "").replace("+0000", "Z")
                 self._catalog.save(AUDIT_LOG, {f"{stamp}-{feedback_id}": audit})
+            except ReviewError:
+                raise
             except Exception as error:
                 raise StoreError(
                     f"the review store refused the write ({type(error).__name__})"
                 ) from error
             return record, [item for item in records.waiting() if item is not submitted]
+
+
+def _read_or_none(images: ImageFolderDataset, path: str) -> bytes | None:
+    try:
+        return images.read(path)
+    except FileNotFoundError:
+        return None
+
+
+def missing_image(record: dict) -> str:
+    """What to do about a pending item whose image is not in the store."""
+    return (
+        f"the image of feedback {record['feedback_id']!r} ({record['image']}) is missing from "
+        "the pending image store (deleted by hand?): restore it from a backup, or reject the item"
+    )
 
 
 def _submitted_at(record: dict) -> datetime:
@@ -509,6 +537,7 @@ class ReviewQueue:
         self._reference: tuple[str, Callable, OodReference | None] | None = None
         self._reference_lock = threading.Lock()
         self._stop = threading.Event()
+        self._missing_logged: set[str] = set()
 
     def watch(self) -> None:
         """Look at the stores now and every ``look_every_s`` seconds, in a daemon thread.
@@ -587,17 +616,38 @@ class ReviewQueue:
         waiting = records.waiting()
         count_waiting(waiting)
         items = waiting[:limit]
-        if not items:
-            return []
         images = self.store.images([item["feedback_id"] for item in items], records.pending)
-        pixels = np.stack([preprocess_image(image) for image in images])
-        views = served.classify(pixels)
-        ratios = self._ood_ratios(served, pixels)
+        answers = self._answers(served, items, images)
         submissions = Submissions.of(records.pending)
-        return [
-            _queue_item(item, view, ratio, flags_for(item, view, ratio, submissions, self.config))
-            for item, view, ratio in zip(items, views, ratios, strict=True)
-        ]
+        return [self._shown(item, answers.get(item["feedback_id"]), submissions) for item in items]
+
+    def _answers(
+        self, served: ServedModel, items: list[dict], images: list[bytes | None]
+    ) -> dict[str, tuple[dict, float | None]]:
+        """The champion's view and the out-of-distribution ratio of each image read, by id."""
+        read = {i["feedback_id"]: im for i, im in zip(items, images, strict=True) if im is not None}
+        if not read:
+            return {}
+        pixels = np.stack([preprocess_image(image) for image in read.values()])
+        answers = zip(served.classify(pixels), self._ood_ratios(served, pixels), strict=True)
+        return dict(zip(read, answers, strict=True))
+
+    def _shown(
+        self, item: dict, answer: tuple[dict, float | None] | None, submissions: Submissions
+    ) -> dict[str, Any]:
+        if answer is None:
+            self._log_missing(item)
+            flag = {"flag": "image_missing", "reason": missing_image(item)}
+            return _queue_item(item, None, None, [flag])
+        view, ratio = answer
+        flags = flags_for(item, view, ratio, submissions, self.config)
+        return _queue_item(item, view, ratio, flags)
+
+    def _log_missing(self, item: dict) -> None:
+        """Log each missing image once a worker: the queue shows it on every /review."""
+        if item["feedback_id"] not in self._missing_logged:
+            self._missing_logged.add(item["feedback_id"])
+            logger.error("GET /review: %s", missing_image(item))
 
     def _ood_ratios(self, served: ServedModel, pixels: np.ndarray) -> list[float | None]:
         """The reference is built once per champion version, in its own features."""
@@ -617,7 +667,16 @@ class ReviewQueue:
         return [float(r) for r in reference.ratios(features(pixels))]
 
 
-def _queue_item(item: dict, view: dict, ratio: float | None, flags: list[dict]) -> dict:
+def _queue_item(item: dict, view: dict | None, ratio: float | None, flags: list[dict]) -> dict:
+    """One item of ``GET /review``; ``model`` is null when its image is missing."""
+    model = None
+    if view is not None:
+        model = {
+            "version": view["model_version"],
+            "label": view["label"],
+            "confidence": view["confidence"],
+            "label_probability": view["probabilities"].get(item["label"], 0.0),
+        }
     corrected = None
     if item.get("corrected_model_version"):
         corrected = {
@@ -629,12 +688,7 @@ def _queue_item(item: dict, view: dict, ratio: float | None, flags: list[dict]) 
         "label": item["label"],
         "submitted_at": item["submitted_at"],
         "submitter": item.get("submitter"),
-        "model": {
-            "version": view["model_version"],
-            "label": view["label"],
-            "confidence": view["confidence"],
-            "label_probability": view["probabilities"].get(item["label"], 0.0),
-        },
+        "model": model,
         "corrected": corrected,
         "out_of_distribution_ratio": ratio,
         "flags": flags,
