@@ -17,7 +17,7 @@ from medical_ct.datasets import (
     read_record,
 )
 from medical_ct.serving.project import load_project
-from medical_ct.serving.review import ReviewStore
+from medical_ct.serving.review import ReviewError, ReviewStore
 from tests.conftest import file_size_limit, make_project
 
 
@@ -195,6 +195,44 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     assert unreadable_gauge("accepted_feedback_records") == 0
 
 
+def test_a_decision_asks_the_stores_about_its_one_id_and_lists_none(
+    tmp_path, sample_dir, monkeypatch, caplog
+):
+    """Every decision listed the three record stores, every record ever sent and decided (on S3
+    a request per 1,000): a reviewer waited longer each year. It asks the decision stores
+    about its one id: one another replica decided is still 409, and so is one whose decision
+    record cannot be read (it was written over). A record stored since the worker last looked
+    is read at its next look, not by a decision."""
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    store, replica = (ReviewStore(load_project(project).catalog) for _ in range(2))
+    images = sorted((sample_dir / "Hand").iterdir())[:3]
+    ids = [store.submit(p.read_bytes(), "Hand", {}, pending={})["feedback_id"] for p in images]
+    store.records()  # the worker's look
+    replica.decide(ids[0], "reject", "bob")
+    accepted = project / "data/01_raw/feedback_accepted/records"
+    accepted.mkdir(parents=True)
+    (accepted / f"{ids[1]}.json").write_text("[1, 2")  # a decision record broken by hand
+    (accepted / "Hand-stored-since.json").write_text('{"label": "Ha')
+    root = logging.getLogger()
+    if caplog.handler not in root.handlers:  # a first load_project's logging set-up drops it
+        root.addHandler(caplog.handler)
+
+    with pytest.raises(ReviewError, match="already rejected") as rejected:
+        store.decide(ids[0], "accept", "alice")
+    with pytest.raises(ReviewError, match="already accepted") as broken:
+        store.decide(ids[1], "reject", "alice")
+    record, waiting = store.decide(ids[2], "accept", "alice")
+
+    assert rejected.value.status == broken.value.status == 409
+    assert (accepted / f"{ids[1]}.json").read_text() == "[1, 2"  # not written over
+    assert record["decision"] == "accept" and (accepted / f"{ids[2]}.json").is_file()
+    assert [item["feedback_id"] for item in waiting] == [ids[0], ids[1]]  # as the worker knew
+    assert "Hand-stored-since" not in caplog.text  # no listing read it
+    assert [item["feedback_id"] for item in store.records().waiting()] == []  # the next look
+    assert "Hand-stored-since" in caplog.text
+
+
 def unreadable_gauge(store: str) -> float | None:
     return REGISTRY.get_sample_value("medical_ct_feedback_unreadable_records", {"store": store})
 
@@ -222,3 +260,8 @@ def test_a_record_store_lists_names_reads_on_call_and_writes_whole(tmp_path):
     with pytest.raises(DatasetError, match="would leave"):
         store.save({"../elsewhere": {"label": "Hand"}})
     assert not (tmp_path / "elsewhere.json").exists()
+    # A decision asks about its one id: found by name as the listing finds it.
+    assert store.has("Hand-1") and store.has("2026/Hand-2") and store.has("Hand-4")
+    assert not store.has("Hand-3") and not store.has("Hand-6")
+    with pytest.raises(DatasetError, match="would leave"):
+        store.has("../backup")

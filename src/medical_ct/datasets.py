@@ -590,8 +590,18 @@ class RecordsDataset(AbstractDataset[dict[str, Any], RecordLoaders]):
 
     def save(self, data: dict[str, Any]) -> None:
         for record_id, record in data.items():
-            path = f"{self._root}/{inside(self._path, record_id)}{self.SUFFIX}"
-            write_json(self._filesystem, path, record, durable=self._durable)
+            write_json(self._filesystem, self._path_of(record_id), record, durable=self._durable)
+
+    def has(self, record_id: str) -> bool:
+        """Whether record ``record_id`` is stored, asked of the store (a HEAD on S3, a ``stat``
+        on a disk) and not of a listing: a decision checks the one id it decides, where a
+        listing of every record ever decided grows by a LIST request every 1,000 on S3."""
+        path = self._path_of(record_id)
+        self._filesystem.invalidate_cache(path)  # other processes add records
+        return self._filesystem.exists(path)
+
+    def _path_of(self, record_id: str) -> str:
+        return f"{self._root}/{inside(self._path, record_id)}{self.SUFFIX}"
 
     def _exists(self) -> bool:
         return self._filesystem.exists(self._root)

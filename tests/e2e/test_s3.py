@@ -487,6 +487,27 @@ def test_records_are_read_together_and_checked_as_one_at_a_time_would(s3, s3_end
         loaders["Hand-7"]()
 
 
+def test_a_record_is_found_by_its_name_in_the_bucket_not_in_a_cached_listing(
+    s3, s3_endpoint, monkeypatch
+):
+    """A decision asks the decision stores about its one id (``has``: a HEAD) instead of
+    listing every record ever decided. s3fs answers ``exists`` from its listing cache once the
+    folder was listed in the process: a record another replica wrote since must be found."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    root = f"{BUCKET}/records-found-by-name"
+    store = RecordsDataset(path=f"s3://{root}")  # the process's shared client, as the service
+    store.save({"Hand-1": {"label": "Hand"}})
+    assert list(store.load()) == ["Hand-1"] and not store.has("Hand-2")  # listed: cached
+    replica = fsspec.filesystem("s3", skip_instance_cache=True)  # another process's client
+    replica.pipe(f"{root}/Hand-2.json", b"[1, 2")  # found even if it cannot be read
+
+    assert store.has("Hand-2") and store.has("Hand-1") and not store.has("Hand-3")
+    with pytest.raises(DatasetError, match="would leave"):
+        store.has("../Hand-1")
+
+
 def test_an_index_kept_from_a_save_is_checked_against_the_bucket_not_a_cached_listing(
     s3, s3_endpoint, sample_dir
 ):
