@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from bench_incremental import CLASSES, synthetic_png
-from project import PROJECT_ROOT, make_project, run_kedro, step_seconds, uptime
+from project import PROJECT_ROOT, checkouts, make_project, run_kedro, step_seconds, uptime
 
 SAMPLE = (PROJECT_ROOT / "../shared/data/mednist/sample").resolve()
 STEPS = (
@@ -127,43 +127,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--against", help="a git ref to rerun the same data on")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-feedback-") as scratch:
-        trees = {"this tree": PROJECT_ROOT}
-        if args.against:
-            worktree = Path(scratch) / "against"
-            subprocess.run(
-                ["git", "-C", str(PROJECT_ROOT), "worktree", "add", "--detach", "-f",
-                 str(worktree), args.against], check=True, capture_output=True,
-            )  # fmt: skip
-            trees[args.against] = worktree
-        try:
-            projects = {
-                name: project_for(tree, Path(scratch) / f"project-{number}", args.records)
-                for number, (name, tree) in enumerate(trees.items())
-            }
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-feedback-") as scratch,
+        checkouts(args.against) as trees,
+    ):
+        projects = {
+            name: project_for(tree, Path(scratch) / f"project-{number}", args.records)
+            for number, (name, tree) in enumerate(trees.items())
+        }
+        for name, (project, env) in projects.items():
+            seconds, _ = run_kedro(project, env, "--pipeline", "data_processing")
+            print(f"{name}: full run {seconds:.1f} s ({args.records} accepted records)")
+        print(f"load before: {uptime()}")
+        reruns = {name: [] for name in projects}
+        for _ in range(args.repeats):
+            for name, (project, env) in projects.items():  # alternately: the same load
+                reruns[name].append(run_kedro(project, env, "--pipeline", "data_processing"))
+        service = {name: [] for name in projects}
+        for _ in range(3):
             for name, (project, env) in projects.items():
-                seconds, _ = run_kedro(project, env, "--pipeline", "data_processing")
-                print(f"{name}: full run {seconds:.1f} s ({args.records} accepted records)")
-            print(f"load before: {uptime()}")
-            reruns = {name: [] for name in projects}
-            for _ in range(args.repeats):
-                for name, (project, env) in projects.items():  # alternately: the same load
-                    reruns[name].append(run_kedro(project, env, "--pipeline", "data_processing"))
-            service = {name: [] for name in projects}
-            for _ in range(3):
-                for name, (project, env) in projects.items():
-                    service[name].append(review_calls(project, env, args.repeats))
-            print(f"load after:  {uptime()}")
-            steps = {
-                name: step_seconds(env["MLFLOW_TRACKING_URI"])[1:]
-                for name, (_, env) in projects.items()
-            }
-        finally:
-            if args.against:
-                subprocess.run(
-                    ["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force",
-                     str(worktree)], check=False, capture_output=True,
-                )  # fmt: skip
+                service[name].append(review_calls(project, env, args.repeats))
+        print(f"load after:  {uptime()}")
+        steps = {
+            name: step_seconds(env["MLFLOW_TRACKING_URI"])[1:]
+            for name, (_, env) in projects.items()
+        }
     report(reruns, steps, service)
 
 

@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from project import PROJECT_ROOT, uptime
+from project import PROJECT_ROOT, checkouts, uptime
 
 # The project's own data_processing parameters (classes, split), as a weekly run has them.
 PARAMETERS = PROJECT_ROOT / "conf/base/parameters_data_processing.yml"
@@ -188,28 +188,15 @@ def main() -> None:
         print(json.dumps(measure(args.one)))
         return
     sizes = [int(size) for size in args.sizes.split(",")]
-    trees = {"this tree": PROJECT_ROOT / "src"}
-    with tempfile.TemporaryDirectory(prefix="bench-rerun-against-") as worktree:
-        if args.against:
-            subprocess.run(
-                ["git", "-C", str(PROJECT_ROOT), "worktree", "add", "--detach", "-f", worktree,
-                 args.against], check=True, capture_output=True,
-            )  # fmt: skip
-            trees[args.against] = Path(worktree) / "src"
-        try:
-            print(f"load before: {uptime()}")
-            runs = {(tree, size): [] for tree in trees for size in sizes}
-            for _ in range(args.repeats):
-                for size in sizes:
-                    for tree, src in trees.items():  # alternately: the same load for each
-                        runs[tree, size].append(run_child(src, size))
-            print(f"load after:  {uptime()}")
-        finally:
-            if args.against:
-                subprocess.run(
-                    ["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force", worktree],
-                    check=False, capture_output=True,
-                )  # fmt: skip
+    with checkouts(args.against) as checked_out:
+        trees = {name: tree / "src" for name, tree in checked_out.items()}
+        print(f"load before: {uptime()}")
+        runs = {(tree, size): [] for tree in trees for size in sizes}
+        for _ in range(args.repeats):
+            for size in sizes:
+                for tree, src in trees.items():  # alternately: the same load for each
+                    runs[tree, size].append(run_child(src, size))
+        print(f"load after:  {uptime()}")
     report(runs, trees, sizes)
 
 

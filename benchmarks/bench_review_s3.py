@@ -29,7 +29,7 @@ from pathlib import Path
 import fsspec
 from bench_incremental import CLASSES, synthetic_png
 from bench_records_s3 import CREDENTIALS, serve
-from project import PROJECT_ROOT, make_project, uptime
+from project import PROJECT_ROOT, checkouts, make_project, uptime
 
 BUCKET = "bench-review"
 
@@ -116,15 +116,10 @@ def main() -> None:
     endpoint = f"http://127.0.0.1:{ports.get(timeout=60)}"
     filesystem = fsspec.filesystem("s3", endpoint_url=endpoint)
     filesystem.mkdir(BUCKET)
-    with tempfile.TemporaryDirectory(prefix="bench-review-") as scratch:
-        trees = {"this tree": PROJECT_ROOT}
-        if args.against:
-            worktree = Path(scratch) / "against"
-            subprocess.run(
-                ["git", "-C", str(PROJECT_ROOT), "worktree", "add", "--detach", "-f",
-                 str(worktree), args.against], check=True, capture_output=True,
-            )  # fmt: skip
-            trees[args.against] = worktree
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-review-") as scratch,
+        checkouts(args.against) as trees,
+    ):
         try:
             runs = {}
             for number, (name, tree) in enumerate(trees.items()):
@@ -150,11 +145,6 @@ def main() -> None:
             print(f"load after: {uptime()}")
         finally:
             server.terminate()
-            if args.against:
-                subprocess.run(
-                    ["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force",
-                     str(worktree)], check=False, capture_output=True,
-                )  # fmt: skip
     report({name: results for name, (*_, results) in runs.items()})
 
 

@@ -1,9 +1,12 @@
 """What the benchmarks share: a fresh Kedro project around this repo's conf, a timed
 `kedro run` with its peak memory, and where each run's time went."""
 
+import contextlib
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -62,3 +65,25 @@ def step_seconds(tracking_uri: str) -> list[dict[str, float]]:
         {name: value for name, value in run.data.metrics.items() if name.startswith(prefixes)}
         for run in runs
     ]
+
+
+@contextlib.contextmanager
+def checkouts(against: str | None) -> Iterator[dict[str, Path]]:
+    """This tree, and with ``against`` a checkout of that git ref (a worktree in a temporary
+    folder, removed after), by name: what a benchmark runs side by side."""
+    trees = {"this tree": PROJECT_ROOT}
+    with tempfile.TemporaryDirectory(prefix="bench-against-") as worktree:
+        if against:
+            subprocess.run(
+                ["git", "-C", str(PROJECT_ROOT), "worktree", "add", "--detach", "-f", worktree,
+                 against], check=True, capture_output=True,
+            )  # fmt: skip
+            trees[against] = Path(worktree)
+        try:
+            yield trees
+        finally:
+            if against:
+                subprocess.run(
+                    ["git", "-C", str(PROJECT_ROOT), "worktree", "remove", "--force", worktree],
+                    check=False, capture_output=True,
+                )  # fmt: skip

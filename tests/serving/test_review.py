@@ -5,12 +5,14 @@ on one project: submissions and flags first, then decisions, then the poisoning 
 min_new_images runs, then the burst limit (it floods the submitter's minute).
 """
 
+import contextlib
 import hashlib
 import io
 import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from playwright.sync_api import Page
 
 from medical_ct.pipelines.data_processing.nodes import split_of
 from medical_ct.preprocessing import content_hash, preprocess_image
@@ -328,21 +331,30 @@ def test_decisions_are_checked_recorded_once_and_audited(client, project, seen):
     seen["rejected"] |= {second}
 
 
-def test_the_review_page_decides_with_a_key(server, project, client, sample_dir, chromium, seen):
-    receipt = post(client, sorted((sample_dir / "CXR").iterdir())[5].read_bytes(), "CXR").json()
-
+@contextlib.contextmanager
+def review_page_at(chromium, server: str, feedback_id: str) -> Iterator[Page]:
+    """The review page in a real browser, a reviewer's queue loaded, showing ``feedback_id``
+    (the oldest item comes first: the "next" key skips to it)."""
     with chromium_browser(chromium) as browser:
         page = browser.new_page()
         page.goto(f"{server}/#review")
         page.fill("#reviewer-token", "alice-token-for-tests")
         page.click("#load-queue")
         page.wait_for_selector("#review-item:not([hidden])")
-        # The oldest pending item first: skip to ours with the "next" key.
         for _ in range(20):
-            if page.get_attribute("#review-item", "data-feedback-id") == receipt["feedback_id"]:
+            if page.get_attribute("#review-item", "data-feedback-id") == feedback_id:
                 break
             page.keyboard.press("n")
             page.wait_for_timeout(200)
+        else:
+            pytest.fail(f"the review page never showed {feedback_id}")
+        yield page
+
+
+def test_the_review_page_decides_with_a_key(server, project, client, sample_dir, chromium, seen):
+    receipt = post(client, sorted((sample_dir / "CXR").iterdir())[5].read_bytes(), "CXR").json()
+
+    with review_page_at(chromium, server, receipt["feedback_id"]) as page:
         assert page.text_content("#review-label") == "CXR"
         assert page.locator("#review-image").get_attribute("src").startswith("blob:")
         page.keyboard.press("r")
@@ -375,17 +387,7 @@ def test_an_item_whose_image_was_deleted_shows_flagged_and_can_be_rejected_not_a
     assert image.status_code == 404 and receipt["stored_as"] in image.json()["error"]
     accept = decide(client, receipt["feedback_id"], "accept")
     assert accept.status_code == 409 and "cannot accept: the image" in accept.json()["error"]
-    with chromium_browser(chromium) as browser:
-        page = browser.new_page()
-        page.goto(f"{server}/#review")
-        page.fill("#reviewer-token", "alice-token-for-tests")
-        page.click("#load-queue")
-        page.wait_for_selector("#review-item:not([hidden])")
-        for _ in range(20):
-            if page.get_attribute("#review-item", "data-feedback-id") == receipt["feedback_id"]:
-                break
-            page.keyboard.press("n")
-            page.wait_for_timeout(200)
+    with review_page_at(chromium, server, receipt["feedback_id"]) as page:
         assert page.is_hidden("#review-model")
         assert "image missing: the image of feedback" in page.text_content("#review-flags")
         page.keyboard.press("r")
