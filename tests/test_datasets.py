@@ -4,6 +4,7 @@ the stores read back what they can, saying what they cannot."""
 import json
 import logging
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def test_feedback_and_decisions_reach_the_disk_before_they_are_answered(
     image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
     synced = fsynced_paths(monkeypatch)
 
-    submitted = store.submit(image, "Hand", {"submitter": "t"}, pending={})
+    submitted, _ = store.submit(image, "Hand", {"submitter": "t"})
     store.decide(submitted["feedback_id"], "accept", "alice")
 
     data = project / "data/01_raw"
@@ -57,8 +58,9 @@ def test_feedback_and_decisions_reach_the_disk_before_they_are_answered(
     assert [str(path.relative_to(data)).split("/")[0] for path in written] == [
         "feedback_accepted",  # images/Hand/<sha256>.jpeg
         "feedback_accepted",  # records/<id>.json
-        "feedback_pending",
-        "feedback_pending",
+        "feedback_pending",  # images/Hand/<sha256>.jpeg
+        "feedback_pending",  # records/<id>.json
+        "feedback_pending",  # submissions/<minute>/<submitter>/<time>-<id>.json
         "review_audit",
     ]
     assert not any(path.name.endswith(".partial") for path in data.rglob("*"))
@@ -142,7 +144,7 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     monkeypatch.chdir(project)
     store = ReviewStore(load_project(project).catalog)
     image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
-    good = store.submit(image, "Hand", {"submitter": "t"}, pending={})
+    good, _ = store.submit(image, "Hand", {"submitter": "t"})
     records = project / "data/01_raw"
 
     def pending(name: str, **edited: str | None) -> str:
@@ -207,7 +209,7 @@ def test_a_decision_asks_the_stores_about_its_one_id_and_lists_none(
     monkeypatch.chdir(project)
     store, replica = (ReviewStore(load_project(project).catalog) for _ in range(2))
     images = sorted((sample_dir / "Hand").iterdir())[:3]
-    ids = [store.submit(p.read_bytes(), "Hand", {}, pending={})["feedback_id"] for p in images]
+    ids = [store.submit(p.read_bytes(), "Hand", {})[0]["feedback_id"] for p in images]
     store.records()  # the worker's look
     replica.decide(ids[0], "reject", "bob")
     accepted = project / "data/01_raw/feedback_accepted/records"
@@ -218,6 +220,10 @@ def test_a_decision_asks_the_stores_about_its_one_id_and_lists_none(
     if caplog.handler not in root.handlers:  # a first load_project's logging set-up drops it
         root.addHandler(caplog.handler)
 
+    for unknown in ("Hand-" + "0" * 32, "../feedback_accepted/records/" + ids[1]):
+        with pytest.raises(ReviewError, match="no feedback") as none:
+            store.decide(unknown, "accept", "alice")
+        assert none.value.status == 404
     with pytest.raises(ReviewError, match="already rejected") as rejected:
         store.decide(ids[0], "accept", "alice")
     with pytest.raises(ReviewError, match="already accepted") as broken:
@@ -231,6 +237,38 @@ def test_a_decision_asks_the_stores_about_its_one_id_and_lists_none(
     assert "Hand-stored-since" not in caplog.text  # no listing read it
     assert [item["feedback_id"] for item in store.records().waiting()] == []  # the next look
     assert "Hand-stored-since" in caplog.text
+
+
+def test_a_submission_counts_its_senders_last_minute_on_every_replica_and_lists_nothing_else(
+    tmp_path, sample_dir, monkeypatch, caplog
+):
+    """The burst limit listed every pending record ever sent, on every /feedback (on S3 a
+    request per 1,000). A new item's name goes into the submissions store under its minute and
+    sender, and a submission lists that sender's last two minutes there: every replica's
+    items count, a repeat does not, a name edited by hand is left out."""
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    store, replica = (ReviewStore(load_project(project).catalog) for _ in range(2))
+    images = [path.read_bytes() for path in sorted((sample_dir / "CXR").iterdir())[:3]]
+    store.submit(images[0], "CXR", {"submitter": "10.0.0.1"})
+    store.records()  # the worker's look
+    pending = project / "data/01_raw/feedback_pending"
+    (pending / "records/Hand-stored-since.json").write_text('{"label": "Ha')
+    root = logging.getLogger()
+    if caplog.handler not in root.handlers:  # a first load_project's logging set-up drops it
+        root.addHandler(caplog.handler)
+
+    replica.submit(images[1], "CXR", {"submitter": "10.0.0.1"})
+    replica.submit(images[2], "CXR", {"submitter": "10.0.0.2"})
+    repeat, new = store.submit(images[1], "CXR", {"submitter": "10.0.0.1"})
+    for folder in (pending / "submissions").glob("*/*"):
+        (folder / "edited-by-hand.json").write_text("{}")
+
+    assert not new and repeat["submitter"] == "10.0.0.1"
+    sent = store.recent_from("10.0.0.1", timedelta(minutes=1))
+    assert len(sent) == 2 and all(datetime.now(UTC) - time < timedelta(minutes=1) for time in sent)
+    assert len(store.recent_from("10.0.0.2", timedelta(minutes=1))) == 1
+    assert "Hand-stored-since" not in caplog.text  # no listing of the pending records
 
 
 def unreadable_gauge(store: str) -> float | None:

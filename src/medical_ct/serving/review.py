@@ -43,6 +43,7 @@ ACCEPTED_IMAGES = "feedback_images"  # what data_processing trains on
 ACCEPTED_RECORDS = "accepted_feedback_records"
 REJECTED_RECORDS = "rejected_feedback_records"
 AUDIT_LOG = "review_audit"
+SUBMISSIONS = "feedback_submissions"  # <minute>/<submitter's hash>/<unix time>-<id>
 AUTO_REVIEWER = "auto:agree_with_model"
 
 logger = logging.getLogger(__name__)
@@ -234,14 +235,20 @@ class _RecordCache:
                 return True
         return self._catalog.get(self._name).has(key)
 
-    def these(self, keys: list[str]) -> dict[str, dict]:
-        """The records of ``keys``, listing the store again only when one was not read yet
-        (a record is never rewritten, so one read stands): the review page asks an image
-        per item, each of which listed the whole store again."""
+    def one(self, key: str) -> dict | None:
+        """The record ``key``, as read already or else read alone, found by its name and not by
+        a listing (one request); None when there is none, or it cannot be read (the next
+        look names it)."""
         with self._lock:
-            if all(key in self._records for key in keys):
-                return {key: self._records[key] for key in keys}
-        return self.all()
+            if key in self._records:
+                return self._records[key]
+        try:
+            record, _ = self._read(key, self._catalog.get(self._name).loader(key))
+        except (FileNotFoundError, DatasetError):  # none, or a name that would leave the store
+            return None
+        if record is not None:
+            self.add(key, record)
+        return record
 
     def _read(self, key: str, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
         """The record stored as ``key``, or what is wrong with it."""
@@ -281,12 +288,6 @@ class Records:
         waiting = [r for key, r in self.pending.items() if key not in decided]
         return sorted(waiting, key=lambda record: record["submitted_at"])
 
-    def recent_from(self, submitter: str, within: timedelta) -> list[datetime]:
-        """When ``submitter``'s items of the last ``within`` were submitted, oldest first."""
-        since = now() - within
-        times = [_submitted_at(r) for r in self.pending.values() if r.get("submitter") == submitter]
-        return sorted(time for time in times if time >= since)
-
 
 class ReviewStore:
     """Pending, accepted and rejected feedback and the audit log, all through the catalog."""
@@ -301,12 +302,6 @@ class ReviewStore:
     def records(self) -> Records:
         """One listing of each record store (only records not read before are loaded)."""
         return self._view(listed=(self._pending, self._accepted, self._rejected))
-
-    def pending_listed(self) -> Records:
-        """The pending store listed (a submission's burst counts every replica's items), the
-        decided records as this worker last listed or wrote them: ``decided`` asks the store
-        about one id. On S3 a listing takes a request per 1,000 records ever stored."""
-        return self._view(listed=(self._pending,))
 
     def known(self) -> Records:
         """Every record as this worker last listed or wrote it, without a listing."""
@@ -328,21 +323,23 @@ class ReviewStore:
         return "rejected" if self._rejected.has(feedback_id) else None
 
     def submit(
-        self, image: bytes, label: str, record: dict[str, Any], pending: dict[str, dict]
-    ) -> dict[str, Any]:
+        self, image: bytes, label: str, record: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool]:
         """Store ``image`` under ``label`` as pending; a repeat is stored once (same id).
 
-        Args:
-            pending: The pending records as read for this submission (``records().pending``).
+        A new item is also added to the submissions store under its minute and submitter
+        (``recent_from``). Nothing is listed: a repeat is found by its id (one request, none
+        once the worker has read its record). A pending record that cannot be read is written
+        anew.
 
         Returns:
-            The pending record (the first one, for a repeat).
+            The pending record (the first one, for a repeat), and whether it is new.
         """
         digest = hashlib.sha256(image).hexdigest()
         feedback_id = feedback_id_of(label, digest)
-        existing = pending.get(feedback_id)
+        existing = self._pending.one(feedback_id)
         if existing is not None:
-            return existing
+            return existing, False
         stored = {
             "feedback_id": feedback_id,
             "image": f"{label}/{digest}.{image_extension(image)}",
@@ -351,15 +348,32 @@ class ReviewStore:
             "submitted_at": now().isoformat(),
             **record,
         }
+        sent = _submission_name(stored.get("submitter"), _submitted_at(stored), feedback_id)
         try:
             self._catalog.save(PENDING_IMAGES, {stored["image"]: image})
             self._catalog.save(PENDING_RECORDS, {feedback_id: stored})
+            self._catalog.save(SUBMISSIONS, {sent: {"feedback_id": feedback_id}})
         except Exception as error:
             raise StoreError(
                 f"the feedback store refused the write ({type(error).__name__})"
             ) from error
         self._pending.add(feedback_id, stored)
-        return stored
+        return stored, True
+
+    def recent_from(self, submitter: str, within: timedelta) -> list[datetime]:
+        """When ``submitter``'s new items of the last ``within`` were sent, oldest first, by
+        every replica: from the names in the submissions store's folders of those minutes
+        and that submitter (two small listings for a minute). It listed every pending record
+        ever sent, on every /feedback (a request per 1,000 on S3)."""
+        until = now()
+        since = until - within
+        store = self._catalog.get(SUBMISSIONS)
+        minute, times = since.replace(second=0, microsecond=0), []
+        while minute <= until:
+            names = store.ids(f"{minute:%Y%m%dT%H%M}/{_submitter_folder(submitter)}")
+            times += [time for time in map(_sent_at, names) if time and time >= since]
+            minute += timedelta(minutes=1)
+        return sorted(times)
 
     def images(
         self, feedback_ids: list[str], pending: dict[str, dict] | None = None
@@ -367,7 +381,9 @@ class ReviewStore:
         """The submitted images, as sent, each read by the path its record names; None for one
         missing from the store (deleted by hand): its item can still be rejected, where one
         such file answered 500 to every ``GET /review`` that showed it."""
-        records = self._pending.these(feedback_ids) if pending is None else pending
+        if pending is None:
+            pending = {key: self._pending.one(key) for key in feedback_ids}
+        records = {key: record for key, record in pending.items() if record is not None}
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
             raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
@@ -378,7 +394,7 @@ class ReviewStore:
         """One submitted image; ``ReviewError`` 404 for an unknown id or a missing image."""
         (image,) = self.images([feedback_id])
         if image is None:
-            raise ReviewError(404, missing_image(self._pending.these([feedback_id])[feedback_id]))
+            raise ReviewError(404, missing_image(self._pending.one(feedback_id)))
         return image
 
     def decide(
@@ -391,17 +407,16 @@ class ReviewStore:
         train (``data_processing`` takes only accepted images a record names), so a decision
         the store refused after the image (503: "nothing was decided") trains nothing.
         Raises ``ReviewError`` 404 (unknown id) or 409 (already decided); the caller checks
-        that ``label`` is a class (422). Nothing is listed unless the worker has not read the
-        item's record yet: at 10,000 items each decided, every decision listed 20,000 records
-        (20 requests on S3).
+        that ``label`` is a class (422). Nothing is listed: the item's record and whether it
+        was decided are asked by its id. At 10,000 items each decided, every decision listed
+        20,000 records (20 requests on S3).
 
         Returns:
             The decision record, and the items that still wait for a decision as this worker
             knows them, oldest first.
         """
         with self._decide_lock:
-            pending = self._pending.these([feedback_id])
-            submitted = pending.get(feedback_id)
+            submitted = self._pending.one(feedback_id)
             if submitted is None:
                 raise ReviewError(404, f"no feedback {feedback_id!r}: GET /review lists the ids")
             decided = self.decided(feedback_id)
@@ -431,7 +446,7 @@ class ReviewStore:
             }
             try:
                 if accepted:
-                    (image,) = self.images([feedback_id], pending)
+                    (image,) = self.images([feedback_id], {feedback_id: submitted})
                     if image is None:
                         raise ReviewError(409, f"cannot accept: {missing_image(submitted)}")
                     self._catalog.save(ACCEPTED_IMAGES, {record["accepted_as"]: image})
@@ -467,6 +482,24 @@ def missing_image(record: dict) -> str:
 
 def _submitted_at(record: dict) -> datetime:
     return datetime.fromisoformat(record["submitted_at"])
+
+
+def _submitter_folder(submitter: str | None) -> str:
+    """A submitter (a client address) as a folder name: its hash, a name any store takes."""
+    return hashlib.sha256(str(submitter).encode()).hexdigest()[:16]
+
+
+def _submission_name(submitter: str | None, at: datetime, feedback_id: str) -> str:
+    return f"{at:%Y%m%dT%H%M}/{_submitter_folder(submitter)}/{at.timestamp():.6f}-{feedback_id}"
+
+
+def _sent_at(name: str) -> datetime | None:
+    """When a submission named ``<minute>/<submitter>/<unix time>-<id>`` was sent; None for a
+    name edited by hand (left out: it cannot refuse a submission)."""
+    try:
+        return datetime.fromtimestamp(float(name.rsplit("/", 1)[-1].split("-", 1)[0]), UTC)
+    except ValueError:
+        return None
 
 
 def count_waiting(waiting: list[dict]) -> None:
@@ -627,8 +660,7 @@ class ReviewQueue:
         Raises:
             ReviewError: 429 when the submitter is past the burst limit (``retry_after_s``).
         """
-        records = self.store.pending_listed()
-        recent = records.recent_from(record["submitter"], timedelta(minutes=1))
+        recent = self.store.recent_from(record["submitter"], timedelta(minutes=1))
         wait = retry_after_s(recent, self.config.burst_refuse_per_minute)
         if wait is not None:
             raise ReviewError(
@@ -637,10 +669,9 @@ class ReviewQueue:
                 f"is {self.config.burst_refuse_per_minute}: retry in {wait} s",
                 retry_after_s=wait,
             )
-        stored = self.store.submit(image, label, record, records.pending)
+        stored, new = self.store.submit(image, label, record)
         feedback_id = stored["feedback_id"]
-        repeat = feedback_id in records.pending
-        status = (repeat and self.store.decided(feedback_id)) or "pending"
+        status = "pending" if new else self.store.decided(feedback_id) or "pending"
         if status == "pending" and self.config.auto_accept == "agree_with_model":
             view = served.classify(pixels[None])[0]
             if agrees_confidently(label, view, self.config):
