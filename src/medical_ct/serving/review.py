@@ -273,7 +273,8 @@ class _RecordCache:
 
 @dataclass(frozen=True)
 class Records:
-    """One read of the three record stores: what an operation decides on."""
+    """The records of the three stores, as one listing of them found them (``records``) or
+    as the worker knows them without one (``known``)."""
 
     pending: dict[str, dict]
     accepted: dict[str, dict]
