@@ -497,7 +497,8 @@ def test_a_record_is_found_by_its_name_in_the_bucket_not_in_a_cached_listing(
     for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     root = f"{BUCKET}/records-found-by-name"
-    store = RecordsDataset(path=f"s3://{root}")  # the process's shared client, as the service
+    # Its own client: a shared one would keep this test's endpoint for later tests' clients.
+    store = RecordsDataset(path=f"s3://{root}", credentials={"skip_instance_cache": True})
     store.save({"Hand-1": {"label": "Hand"}})
     assert list(store.load()) == ["Hand-1"] and not store.has("Hand-2")  # listed: cached
     replica = fsspec.filesystem("s3", skip_instance_cache=True)  # another process's client
