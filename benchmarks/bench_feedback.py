@@ -40,30 +40,37 @@ STEPS = (
 )
 
 
+def reviewed_item(number: int) -> tuple[str, str, dict, dict]:
+    """Item ``number`` as the review leaves an accepted one: its id, its image's path in the
+    pending and accepted image stores, and its pending and accepted records."""
+    label, name = CLASSES[number % len(CLASSES)], f"{number:08d}.png"
+    feedback_id, image = f"{label}-{number:032x}", f"{label}/{name}"
+    pending = {
+        "feedback_id": feedback_id,
+        "image": image,
+        "sha256": f"{number:064x}",
+        "label": label,
+        "submitted_at": "2026-12-04T00:00:00+00:00",
+        "submitter": "10.0.0.1",
+    }
+    accepted = {
+        **pending,
+        "submitted_label": label,
+        "accepted_as": image,
+        "decision": "accept",
+        "reviewer": "alice",
+        "decided_at": "2026-12-04T00:00:00+00:00",
+    }
+    return feedback_id, image, pending, accepted
+
+
 def reviewed_feedback(data: Path, count: int) -> None:
     """``count`` items under ``data``/01_raw, each as the review leaves an accepted one: its
     image and record in the pending stores, and in the accepted ones."""
     for number in range(count):
-        label, name = CLASSES[number % len(CLASSES)], f"{number:08d}.png"
-        feedback_id = f"{label}-{number:032x}"
-        pending = {
-            "feedback_id": feedback_id,
-            "image": f"{label}/{name}",
-            "sha256": f"{number:064x}",
-            "label": label,
-            "submitted_at": "2026-12-04T00:00:00+00:00",
-            "submitter": "10.0.0.1",
-        }
-        accepted = {
-            **pending,
-            "submitted_label": label,
-            "accepted_as": f"{label}/{name}",
-            "decision": "accept",
-            "reviewer": "alice",
-            "decided_at": "2026-12-04T00:00:00+00:00",
-        }
+        feedback_id, name, pending, accepted = reviewed_item(number)
         for store, record in (("feedback_pending", pending), ("feedback_accepted", accepted)):
-            image = data / "01_raw" / store / "images" / label / name
+            image = data / "01_raw" / store / "images" / name
             image.parent.mkdir(parents=True, exist_ok=True)
             image.write_bytes(synthetic_png(10**7 + number))
             records = data / "01_raw" / store / "records"

@@ -41,14 +41,20 @@ def serve(latency_ms: float, ports: multiprocessing.Queue) -> None:
     server.serve_forever()
 
 
-def read_both_ways(latency_ms: float, records: int, repeats: int) -> dict[str, list[float]]:
-    from medical_ct.datasets import RecordsDataset
-
+def start_server(latency_ms: float) -> tuple[multiprocessing.Process, str]:
+    """moto's server (``serve``) in its own process, and its endpoint URL."""
     ports: multiprocessing.Queue = multiprocessing.Queue()
     server = multiprocessing.Process(target=serve, args=(latency_ms, ports), daemon=True)
     server.start()
+    return server, f"http://127.0.0.1:{ports.get(timeout=60)}"
+
+
+def read_both_ways(latency_ms: float, records: int, repeats: int) -> dict[str, list[float]]:
+    from medical_ct.datasets import RecordsDataset
+
+    server, url = start_server(latency_ms)
     try:
-        endpoint = {"endpoint_url": f"http://127.0.0.1:{ports.get(timeout=60)}"}
+        endpoint = {"endpoint_url": url}
         fsspec.filesystem("s3", **endpoint).mkdir("bench-records")
         store = RecordsDataset(path="s3://bench-records/records", credentials=endpoint)
         store.save({f"Hand-{n:032x}": {"label": "Hand", "n": n} for n in range(records)})

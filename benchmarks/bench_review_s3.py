@@ -18,7 +18,6 @@ listings' share is larger here than on S3, and the latency is the part that is l
 
 import argparse
 import json
-import multiprocessing
 import os
 import statistics
 import subprocess
@@ -27,8 +26,9 @@ import tempfile
 from pathlib import Path
 
 import fsspec
-from bench_incremental import CLASSES, synthetic_png
-from bench_records_s3 import CREDENTIALS, serve
+from bench_feedback import reviewed_item
+from bench_incremental import synthetic_png
+from bench_records_s3 import CREDENTIALS, start_server
 from project import PROJECT_ROOT, checkouts, make_project, uptime
 
 BUCKET = "bench-review"
@@ -63,31 +63,21 @@ print(json.dumps(seconds))
 """
 
 
-def store_items(filesystem, root: str, items: int, to_decide: int) -> list[list[str]]:
-    """``items`` records each pending and accepted under ``root``, and ``to_decide`` pending
-    ones with their images; returns the ids to decide."""
+def store_items(filesystem, root: str, items: int, to_decide: int) -> list[str]:
+    """``items`` items each pending and accepted under ``root`` (records only: nothing here
+    reads their images), and ``to_decide`` pending ones with their images; returns the ids to
+    decide."""
     files, undecided = {}, []
     for number in range(items + to_decide):
-        label = CLASSES[number % len(CLASSES)]
-        feedback_id, image = f"{label}-{number:032x}", f"{label}/{number:064x}.png"
-        pending = {
-            "feedback_id": feedback_id,
-            "image": image,
-            "sha256": f"{number:064x}",
-            "label": label,
-            "submitted_at": "2026-12-04T00:00:00+00:00",
-            "submitter": "10.0.0.1",
-        }
-        files[f"{root}/feedback_pending/records/{feedback_id}.json"] = json.dumps(pending)
+        feedback_id, image, pending, accepted = reviewed_item(number)
+        files[f"{root}/feedback_pending/records/{feedback_id}.json"] = json.dumps(pending).encode()
         if number < items:
-            accepted = {**pending, "submitted_label": label, "accepted_as": image}
-            accepted |= {"decision": "accept", "reviewer": "alice", "decided_at": "2026-12-04"}
-            files[f"{root}/feedback_accepted/records/{feedback_id}.json"] = json.dumps(accepted)
+            path = f"{root}/feedback_accepted/records/{feedback_id}.json"
+            files[path] = json.dumps(accepted).encode()
         else:
             files[f"{root}/feedback_pending/images/{image}"] = synthetic_png(10**8 + number)
             undecided.append(feedback_id)
-    filesystem.pipe({path: bytes(data, "utf-8") if isinstance(data, str) else data
-                     for path, data in files.items()})  # fmt: skip
+    filesystem.pipe(files)  # gathered PUTs
     return undecided
 
 
@@ -110,10 +100,7 @@ def main() -> None:
     parser.add_argument("--against", help="a git ref to run the same requests on")
     args = parser.parse_args()
     os.environ.update({**CREDENTIALS, "AWS_DEFAULT_REGION": "us-east-1"})
-    ports: multiprocessing.Queue = multiprocessing.Queue()
-    server = multiprocessing.Process(target=serve, args=(args.latency_ms, ports), daemon=True)
-    server.start()
-    endpoint = f"http://127.0.0.1:{ports.get(timeout=60)}"
+    server, endpoint = start_server(args.latency_ms)
     filesystem = fsspec.filesystem("s3", endpoint_url=endpoint)
     filesystem.mkdir(BUCKET)
     with (

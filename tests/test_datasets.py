@@ -22,6 +22,14 @@ from medical_ct.serving.review import ReviewError, ReviewStore
 from tests.conftest import file_size_limit, make_project
 
 
+def keep_capturing(caplog) -> None:
+    """Put caplog's handler back on the root logger: a first ``load_project``'s logging
+    set-up drops it."""
+    root = logging.getLogger()
+    if caplog.handler not in root.handlers:
+        root.addHandler(caplog.handler)
+
+
 def fsynced_paths(monkeypatch) -> list[str]:
     """The path of every file or folder ``os.fsync``ed from now on, in order (then synced)."""
     synced: list[str] = []
@@ -169,9 +177,7 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
         (records / path).parent.mkdir(parents=True, exist_ok=True)
         (records / path).write_text(text)
 
-    root = logging.getLogger()
-    if caplog.handler not in root.handlers:  # a first load_project's logging set-up drops it
-        root.addHandler(caplog.handler)
+    keep_capturing(caplog)
     read = store.records()
     store.records()  # a second look logs nothing new
     assert list(read.pending) == [good["feedback_id"]] and read.accepted == {}
@@ -216,9 +222,7 @@ def test_a_decision_asks_the_stores_about_its_one_id_and_lists_none(
     accepted.mkdir(parents=True)
     (accepted / f"{ids[1]}.json").write_text("[1, 2")  # a decision record broken by hand
     (accepted / "Hand-stored-since.json").write_text('{"label": "Ha')
-    root = logging.getLogger()
-    if caplog.handler not in root.handlers:  # a first load_project's logging set-up drops it
-        root.addHandler(caplog.handler)
+    keep_capturing(caplog)
 
     for unknown in ("Hand-" + "0" * 32, "../feedback_accepted/records/" + ids[1]):
         with pytest.raises(ReviewError, match="no feedback") as none:
@@ -254,9 +258,7 @@ def test_a_submission_counts_its_senders_last_minute_on_every_replica_and_lists_
     store.records()  # the worker's look
     pending = project / "data/01_raw/feedback_pending"
     (pending / "records/Hand-stored-since.json").write_text('{"label": "Ha')
-    root = logging.getLogger()
-    if caplog.handler not in root.handlers:  # a first load_project's logging set-up drops it
-        root.addHandler(caplog.handler)
+    keep_capturing(caplog)
 
     replica.submit(images[1], "CXR", {"submitter": "10.0.0.1"})
     replica.submit(images[2], "CXR", {"submitter": "10.0.0.2"})

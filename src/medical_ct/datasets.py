@@ -571,8 +571,8 @@ class RecordsDataset(AbstractDataset[dict[str, Any], RecordLoaders]):
         """The ids of the records under the subfolder ``under`` (all by default), listed
         afresh, without reading one: the burst limit lists the last two minutes of the
         submissions store (``<minute>/...``), not every submission ever sent."""
-        folder = f"{self._root}/{inside(self._path, under)}" if under else self._root
-        prefix = f"{folder[len(self._root) + 1 :]}/" if under else ""
+        prefix = f"{inside(self._path, under)}/" if under else ""
+        folder = f"{self._root}/{prefix}".rstrip("/")
         end = -len(self.SUFFIX)
         return [
             prefix + name[:end]

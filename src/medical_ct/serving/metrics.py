@@ -48,7 +48,8 @@ feedback_reviews_total = bentoml.metrics.Counter(
 feedback_pending = bentoml.metrics.Gauge(
     name="medical_ct_feedback_pending",
     documentation="Feedback items waiting for a review, as the store said at the last look",
-    # Every worker reads the same store: the latest count, from whichever worker, is true.
+    # Every worker reads the same store: the latest count, from whichever worker, stands (a
+    # request's count is that worker's view; its next look lists the stores).
     multiprocess_mode="livemostrecent",
 )
 feedback_oldest_pending = bentoml.metrics.Gauge(

@@ -302,16 +302,15 @@ class ReviewStore:
 
     def records(self) -> Records:
         """One listing of each record store (only records not read before are loaded)."""
-        return self._view(listed=(self._pending, self._accepted, self._rejected))
+        return self._read_by(_RecordCache.all)
 
     def known(self) -> Records:
         """Every record as this worker last listed or wrote it, without a listing."""
-        return self._view(listed=())
+        return self._read_by(_RecordCache.known)
 
-    def _view(self, listed: tuple[_RecordCache, ...]) -> Records:
+    def _read_by(self, read: Callable[[_RecordCache], dict[str, dict]]) -> Records:
         pending, accepted, rejected = (
-            cache.all() if cache in listed else cache.known()
-            for cache in (self._pending, self._accepted, self._rejected)
+            read(c) for c in (self._pending, self._accepted, self._rejected)
         )
         unreadable = self._accepted.unreadable() | self._rejected.unreadable()
         return Records(pending, accepted, rejected, unreadable)
