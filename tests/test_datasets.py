@@ -17,6 +17,7 @@ from medical_ct.datasets import (
     RecordsDataset,
     read_record,
 )
+from medical_ct.serving import review
 from medical_ct.serving.project import load_project
 from medical_ct.serving.review import ReviewError, ReviewStore
 from tests.conftest import file_size_limit, make_project
@@ -271,6 +272,41 @@ def test_a_submission_counts_its_senders_last_minute_on_every_replica_and_lists_
     assert len(sent) == 2 and all(datetime.now(UTC) - time < timedelta(minutes=1) for time in sent)
     assert len(store.recent_from("10.0.0.2", timedelta(minutes=1))) == 1
     assert "Hand-stored-since" not in caplog.text  # no listing of the pending records
+
+
+def test_a_look_between_listings_reads_what_the_journals_name_and_lists_no_record_store(
+    tmp_path, sample_dir, monkeypatch, caplog
+):
+    """Each look (every GET /review, each worker's every look_every_s) listed the three record
+    stores: every record ever sent and decided, 30 LIST requests at 10,000 items each pending
+    and accepted on S3. A look between listings reads the journals' last minutes instead:
+    another replica's new items and decisions (an accept, a reject) are seen, one named by a
+    clock 90 s behind too; a record no journal names (written by hand) is read by the next
+    listing only."""
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    store, replica = (ReviewStore(load_project(project).catalog) for _ in range(2))
+    images = [path.read_bytes() for path in sorted((sample_dir / "Hand").iterdir())[:4]]
+    ids = [store.submit(image, "Hand", {})[0]["feedback_id"] for image in images[:2]]
+    assert [item["feedback_id"] for item in store.look().waiting()] == ids  # lists: the first
+    pending = project / "data/01_raw/feedback_pending/records"
+    (pending / "Hand-stored-since.json").write_text('{"label": "Ha')  # only a listing reads it
+    keep_capturing(caplog)
+
+    new = replica.submit(images[2], "Hand", {})[0]["feedback_id"]
+    replica.decide(ids[0], "accept", "bob")
+    replica.decide(new, "reject", "bob")
+    behind = datetime.now(UTC) - timedelta(seconds=90)
+    with monkeypatch.context() as clock:  # the replica's clock, or a slow write
+        clock.setattr(review, "now", lambda: behind)
+        late = replica.submit(images[3], "Hand", {})[0]["feedback_id"]
+    looked = store.look()
+
+    assert [item["feedback_id"] for item in looked.waiting()] == [late, ids[1]]
+    assert set(looked.accepted) == {ids[0]} and set(looked.rejected) == {new}
+    assert "Hand-stored-since" not in caplog.text  # no record store was listed
+    store.look(listing=True)
+    assert "Hand-stored-since" in caplog.text
 
 
 def unreadable_gauge(store: str) -> float | None:

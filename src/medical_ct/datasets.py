@@ -1,6 +1,7 @@
 """Kedro datasets of this project: image folders, reports
 copied to MLflow from any store, and registered models."""
 
+import contextlib
 import json
 import logging
 import os
@@ -520,6 +521,8 @@ class RecordLoaders(Mapping[str, Callable[[], Any]]):
             content = contents.get(path)
             if isinstance(content, bytes):  # else (an error, a name fsspec globbed) read alone
                 loaders[record_id] = partial(self._load, path, content)
+            elif isinstance(content, FileNotFoundError):  # none: asking again finds none
+                loaders[record_id] = partial(_raise, content)
         return loaders
 
     def _load(self, path: str, content: bytes | None = None) -> Any:
@@ -527,6 +530,10 @@ class RecordLoaders(Mapping[str, Callable[[], Any]]):
             return json.loads(self._filesystem.cat_file(path) if content is None else content)
         except ValueError as error:
             raise DatasetError(f"{path} is not JSON") from error
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 def fetched(
@@ -608,10 +615,15 @@ class RecordsDataset(AbstractDataset[dict[str, Any], RecordLoaders]):
         self._filesystem.invalidate_cache(path)  # other processes add records
         return self._filesystem.exists(path)
 
-    def loader(self, record_id: str) -> Callable[[], Any]:
-        """The loader of record ``record_id``, found by its name, not by a listing (calling
-        it raises ``FileNotFoundError`` when there is none)."""
-        return RecordLoaders({record_id: self._path_of(record_id)}, self._filesystem)[record_id]
+    def loaders(self, record_ids: Iterable[str]) -> RecordLoaders:
+        """The loaders of ``record_ids``, found by their names, not by a listing (calling one
+        raises ``FileNotFoundError`` when there is none); an id that would leave the store
+        (a name edited by hand in a journal) is left out."""
+        paths = {}
+        for record_id in record_ids:
+            with contextlib.suppress(DatasetError):
+                paths[record_id] = self._path_of(record_id)
+        return RecordLoaders(paths, self._filesystem)
 
     def _path_of(self, record_id: str) -> str:
         return f"{self._root}/{inside(self._path, record_id)}{self.SUFFIX}"

@@ -6,14 +6,13 @@ min_new_images runs, then the burst limit (it floods the submitter's minute).
 """
 
 import contextlib
-import hashlib
 import io
 import json
 import re
 import shutil
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -27,7 +26,7 @@ from medical_ct.pipelines.data_processing.nodes import split_of
 from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.serving.model_holder import load_served_model
 from medical_ct.serving.project import load_project
-from medical_ct.serving.review import ReviewConfig, ReviewQueue
+from medical_ct.serving.review import ReviewConfig, ReviewQueue, ReviewStore
 from tests.conftest import (
     CLASSES,
     FAST_RUN_PARAMS,
@@ -55,6 +54,7 @@ SERVE_ENV = {
     "MEDICAL_CT_BURST_FLAG_PER_MINUTE": str(FLAG_PER_MINUTE),
     "MEDICAL_CT_BURST_REFUSE_PER_MINUTE": str(REFUSE_PER_MINUTE),
     "MEDICAL_CT_REVIEW_LOOK_EVERY_S": "1",
+    "MEDICAL_CT_REVIEW_LIST_EVERY_S": "3",  # each GET /review reads the journals only
 }
 PENDING = Path("data/01_raw/feedback_pending")
 ACCEPTED = Path("data/01_raw/feedback_accepted")
@@ -188,67 +188,58 @@ def test_feedback_waits_pending_unflagged_and_nothing_is_trained_on(
 
 
 def gauge(client: httpx.Client, name: str = "medical_ct_feedback_pending") -> float | None:
-    found = re.search(rf"^{name} (\S+)$", client.get("/metrics").text, re.M)
+    found = re.search(rf"^{re.escape(name)} (\S+)$", client.get("/metrics").text, re.M)
     return float(found[1]) if found else None
 
 
-def test_metrics_count_what_waits_without_a_request(client, project, sample_dir, seen):
+def gauge_becomes(client: httpx.Client, value: float, name: str = "medical_ct_feedback_pending"):
+    """Wait up to 15 s for a gauge of /metrics (either worker's) to read ``value``."""
+    deadline = time.monotonic() + 15
+    while gauge(client, name) != value and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert gauge(client, name) == value, client.get("/metrics").text
+
+
+def test_metrics_count_what_waits_without_a_request(client, project, sample_dir, seen, monkeypatch):
     """The pending count on /metrics was set only by /feedback and /review: 0 after every
     start, blind to items another replica stored. Each worker now looks every look_every_s
-    (1 s here): an item stored as another replica stores it shows up with no request. The
-    oldest waiting item's time is there too (alert MedicalCTFeedbackWaitsForReview)."""
+    (1 s here): an item another replica stores (its record, image and journal entry, through
+    the same ReviewStore) shows up with no request. The oldest waiting item's time is there
+    too (alert MedicalCTFeedbackWaitsForReview)."""
     before = gauge(client)
     assert before is not None and before >= 1  # the ordinary item, counted since the start
     ordinary = json.loads((project / PENDING / f"records/{seen['ordinary']}.json").read_text())
     oldest = gauge(client, "medical_ct_feedback_oldest_pending_timestamp_seconds")
     sent = datetime.fromisoformat(ordinary["submitted_at"]).timestamp()
     assert oldest == pytest.approx(sent, abs=0.01)
+    monkeypatch.chdir(project)
+    replica = ReviewStore(load_project(project).catalog)
     image = new_images(sample_dir, "HeadCT", 1, start=30)[0]
-    digest = hashlib.sha256(image).hexdigest()
-    (project / PENDING / f"images/HeadCT/{digest}.png").parent.mkdir(exist_ok=True)
-    (project / PENDING / f"images/HeadCT/{digest}.png").write_bytes(image)
-    record = {
-        "feedback_id": f"HeadCT-{digest[:32]}",
-        "image": f"HeadCT/{digest}.png",
-        "sha256": digest,
-        "label": "HeadCT",
-        "submitted_at": datetime.now(UTC).isoformat(),
-        "submitter": "10.0.0.7",  # another replica's client
-    }
-    stored = project / PENDING / f"records/{record['feedback_id']}.json"
-    written = stored.with_name(f"{stored.name}.0tests0.partial")  # whole, as a replica writes
-    written.write_text(json.dumps(record))
-    written.replace(stored)
-    deadline = time.monotonic() + 15
-    while gauge(client) != before + 1 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert gauge(client) == before + 1
+
+    replica.submit(image, "HeadCT", {"submitter": "10.0.0.7"})  # another replica's client
+
+    gauge_becomes(client, before + 1)
 
 
 def test_a_record_broken_by_hand_is_left_out_counted_and_stops_nothing(
     client, project, sample_dir, seen
 ):
     """Each listing of a store read every record: one that is not JSON (a hand edit) answered
-    500 to every /feedback and /review of both workers. Now both go on without it, /metrics
-    counts it (alert MedicalCTFeedbackRecordUnreadable), and once deleted the count is 0."""
+    500 to every /feedback and /review of both workers. Now both go on without it, the next
+    listing (every list_every_s, 3 s here) counts it on /metrics (alert
+    MedicalCTFeedbackRecordUnreadable), and once deleted the count is 0."""
     broken = project / PENDING / "records/Hand-brokenbyhand.json"
     broken.write_text('{"feedback_id": "Hand-brokenbyhand", "label": "Ha')
+    unreadable = 'medical_ct_feedback_unreadable_records{store="pending_feedback_records"}'
     try:
+        gauge_becomes(client, 1, unreadable)
         for _ in range(4):  # both workers, whichever answers
             assert seen["ordinary"] in queue(client)
         repeat = post(client, confident_image(client, sample_dir, "Hand"), "Hand")  # no new item
         assert repeat.status_code == 202 and repeat.json()["feedback_id"] == seen["ordinary"]
-        metrics = client.get("/metrics").text
-        assert 'medical_ct_feedback_unreadable_records{store="pending_feedback_records"} 1.0' in (
-            metrics
-        ), metrics
     finally:
         broken.unlink()
-    queue(client)
-    metrics = client.get("/metrics").text
-    assert 'medical_ct_feedback_unreadable_records{store="pending_feedback_records"} 0.0' in (
-        metrics
-    )
+    gauge_becomes(client, 0, unreadable)
 
 
 def test_a_label_the_champion_confidently_disputes_is_flagged(client, sample_dir, seen):
@@ -314,7 +305,7 @@ def test_decisions_are_checked_recorded_once_and_audited(client, project, seen):
     assert decide(client, second, "reject", headers=BOB).status_code == 200
 
     assert not {ordinary, disputed, first, second} & queue(client).keys()
-    audit = [json.loads(path.read_text()) for path in sorted((project / AUDIT).iterdir())]
+    audit = [json.loads(path.read_text()) for path in sorted((project / AUDIT).rglob("*.json"))]
     assert [(a["feedback_id"], a["decision"], a["reviewer"]) for a in audit] == [
         (ordinary, "accept", "alice"),
         (disputed, "accept", "alice"),
@@ -361,7 +352,7 @@ def test_the_review_page_decides_with_a_key(server, project, client, sample_dir,
         page.wait_for_selector("#review-status.ok")
 
     assert (project / REJECTED / "records" / f"{receipt['feedback_id']}.json").is_file()
-    audit = [json.loads(p.read_text()) for p in (project / AUDIT).iterdir()]
+    audit = [json.loads(p.read_text()) for p in (project / AUDIT).rglob("*.json")]
     assert any(a["feedback_id"] == receipt["feedback_id"] for a in audit)
     seen["rejected"].add(receipt["feedback_id"])
 
@@ -552,6 +543,7 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
             "out_of_distribution": {"reference_images_per_class": 10, "max_distance_ratio": 1.5},
             "auto_accept": {"policy": "agree_with_model", "min_confidence": 0.9},
             "look_every_s": 60,
+            "list_every_s": 600,
         }
     )
     reviews = ReviewQueue(loaded.catalog, policy)
@@ -568,7 +560,7 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
         (project / ACCEPTED / "records" / f"{agreed['feedback_id']}.json").read_text()
     )
     assert record["decision"] == "auto_accept" and record["reviewer"] == "auto:agree_with_model"
-    audit = [json.loads(p.read_text()) for p in (project / AUDIT).iterdir()]
+    audit = [json.loads(p.read_text()) for p in (project / AUDIT).rglob("*.json")]
     assert any(a["feedback_id"] == agreed["feedback_id"] for a in audit)
 
 
@@ -580,6 +572,8 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
         ({"burst": {"flag_per_minute": "x", "refuse_per_minute": 5}}, "review.yml is invalid"),
         ({"look_every_s": 0}, "look_every_s must be over 0"),
         ({"look_every_s": None}, "review.yml is invalid"),
+        ({"list_every_s": 30}, r"list_every_s \(30.0\) must be at least look_every_s"),
+        ({"list_every_s": "hourly"}, "review.yml is invalid"),
     ],
 )
 def test_a_bad_review_config_is_refused(change, message):
@@ -589,6 +583,7 @@ def test_a_bad_review_config_is_refused(change, message):
         "out_of_distribution": {"reference_images_per_class": 10, "max_distance_ratio": 1.5},
         "auto_accept": {"policy": False, "min_confidence": 0.99},  # YAML's bare `off`
         "look_every_s": 60,
+        "list_every_s": 600,
     }
     assert ReviewConfig.from_config(config).auto_accept == "off"
     with pytest.raises(ValueError, match=message):

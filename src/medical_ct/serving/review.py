@@ -19,8 +19,9 @@ import io
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,6 +45,10 @@ ACCEPTED_RECORDS = "accepted_feedback_records"
 REJECTED_RECORDS = "rejected_feedback_records"
 AUDIT_LOG = "review_audit"
 SUBMISSIONS = "feedback_submissions"  # <minute>/<submitter's hash>/<unix time>-<id>
+# A journal entry is named by its writer's clock before the writes, so a look reads the
+# journals' minutes from this long before the last look's start.
+JOURNAL_OVERLAP = timedelta(minutes=2)
+JOURNAL_MINUTES_MAX = 30  # a look longer after the last one lists every record store instead
 AUTO_REVIEWER = "auto:agree_with_model"
 
 logger = logging.getLogger(__name__)
@@ -75,6 +80,7 @@ class ReviewConfig:
     auto_accept: str
     auto_accept_min_confidence: float
     look_every_s: float
+    list_every_s: float
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ReviewConfig":
@@ -99,6 +105,7 @@ class ReviewConfig:
                 ),
                 auto_accept_min_confidence=float(config["auto_accept"]["min_confidence"]),
                 look_every_s=float(config["look_every_s"]),
+                list_every_s=float(config["list_every_s"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"conf review.yml is invalid ({error!r}): got {config!r}") from None
@@ -112,6 +119,11 @@ class ReviewConfig:
             problems.append("out_of_distribution needs >= 2 images per class, a ratio > 0")
         if review.look_every_s <= 0:
             problems.append(f"look_every_s must be over 0 seconds, not {review.look_every_s}")
+        if review.list_every_s < review.look_every_s:
+            problems.append(
+                f"list_every_s ({review.list_every_s}) must be at least look_every_s "
+                f"({review.look_every_s}): a look between two listings reads what is new"
+            )
         if review.auto_accept not in ("off", "agree_with_model"):
             problems.append(f"auto_accept.policy is off or agree_with_model, not {review}")
         if problems:
@@ -188,16 +200,22 @@ class _RecordCache:
         self._lock = threading.Lock()
 
     def all(self) -> dict[str, dict]:
+        """Every record of a listing of the store: those read before, and the new ones, read
+        now. The lock is held only to merge what was read: a listing of years of records
+        held back every decision and submission of the worker while it ran (seconds on S3).
+        """
+        partitions = self._catalog.load(self._name)
         with self._lock:
-            partitions = self._catalog.load(self._name)
-            unreadable = {}
-            new = fetched(partitions, partitions.keys() - self._records.keys())
-            for key, load in new.items():
-                record, problem = self._read(key, load)
-                if problem:
-                    unreadable[key] = problem
-                else:
-                    self._records[key] = record
+            new = partitions.keys() - self._records.keys()
+        read, unreadable = {}, {}
+        for key, load in fetched(partitions, new).items():
+            record, problem = self._read(key, load)
+            if problem:
+                unreadable[key] = problem
+            else:
+                read[key] = record
+        with self._lock:
+            self._records.update(read)
             for key in unreadable.keys() - self._unreadable:  # once a file, not every look
                 logger.error(
                     "Feedback record %s of %s cannot be read (%s): it is left out until it is "
@@ -236,19 +254,26 @@ class _RecordCache:
         return self._catalog.get(self._name).has(key)
 
     def one(self, key: str) -> dict | None:
-        """The record ``key``, as read already or else read alone, found by its name and not by
-        a listing (one request); None when there is none, or it cannot be read (the next
-        look names it)."""
+        """The record ``key`` (``read``), or None."""
+        return self.read([key]).get(key)
+
+    def read(self, keys: Iterable[str]) -> dict[str, dict]:
+        """The records ``keys``, as read already or else read now, found by their names and
+        not by a listing (the new ones' GETs gathered on S3). A key with no record, a record
+        that cannot be read (the next listing names it) or a name that would leave the store
+        is left out."""
         with self._lock:
-            if key in self._records:
-                return self._records[key]
-        try:
-            record, _ = self._read(key, self._catalog.get(self._name).loader(key))
-        except (FileNotFoundError, DatasetError):  # none, or a name that would leave the store
-            return None
-        if record is not None:
-            self.add(key, record)
-        return record
+            found = {key: self._records[key] for key in keys if key in self._records}
+        loaders = self._catalog.get(self._name).loaders(set(keys) - found.keys())
+        for key, load in fetched(loaders, loaders.keys()).items():
+            try:
+                record, _ = self._read(key, load)
+            except FileNotFoundError:
+                continue
+            if record is not None:
+                self.add(key, record)
+                found[key] = record
+        return found
 
     def _read(self, key: str, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
         """The record stored as ``key``, or what is wrong with it."""
@@ -299,10 +324,50 @@ class ReviewStore:
         self._accepted = _RecordCache(catalog, ACCEPTED_RECORDS)
         self._rejected = _RecordCache(catalog, REJECTED_RECORDS)
         self._decide_lock = threading.Lock()
+        self._looked_at: datetime | None = None
+        self._look_lock = threading.Lock()
 
     def records(self) -> Records:
         """One listing of each record store (only records not read before are loaded)."""
         return self._read_by(_RecordCache.all)
+
+    def look(self, listing: bool = False) -> Records:
+        """Every record as this worker knows it after reading what is new since its last look.
+
+        With ``listing``, at the first look, or past ``JOURNAL_MINUTES_MAX`` since the last
+        one, every record store is listed (``records``). Otherwise only the journals' folders
+        of the minutes since the last look (less ``JOURNAL_OVERLAP``) are: the submissions
+        store names every new pending item, the audit log every decision, and each record is
+        read by its id (none read before is read again). A listing grows by a LIST request
+        every 1,000 records on S3 (30 at 10,000 items each pending and accepted, a few
+        seconds); a look between listings costs a few small ones, however many records years
+        of feedback left. It misses what no journal names: what ``list_every_s``'s listings
+        find (records written before the journals, or by hand, or whose journal entry a
+        store refused; the unreadable ones).
+        """
+        started = now()
+        with self._look_lock:
+            last = self._looked_at
+        if listing or last is None or started - last > timedelta(minutes=JOURNAL_MINUTES_MAX):
+            records = self.records()
+        else:
+            self._read_journals(last - JOURNAL_OVERLAP, started)
+            records = self.known()
+        with self._look_lock:
+            self._looked_at = max(started, self._looked_at or started)
+        return records
+
+    def _read_journals(self, since: datetime, until: datetime) -> None:
+        """Read the records the journals name in the minutes from ``since`` to ``until``."""
+        submitted, decided = set(), set()
+        for minute in _minutes(since, until):
+            submitted |= {_id_after(name, "-") for name in self._journal(SUBMISSIONS, minute)}
+            decided |= {_id_after(name, "Z-") for name in self._journal(AUDIT_LOG, minute)}
+        self._pending.read(submitted)
+        self._rejected.read(decided - self._accepted.read(decided).keys())
+
+    def _journal(self, name: str, minute: str) -> list[str]:
+        return self._catalog.get(name).ids(minute)
 
     def known(self) -> Records:
         """Every record as this worker last listed or wrote it, without a listing."""
@@ -367,12 +432,10 @@ class ReviewStore:
         ever sent, on every /feedback (a request per 1,000 on S3)."""
         until = now()
         since = until - within
-        store = self._catalog.get(SUBMISSIONS)
-        minute, times = since.replace(second=0, microsecond=0), []
-        while minute <= until:
-            names = store.ids(f"{minute:%Y%m%dT%H%M}/{_submitter_folder(submitter)}")
+        times = []
+        for minute in _minutes(since, until):
+            names = self._journal(SUBMISSIONS, f"{minute}/{_submitter_folder(submitter)}")
             times += [time for time in map(_sent_at, names) if time and time >= since]
-            minute += timedelta(minutes=1)
         return sorted(times)
 
     def images(
@@ -453,8 +516,9 @@ class ReviewStore:
                     self._catalog.save(ACCEPTED_RECORDS, {feedback_id: record})
                 else:
                     self._catalog.save(REJECTED_RECORDS, {feedback_id: record})
-                stamp = record["decided_at"].replace(":", "").replace("+0000", "Z")
-                self._catalog.save(AUDIT_LOG, {f"{stamp}-{feedback_id}": audit})
+                self._catalog.save(
+                    AUDIT_LOG, {_audit_name(record["decided_at"], feedback_id): audit}
+                )
             except ReviewError:
                 raise
             except Exception as error:
@@ -491,6 +555,26 @@ def _submitter_folder(submitter: str | None) -> str:
 
 def _submission_name(submitter: str | None, at: datetime, feedback_id: str) -> str:
     return f"{at:%Y%m%dT%H%M}/{_submitter_folder(submitter)}/{at.timestamp():.6f}-{feedback_id}"
+
+
+def _audit_name(decided_at: str, feedback_id: str) -> str:
+    """``<minute>/<ISO time>-<id>``: a journal of the decisions, listed by minute."""
+    at = datetime.fromisoformat(decided_at)
+    return f"{at:%Y%m%dT%H%M}/{at:%Y-%m-%dT%H%M%S.%fZ}-{feedback_id}"
+
+
+def _minutes(since: datetime, until: datetime) -> list[str]:
+    """The journals' minute folders (``%Y%m%dT%H%M``) from ``since`` to ``until``."""
+    minute, minutes = since.replace(second=0, microsecond=0), []
+    while minute <= until:
+        minutes.append(f"{minute:%Y%m%dT%H%M}")
+        minute += timedelta(minutes=1)
+    return minutes
+
+
+def _id_after(name: str, separator: str) -> str:
+    """The feedback id of a journal entry ``<minute>/.../<time><separator><id>``."""
+    return name.rsplit("/", 1)[-1].split(separator, 1)[-1]
 
 
 def _sent_at(name: str) -> datetime | None:
@@ -621,7 +705,9 @@ class ReviewQueue:
         self._missing_logged: set[str] = set()
 
     def watch(self) -> None:
-        """Look at the stores now and every ``look_every_s`` seconds, in a daemon thread.
+        """Look at the stores now and every ``look_every_s`` seconds, in a daemon thread,
+        listing every record store at the first look and every ``list_every_s`` seconds
+        (``ReviewStore.look``: the looks between read only what the journals name).
 
         The pending count on /metrics (``medical_ct_feedback_pending``) and the unreadable
         records' were set only by a request: after each start they said 0 until someone sent
@@ -631,9 +717,13 @@ class ReviewQueue:
         """
 
         def look() -> None:
+            listed_at = None
             while True:
+                every = self.config.list_every_s
+                listing = listed_at is None or time.monotonic() - listed_at >= every
                 try:
-                    count_waiting(self.store.records().waiting())
+                    count_waiting(self.store.look(listing).waiting())
+                    listed_at = time.monotonic() if listing else listed_at
                 except Exception as error:  # a store down: logged, tried at the next look
                     logger.warning("The feedback stores could not be read (%r)", error)
                 if self._stop.wait(self.config.look_every_s):
@@ -691,8 +781,9 @@ class ReviewQueue:
         return record
 
     def queue(self, served: ServedModel, limit: int) -> list[dict[str, Any]]:
-        """Pending items, oldest first: the champion's view now, the flags and their reasons."""
-        records = self.store.records()
+        """Pending items, oldest first: the champion's view now, the flags and their reasons
+        (what waits as this worker knows it after a look, ``ReviewStore.look``)."""
+        records = self.store.look()
         waiting = records.waiting()
         count_waiting(waiting)
         items = waiting[:limit]
