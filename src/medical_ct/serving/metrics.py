@@ -49,7 +49,7 @@ feedback_pending = bentoml.metrics.Gauge(
     name="medical_ct_feedback_pending",
     documentation="Feedback items waiting for a review, as the store said at the last look",
     # Every worker reads the same store: the latest count, from whichever worker, stands (a
-    # request's count is that worker's view; its next look lists the stores).
+    # request's count is that worker's view until its next look).
     multiprocess_mode="livemostrecent",
 )
 feedback_oldest_pending = bentoml.metrics.Gauge(

@@ -8,7 +8,9 @@ store alone (catalog ``feedback_images``), which only a reviewer's decision (or 
 
 Every store is append-only: a decision adds an accepted or rejected record and a line of the
 audit log (one object per decision: S3 has no append); nothing is deleted or rewritten. The
-records are immutable, so each worker caches what it has read and lists only what is new.
+records are immutable, so each worker caches what it has read. Between its listings of the
+record stores it reads only what the journals name: the submissions store (new items) and
+the audit log (decisions), both filed by minute (``ReviewStore.look``).
 """
 
 import bisect
@@ -186,7 +188,7 @@ class _RecordCache:
     """The records of one partitioned store, read once each (they are never rewritten).
 
     A record that cannot be read (not JSON, not an object, a pending one without a field the
-    queue reads: a hand edit, a disk error) is left out and tried again at the next look,
+    queue reads: a hand edit, a disk error) is left out and tried again at the next listing,
     with an error in the log naming it and a gauge counting it
     (``medical_ct_feedback_unreadable_records``, alert ``MedicalCTFeedbackRecordUnreadable``):
     one bad file used to fail every /feedback and /review of every worker.
