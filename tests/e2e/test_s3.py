@@ -29,6 +29,7 @@ from medical_ct.datasets import (
     FolderHasFilesDataset,
     ImageFolderDataset,
     RecordsDataset,
+    fetched,
     read_record,
 )
 from medical_ct.pipelines.data_processing.nodes import decode_images
@@ -492,7 +493,9 @@ def test_a_record_is_found_by_its_name_in_the_bucket_not_in_a_cached_listing(
 ):
     """A decision asks the decision stores about its one id (``has``: a HEAD) instead of
     listing every record ever decided. s3fs answers ``exists`` from its listing cache once the
-    folder was listed in the process: a record another replica wrote since must be found."""
+    folder was listed in the process: a record another replica wrote since must be found. A
+    look reads the records a journal names by their ids, gathered: a missing one is none, as
+    one read alone is."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     for name, value in S3_CREDENTIALS.items():
         monkeypatch.setenv(name, value)
@@ -507,6 +510,13 @@ def test_a_record_is_found_by_its_name_in_the_bucket_not_in_a_cached_listing(
     assert store.has("Hand-2") and store.has("Hand-1") and not store.has("Hand-3")
     with pytest.raises(DatasetError, match="would leave"):
         store.has("../Hand-1")
+    loaders = store.loaders(["Hand-1", "Hand-2", "Hand-3", "../Hand-1"])
+    read = fetched(loaders, loaders.keys())
+    assert sorted(read) == ["Hand-1", "Hand-2", "Hand-3"] and read["Hand-1"]() == {"label": "Hand"}
+    with pytest.raises(DatasetError, match="not JSON"):
+        read["Hand-2"]()
+    with pytest.raises(FileNotFoundError):
+        read["Hand-3"]()
 
 
 def test_an_index_kept_from_a_save_is_checked_against_the_bucket_not_a_cached_listing(
