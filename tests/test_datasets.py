@@ -309,6 +309,54 @@ def test_a_look_between_listings_reads_what_the_journals_name_and_lists_no_recor
     assert "Hand-stored-since" in caplog.text
 
 
+def test_a_journal_entry_refused_after_its_record_leaves_the_record_standing_logged_whole(
+    tmp_path, sample_dir, monkeypatch, caplog
+):
+    """The audit entry was written after the decision record, in the same try: a store that
+    refused it answered 503 "nothing was decided" though the decision stood and trained, and
+    the reviewer's retry found it done (409). Now the decision is answered; its entry is
+    logged whole, to be written back, and counted (alert MedicalCTReviewAuditEntryRefused).
+    So is a new item's submissions entry: the item is stored and waits."""
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    store = ReviewStore(load_project(project).catalog)
+    raw = project / "data/01_raw"
+    for journal in ("review_audit", "feedback_pending/submissions"):
+        (raw / journal).mkdir(parents=True)
+        for minutes in range(-1, 3):  # a file where each minute's folder goes: writes fail
+            at = datetime.now(UTC) + timedelta(minutes=minutes)
+            (raw / journal / f"{at:%Y%m%dT%H%M}").write_text("")
+    refused = {journal: journal_refused(journal) for journal in JOURNALS}
+    image = sorted((sample_dir / "Hand").iterdir())[0].read_bytes()
+    keep_capturing(caplog)
+
+    stored, new = store.submit(image, "Hand", {"submitter": "t"})
+    record, waiting = store.decide(stored["feedback_id"], "accept", "alice")
+
+    feedback_id = stored["feedback_id"]
+    assert new and (raw / f"feedback_pending/records/{feedback_id}.json").is_file()
+    assert (raw / f"feedback_accepted/records/{feedback_id}.json").is_file() and waiting == []
+    with pytest.raises(ReviewError, match="already accepted"):
+        store.decide(feedback_id, "reject", "bob")
+    submitted, decided = [line for line in caplog.messages if "Write it back as" in line]
+    assert f"Feedback {feedback_id} is stored, but feedback_submissions refused" in submitted
+    assert f"decision on feedback {feedback_id} (accept) stands, but review_audit" in decided
+    entry = json.loads(decided.split(".json there: ", 1)[1])
+    assert entry["reviewer"] == "alice" and entry["decided_at"] == record["decided_at"]
+    assert {journal: journal_refused(journal) - refused[journal] for journal in JOURNALS} == {
+        "review_audit": 1,
+        "feedback_submissions": 1,
+    }
+
+
+JOURNALS = ("review_audit", "feedback_submissions")
+
+
+def journal_refused(journal: str) -> float:
+    sample = {"journal": journal}
+    return REGISTRY.get_sample_value("medical_ct_review_journal_refused_total", sample) or 0
+
+
 def unreadable_gauge(store: str) -> float | None:
     return REGISTRY.get_sample_value("medical_ct_feedback_unreadable_records", {"store": store})
 

@@ -188,8 +188,8 @@ def promtool(*args: str) -> None:
 
 def test_each_alert_fires_on_its_case_and_not_on_healthy_traffic():
     """monitoring/alerts_test.yml: synthetic series for a down replica, no model, 10% 5xx,
-    confidence falling from 0.98 to 0.80, a feedback record nobody can read, feedback waiting
-    a week for a review, and healthy traffic (nothing fires)."""
+    confidence falling from 0.98 to 0.80, a feedback record nobody can read, an audit entry
+    refused, feedback waiting a week for a review, and healthy traffic (nothing fires)."""
     promtool("check", "config", "prometheus.yml")
     promtool("test", "rules", "alerts_test.yml")
 
@@ -206,6 +206,7 @@ def test_alert_rules_load_and_evaluate_on_the_live_service(prometheus, traffic):
         "MedicalCTErrorRateHigh",
         "MedicalCTConfidenceDropping",
         "MedicalCTFeedbackRecordUnreadable",
+        "MedicalCTReviewAuditEntryRefused",
         "MedicalCTFeedbackWaitsForReview",
     }
     assert {rule["health"] for rule in rules.values()} == {"ok"}

@@ -45,6 +45,12 @@ feedback_reviews_total = bentoml.metrics.Counter(
     documentation="Review decisions on feedback: accept, reject, auto_accept",
     labelnames=["decision"],
 )
+review_journal_refused = bentoml.metrics.Counter(
+    name="medical_ct_review_journal_refused_total",
+    documentation="Journal entries a store refused after their record was stored (the record "
+    "stands; the service's log has the entry): review_audit, feedback_submissions",
+    labelnames=["journal"],
+)
 feedback_pending = bentoml.metrics.Gauge(
     name="medical_ct_feedback_pending",
     documentation="Feedback items waiting for a review, as the store said at the last look",

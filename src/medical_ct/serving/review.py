@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import hmac
 import io
+import json
 import logging
 import os
 import threading
@@ -264,9 +265,10 @@ class _RecordCache:
         not by a listing (the new ones' GETs gathered on S3). A key with no record, a record
         that cannot be read (the next listing names it) or a name that would leave the store
         is left out."""
+        keys = set(keys)
         with self._lock:
             found = {key: self._records[key] for key in keys if key in self._records}
-        loaders = self._catalog.get(self._name).loaders(set(keys) - found.keys())
+        loaders = self._catalog.get(self._name).loaders(keys - found.keys())
         for key, load in fetched(loaders, loaders.keys()).items():
             try:
                 record, _ = self._read(key, load)
@@ -395,9 +397,9 @@ class ReviewStore:
         """Store ``image`` under ``label`` as pending; a repeat is stored once (same id).
 
         A new item is also added to the submissions store under its minute and submitter
-        (``recent_from``). Nothing is listed: a repeat is found by its id (one request, none
-        once the worker has read its record). A pending record that cannot be read is written
-        anew.
+        (``recent_from``, the looks), once its record is stored. Nothing is listed: a repeat
+        is found by its id (one request, none once the worker has read its record). A pending
+        record that cannot be read is written anew.
 
         Returns:
             The pending record (the first one, for a repeat), and whether it is new.
@@ -415,17 +417,37 @@ class ReviewStore:
             "submitted_at": now().isoformat(),
             **record,
         }
-        sent = _submission_name(stored.get("submitter"), _submitted_at(stored), feedback_id)
         try:
             self._catalog.save(PENDING_IMAGES, {stored["image"]: image})
             self._catalog.save(PENDING_RECORDS, {feedback_id: stored})
-            self._catalog.save(SUBMISSIONS, {sent: {"feedback_id": feedback_id}})
         except Exception as error:
             raise StoreError(
                 f"the feedback store refused the write ({type(error).__name__})"
             ) from error
         self._pending.add(feedback_id, stored)
+        sent = _submission_name(stored.get("submitter"), _submitted_at(stored), feedback_id)
+        entry = {"feedback_id": feedback_id}
+        self._add_to_journal(SUBMISSIONS, sent, entry, f"Feedback {feedback_id} is stored")
         return stored, True
+
+    def _add_to_journal(self, journal: str, key: str, entry: dict, stands: str) -> None:
+        """Add ``entry`` to ``journal`` once the record it names is stored. The record stands
+        (it waits for a review, or trains), so a refused entry is logged whole, to be written
+        back, and counted (alert ``MedicalCTReviewAuditEntryRefused``), not answered 503:
+        that said nothing was stored or decided, and the retry found it done."""
+        try:
+            self._catalog.save(journal, {key: entry})
+        except Exception as error:
+            metrics.review_journal_refused.labels(journal=journal).inc()
+            logger.error(
+                "%s, but %s refused its entry (%r): other workers see it at their next "
+                "listing. Write it back as %s.json there: %s",
+                stands,
+                journal,
+                error,
+                key,
+                json.dumps(entry),
+            )
 
     def recent_from(self, submitter: str, within: timedelta) -> list[datetime]:
         """When ``submitter``'s new items of the last ``within`` were sent, oldest first, by
@@ -470,7 +492,9 @@ class ReviewStore:
         The accepted image is copied into the store ``data_processing`` reads, then the
         decision record and an audit entry are added. The record is what makes the image
         train (``data_processing`` takes only accepted images a record names), so a decision
-        the store refused after the image (503: "nothing was decided") trains nothing.
+        the store refused after the image (503: "nothing was decided") trains nothing. Once
+        the record is stored the decision stands: an audit entry refused then is logged whole
+        and counted (``_add_to_journal``), not answered 503.
         Raises ``ReviewError`` 404 (unknown id) or 409 (already decided); the caller checks
         that ``label`` is a class (422). Nothing is listed: the item's record and whether it
         was decided are asked by its id. At 10,000 items each decided, every decision listed
@@ -518,9 +542,6 @@ class ReviewStore:
                     self._catalog.save(ACCEPTED_RECORDS, {feedback_id: record})
                 else:
                     self._catalog.save(REJECTED_RECORDS, {feedback_id: record})
-                self._catalog.save(
-                    AUDIT_LOG, {_audit_name(record["decided_at"], feedback_id): audit}
-                )
             except ReviewError:
                 raise
             except Exception as error:
@@ -528,6 +549,9 @@ class ReviewStore:
                     f"the review store refused the write ({type(error).__name__})"
                 ) from error
             (self._accepted if accepted else self._rejected).add(feedback_id, record)
+            stands = f"The decision on feedback {feedback_id} ({decision}) stands"
+            audit_name = _audit_name(record["decided_at"], feedback_id)
+            self._add_to_journal(AUDIT_LOG, audit_name, audit, stands)
             return record, self.known().waiting()
 
 
