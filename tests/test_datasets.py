@@ -181,7 +181,7 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     keep_capturing(caplog)
     read = store.records()
     store.records()  # a second look logs nothing new
-    assert list(read.pending) == [good["feedback_id"]] and read.accepted == {}
+    assert list(read.pending) == [good["feedback_id"]] and read.accepted == frozenset()
     assert [item["feedback_id"] for item in read.waiting()] == [good["feedback_id"]]
     logged = [r.getMessage() for r in caplog.records if r.name == "medical_ct.serving.review"]
     assert len(logged) == 7, logged

@@ -195,9 +195,12 @@ class _RecordCache:
     one bad file used to fail every /feedback and /review of every worker.
     """
 
-    def __init__(self, catalog: CatalogProtocol, name: str) -> None:
+    def __init__(
+        self, catalog: CatalogProtocol, name: str, kept: Callable[[dict], dict] | None = None
+    ) -> None:
         self._catalog = catalog
         self._name = name
+        self._kept = kept or (lambda record: record)  # what is kept of each record read
         self._records: dict[str, dict] = {}
         self._unreadable: set[str] = set()
         self._lock = threading.Lock()
@@ -216,7 +219,7 @@ class _RecordCache:
             if problem:
                 unreadable[key] = problem
             else:
-                read[key] = record
+                read[key] = self._kept(record)
         with self._lock:
             self._records.update(read)
             for key in unreadable.keys() - self._unreadable:  # once a file, not every look
@@ -246,7 +249,7 @@ class _RecordCache:
     def add(self, key: str, record: dict) -> None:
         """A record this worker just wrote (it stands: records are never rewritten)."""
         with self._lock:
-            self._records[key] = record
+            self._records[key] = self._kept(record)
 
     def has(self, key: str) -> bool:
         """Whether ``key`` is stored, readable or not: a record read already, or one the store
@@ -276,7 +279,7 @@ class _RecordCache:
                 continue
             if record is not None:
                 self.add(key, record)
-                found[key] = record
+                found[key] = self._kept(record)
         return found
 
     def _read(self, key: str, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
@@ -300,21 +303,31 @@ class _RecordCache:
         return record, None
 
 
+def _decided(record: dict) -> dict:
+    """What a worker keeps of a decision record: nothing but its id (the cache's key). The
+    service asks only whether an item was decided; the whole records held 1.9 KB an item in
+    every worker (0.19 GB at 100,000 decided items)."""
+    return _DECIDED
+
+
+_DECIDED: dict = {}
+
+
 @dataclass(frozen=True)
 class Records:
     """The records of the three stores, as one listing of them found them (``records``) or
-    as the worker knows them without one (``known``)."""
+    as the worker knows them without one (``known``); of the decided items, their ids."""
 
     pending: dict[str, dict]
-    accepted: dict[str, dict]
-    rejected: dict[str, dict]
+    accepted: frozenset[str]
+    rejected: frozenset[str]
     # Ids whose decision record is stored but cannot be read: decided (a decision of one
     # answers 409), not waiting. The unreadable records' alert asks to mend them.
     decided_unreadable: frozenset[str] = frozenset()
 
     def waiting(self) -> list[dict]:
         """Records still waiting for a decision, oldest first."""
-        decided = self.accepted.keys() | self.rejected.keys() | self.decided_unreadable
+        decided = self.accepted | self.rejected | self.decided_unreadable
         waiting = [r for key, r in self.pending.items() if key not in decided]
         return sorted(waiting, key=lambda record: record["submitted_at"])
 
@@ -325,8 +338,8 @@ class ReviewStore:
     def __init__(self, catalog: CatalogProtocol) -> None:
         self._catalog = catalog
         self._pending = _RecordCache(catalog, PENDING_RECORDS)
-        self._accepted = _RecordCache(catalog, ACCEPTED_RECORDS)
-        self._rejected = _RecordCache(catalog, REJECTED_RECORDS)
+        self._accepted = _RecordCache(catalog, ACCEPTED_RECORDS, kept=_decided)
+        self._rejected = _RecordCache(catalog, REJECTED_RECORDS, kept=_decided)
         self._decide_lock = threading.Lock()
         self._looked_at: datetime | None = None
         self._look_lock = threading.Lock()
@@ -382,7 +395,7 @@ class ReviewStore:
             read(c) for c in (self._pending, self._accepted, self._rejected)
         )
         unreadable = self._accepted.unreadable() | self._rejected.unreadable()
-        return Records(pending, accepted, rejected, unreadable)
+        return Records(pending, frozenset(accepted), frozenset(rejected), unreadable)
 
     def decided(self, feedback_id: str) -> str | None:
         """``accepted``, ``rejected`` or None, asked of the decision stores about this one id
