@@ -10,8 +10,9 @@ distinct PNGs), each pending and accepted with its records, as the review leaves
 times, and prints the median wall time and its range, the peak RSS, and the seconds of the
 steps that read the records (NodeTimingHook's metrics). Then what the service's review does
 on every request, in process on the same project: ``ReviewStore.records()`` (each record
-store listed; every /feedback, /review and decision) and ``images([one])`` (every image the
-review page shows, every accept), median seconds a call. ``--against REF`` makes a second
+store listed; each worker's listing) and ``images([one])`` (every image the review page
+shows, every accept), median seconds a call, and the memory the records read hold
+(tracemalloc, in a process of its own). ``--against REF`` makes a second
 project from a checkout of REF (a git worktree in a temporary folder; its own conf and code,
 the same data), alternates the runs of the two and prints the ratios.
 """
@@ -80,12 +81,18 @@ def reviewed_feedback(data: Path, count: int) -> None:
 
 # Run with a tree's code in its project: the review's per-request reads, median of ``repeats``
 REVIEW_CALLS = """
-import json, statistics, sys, time
+import json, statistics, sys, time, tracemalloc
 from pathlib import Path
 from medical_ct.serving.project import load_project
 from medical_ct.serving.review import ReviewStore
 
 store = ReviewStore(load_project(Path(sys.argv[1])).catalog)
+if sys.argv[3] == "memory":  # traced apart: tracing slows what is timed
+    tracemalloc.start()
+    store.records()
+    held = tracemalloc.get_traced_memory()[0] / 1e6
+    print(json.dumps({"MB a worker holds after its first look": held}))
+    sys.exit()
 started = time.perf_counter()
 pending = store.records().pending
 first = time.perf_counter() - started
@@ -102,9 +109,11 @@ print(json.dumps(seconds))
 """
 
 
-def review_calls(project: Path, env: dict[str, str], repeats: int) -> dict[str, float]:
+def review_calls(
+    project: Path, env: dict[str, str], repeats: int, mode: str = "time"
+) -> dict[str, float]:
     done = subprocess.run(
-        [sys.executable, "-c", REVIEW_CALLS, str(project), str(repeats)],
+        [sys.executable, "-c", REVIEW_CALLS, str(project), str(repeats), mode],
         cwd=project, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if done.returncode:
@@ -154,6 +163,9 @@ def main() -> None:
         for _ in range(3):
             for name, (project, env) in projects.items():
                 service[name].append(review_calls(project, env, args.repeats))
+        for name, (project, env) in projects.items():
+            held = review_calls(project, env, args.repeats, "memory")
+            service[name] = [run | held for run in service[name]]
         print(f"load after:  {uptime()}")
         steps = {
             name: step_seconds(env["MLFLOW_TRACKING_URI"])[1:]
@@ -187,7 +199,7 @@ def report(
     print("\nthe review, in process (median of 3 processes)")
     for call in service[names[0]][0]:
         values = [statistics.median(run[call] for run in service[name]) for name in names]
-        row(call, values)
+        row(call, values, "MB" if call.startswith("MB") else "s")
         if len(names) == 2:
             print(f"{'':40s}{'this tree / ' + names[1]:>20} = {values[0] / values[1]:.3f}")
     if len(names) == 2:
