@@ -12,7 +12,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -26,7 +26,7 @@ from medical_ct.pipelines.data_processing.nodes import split_of
 from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.serving.model_holder import load_served_model
 from medical_ct.serving.project import load_project
-from medical_ct.serving.review import ReviewConfig, ReviewQueue, ReviewStore
+from medical_ct.serving.review import ReviewConfig, ReviewQueue, ReviewStore, Submissions
 from tests.conftest import (
     CLASSES,
     FAST_RUN_PARAMS,
@@ -562,6 +562,38 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
     assert record["decision"] == "auto_accept" and record["reviewer"] == "auto:agree_with_model"
     audit = [json.loads(p.read_text()) for p in (project / AUDIT).rglob("*.json")]
     assert any(a["feedback_id"] == agreed["feedback_id"] for a in audit)
+
+
+def test_the_flags_index_kept_and_extended_is_the_index_built_at_once():
+    """Every GET /review built the flags' index (labels by image, times by submitter) from
+    every pending record ever sent: 0.33 s at 100,000 (bench_review_flags.py). The queue keeps
+    it and adds the records read since; extended in three steps, in no order of time, it is
+    the index built at once, and a burst counts what a count of every record counts."""
+    start, records = datetime(2026, 12, 4, tzinfo=UTC), {}
+    for n in range(30):
+        records[f"Hand-{n}"] = {
+            "sha256": str(n % 7),
+            "label": ("Hand", "CXR")[n % 2],
+            "submitter": f"10.0.0.{n % 3}",
+            "submitted_at": (start + timedelta(seconds=n * 37 % 300)).isoformat(),
+        }
+    ids, kept = list(records), Submissions()
+
+    for end in (10, 11, 30):
+        kept.add({key: records[key] for key in ids[:end]})
+
+    whole = Submissions.of(records)
+    assert kept.labels_by_image == whole.labels_by_image
+    assert kept.times_by_submitter == whole.times_by_submitter
+    assert all(times == sorted(times) for times in kept.times_by_submitter.values())
+    sent = {key: datetime.fromisoformat(r["submitted_at"]) for key, r in records.items()}
+    for key, item in records.items():
+        counted = sum(
+            other["submitter"] == item["submitter"]
+            and abs(sent[other_key] - sent[key]) <= timedelta(minutes=1)
+            for other_key, other in records.items()
+        )
+        assert kept.burst_size(item) == counted, key
 
 
 @pytest.mark.parametrize(
