@@ -567,8 +567,9 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
 def test_the_flags_index_kept_and_extended_is_the_index_built_at_once():
     """Every GET /review built the flags' index (labels by image, times by submitter) from
     every pending record ever sent: 0.33 s at 100,000 (bench_review_flags.py). The queue keeps
-    it and adds the records read since; extended in three steps, in no order of time, it is
-    the index built at once, and a burst counts what a count of every record counts."""
+    it and adds the records read since; extended in steps, in no order of time, and handed
+    an older copy of the cache by a concurrent request, it is the index built at once, and a
+    burst counts what a count of every record counts."""
     start, records = datetime(2026, 12, 4, tzinfo=UTC), {}
     for n in range(30):
         records[f"Hand-{n}"] = {
@@ -579,7 +580,7 @@ def test_the_flags_index_kept_and_extended_is_the_index_built_at_once():
         }
     ids, kept = list(records), Submissions()
 
-    for end in (10, 11, 30):
+    for end in (10, 11, 30, 20, 30):  # 20: a concurrent request's copy, taken before
         kept.add({key: records[key] for key in ids[:end]})
 
     whole = Submissions.of(records)
