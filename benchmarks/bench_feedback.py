@@ -11,10 +11,11 @@ times, and prints the median wall time and its range, the peak RSS, and the seco
 steps that read the records (NodeTimingHook's metrics). Then what the service's review does
 on every request, in process on the same project: ``ReviewStore.records()`` (each record
 store listed; each worker's listing) and ``images([one])`` (every image the review page
-shows, every accept), median seconds a call, and the memory the records read hold
-(tracemalloc, in a process of its own). ``--against REF`` makes a second
-project from a checkout of REF (a git worktree in a temporary folder; its own conf and code,
-the same data), alternates the runs of the two and prints the ratios.
+shows, every accept) and what waits (counted after every /feedback and /review), median
+seconds a call, and the memory the records read hold (tracemalloc, in a process of its
+own). ``--against REF`` makes a second project from a checkout of REF (a git worktree in a
+temporary folder; its own conf and code, the same data), alternates the runs of the two and
+prints the ratios.
 """
 
 import argparse
@@ -98,7 +99,14 @@ pending = store.records().pending
 first = time.perf_counter() - started
 one = sorted(pending)[len(pending) // 2]
 seconds = {"records(), first (reads every record)": first}
-for name, call in (("records()", store.records), ("images([one])", lambda: store.images([one]))):
+# What waits, counted after each /feedback and /review (before ReviewStore.waiting: anew)
+waiting = getattr(store, "waiting", lambda: store.known().waiting())
+calls = (
+    ("records()", store.records),
+    ("images([one])", lambda: store.images([one])),
+    ("what waits, after a request", waiting),
+)
+for name, call in calls:
     times = []
     for _ in range(int(sys.argv[2])):
         started = time.perf_counter()

@@ -183,6 +183,7 @@ def test_an_unreadable_feedback_record_is_left_out_not_every_request_failed(
     store.records()  # a second look logs nothing new
     assert list(read.pending) == [good["feedback_id"]] and read.accepted == frozenset()
     assert [item["feedback_id"] for item in read.waiting()] == [good["feedback_id"]]
+    assert store.waiting() == read.waiting()
     logged = [r.getMessage() for r in caplog.records if r.name == "medical_ct.serving.review"]
     assert len(logged) == 7, logged
     for name, problem in [
@@ -241,7 +242,11 @@ def test_a_decision_asks_the_stores_about_its_one_id_and_lists_none(
     assert [item["feedback_id"] for item in waiting] == [ids[0], ids[1]]  # as the worker knew
     assert "Hand-stored-since" not in caplog.text  # no listing read it
     assert [item["feedback_id"] for item in store.records().waiting()] == []  # the next look
+    assert store.waiting() == []  # the count kept: the broken decision record decides too
     assert "Hand-stored-since" in caplog.text
+    (accepted / f"{ids[1]}.json").unlink()  # deleted by hand: nothing decided it any more
+    assert [item["feedback_id"] for item in store.records().waiting()] == [ids[1]]
+    assert [item["feedback_id"] for item in store.waiting()] == [ids[1]]
 
 
 def test_a_submission_counts_its_senders_last_minute_on_every_replica_and_lists_nothing_else(
@@ -303,6 +308,7 @@ def test_a_look_between_listings_reads_what_the_journals_name_and_lists_no_recor
     looked = store.look()
 
     assert [item["feedback_id"] for item in looked.waiting()] == [late, ids[1]]
+    assert store.waiting() == looked.waiting()  # kept, not counted anew from every record
     assert set(looked.accepted) == {ids[0]} and set(looked.rejected) == {new}
     assert "Hand-stored-since" not in caplog.text  # no record store was listed
     store.look(listing=True)

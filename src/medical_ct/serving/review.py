@@ -242,6 +242,16 @@ class _RecordCache:
         with self._lock:
             return dict(self._records)
 
+    def since(self, start: int) -> tuple[list[tuple[str, dict]], int]:
+        """The records added after the first ``start`` (the cache only grows, in the order
+        its records came), and how many it holds now."""
+        with self._lock:
+            return list(itertools.islice(self._records.items(), start, None)), len(self._records)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._records
+
     def unreadable(self) -> frozenset[str]:
         """The records the last listing found and could not read."""
         with self._lock:
@@ -344,6 +354,9 @@ class ReviewStore:
         self._decide_lock = threading.Lock()
         self._looked_at: datetime | None = None
         self._look_lock = threading.Lock()
+        self._waiting: dict[str, dict] = {}  # pending, not decided (an unreadable one aside)
+        self._counted = {cache: 0 for cache in (self._pending, self._accepted, self._rejected)}
+        self._waiting_lock = threading.Lock()
 
     def records(self) -> Records:
         """One listing of each record store (only records not read before are loaded)."""
@@ -386,6 +399,24 @@ class ReviewStore:
 
     def _journal(self, name: str, minute: str) -> list[str]:
         return self._catalog.get(name).ids(minute)
+
+    def waiting(self) -> list[dict]:
+        """The items still waiting for a decision, oldest first, as this worker knows them:
+        kept, and updated with the records read or written since the last call. Counting
+        them anew (``Records.waiting`` over a copy of every record) cost every /feedback and
+        /review 25-42 ms at 100,000 pending records, in the worker that answers /predict."""
+        with self._waiting_lock:
+            new, self._counted[self._pending] = self._pending.since(self._counted[self._pending])
+            for key, record in new:
+                if key not in self._accepted and key not in self._rejected:
+                    self._waiting[key] = record
+            for cache in (self._accepted, self._rejected):
+                decided, self._counted[cache] = cache.since(self._counted[cache])
+                for key, _ in decided:
+                    self._waiting.pop(key, None)
+            unreadable = self._accepted.unreadable() | self._rejected.unreadable()
+            waiting = [r for key, r in self._waiting.items() if key not in unreadable]
+        return sorted(waiting, key=lambda record: record["submitted_at"])
 
     def known(self) -> Records:
         """Every record as this worker last listed or wrote it, without a listing."""
@@ -566,7 +597,7 @@ class ReviewStore:
             stands = f"The decision on feedback {feedback_id} ({decision}) stands"
             audit_name = _audit_name(record["decided_at"], feedback_id)
             self._add_to_journal(AUDIT_LOG, audit_name, audit, stands)
-            return record, self.known().waiting()
+            return record, self.waiting()
 
 
 def _read_or_none(images: ImageFolderDataset, path: str) -> bytes | None:
@@ -782,7 +813,8 @@ class ReviewQueue:
                 every = self.config.list_every_s
                 listing = listed_at is None or time.monotonic() - listed_at >= every
                 try:
-                    count_waiting(self.store.look(listing).waiting())
+                    self.store.look(listing)
+                    count_waiting(self.store.waiting())
                     listed_at = time.monotonic() if listing else listed_at
                 except Exception as error:  # a store down: logged, tried at the next look
                     logger.warning("The feedback stores could not be read (%r)", error)
@@ -828,7 +860,7 @@ class ReviewQueue:
                 with contextlib.suppress(ReviewError):  # a reviewer was faster
                     self.decide(feedback_id, "auto_accept", AUTO_REVIEWER)  # counts what waits
                     return stored, "accepted"
-        count_waiting(self.store.known().waiting())
+        count_waiting(self.store.waiting())
         return stored, status
 
     def decide(
@@ -844,7 +876,7 @@ class ReviewQueue:
         """Pending items, oldest first: the champion's view now, the flags and their reasons
         (what waits as this worker knows it after a look, ``ReviewStore.look``)."""
         records = self.store.look()
-        waiting = records.waiting()
+        waiting = self.store.waiting()
         count_waiting(waiting)
         items = waiting[:limit]
         images = self.store.images([item["feedback_id"] for item in items], records.pending)
