@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -283,15 +283,17 @@ class _RecordCache:
         with self._lock:
             found = {key: self._records[key] for key in keys if key in self._records}
         loaders = self._catalog.get(self._name).loaders(keys - found.keys())
+        read = {}
         for key, load in fetched(loaders, loaders.keys()).items():
             try:
                 record, _ = self._read(key, load)
             except FileNotFoundError:
                 continue
             if record is not None:
-                self.add(key, record)
-                found[key] = self._kept(record)
-        return found
+                read[key] = self._kept(record)
+        with self._lock:
+            self._records.update(read)
+        return found | read
 
     def _read(self, key: str, load: Callable[[], Any]) -> tuple[dict | None, str | None]:
         """The record stored as ``key``, or what is wrong with it."""
@@ -339,8 +341,13 @@ class Records:
     def waiting(self) -> list[dict]:
         """Records still waiting for a decision, oldest first."""
         decided = self.accepted | self.rejected | self.decided_unreadable
-        waiting = [r for key, r in self.pending.items() if key not in decided]
-        return sorted(waiting, key=lambda record: record["submitted_at"])
+        return _oldest_first(self.pending, decided)
+
+
+def _oldest_first(pending: dict[str, dict], decided: Set[str]) -> list[dict]:
+    """The records of ``pending`` not ``decided``, oldest first."""
+    waiting = [record for key, record in pending.items() if key not in decided]
+    return sorted(waiting, key=lambda record: record["submitted_at"])
 
 
 class ReviewStore:
@@ -362,8 +369,9 @@ class ReviewStore:
         """One listing of each record store (only records not read before are loaded)."""
         return self._read_by(_RecordCache.all)
 
-    def look(self, listing: bool = False) -> Records:
-        """Every record as this worker knows it after reading what is new since its last look.
+    def look(self, listing: bool = False) -> None:
+        """Read what is new since this worker's last look (``waiting``, ``pending`` and
+        ``known`` then say what it knows).
 
         With ``listing``, at the first look, or past ``JOURNAL_MINUTES_MAX`` since the last
         one, every record store is listed (``records``). Otherwise only the journals' folders
@@ -380,13 +388,11 @@ class ReviewStore:
         with self._look_lock:
             last = self._looked_at
         if listing or last is None or started - last > timedelta(minutes=JOURNAL_MINUTES_MAX):
-            records = self.records()
+            self.records()
         else:
             self._read_journals(last - JOURNAL_OVERLAP, started)
-            records = self.known()
         with self._look_lock:
             self._looked_at = max(started, self._looked_at or started)
-        return records
 
     def _read_journals(self, since: datetime, until: datetime) -> None:
         """Read the records the journals name in the minutes from ``since`` to ``until``."""
@@ -415,8 +421,11 @@ class ReviewStore:
                 for key, _ in decided:
                     self._waiting.pop(key, None)
             unreadable = self._accepted.unreadable() | self._rejected.unreadable()
-            waiting = [r for key, r in self._waiting.items() if key not in unreadable]
-        return sorted(waiting, key=lambda record: record["submitted_at"])
+            return _oldest_first(self._waiting, unreadable)
+
+    def pending(self) -> dict[str, dict]:
+        """Every pending record this worker has read or written, in the order it came."""
+        return self._pending.known()
 
     def known(self) -> Records:
         """Every record as this worker last listed or wrote it, without a listing."""
@@ -507,15 +516,11 @@ class ReviewStore:
             times += [time for time in map(_sent_at, names) if time and time >= since]
         return sorted(times)
 
-    def images(
-        self, feedback_ids: list[str], pending: dict[str, dict] | None = None
-    ) -> list[bytes | None]:
+    def images(self, feedback_ids: list[str]) -> list[bytes | None]:
         """The submitted images, as sent, each read by the path its record names; None for one
         missing from the store (deleted by hand): its item can still be rejected, where one
         such file answered 500 to every ``GET /review`` that showed it."""
-        if pending is None:
-            pending = {key: self._pending.one(key) for key in feedback_ids}
-        records = {key: record for key, record in pending.items() if record is not None}
+        records = self._pending.read(feedback_ids)
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
             raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
@@ -580,7 +585,7 @@ class ReviewStore:
             }
             try:
                 if accepted:
-                    (image,) = self.images([feedback_id], {feedback_id: submitted})
+                    (image,) = self.images([feedback_id])
                     if image is None:
                         raise ReviewError(409, f"cannot accept: {missing_image(submitted)}")
                     self._catalog.save(ACCEPTED_IMAGES, {record["accepted_as"]: image})
@@ -875,14 +880,14 @@ class ReviewQueue:
     def queue(self, served: ServedModel, limit: int) -> list[dict[str, Any]]:
         """Pending items, oldest first: the champion's view now, the flags and their reasons
         (what waits as this worker knows it after a look, ``ReviewStore.look``)."""
-        records = self.store.look()
+        self.store.look()
         waiting = self.store.waiting()
         count_waiting(waiting)
         items = waiting[:limit]
-        images = self.store.images([item["feedback_id"] for item in items], records.pending)
+        images = self.store.images([item["feedback_id"] for item in items])
         answers = self._answers(served, items, images)
         with self._submissions_lock:  # one request at a time extends the index and reads it
-            self._submissions.add(records.pending)
+            self._submissions.add(self.store.pending())
             return [
                 self._shown(item, answers.get(item["feedback_id"]), self._submissions)
                 for item in items
