@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from medical_ct.datasets import PredictionLogDataset
 from medical_ct.preprocessing import content_hash
@@ -149,6 +150,47 @@ def test_records_survive_a_store_that_refuses_writes(tmp_path):
     assert log.flush() == 1
     log.close()
     assert len(next(iter(PredictionLogDataset(path=str(blocked)).load().values()))()) == 1
+
+
+def backlog() -> float:
+    return REGISTRY.get_sample_value("medical_ct_prediction_log_backlog_records")
+
+
+def dropped() -> float:
+    sample = {"outcome": "dropped"}
+    return REGISTRY.get_sample_value("medical_ct_prediction_log_records_total", sample) or 0
+
+
+def test_a_refused_store_is_retried_less_often_shown_as_a_backlog_and_counted_when_lost(
+    tmp_path, caplog
+):
+    """Each retry rebuilds the whole backlog in the process that answers /predict: through an
+    outage they back off (doubling) instead of running every flush interval, /metrics shows
+    what waits (the alert MedicalCTPredictionLogNotWritten), and what a shutdown cannot
+    write is counted as dropped (MedicalCTPredictionLogRecordsDropped)."""
+    blocked = tmp_path / "prediction_log"
+    blocked.write_text("a file where the log folder should be")
+    log = open_log(PredictionLogDataset(path=str(blocked)), flush_interval_s=0.05)
+    for seed in range(3):
+        log.append(new_prediction_id(), result(), pixels(seed))
+    dropped_before = dropped()
+
+    with caplog.at_level("ERROR", logger="medical_ct.serving.prediction_log"):
+        time.sleep(1.6)  # every 0.05 s: 32 tries; backing off: 0.1, 0.2, 0.4, 0.8 s
+        tries = caplog.text.count("Prediction log write failed")
+        assert 2 <= tries <= 6, caplog.text
+        assert backlog() == 3
+        blocked.unlink()
+        log.close()
+
+    assert backlog() == 0 and dropped() == dropped_before  # written at shutdown
+    refused = tmp_path / "refused_at_shutdown"
+    refused.write_text("a file where the log folder should be")
+    log = open_log(PredictionLogDataset(path=str(refused)))
+    log.append(new_prediction_id(), result(), pixels(9))
+    log.close()
+    assert dropped() == dropped_before + 1 and backlog() == 0
+    assert "1 records were not written before shutdown" in caplog.text
 
 
 def test_a_reader_never_sees_a_half_written_file(dataset, tmp_path):

@@ -207,6 +207,8 @@ def test_alert_rules_load_and_evaluate_on_the_live_service(prometheus, traffic):
         "MedicalCTConfidenceDropping",
         "MedicalCTFeedbackRecordUnreadable",
         "MedicalCTReviewAuditEntryRefused",
+        "MedicalCTPredictionLogNotWritten",
+        "MedicalCTPredictionLogRecordsDropped",
         "MedicalCTFeedbackWaitsForReview",
     }
     assert {rule["health"] for rule in rules.values()} == {"ok"}

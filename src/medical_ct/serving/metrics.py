@@ -36,6 +36,12 @@ prediction_log_records = bentoml.metrics.Counter(
     documentation="Prediction log records: written to the store, or dropped while it was down",
     labelnames=["outcome"],
 )
+prediction_log_backlog = bentoml.metrics.Gauge(
+    name="medical_ct_prediction_log_backlog_records",
+    documentation="Prediction log records a refused write left in this worker's memory for the "
+    "next try (0 once a write succeeds): lost if the worker stops, dropped past 200,000",
+    multiprocess_mode="livesum",  # each worker holds its own
+)
 needs_review_total = bentoml.metrics.Counter(
     name="medical_ct_needs_review_total",
     documentation="Answers of /predict under the served model's review threshold",

@@ -32,6 +32,10 @@ _ID_LENGTH = 32
 # Records kept in memory while the store refuses writes; past this the oldest are dropped
 # (counted in medical_ct_prediction_log_records_total{outcome="dropped"}).
 _MAX_PENDING = 200_000
+# While the store refuses writes, each retry waits twice as long as the last, up to this:
+# a retry rebuilds the whole backlog (0.8 s at 50,000 records) in the process that answers
+# /predict, so retrying every second through a long outage would slow every answer.
+_MAX_RETRY_WAIT_S = 60.0
 _MAX_CLOCK_SKEW_MS = 24 * 3600 * 1000
 
 
@@ -93,6 +97,7 @@ class PredictionLog:
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[int, dict[str, Any], np.ndarray]] = {}
         self._writing: dict[str, tuple[int, dict[str, Any], np.ndarray]] = {}
+        self._wait_s = flush_interval_s  # until the next write: longer after each refused one
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
@@ -106,7 +111,7 @@ class PredictionLog:
             self._pending[prediction_id] = (time_ms, result, pixels)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._flush_interval_s):
+        while not self._stop.wait(self._wait_s):
             self.flush()
 
     def flush(self) -> int:
@@ -119,13 +124,14 @@ class PredictionLog:
         try:
             self._dataset.save(self._partitions(batch))
         except Exception as error:  # the store is down: keep the records for the next flush
-            logger.error(
-                "Prediction log write failed, retrying in %ss: %r", self._flush_interval_s, error
-            )
+            self._wait_s = min(2 * self._wait_s, max(_MAX_RETRY_WAIT_S, self._flush_interval_s))
+            logger.error("Prediction log write failed, retrying in %ss: %r", self._wait_s, error)
             self._requeue(batch)
             return 0
         finally:
             self._writing = {}
+        self._wait_s = self._flush_interval_s
+        metrics.prediction_log_backlog.set(0)
         metrics.prediction_log_records.labels(outcome="written").inc(len(batch))
         return len(batch)
 
@@ -168,6 +174,7 @@ class PredictionLog:
             dropped = len(self._pending) - _MAX_PENDING
             for prediction_id in list(self._pending)[: max(dropped, 0)]:
                 del self._pending[prediction_id]
+            metrics.prediction_log_backlog.set(len(self._pending))
         if dropped > 0:
             metrics.prediction_log_records.labels(outcome="dropped").inc(dropped)
             logger.error("Prediction log: dropped the %d oldest unwritten records", dropped)
@@ -206,7 +213,14 @@ class PredictionLog:
         return None
 
     def close(self) -> None:
-        """Stop the writer thread and write what is left."""
+        """Stop the writer thread and write what is left; what the store still refuses is
+        lost with the worker, and counted as dropped."""
         self._stop.set()
         self._thread.join(timeout=self._flush_interval_s + 5)
         self.flush()
+        with self._lock:
+            lost, self._pending = len(self._pending), {}
+        if lost:
+            metrics.prediction_log_records.labels(outcome="dropped").inc(lost)
+            metrics.prediction_log_backlog.set(0)
+            logger.error("Prediction log: %d records were not written before shutdown", lost)
