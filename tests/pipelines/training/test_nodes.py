@@ -137,6 +137,16 @@ def test_streaming_mixes_shards_and_yields_every_image_once_per_pass(sharded_mod
     assert [b.tolist() for _, b in batches] != [b.tolist() for _, b in list(stream)]
 
 
+def test_streaming_refuses_dataloader_workers_which_would_each_yield_every_image(
+    sharded_model_input,
+):
+    stream = ShardStream(sharded_model_input[0], 16, 2, torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)
+
+    with pytest.raises(RuntimeError, match="in DataLoader workers each would yield every image"):
+        next(iter(loader))
+
+
 def test_streaming_training_reaches_the_in_memory_test_accuracy(sharded_model_input):
     train, validation, test, class_names = sharded_model_input
     params = {**PARAMS, "max_epochs": 6, "patience": 6}

@@ -43,6 +43,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if torch.utils.data.get_worker_info() is not None:
+            raise RuntimeError(
+                "ShardStream yields whole batches in the process that trains: in DataLoader "
+                "workers each would yield every image (and the same order every epoch, from "
+                "a copy of the generator). Iterate it directly, or with num_workers=0"
+            )
         order = torch.randperm(len(self.groups), generator=self.generator).tolist()
         images = torch.empty((0, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
         labels = torch.empty(0, dtype=torch.int64)
