@@ -150,3 +150,34 @@ def test_an_unreadable_saved_listing_lists_everything_again(tmp_path, caplog):
 def test_bad_changes_settings_say_what_is_wrong(path, changes, message):
     with pytest.raises(DatasetError, match=message):
         ImageFolderDataset(path=path, changes=changes)
+
+
+def replace_keeping_size_and_time(path, content: bytes) -> None:
+    """What ``cp -p``, ``rsync -a``, ``tar -x`` and ``unzip`` do: other bytes, the old mtime."""
+    before = os.stat(path)
+    assert len(content) == before.st_size
+    time.sleep(0.05)  # past the file system clock's tick: a new inode change time
+    write(path.with_suffix(".tmp"), content)
+    os.utime(path.with_suffix(".tmp"), ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def test_a_file_replaced_with_the_same_size_and_time_is_read_again(tmp_path):
+    raw = tmp_path / "raw"
+    write(raw / "Hand/a.jpeg", b"one")
+    before = every_file(raw)
+    replace_keeping_size_and_time(raw / "Hand/a.jpeg", b"two")
+    assert every_file(raw)["Hand/a.jpeg"] != before["Hand/a.jpeg"]
+
+
+def test_a_linked_file_changes_version_when_its_target_is_replaced(tmp_path):
+    raw = tmp_path / "raw"
+    write(tmp_path / "lake/scan.jpeg", b"one")
+    (raw / "Hand").mkdir(parents=True)
+    (raw / "Hand/scan.jpeg").symlink_to(tmp_path / "lake/scan.jpeg")
+    before = every_file(raw)
+    time.sleep(0.05)
+    write(tmp_path / "lake/scan.tmp", b"two")  # the same size, a new file renamed over it
+    os.replace(tmp_path / "lake/scan.tmp", tmp_path / "lake/scan.jpeg")
+    assert every_file(raw)["Hand/scan.jpeg"] != before["Hand/scan.jpeg"]
+    assert ImageFolderDataset(path=str(raw)).load()["Hand/scan.jpeg"]() == b"two"

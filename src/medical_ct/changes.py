@@ -61,7 +61,7 @@ _FOLDER_TIMES = b"medical_ct.folder_times"
 
 @dataclass(frozen=True)
 class _Listing:
-    table: pa.Table  # file (partition), version ("size:ETag" or "size:mtime")
+    table: pa.Table  # file (partition), version ("size:ETag" or "size:mtime:ctime")
     listed_at: float  # when its last full listing ran (epoch seconds)
     saved_at: float  # when it was last saved, patched or not
     folder_times: dict[str, int] = field(default_factory=dict)  # local: "A/B/" -> st_mtime_ns
@@ -391,7 +391,16 @@ class FolderTimes:
 def local_versions(
     root: str, saved_folder_times: dict[str, int] | None = None
 ) -> tuple[pa.Table, dict[str, int], list[str]]:
-    """The listing (``listing_table``, ``size:mtime``) of a local folder: one ``lstat`` a file.
+    """The listing (``listing_table``, ``size:mtime:ctime``) of a local folder: one ``lstat``
+    a file.
+
+    The version is the file's size, ``st_mtime`` and ``st_ctime_ns`` (of the target, for a
+    link). ``cp -p``, ``rsync -a``, ``tar -x`` and ``unzip`` set a file's mtime back, so
+    different bytes of the same size kept ``size:mtime``; the inode change time is set by the
+    system whenever a file is created, written or its inode changed (setting its mtime back
+    too), and no tool can set it back. It comes with the same ``lstat``. A version of an
+    earlier run without it (``size:mtime``) never matches: such a file is read and decoded
+    once more.
 
     With ``saved_folder_times`` (``{"A/B/": st_mtime_ns}`` of the last listing; ``{}``: none),
     each folder is asked its time first, and a folder whose time is the saved one is not
@@ -400,12 +409,11 @@ def local_versions(
 
     fsspec's ``find`` builds a dict of a dozen fields per file and the partition was cut with
     ``posixpath.relpath``: 33 s for 500,000 images, the largest cost of a weekly rerun at that
-    size. This keeps the version fsspec gave (its ``mtime`` is ``st_mtime`` of the file itself,
-    its size the target's for a link), so decoded pixels of earlier runs stay valid. Names
-    from ``os.listdir`` and one ``os.lstat`` each, its mode telling files from folders, took
-    1.7 s at 500,000 files; ``os.scandir``'s entries, asked ``is_dir``, ``is_file`` and
-    ``is_symlink`` besides, 2.0 s. The system calls alone take about 1 s of it. A file still
-    being written under its temporary name (``*.partial``, ``shards.whole_file``) is left out.
+    size. Names from ``os.listdir`` and one ``os.lstat`` each, its mode telling files from
+    folders, took 1.7 s at 500,000 files; ``os.scandir``'s entries, asked ``is_dir``,
+    ``is_file`` and ``is_symlink`` besides, 2.0 s. The system calls alone take about 1 s of
+    it. A file still being written under its temporary name (``*.partial``,
+    ``shards.whole_file``) is left out.
 
     Returns:
         The listing of the files listed, every folder's time now (0 for a folder changed in
@@ -440,18 +448,17 @@ def local_versions(
             if S_ISREG(own.st_mode):
                 if name.endswith(PARTIAL_SUFFIX):  # being written (shards.whole_file)
                     continue
-                size = own.st_size
             elif S_ISDIR(own.st_mode):
                 folders.append((path, f"{partition_prefix}{name}/"))
                 continue
             elif S_ISLNK(own.st_mode):
-                size = _linked_file_size(path)
-                if size is None:
+                own = _linked_file(path)
+                if own is None:
                     continue
             else:
                 continue
             files.append(partition_prefix + name)
-            versions.append(f"{size}:{own.st_mtime}")
+            versions.append(f"{own.st_size}:{own.st_mtime}:{own.st_ctime_ns}")
     return listing_table(files, versions), folder_times, unchanged
 
 
@@ -465,13 +472,14 @@ def _subfolders(folders: dict[str, int]) -> defaultdict[str, list[str]]:
     return subfolders
 
 
-def _linked_file_size(path: str) -> int | None:
-    """The size of the file a link points to; ``None`` for a broken link or one to a folder."""
+def _linked_file(path: str) -> os.stat_result | None:
+    """The ``stat`` of the file a link points to (its version is the target's: replacing the
+    target must change it); ``None`` for a broken link or one to a folder."""
     try:
         target = os.stat(path)
     except OSError:
         return None
-    return target.st_size if S_ISREG(target.st_mode) else None
+    return target if S_ISREG(target.st_mode) else None
 
 
 def create_event_queue(bucket: str, prefix: str, queue_name: str = "medical-ct-raw-events") -> str:

@@ -134,11 +134,11 @@ def write_json(
 class StoredFile:
     """One file of an image folder: call it for its bytes.
 
-    ``version`` comes from the store's listing (size and ETag on S3, size and modification
-    time on a local disk): it changes when the content does, so decoded pixels can be reused
-    without reading the file again. A plain class with slots, not a frozen dataclass: a
-    listing makes one per image, and a frozen dataclass's ``__init__`` alone took 1.7 s per
-    100,000 files.
+    ``version`` comes from the store's listing (size and ETag on S3, size, modification and
+    inode change time on a local disk): it changes when the content does, so decoded pixels
+    can be reused without reading the file again. A plain class with slots, not a frozen
+    dataclass: a listing makes one per image, and a frozen dataclass's ``__init__`` alone took
+    1.7 s per 100,000 files.
     """
 
     __slots__ = ("read", "version")

@@ -9,7 +9,6 @@ import pickle
 import re
 import weakref
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -570,19 +569,43 @@ def test_a_local_rerun_after_adding_changing_and_deleting_equals_a_full_rescan(
     assert rerun_rows == model_input_rows(str(data))
 
 
-def test_local_listing_keeps_the_versions_fsspec_gave_earlier_runs(tmp_path):
-    """Versions recorded by earlier runs (fsspec's ``size:mtime``) must still match, or every
-    image would be decoded again after the upgrade to the ``os.scandir`` listing."""
+def test_local_versions_are_size_mtime_and_ctime_of_the_file_or_its_links_target(tmp_path):
+    """What decides a file is read again (``changes.local_versions``): the target's, for a link."""
     (tmp_path / "Hand/nested").mkdir(parents=True)
     (tmp_path / "Hand/a.jpeg").write_bytes(b"one")
     (tmp_path / "Hand/nested/b.jpeg").write_bytes(b"three")
     (tmp_path / "loose.jpeg").write_bytes(b"four")
     (tmp_path / "Hand/link.jpeg").symlink_to(tmp_path / "Hand/a.jpeg")
     files = ImageFolderDataset(path=str(tmp_path)).load()
-    fsspec_listing = fsspec.filesystem("file").find(str(tmp_path), detail=True)
-    expected = {
-        os.path.relpath(path, tmp_path): f"{info['size']}:{info['mtime']}"
-        for path, info in fsspec_listing.items()
-    }
+    expected = {}
+    for name in ("Hand/a.jpeg", "Hand/nested/b.jpeg", "loose.jpeg", "Hand/link.jpeg"):
+        stat = os.stat(tmp_path / name)
+        expected[name] = f"{stat.st_size}:{stat.st_mtime}:{stat.st_ctime_ns}"
     assert {name: file.version for name, file in files.items()} == expected
     assert files["Hand/link.jpeg"]() == b"one" and files["Hand/nested/b.jpeg"]() == b"three"
+
+
+def test_versions_of_earlier_runs_read_every_local_file_again_once_and_say_why(
+    sample_dir, tmp_path, caplog
+):
+    """An index of an earlier medical_ct holds ``size:mtime``, which the version now extends:
+    the first rerun after the upgrade reads every local file again, and says so."""
+    raw = tmp_path / "raw"
+    for path in sorted(sample_dir.glob("*/*.jpeg"))[:4]:
+        (raw / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (raw / path.parent.name / path.name).write_bytes(path.read_bytes())
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    store.save(decode_images(ImageFolderDataset(path=str(raw)).load(), None, PARAMS))
+    earlier = next_run(store).load()
+    earlier.index["version"] = earlier.index["version"].str.rpartition(":")[0]  # size:mtime
+    with caplog.at_level(logging.WARNING, logger="medical_ct.pipelines.data_processing"):
+        rerun = decode_images(ImageFolderDataset(path=str(raw)).load(), earlier, PARAMS)
+    assert rerun["reused"] == 0
+    assert "4 files carry the version an earlier medical_ct gave a local file" in caplog.text
+    store.save(rerun)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="medical_ct.pipelines.data_processing"):
+        again = decode_images(
+            ImageFolderDataset(path=str(raw)).load(), next_run(store).load(), PARAMS
+        )
+    assert again["reused"] == 4 and "earlier medical_ct" not in caplog.text

@@ -253,8 +253,10 @@ def _reusable_rows(
         position = pc.index_in(arrow_strings(index["file"]), value_set=listed)
         at = np.flatnonzero(pc.is_valid(position).to_numpy(zero_copy_only=False))
         listed_at = position.drop_null().to_numpy()
-        same = pc.equal(arrow_strings(index["version"]).take(at), versions.take(listed_at))
-        keep = pc.fill_null(same, False).to_numpy(zero_copy_only=False) & eligible.to_numpy()[at]
+        before, now = arrow_strings(index["version"]).take(at), versions.take(listed_at)
+        same = pc.fill_null(pc.equal(before, now), False)
+        _log_local_versions_of_earlier_runs(pc.filter(before, pc.invert(same)))
+        keep = same.to_numpy(zero_copy_only=False) & eligible.to_numpy()[at]
         kept = at[keep]
         new = np.ones(len(listed), bool)
         new[listed_at[keep]] = False
@@ -262,6 +264,26 @@ def _reusable_rows(
     order = pc.sort_indices(listed)
     pairs = zip(listed.take(order).to_pylist(), versions.take(order).to_pylist(), strict=True)
     return kept, list(pairs)
+
+
+# A local file's version before it held the inode change time: size, then st_mtime (a float,
+# so with a dot, which no ETag has); now ``size:mtime:ctime`` (changes.local_versions).
+_LOCAL_VERSION_WITHOUT_CTIME = r"^\d+:\d+\.\d+$"
+
+
+def _log_local_versions_of_earlier_runs(changed: pa.Array) -> None:
+    """Say why the first run after the upgrade reads every local file again: their versions
+    of the last run lack the inode change time (``changes.local_versions``), so none match."""
+    count = pc.sum(pc.match_substring_regex(changed, _LOCAL_VERSION_WITHOUT_CTIME)).as_py()
+    if count:
+        logger.warning(
+            "%d files carry the version an earlier medical_ct gave a local file (size:mtime); "
+            "it now holds the inode change time too, which catches a file replaced by one of "
+            "the same size and time (cp -p, rsync -a, tar -x, unzip): reading and decoding "
+            "them again this once. Their old pixels stay in their shards until a full rescan "
+            "(--params data_processing.full_rescan=true) deletes them",
+            count,
+        )
 
 
 class _Pixels:
