@@ -181,3 +181,25 @@ def test_a_linked_file_changes_version_when_its_target_is_replaced(tmp_path):
     os.replace(tmp_path / "lake/scan.tmp", tmp_path / "lake/scan.jpeg")
     assert every_file(raw)["Hand/scan.jpeg"] != before["Hand/scan.jpeg"]
     assert ImageFolderDataset(path=str(raw)).load()["Hand/scan.jpeg"]() == b"two"
+
+
+@pytest.mark.parametrize("folder_times", [False, True])
+def test_a_name_that_is_not_utf8_is_skipped_naming_it_and_the_rest_is_listed(
+    tmp_path, caplog, folder_times
+):
+    """Linux names are bytes: a Latin-1 ``café.jpeg`` from an SMB share stopped every run."""
+    raw = tmp_path / "raw"
+    write(raw / "Hand/a.jpeg", b"one")
+    latin1 = os.fsencode(raw / "Hand") + b"/caf\xe9.jpeg"
+    with open(latin1, "wb") as file:
+        file.write(b"two")
+    folder = os.fsencode(raw) + b"/Ch\xe9st"  # a folder too: what lies below it is skipped
+    os.mkdir(folder)
+    with open(folder + b"/b.jpeg", "wb") as file:
+        file.write(b"three")
+    caplog.set_level(logging.WARNING, logger="medical_ct.changes")
+    files = listed(tmp_path) if folder_times else every_file(raw)
+    assert list(files) == ["Hand/a.jpeg"]
+    assert f"Skipping {latin1!r}: its name is not UTF-8" in caplog.text
+    assert f"Skipping {folder!r}: its name is not UTF-8" in caplog.text
+    assert "give it a UTF-8 name" in caplog.text

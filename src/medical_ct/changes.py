@@ -436,7 +436,7 @@ def local_versions(
                     unchanged.append(partition_prefix)
                     folders += [(f"{root}/{sub[:-1]}", sub) for sub in subfolders[partition_prefix]]
                     continue
-            names = os.listdir(folder)
+            names = _utf8_names(folder, os.listdir(folder))
         except (FileNotFoundError, NotADirectoryError):
             continue
         for name in names:
@@ -460,6 +460,35 @@ def local_versions(
             files.append(partition_prefix + name)
             versions.append(f"{own.st_size}:{own.st_mtime}:{own.st_ctime_ns}")
     return listing_table(files, versions), folder_times, unchanged
+
+
+def _utf8_names(folder: str, names: list[str]) -> list[str]:
+    """``names`` but those that are not UTF-8, each skipped with a warning that names it.
+
+    Linux names are bytes; ``os.listdir`` escapes bytes that are not UTF-8 (a Latin-1
+    ``café.jpeg`` copied from an SMB share) as surrogates, which no listing (Arrow strings, S3
+    keys) can hold: one such file stopped every run with an error naming neither it nor what
+    to do. One encode of the folder's names when all are UTF-8, as nearly always.
+    """
+    try:
+        "/".join(names).encode()
+    except UnicodeEncodeError:
+        return [name for name in names if _is_utf8(f"{folder}/{name}")]
+    return names
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        path.encode()
+    except UnicodeEncodeError:
+        logger.warning(
+            "Skipping %s: its name is not UTF-8, which the listing needs; give it a UTF-8 "
+            "name (convmv -f latin1 -t utf8 --notest renames Latin-1 ones) and the next run "
+            "lists it",
+            os.fsencode(path),
+        )
+        return False
+    return True
 
 
 def _subfolders(folders: dict[str, int]) -> defaultdict[str, list[str]]:
