@@ -203,3 +203,15 @@ def test_a_name_that_is_not_utf8_is_skipped_naming_it_and_the_rest_is_listed(
     assert f"Skipping {latin1!r}: its name is not UTF-8" in caplog.text
     assert f"Skipping {folder!r}: its name is not UTF-8" in caplog.text
     assert "give it a UTF-8 name" in caplog.text
+
+
+def test_a_linked_folder_is_skipped_with_a_warning_that_names_it(tmp_path, caplog):
+    """A class folder linked from a share: not followed, but never left out without a word."""
+    raw = tmp_path / "raw"
+    write(raw / "CXR/a.jpeg", b"one")
+    write(tmp_path / "share/Hand/b.jpeg", b"two")
+    (raw / "Hand").symlink_to(tmp_path / "share/Hand", target_is_directory=True)
+    caplog.set_level(logging.WARNING, logger="medical_ct.changes")
+    assert list(every_file(raw)) == ["CXR/a.jpeg"]
+    assert f"Skipping {raw}/Hand: a link to a folder" in caplog.text
+    assert "mount --bind" in caplog.text

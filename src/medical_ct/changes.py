@@ -503,10 +503,22 @@ def _subfolders(folders: dict[str, int]) -> defaultdict[str, list[str]]:
 
 def _linked_file(path: str) -> os.stat_result | None:
     """The ``stat`` of the file a link points to (its version is the target's: replacing the
-    target must change it); ``None`` for a broken link or one to a folder."""
+    target must change it); ``None`` for a broken link or one to a folder.
+
+    A link to a folder is not followed (a link back up would list for ever), but said: a class
+    folder linked from a share left a whole class out of training without a word.
+    """
     try:
         target = os.stat(path)
     except OSError:
+        return None
+    if S_ISDIR(target.st_mode):
+        logger.warning(
+            "Skipping %s: a link to a folder, which the listing does not follow, so none of "
+            "its images are trained on; put the folder itself there (move it, or mount it "
+            "with mount --bind) or link each of its files",
+            path,
+        )
         return None
     return target if S_ISREG(target.st_mode) else None
 
