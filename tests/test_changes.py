@@ -7,9 +7,12 @@ import logging
 import os
 import time
 
+import pyarrow.parquet as pq
 import pytest
 from kedro.io import DatasetError
 
+from medical_ct.changes import _LISTED_AT as LISTED_AT
+from medical_ct.changes import _SAVED_AT as SAVED_AT
 from medical_ct.changes import NotAnS3Event, event_keys
 from medical_ct.datasets import ImageFolderDataset
 
@@ -215,3 +218,28 @@ def test_a_linked_folder_is_skipped_with_a_warning_that_names_it(tmp_path, caplo
     assert list(every_file(raw)) == ["CXR/a.jpeg"]
     assert f"Skipping {raw}/Hand: a link to a folder" in caplog.text
     assert "mount --bind" in caplog.text
+
+
+def saved_in_the_future(listing, seconds: float) -> None:
+    """The listing as a run whose clock was ``seconds`` ahead saved it."""
+    table = pq.read_table(listing)
+    then = str(time.time() + seconds).encode()
+    metadata = {**table.schema.metadata, LISTED_AT: then, SAVED_AT: then}
+    pq.write_table(table.replace_schema_metadata(metadata), listing)
+
+
+def test_a_listing_saved_by_a_clock_ahead_lists_everything_again(tmp_path, caplog):
+    """Its age cannot be told: the monthly full listing (and on S3 the queue's retention
+    check) would wait for real time to reach it."""
+    raw = tmp_path / "raw"
+    write(raw / "Hand/a.jpeg", b"one")
+    age_folders(raw)
+    listed(tmp_path)
+    saved_in_the_future(tmp_path / "listing.parquet", 365 * 86400)
+    (raw / "Hand/a.jpeg").write_bytes(b"rewritten in place")  # only a full listing sees it
+    caplog.set_level(logging.INFO, logger="medical_ct.changes")
+    assert listed(tmp_path) == every_file(raw)
+    assert "listing every file (the saved listing's times are 8760 h ahead" in caplog.text
+    caplog.clear()
+    saved_in_the_future(tmp_path / "listing.parquet", 600)  # within the clocks' skew
+    assert listed(tmp_path) == every_file(raw) and "listing every file" not in caplog.text

@@ -17,6 +17,8 @@ Either lists everything instead, and starts patching again from that listing, wh
 - there is no saved listing yet, or its last full listing is older than
   ``full_listing_days`` (30 by default: a monthly full listing repairs whatever the events
   or the folder times missed, e.g. while the notification was misconfigured);
+- the saved listing's times are over an hour ahead of the clock (saved by a run whose clock
+  was wrong: its age, which the other reasons need, cannot be told);
 - ``full_listing`` is set (``kedro run --params data_processing.full_rescan=true``);
 - on S3, the saved listing is older than the queue can keep events
   (``queue_retention_days``: SQS keeps them at most 14 days; a run that stopped for weeks lost
@@ -54,6 +56,7 @@ from medical_ct.shards import PARQUET_WRITE_OPTIONS, PARTIAL_SUFFIX, write_file
 logger = logging.getLogger(__name__)
 
 _DAY = 86400.0
+_CLOCK_SKEW = 3600.0  # a saved time further ahead of now than this was saved by a wrong clock
 SQS_MAX_RETENTION_DAYS = 14  # the longest SQS keeps a message
 _LISTED_AT, _SAVED_AT = b"medical_ct.full_listing_at", b"medical_ct.saved_at"
 _FOLDER_TIMES = b"medical_ct.folder_times"
@@ -125,6 +128,14 @@ def _full_listing_reason(
         return "full_listing is set"
     if saved is None:
         return "no saved listing yet"
+    ahead = max(saved.listed_at, saved.saved_at) - time.time()
+    if ahead > _CLOCK_SKEW:
+        return (
+            f"the saved listing's times are {ahead / 3600:.0f} h ahead of this host's clock: a "
+            "run whose clock was wrong saved it, and its age (which decides the monthly full "
+            "listing and, on S3, whether the queue may have dropped events) cannot be told; "
+            "check the hosts' time sync (NTP)"
+        )
     if time.time() - saved.listed_at > full_listing_days * _DAY:
         return f"the last full listing is over {full_listing_days:g} days old"
     return ""
