@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 _DAY = 86400.0
 _CLOCK_SKEW = 3600.0  # a saved time further ahead of now than this was saved by a wrong clock
 SQS_MAX_RETENTION_DAYS = 14  # the longest SQS keeps a message
+_DRAINED_AFTER_SECONDS = 1  # a long poll answering no message this long: the queue is drained
 _LISTED_AT, _SAVED_AT = b"medical_ct.full_listing_at", b"medical_ct.saved_at"
 _FOLDER_TIMES = b"medical_ct.folder_times"
 
@@ -302,13 +303,21 @@ class ChangeFeed:
         return patched
 
     def _receive(self) -> list[dict]:
+        """Every waiting message, up to ``max_events``, read until SQS answers none.
+
+        Long polls (``WaitTimeSeconds``): a short poll asks a subset of SQS's servers, so AWS
+        documents that its empty answer does not mean the queue is empty, and stopping at one
+        left a week's events unread (their files kept their old versions until the monthly
+        full listing). A long poll asks every server: its empty answer means drained, at the
+        cost of waiting it out once a run.
+        """
         messages: dict[str, dict] = {}
         while len(messages) < self._max_events:
             batch = self._sqs.receive_message(
                 QueueUrl=self._queue_url,
                 MaxNumberOfMessages=10,
                 VisibilityTimeout=self._visibility,
-                WaitTimeSeconds=0,
+                WaitTimeSeconds=_DRAINED_AFTER_SECONDS,
             ).get("Messages", [])
             if not batch:
                 break

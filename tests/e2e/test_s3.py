@@ -21,6 +21,7 @@ import fsspec
 import pyarrow.parquet as pq
 import pytest
 import s3fs
+from botocore.awsrequest import AWSResponse
 from kedro.io import DatasetError
 
 from medical_ct import registry
@@ -629,3 +630,46 @@ def test_events_patch_the_listing_and_anything_doubtful_lists_every_key(
     assert load() == listed() and "is not a readable listing" in caplog.text
     with pytest.raises(DatasetError, match="`queue_url` with an S3 path"):
         ImageFolderDataset(path="data/01_raw", changes={"queue_url": queue, "filepath": "x"})
+
+
+def test_an_empty_short_poll_answer_does_not_end_reading_the_events(s3, s3_endpoint, monkeypatch):
+    """A short poll (``WaitTimeSeconds=0``) asks a subset of SQS's servers: AWS documents that
+    it may answer no message while some wait. Here the first short poll answers so (through
+    botocore's events, before the request leaves; moto answers everything else): the rerun
+    must still read every event, which only long polls, whose empty answer means drained, do.
+    """
+    for name, value in bucket_env(s3_endpoint, BUCKET).items():
+        monkeypatch.setenv(name, value)
+    root = f"{BUCKET}/false-empty/01_raw"
+    queue = event_queue(s3_endpoint, "false-empty/01_raw/", monkeypatch)
+    s3.pipe({f"{root}/Hand/{index}.jpeg": b"x" * index for index in range(1, 4)})
+    changes = {"queue_url": queue, "filepath": f"s3://{BUCKET}/false-empty/listing.parquet"}
+
+    def load(**settings) -> dict[str, str]:
+        dataset = ImageFolderDataset(
+            path=f"s3://{root}", fs_args={"skip_instance_cache": True}, **settings
+        )
+        return {name: file.version for name, file in dataset.load().items()}
+
+    load(changes=changes)  # the first run lists every key
+    s3.pipe_file(f"{root}/CXR/new.jpeg", b"new")
+    s3.rm_file(f"{root}/Hand/2.jpeg")
+
+    waits: list[int] = []
+
+    def note_the_wait(params, context, **_) -> None:
+        context["wait"] = params.get("WaitTimeSeconds", 0)
+        waits.append(context["wait"])
+
+    def answer_the_first_short_poll_empty(context, **_):
+        if context["wait"] == 0 and waits.count(0) == 1:
+            return AWSResponse(queue, 200, {}, None), {}
+        return None
+
+    session = boto3.Session()  # the feed's client is made from the default session
+    session.events.register("before-parameter-build.sqs.ReceiveMessage", note_the_wait)
+    session.events.register("before-call.sqs.ReceiveMessage", answer_the_first_short_poll_empty)
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", session)
+    assert load(changes=changes) == load()
+    assert waits and min(waits) >= 1
+    assert waiting_messages(s3_endpoint, queue) == 0
