@@ -122,3 +122,45 @@ def test_animated_gif_is_refused():
     frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
     with pytest.raises(InvalidImageError, match="3 frames"):
         preprocess_image(buffer.getvalue())
+
+
+def corrupt_tiff() -> bytes:
+    """A 4x4 TIFF whose second IFD has no entries: Pillow raises TypeError('Missing
+    dimensions') counting its frames (a fuzzed TIFF did so in the raw store)."""
+    data = bytearray(encode(Image.new("L", (4, 4), 128), "TIFF"))
+    assert data[:2] == b"II"
+    first = struct.unpack_from("<I", data, 4)[0]
+    entries = struct.unpack_from("<H", data, first)[0]
+    struct.pack_into("<I", data, first + 2 + 12 * entries, len(data))  # next IFD: appended
+    return bytes(data) + struct.pack("<HI", 0, 0)
+
+
+def corrupt_gif() -> bytes:
+    """A 4x4 GIF cut after an extension's introducer: Pillow raises IndexError counting its
+    frames."""
+    data = encode(Image.new("L", (4, 4), 128), "GIF")
+    assert data.endswith(b";")
+    return data[:-1] + b"!"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(corrupt_tiff(), "TypeError: Missing dimensions"), (corrupt_gif(), "IndexError")],
+    ids=["tiff-without-dimensions", "gif-cut-in-an-extension"],
+)
+def test_whatever_the_decoder_raises_on_corrupt_bytes_is_an_invalid_image(data, message):
+    """The decode run rejects such a file (naming it) and the service answers 422: a
+    TypeError or IndexError stopped the run and was a 500."""
+    with pytest.raises(InvalidImageError, match=f"cannot be decoded .*{message}"):
+        preprocess_image(data)
+
+
+def test_running_out_of_memory_is_not_called_a_bad_image(monkeypatch):
+    """A MemoryError says nothing about the file: it stops the run rather than reject it."""
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Image, "open", out_of_memory)
+    with pytest.raises(MemoryError):
+        preprocess_image(b"any bytes")

@@ -43,7 +43,8 @@ def preprocess_image(data: bytes) -> np.ndarray:
         A ``uint8`` array of shape ``(IMAGE_SIZE, IMAGE_SIZE)``.
 
     Raises:
-        InvalidImageError: The data is empty, not an image, truncated, too large or animated.
+        InvalidImageError: The data is empty, not an image, truncated, corrupt, too large or
+            animated: whatever the decoder raises on bad bytes, except ``MemoryError``.
     """
     if not data:
         raise InvalidImageError("the file is empty")
@@ -62,6 +63,15 @@ def preprocess_image(data: bytes) -> np.ndarray:
         if isinstance(error, InvalidImageError):
             raise
         raise InvalidImageError(f"the image cannot be decoded ({error})") from None
+    except MemoryError:
+        raise
+    except Exception as error:
+        # Pillow's decoders raise what their parsing meets on corrupt bytes (TypeError
+        # "Missing dimensions" from a TIFF, IndexError from a GIF cut after a frame): each
+        # stopped the whole decode run, naming no file, and was a 500 for an upload.
+        raise InvalidImageError(
+            f"the image cannot be decoded ({type(error).__name__}: {error})"
+        ) from None
     if grayscale.size != (IMAGE_SIZE, IMAGE_SIZE):
         grayscale = grayscale.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     return np.asarray(grayscale, dtype=np.uint8)

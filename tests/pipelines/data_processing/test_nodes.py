@@ -25,6 +25,7 @@ from medical_ct.pipelines.data_processing.nodes import (
 from medical_ct.preprocessing import content_hash, preprocess_image
 from medical_ct.shards import ShardedImages
 from tests.conftest import CLASSES
+from tests.test_preprocessing import corrupt_gif, corrupt_tiff
 
 SPLIT = {"validation_fraction": 0.2, "test_fraction": 0.2}
 PARAMS = {"classes": CLASSES, "split": SPLIT}
@@ -55,6 +56,8 @@ def test_decode_rejects_bad_files_counts_them_and_keeps_the_rest(sample_dir):
         "Hand/zero.jpeg": b"",
         "Hand/notes.txt": b"not an image at all",
         "Hand/truncated.jpeg": jpeg[: len(jpeg) // 3],
+        "Hand/scan.tif": corrupt_tiff(),
+        "Hand/scan.gif": corrupt_gif(),
         "Dental/xray.jpeg": jpeg,
         "loose.jpeg": jpeg,
     }
@@ -65,6 +68,8 @@ def test_decode_rejects_bad_files_counts_them_and_keeps_the_rest(sample_dir):
     assert "empty" in reasons["Hand/zero.jpeg"]
     assert "not an image" in reasons["Hand/notes.txt"]
     assert "cannot be decoded" in reasons["Hand/truncated.jpeg"]
+    assert "TypeError: Missing dimensions" in reasons["Hand/scan.tif"]
+    assert "IndexError" in reasons["Hand/scan.gif"]
     assert "unknown class 'Dental'" in reasons["Dental/xray.jpeg"]
     assert "class" in reasons["loose.jpeg"]
     assert len(decoded["labels"]) == len(files) + 1
