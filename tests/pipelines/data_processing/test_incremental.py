@@ -609,3 +609,39 @@ def test_versions_of_earlier_runs_read_every_local_file_again_once_and_say_why(
             ImageFolderDataset(path=str(raw)).load(), next_run(store).load(), PARAMS
         )
     assert again["reused"] == 4 and "earlier medical_ct" not in caplog.text
+
+
+def test_a_file_deleted_between_listing_and_reading_is_left_out_with_a_warning(
+    sample_dir, tmp_path, caplog
+):
+    """Another process (a retention job, a withdrawn image) deletes a file after Kedro listed
+    the store: the run goes on without it, as a full rescan after the deletion would."""
+    raw = tmp_path / "raw"
+    for path in sorted(sample_dir.glob("*/*.jpeg"))[:4]:
+        (raw / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (raw / path.parent.name / path.name).write_bytes(path.read_bytes())
+    gone = raw / "Hand/gone.jpeg"
+    gone.parent.mkdir(exist_ok=True)
+    gone.write_bytes(next(sample_dir.glob("Hand/*.jpeg")).read_bytes())
+    listing = ImageFolderDataset(path=str(raw)).load()
+    gone.unlink()
+
+    with caplog.at_level(logging.WARNING):
+        decoded = decode_images(listing, None, PARAMS)
+    assert "Hand/gone.jpeg" not in decoded.index["file"].tolist()
+    assert "Left out Hand/gone.jpeg: deleted since it was listed" in caplog.text
+    rescan = decode_images(ImageFolderDataset(path=str(raw)).load(), None, PARAMS)
+    assert decoded.index.drop(columns="row").equals(rescan.index.drop(columns="row"))
+
+
+def test_a_file_the_run_may_not_read_stops_it_naming_the_file_and_the_fix(sample_dir):
+    """Not a rejection: the image may be good, and a rejection would stay after the access is
+    fixed (a chmod changes neither size nor time) where a rescan would decode it."""
+    files = stored_files(sample_dir, [], count=2)
+
+    def refused() -> bytes:
+        raise PermissionError(13, "Permission denied")
+
+    files["Hand/locked.jpeg"] = StoredFile(version="1:v1", read=refused)
+    with pytest.raises(PermissionError, match=r"cannot read Hand/locked\.jpeg .*read access"):
+        decode_images(files, None, PARAMS)

@@ -133,11 +133,13 @@ def decode_images(
     """Decode ``<Class>/<file>`` partitions with the shared preprocessing, reusing last run's.
 
     Files that cannot be decoded, are empty, lie outside a class folder or under a class not
-    in ``classes`` are rejected with a reason, never raised. A file whose store version
-    (``partition.version``: size and ETag or modification time) equals the one in
-    ``previous``'s index is not read again and its pixels are not loaded: its index row (shard
-    and row of its pixels, or its rejection by decoding) is kept, so a rerun reads and decodes
-    only new or changed files, and writes only their shards. ``full_rescan`` decodes every file.
+    in ``classes`` are rejected with a reason, never raised; one deleted since the listing is
+    left out with a warning, one that cannot be read stops the run naming it (see
+    ``_decoded_row``). A file whose store version (``partition.version``: size and ETag or
+    modification time) equals the one in ``previous``'s index is not read again and its pixels
+    are not loaded: its index row (shard and row of its pixels, or its rejection by decoding)
+    is kept, so a rerun reads and decodes only new or changed files, and writes only their
+    shards. ``full_rescan`` decodes every file.
 
     Args:
         partitions: Partition id to a function returning the file's bytes, with ``version``.
@@ -161,8 +163,9 @@ def decode_images(
     kept, to_read = _reusable_rows(previous, listing, accepted)
     new_pixels = _Pixels(len(to_read))
     rows = [
-        _decoded_row(file, version, read, accepted, new_pixels)
+        row
         for file, version in tqdm(to_read, desc="Decoding images", unit=" images")
+        if (row := _decoded_row(file, version, read, accepted, new_pixels)) is not None
     ]
     index = pd.DataFrame(rows).astype(INDEX_DTYPES) if rows else empty_index()
     new_shards = _cut_into_shards(index, new_pixels, params.shard_images)
@@ -311,16 +314,38 @@ def _decoded_row(
     read: Callable[[str], bytes],
     accepted: set | None,
     new_pixels: _Pixels,
-) -> IndexRow:
+) -> IndexRow | None:
     """The index row of a file read now: rejected for its path or its bytes, or decoded (its
-    pixels appended to ``new_pixels``, the row pointing at them until ``_cut_into_shards``)."""
+    pixels appended to ``new_pixels``, the row pointing at them until ``_cut_into_shards``).
+
+    ``None`` for a file deleted since it was listed: it has no row, as in a full rescan run
+    after the deletion (a rejection row would be kept by reruns and differ from it).
+
+    Raises:
+        PermissionError: The file cannot be read; names it and what to do. Not a rejection:
+            its bytes may be a good image, a rejection would be kept while its version is
+            unchanged (``chmod`` changes neither size nor time) when a rescan would decode
+            it, and a store that refuses every read would train on what is left.
+    """
     label, _, name = file.partition("/")
     if not name:
         return IndexRow(file, version, label, reason=NOT_IN_A_CLASS_FOLDER)
     if accepted is not None and label not in accepted:
         return IndexRow(file, version, label, reason=f"{UNKNOWN_CLASS} {label!r}")
     try:
-        image = preprocess_image(read(file))
+        data = read(file)
+    except FileNotFoundError:
+        logger.warning(
+            "Left out %s: deleted since it was listed; the next run will not list it", file
+        )
+        return None
+    except PermissionError as error:
+        raise PermissionError(
+            f"cannot read {file} of the image store ({error}): give the pipeline read access "
+            "to it, or move it out of the store, and run again"
+        ) from error
+    try:
+        image = preprocess_image(data)
     except InvalidImageError as error:
         return IndexRow(file, version, label, reason=str(error))
     return IndexRow(file, version, label, content_hash(image), row=new_pixels.append(image))
