@@ -94,6 +94,9 @@ class ShardedImages(Mapping):
     Reads as the mapping the nodes used before shards (``labels``, ``content_hashes``,
     ``files``, ``versions`` of the accepted images in file order, ``rejected`` and ``reused``)
     without reading any pixels: pixels are read by ``pixels_of`` (or by the model input) only.
+
+    ``stored_shards`` lists the shard files of the folder it was loaded from (see
+    ``missing_shards``); ``None`` for a set made in memory.
     """
 
     def __init__(
@@ -101,10 +104,12 @@ class ShardedImages(Mapping):
         index: pd.DataFrame,
         shards: Mapping[str, ShardLoader] | None = None,
         new_shards: Mapping[str, np.ndarray] | None = None,
+        stored_shards: Callable[[], list[str]] | None = None,
     ) -> None:
         self.index = index.reset_index(drop=True)
         self.shards = dict(shards or {})
         self.new_shards = dict(new_shards or {})
+        self._stored_shards = stored_shards
         # Files whose decoding was taken from the previous run (``reused`` rows).
         self.reused = int(self.index["reused"].sum())
         kept = (self.index["reason"] == "").to_numpy()
@@ -137,6 +142,16 @@ class ShardedImages(Mapping):
 
     def load_shard(self, name: str) -> np.ndarray:
         return self.shard_loader(name)()
+
+    def missing_shards(self) -> set[str]:
+        """The shards the index names that are not in its folder (deleted or lost by hand, a
+        partial restore, a lifecycle rule): one listing of the folder, asked by the decode
+        node only. A rerun that reused their rows reported success, every later rerun kept
+        pointing at them, and only training or evaluation failed, weeks later maybe."""
+        if self._stored_shards is None:
+            return set()
+        named = set(self.shards) - set(self.new_shards)
+        return named - set(self._stored_shards())
 
     def shard_loader(self, name: str) -> ShardLoader:
         """What reads shard ``name``, holding neither this set nor its index.
@@ -460,7 +475,8 @@ class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, Sharde
         index["reason"] = index["reason"].fillna("")
         index["shard"] = index["shard"].fillna("")
         names = index.loc[index["shard"] != "", "shard"].unique()
-        return ShardedImages(index, {name: self._folder.shard_loader(name) for name in names})
+        loaders = {name: self._folder.shard_loader(name) for name in names}
+        return ShardedImages(index, loaders, stored_shards=self._shard_files)
 
     def save(self, data: ShardedImages) -> None:
         folder = self._folder
@@ -485,8 +501,10 @@ class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, Sharde
             logger.info("Deleted %s: replaced by the shards in %s", self._legacy, self._path)
 
     def _shard_files(self) -> list[str]:
+        folder = self._folder.join("shards")
+        self._folder.filesystem.invalidate_cache(folder)  # s3fs: its listing, not a cached one
         try:
-            paths = self._folder.filesystem.ls(self._folder.join("shards"), detail=False)
+            paths = self._folder.filesystem.ls(folder, detail=False)
         except FileNotFoundError:
             return []
         return [posixpath.basename(path.rstrip("/")) for path in paths]

@@ -645,3 +645,39 @@ def test_a_file_the_run_may_not_read_stops_it_naming_the_file_and_the_fix(sample
     files["Hand/locked.jpeg"] = StoredFile(version="1:v1", read=refused)
     with pytest.raises(PermissionError, match=r"cannot read Hand/locked\.jpeg .*read access"):
         decode_images(files, None, PARAMS)
+
+
+def model_input_of(raw: ShardedImages) -> list[tuple]:
+    """Each split's content hashes, labels and pixels, as training reads them."""
+    sets = build_model_input(raw, decode_images({}, None, PARAMS), PARAMS)[:3]
+    return [(s["content_hashes"], s["labels"].tolist(), s["images"].tobytes()) for s in sets]
+
+
+@pytest.mark.parametrize("file_too", [False, True], ids=["shard-lost", "shard-and-a-file-gone"])
+def test_a_rerun_decodes_again_the_files_of_a_lost_shard(sample_dir, tmp_path, caplog, file_too):
+    """A shard deleted by hand: the rerun reused the rows naming it, reported success and the
+    same fingerprint, and only training failed. Now it decodes their files again."""
+    files = {
+        f"{label}/{path.name}": StoredFile(version="v1", read=path.read_bytes)
+        for label in CLASSES
+        for path in sorted((sample_dir / label).glob("*.jpeg"))[:2]
+    }
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    store.save(decode_images(files, None, PARAMS))
+    first = next_run(store).load()
+    lost = first.index["shard"].iloc[0]
+    (tmp_path / "decoded/shards" / lost).unlink()
+    if file_too:
+        del files[first.index["file"].iloc[0]]
+
+    with caplog.at_level(logging.WARNING):
+        rerun = decode_images(files, next_run(store).load(), PARAMS)
+    store.save(rerun)
+    saved = next_run(store).load()
+    assert set(saved.index["shard"]) <= set(shard_files(tmp_path / "decoded"))
+    rescan = decode_images(files, None, PARAMS)
+    assert saved["files"] == rescan["files"]
+    assert model_input_of(saved) == model_input_of(rescan)
+    assert f"missing (deleted or lost): {lost}; decoding their 4 files again" in caplog.text
+    assert rerun["reused"] == len(files) - (3 if file_too else 4)
+    assert saved.missing_shards() == set()
