@@ -15,6 +15,9 @@ IMAGE_SIZE = 64
 # Larger images are refused before their pixels are decoded (decompression bombs).
 MAX_IMAGE_PIXELS = 40_000_000
 
+# What ``preprocess_image`` makes. Change it with any change to its output (resampling, grey
+# mapping, size): the registry serves no model made by another spec, and data_processing
+# decodes every file again when its decoded sets were made by another (their index records it).
 PREPROCESSING_SPEC = {
     "function": "medical_ct.preprocessing.preprocess_image",
     "image_size": IMAGE_SIZE,

@@ -36,7 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import infer_storage_options
 from kedro.io import AbstractDataset, DatasetError
 
-from medical_ct.preprocessing import IMAGE_SIZE
+from medical_ct.preprocessing import IMAGE_SIZE, PREPROCESSING_SPEC
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,9 @@ class ShardedImages(Mapping):
     without reading any pixels: pixels are read by ``pixels_of`` (or by the model input) only.
 
     ``stored_shards`` lists the shard files of the folder it was loaded from (see
-    ``missing_shards``); ``None`` for a set made in memory.
+    ``missing_shards``); ``None`` for a set made in memory. ``preprocessing`` is the
+    ``PREPROCESSING_SPEC`` that made its pixels: this code's for a set made now, what the
+    index recorded for one loaded (``None``: an index written before it recorded one).
     """
 
     def __init__(
@@ -105,8 +107,10 @@ class ShardedImages(Mapping):
         shards: Mapping[str, ShardLoader] | None = None,
         new_shards: Mapping[str, np.ndarray] | None = None,
         stored_shards: Callable[[], list[str]] | None = None,
+        preprocessing: Mapping[str, Any] | None = PREPROCESSING_SPEC,
     ) -> None:
         self.index = index.reset_index(drop=True)
+        self.preprocessing = preprocessing
         self.shards = dict(shards or {})
         self.new_shards = dict(new_shards or {})
         self._stored_shards = stored_shards
@@ -427,11 +431,17 @@ class _IndexedFolder:
         self._folder.forget()
 
 
+# The key of the decoded index's ``attrs`` that records the preprocessing of its pixels: pandas
+# keeps ``attrs`` in the Parquet schema's metadata (``PANDAS_ATTRS``, JSON), so any reader sees it.
+PREPROCESSING_ATTR = "medical_ct.preprocessing"
+
+
 class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, ShardedImages | None]):
     """A decoded image set in a folder of shards (see the module); ``None`` when there is none.
 
     Saving writes the shards decoded by this run (``new_shards``; a shard already there is not
-    written again) and then the index, so a reader never sees an index naming a missing
+    written again) and then the index, with the preprocessing that made the pixels
+    (``ShardedImages.preprocessing``), so a reader never sees an index naming a missing
     shard. A save whose index was built from scratch (``full_rescan``) also deletes the shards
     nothing references any more.
 
@@ -471,12 +481,15 @@ class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, Sharde
                 f"{self._folder.join('index.parquet')} lacks columns {sorted(missing)}: delete "
                 "it and run data_processing with full_rescan=true"
             )
+        preprocessing = index.attrs.get(PREPROCESSING_ATTR)
         index = index.astype(INDEX_DTYPES)
         index["reason"] = index["reason"].fillna("")
         index["shard"] = index["shard"].fillna("")
         names = index.loc[index["shard"] != "", "shard"].unique()
         loaders = {name: self._folder.shard_loader(name) for name in names}
-        return ShardedImages(index, loaders, stored_shards=self._shard_files)
+        return ShardedImages(
+            index, loaders, stored_shards=self._shard_files, preprocessing=preprocessing
+        )
 
     def save(self, data: ShardedImages) -> None:
         folder = self._folder
@@ -490,7 +503,10 @@ class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, Sharde
                     file, np.ascontiguousarray(pixels), allow_pickle=False
                 ),
             )
-        folder.write_parquet("index.parquet", data.index[INDEX_COLUMNS])
+        index = data.index[INDEX_COLUMNS]
+        made_by = data.preprocessing
+        index.attrs = {} if made_by is None else {PREPROCESSING_ATTR: dict(made_by)}
+        folder.write_parquet("index.parquet", index)
         if data.reused == 0 and not data.shards:
             referenced = set(data.index["shard"].unique())
             for name in existing - referenced:

@@ -11,6 +11,7 @@ import weakref
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from kedro.io import DatasetError
 
@@ -18,6 +19,7 @@ from medical_ct import registry
 from medical_ct.datasets import ImageFolderDataset, StoredFile
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
 from medical_ct.pipelines.training.nodes import decide_training
+from medical_ct.preprocessing import PREPROCESSING_SPEC
 from medical_ct.shards import (
     INDEX_DTYPES,
     ModelInputDataset,
@@ -681,3 +683,40 @@ def test_a_rerun_decodes_again_the_files_of_a_lost_shard(sample_dir, tmp_path, c
     assert f"missing (deleted or lost): {lost}; decoding their 4 files again" in caplog.text
     assert rerun["reused"] == len(files) - (3 if file_too else 4)
     assert saved.missing_shards() == set()
+
+
+@pytest.mark.parametrize(
+    ("made_by", "read_again"),
+    [
+        ("this code", False),
+        ("another resampling", True),
+        ("an index that recorded none", False),
+    ],
+)
+def test_a_rerun_decodes_everything_again_when_another_preprocessing_made_the_pixels(
+    sample_dir, tmp_path, caplog, made_by, read_again
+):
+    """A change of preprocess_image that keeps 64x64 (resampling, grey mapping) reused last
+    run's stale pixels and hashes; a change of size failed only in training. An index written
+    before indexes recorded the spec was made by this one as far as anyone knows."""
+    reads: list[str] = []
+    files = stored_files(sample_dir, reads, count=6)
+    first = decode_images(files, None, PARAMS)
+    first.preprocessing = {
+        "this code": PREPROCESSING_SPEC,
+        "another resampling": {**PREPROCESSING_SPEC, "resample": "nearest"},
+        "an index that recorded none": None,
+    }[made_by]
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    store.save(first)
+
+    reads.clear()
+    with caplog.at_level(logging.WARNING):
+        rerun = decode_images(files, next_run(store).load(), PARAMS)
+    store.save(rerun)
+    assert sorted(reads) == (sorted(files) if read_again else [])
+    assert rerun["reused"] == (0 if read_again else 6)
+    assert ("resample 'nearest' -> 'bilinear'" in caplog.text) == read_again
+    metadata = pq.read_schema(tmp_path / "decoded/index.parquet").metadata[b"PANDAS_ATTRS"]
+    assert json.loads(metadata)["medical_ct.preprocessing"] == PREPROCESSING_SPEC
+    assert next_run(store).load().preprocessing == PREPROCESSING_SPEC

@@ -28,6 +28,7 @@ from medical_ct.manifest import (
 from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
 from medical_ct.preprocessing import (
     IMAGE_SIZE,
+    PREPROCESSING_SPEC,
     InvalidImageError,
     content_hash,
     preprocess_image,
@@ -139,7 +140,8 @@ def decode_images(
     modification time) equals the one in ``previous``'s index is not read again and its pixels
     are not loaded: its index row (shard and row of its pixels, or its rejection by decoding)
     is kept, so a rerun reads and decodes only new or changed files, and writes only their
-    shards. ``full_rescan`` decodes every file.
+    shards. ``full_rescan`` decodes every file, as does a rerun whose last index was made by
+    another ``PREPROCESSING_SPEC``.
 
     Args:
         partitions: Partition id to a function returning the file's bytes, with ``version``.
@@ -159,6 +161,8 @@ def decode_images(
         listing, read = listing_table(list(partitions), versions), lambda f: partitions[f]()
     if previous is not None and params.full_rescan:
         logger.info("full_rescan: decoding every file again and compacting the shards")
+        previous = None
+    if previous is not None and _made_by_other_preprocessing(previous):
         previous = None
     kept, to_read = _reusable_rows(previous, listing, accepted, _missing_shards(previous))
     new_pixels = _Pixels(len(to_read))
@@ -230,6 +234,28 @@ def decode_reviewed_feedback(
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder (<Class>/<file>)"
 UNKNOWN_CLASS = "unknown class"
+
+
+def _made_by_other_preprocessing(previous: ShardedImages) -> bool:
+    """Whether last run's pixels were made by another ``PREPROCESSING_SPEC`` than this code's,
+    with a warning saying so: their hashes and pixels would be stale (a size change failing
+    only in training). An index that records none was written before indexes recorded it, by
+    this spec as far as anyone knows (it has not changed since): decoding a million images
+    again on no evidence would cost hours, and the next save records the spec."""
+    made_by = previous.preprocessing
+    if made_by is None or made_by == PREPROCESSING_SPEC:
+        return False
+    changed = {
+        key: (made_by.get(key), PREPROCESSING_SPEC.get(key))
+        for key in sorted(made_by.keys() | PREPROCESSING_SPEC.keys())
+        if made_by.get(key) != PREPROCESSING_SPEC.get(key)
+    }
+    logger.warning(
+        "Last run's decoded set was made by another preprocessing (%s: last run's, this "
+        "code's): decoding every file again and compacting the shards",
+        ", ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in changed.items()),
+    )
+    return True
 
 
 def _missing_shards(previous: ShardedImages | None) -> set[str]:
