@@ -126,6 +126,24 @@ def test_a_fresh_id_is_waited_for_while_its_writer_has_not_flushed(dataset):
         log.close()
 
 
+def test_two_flushes_of_one_millisecond_keep_both_files(dataset):
+    """Two answers of one worker in the same millisecond (a batch resumed together), flushed
+    apart: the second file replaced the first under the same name, losing its record."""
+    log = open_log(dataset, log_pixels=False)
+    now_ms = int(time.time() * 1000)
+    first, second = new_prediction_id(now_ms), new_prediction_id(now_ms)
+    log.append(first, result("Hand"), pixels(8))
+    assert log.flush() == 1
+    log.append(second, result("CXR"), pixels(9))
+    assert log.flush() == 1
+
+    names = sorted(dataset.load())
+    assert len(names) == 2 and names[0] < names[1]  # in flush order
+    assert log.find(first, wait_s=0)["label"] == "Hand"
+    assert log.find(second, wait_s=0)["label"] == "CXR"
+    log.close()
+
+
 def test_a_disabled_log_writes_and_resolves_nothing(dataset):
     log = PredictionLog(dataset, flush_interval_s=60, log_pixels=True, enabled=False)
     prediction_id = new_prediction_id()

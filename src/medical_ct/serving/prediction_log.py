@@ -8,6 +8,7 @@ the records of the last interval. The log is also what resolves a ``prediction_i
 with its time, which names the hour to read.
 """
 
+import itertools
 import logging
 import os
 import secrets
@@ -37,6 +38,7 @@ _MAX_PENDING = 200_000
 # /predict, so retrying every second through a long outage would slow every answer.
 _MAX_RETRY_WAIT_S = 60.0
 _MAX_CLOCK_SKEW_MS = 24 * 3600 * 1000
+_FLUSH_DIGITS = 10  # a flush a second for 300 years of one worker before names sort wrong
 
 
 def new_prediction_id(now_ms: int | None = None) -> str:
@@ -67,7 +69,8 @@ def hour_partition(time_ms: int) -> str:
 
 
 def _covers(partition: str, time_ms: int) -> bool:
-    """Whether a file named ``<first ms>-<last ms>-<writer>`` can hold a record of ``time_ms``."""
+    """Whether a file named ``<first ms>-<last ms>-<writer>[-<flush>]`` can hold a record of
+    ``time_ms``."""
     first, last, *_ = partition.rsplit("/", 1)[-1].split("-")
     return int(first) <= time_ms <= int(last)
 
@@ -94,6 +97,7 @@ class PredictionLog:
         self._flush_interval_s = flush_interval_s
         self._log_pixels = log_pixels
         self._writer = f"{socket.gethostname()}_{os.getpid()}_{secrets.token_hex(3)}"
+        self._flushes = itertools.count()
         self._lock = threading.Lock()
         self._pending: dict[str, tuple[int, dict[str, Any], np.ndarray]] = {}
         self._writing: dict[str, tuple[int, dict[str, Any], np.ndarray]] = {}
@@ -122,7 +126,7 @@ class PredictionLog:
         if not batch:
             return 0
         try:
-            self._dataset.save(self._partitions(batch))
+            self._dataset.save(self._partitions(batch, next(self._flushes)))
         except Exception as error:  # the store is down: keep the records for the next flush
             self._wait_s = min(2 * self._wait_s, max(_MAX_RETRY_WAIT_S, self._flush_interval_s))
             logger.error("Prediction log write failed, retrying in %ss: %r", self._wait_s, error)
@@ -136,9 +140,14 @@ class PredictionLog:
         return len(batch)
 
     def _partitions(
-        self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]
+        self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]], flush: int
     ) -> dict[str, pd.DataFrame]:
-        """``{date=.../hour=.../<first ms>-<last ms>-<writer>: records}``, one per hour.
+        """``{date=.../hour=.../<first ms>-<last ms>-<writer>-<flush>: records}``, one per hour.
+
+        ``flush`` numbers this writer's flushes: two flushes whose records fell in the same
+        millisecond had the same name without it, and the second file replaced the first,
+        losing its records while counting them written. Zero-padded, so names still sort by
+        time, then writer, then flush.
 
         Built column by column: this runs once a second beside the request path, in the
         same process, so it must hold the interpreter as briefly as it can.
@@ -165,7 +174,8 @@ class PredictionLog:
                     "writer": self._writer,
                 }
             )
-            partitions[f"{hour}/{min(times)}-{max(times)}-{self._writer}"] = records
+            name = f"{hour}/{min(times)}-{max(times)}-{self._writer}-{flush:0{_FLUSH_DIGITS}d}"
+            partitions[name] = records
         return partitions
 
     def _requeue(self, batch: dict[str, tuple[int, dict[str, Any], np.ndarray]]) -> None:
