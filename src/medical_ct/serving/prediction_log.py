@@ -15,13 +15,12 @@ import secrets
 import socket
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from medical_ct.datasets import PredictionLogDataset
+from medical_ct.datasets import PredictionLogDataset, hour_partition
 from medical_ct.preprocessing import content_hash
 from medical_ct.serving import metrics
 
@@ -60,12 +59,6 @@ def prediction_time_ms(prediction_id: str) -> int | None:
         return None
     time_ms = int(prediction_id[:_TIME_DIGITS], 16)
     return time_ms if time_ms <= time.time_ns() // 1_000_000 + _MAX_CLOCK_SKEW_MS else None
-
-
-def hour_partition(time_ms: int) -> str:
-    """The log folder of the hour ``time_ms`` falls in: ``date=YYYY-MM-DD/hour=HH``."""
-    moment = datetime.fromtimestamp(time_ms / 1000, UTC)
-    return f"date={moment:%Y-%m-%d}/hour={moment:%H}"
 
 
 def _covers(partition: str, time_ms: int) -> bool:

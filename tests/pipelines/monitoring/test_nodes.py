@@ -270,6 +270,53 @@ def test_a_second_run_reads_only_new_partitions_and_a_third_says_nothing_is_new(
     assert "no new prediction log records since the last run" in caplog.text
 
 
+def listed_files(filesystem, monkeypatch) -> list[str]:
+    """Every entry the store's listings (``ls``, ``find``) answer from now on."""
+    listed: list[str] = []
+
+    def spy(listing, path, *args, **kwargs):
+        found = listing(path, *args, **kwargs)
+        listed.extend(str(entry) for entry in found)
+        return found
+
+    for method in ("ls", "find"):
+        monkeypatch.setattr(filesystem, method, functools.partial(spy, getattr(filesystem, method)))
+    return listed
+
+
+def test_a_run_lists_only_the_hours_from_its_state_on_and_reads_what_a_full_listing_would(
+    log, sample, reference, champion, tmp_path, monkeypatch
+):
+    """The weekly run's cost must not grow with the log's age: the hours before what the
+    state read through, less the grace, are not even listed."""
+    held_out, labels = split(sample, "held_out")
+    names = [CLASSES[label] for label in labels]
+    write_log(log, held_out[:20], names[:20], start_ms=START_MS - 48 * HOUR_MS)
+    write_log(log, held_out[20:40], names[20:40], start_ms=START_MS - 24 * HOUR_MS)
+    _, _, state, _ = run(log, champion, reference)
+    (old,) = (tmp_path / "prediction_log" / "date=2026-05-26").rglob("*.parquet")
+    old.write_bytes(b"garbage")  # were it read, the run would warn that it cannot be
+    write_log(log, held_out[40:], names[40:])
+    every_file = dict(log.load())  # a plain mapping: the whole log, as before
+
+    listed = listed_files(log._filesystem, monkeypatch)
+    summary, metrics, new_state, _ = run(log, champion, reference, state=state)
+    monkeypatch.undo()
+
+    assert listed and not [entry for entry in listed if "date=2026-05-26/" in entry]
+    assert metric(metrics, "predictions") == 20
+    assert summary["unreadable_files"] == []
+    everything, _, full_state, _ = monitor_predictions(
+        every_file, state, champion, reference, {}, None, PARAMS
+    )
+    for key in ("records", "partitions", "period", "versions"):
+        assert summary[key] == everything[key]
+    assert (new_state["read_through"], new_state["recent"]) == (
+        full_state["read_through"],
+        full_state["recent"],
+    )
+
+
 def test_the_images_read_are_a_uniform_sample_of_the_records_with_pixels(log, sample):
     images, _ = sample
     for start in range(0, 240, 30):  # eight files

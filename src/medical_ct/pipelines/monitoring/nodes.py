@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from scipy.stats import chisquare, ks_2samp
 from sklearn.decomposition import PCA
 
-from medical_ct.datasets import collect_records
+from medical_ct.datasets import collect_records, hour_partition
 from medical_ct.model import embed, feature_extractor
 from medical_ct.plots import message_figure
 from medical_ct.preprocessing import IMAGE_SIZE
@@ -107,6 +107,19 @@ def _is_number(value: Any) -> bool:
 def partition_first_ms(name: str) -> int:
     """The time of the first record of a partition ``.../<first ms>-<last ms>-<writer>``."""
     return int(name.rsplit("/", 1)[-1].split("-", 1)[0])
+
+
+def listed_partitions(
+    prediction_log: Mapping[str, Callable[[], pd.DataFrame]], state: dict[str, Any], grace_ms: int
+) -> Mapping[str, Callable[[], pd.DataFrame]]:
+    """The log's partitions a run may read: with a state, only those of the hours from
+    ``read_through`` less the grace on (``LoggedFiles.since``), where listing the whole log
+    grew with its age though only the new files are read; a first run lists them all."""
+    read_through = state.get("read_through")
+    since = getattr(prediction_log, "since", None)
+    if read_through is None or since is None:  # any other mapping is taken as it is
+        return prediction_log
+    return since(hour_partition(partition_first_ms(read_through) - grace_ms))
 
 
 def new_partitions(names: list[str], state: dict[str, Any], grace_ms: int) -> list[str]:
@@ -386,7 +399,8 @@ def monitor_predictions(
     """Measure the prediction log's new records against the champion's training data.
 
     Args:
-        prediction_log: ``{partition: loader}`` of the service's prediction log.
+        prediction_log: ``{partition: loader}`` of the service's prediction log (the
+            catalog's ``LoggedFiles``: only the hours a run may read are listed).
         previous_state: The last run's state (``None`` before the first run).
         champion: The registry's champion; ``None`` before the first promotion.
         reference_set: The model input's train split (``None`` before data_processing).
@@ -406,7 +420,8 @@ def monitor_predictions(
     if champion is None:
         message = "Monitoring: no champion in the registry yet, nothing to monitor"
         return _nothing(summary, state, "no_champion", message)
-    names = new_partitions(list(prediction_log), state, grace_ms)
+    listed = listed_partitions(prediction_log, state, grace_ms)
+    names = new_partitions(list(listed), state, grace_ms)
     summary["champion_version"] = champion.version
     if not names:
         message = (
@@ -415,7 +430,7 @@ def monitor_predictions(
         )
         return _nothing(summary, state, "no_new_records", message)
     rng = np.random.default_rng(params.seed)
-    logged = read_predictions(prediction_log, names, params.max_drift_images, rng)
+    logged = read_predictions(listed, names, params.max_drift_images, rng)
     records = logged.records
     logger.info("Monitoring: %d new records in %d partitions", len(records), len(names))
     threshold = champion.review_threshold or params.fallback_review_threshold
