@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import posixpath
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, KeysView, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -730,6 +731,10 @@ class ChampionAliasDataset(AbstractDataset[dict[str, Any], str | None]):
         return {"model_uri": registry.model_uri(registry.CHAMPION_ALIAS, self._model_name)}
 
 
+# What the service writes (PredictionLog._partitions); <flush> since names could collide.
+LOG_PARTITION = re.compile(r"date=\d{4}-\d{2}-\d{2}/hour=\d{2}/(\d+)-(\d+)-[\w.-]+", re.ASCII)
+
+
 def hour_partition(time_ms: int) -> str:
     """The prediction log's folder of the hour ``time_ms`` falls in: ``date=YYYY-MM-DD/hour=HH``.
 
@@ -790,17 +795,33 @@ class PredictionLogDataset(OptionalPartitionedDataset):
         """The partitions of one ``hour`` (``date=YYYY-MM-DD/hour=HH``), listing nothing else.
 
         Each loader makes its Parquet dataset when called: making one per file as it was
-        listed cost 206 µs and 1.8 KB a file."""
+        listed cost 206 µs and 1.8 KB a file. A file not named as the service names them
+        (``LOG_PARTITION``: a copy made by hand, an export) is left out with a warning: its
+        name says nothing of its records' times, which monitoring and /feedback go by, and
+        one such name stopped both."""
         folder = f"{self._normalized_path.rstrip('/')}/{hour}"
         try:
             paths = self._filesystem.find(folder)
         except FileNotFoundError:
             return {}
-        return {
-            self._path_to_partition(path): partial(self._load_file, path)
-            for path in sorted(paths)
-            if path.endswith(self._filename_suffix)
-        }
+        partitions, odd = {}, []
+        for path in sorted(paths):
+            if path.endswith(self._filename_suffix):
+                partition = self._path_to_partition(path)
+                if LOG_PARTITION.fullmatch(partition):
+                    partitions[partition] = partial(self._load_file, path)
+                else:
+                    odd.append(partition)
+        if odd:
+            logger.warning(
+                "Prediction log: left out %s, not named date=YYYY-MM-DD/hour=HH/<first ms>-"
+                "<last ms>-<writer>-<flush>%s as the service names its files: move them out "
+                "of %s (a copy of a log file in it would count its records twice)",
+                ", ".join(odd),
+                self._filename_suffix,
+                self._path,
+            )
+        return partitions
 
     def _load_file(self, path: str) -> Any:
         config = {**self._dataset_config, self._filepath_arg: self._join_protocol(path)}

@@ -1,5 +1,6 @@
 """The prediction log in process: records, partitions, ids across writers, a store that fails."""
 
+import shutil
 import threading
 import time
 
@@ -141,6 +142,28 @@ def test_two_flushes_of_one_millisecond_keep_both_files(dataset):
     assert len(names) == 2 and names[0] < names[1]  # in flush order
     assert log.find(first, wait_s=0)["label"] == "Hand"
     assert log.find(second, wait_s=0)["label"] == "CXR"
+    log.close()
+
+
+def test_a_file_not_named_by_the_service_is_left_out_with_a_warning(dataset, tmp_path, caplog):
+    """A copy made by hand in the log's hour folder stopped every /feedback of that hour."""
+    log = open_log(dataset)
+    prediction_id = new_prediction_id()
+    log.append(prediction_id, result("CXR"), pixels(10))
+    log.flush()
+    (written,) = (tmp_path / "prediction_log").rglob("*.parquet")
+    shutil.copy(written, written.with_name("backup copy.parquet"))
+    shutil.copy(written, written.with_name("0_export.parquet"))  # sorts first
+
+    with caplog.at_level("WARNING"):
+        found = log.find(prediction_id, wait_s=0)
+
+    assert found["label"] == "CXR"
+    assert "backup copy" in caplog.text and "0_export" in caplog.text
+    assert "move them out of" in caplog.text
+    assert list(dataset.load()) == [
+        written.relative_to(tmp_path / "prediction_log").as_posix()[:-8]
+    ]
     log.close()
 
 

@@ -2,6 +2,7 @@
 drift, confidence, feedback error rate, incremental reads, parameters, nothing to measure."""
 
 import functools
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -315,6 +316,28 @@ def test_a_run_lists_only_the_hours_from_its_state_on_and_reads_what_a_full_list
         full_state["read_through"],
         full_state["recent"],
     )
+
+
+def test_a_log_file_named_by_hand_is_left_out_of_every_run_with_a_warning(
+    log, sample, reference, champion, tmp_path, caplog
+):
+    """A copy or an export in an hour folder stopped the weekly run (its name has no time)."""
+    held_out, labels = split(sample, "held_out")
+    write_log(log, held_out[:30], [CLASSES[label] for label in labels[:30]])
+    _, _, state, _ = run(log, champion, reference)
+    (written,) = (tmp_path / "prediction_log").rglob("*.parquet")
+    write_log(
+        log, held_out[30:], [CLASSES[label] for label in labels[30:]], start_ms=START_MS + 60_000
+    )
+    shutil.copy(written, written.with_name("backup copy.parquet"))
+    shutil.copy(written, written.with_name("0_export.parquet"))
+
+    with caplog.at_level("WARNING"):
+        second, _, _, _ = run(log, champion, reference, state=state)
+        first_ever, _, _, _ = run(log, champion, reference)
+
+    assert (second["records"], first_ever["records"]) == (30, 60)  # the copies not counted
+    assert caplog.text.count("backup copy") == 2 and caplog.text.count("0_export") == 2
 
 
 def test_the_images_read_are_a_uniform_sample_of_the_records_with_pixels(log, sample):

@@ -105,7 +105,8 @@ def _is_number(value: Any) -> bool:
 
 # ---- which partitions are new ----
 def partition_first_ms(name: str) -> int:
-    """The time of the first record of a partition ``.../<first ms>-<last ms>-<writer>``."""
+    """The time of the first record of a partition ``.../<first ms>-<last ms>-<writer>-<flush>``
+    (or without ``-<flush>``, as written before): ``PredictionLogDataset`` lists no other."""
     return int(name.rsplit("/", 1)[-1].split("-", 1)[0])
 
 
