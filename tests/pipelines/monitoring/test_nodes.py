@@ -340,6 +340,28 @@ def test_a_log_file_named_by_hand_is_left_out_of_every_run_with_a_warning(
     assert caplog.text.count("backup copy") == 2 and caplog.text.count("0_export") == 2
 
 
+def test_records_written_twice_are_counted_once(log, sample, reference, champion, tmp_path, caplog):
+    """A PUT that landed but raised is written again, with newer records, under another name."""
+    held_out, labels = split(sample, "held_out")
+    names = [CLASSES[label] for label in labels]
+    write_log(log, held_out[:30], names[:30])
+    (first,) = (tmp_path / "prediction_log").rglob("*.parquet")
+    retried = pd.concat([pd.read_parquet(first), pd.read_parquet(first).iloc[:5]])
+    write_log(log, held_out[30:], names[30:], start_ms=START_MS + 40_000)
+    retried.to_parquet(first.with_name(f"{START_MS}-{START_MS + 29_000}-w2-0000000001.parquet"))
+
+    with caplog.at_level("WARNING"):
+        summary, metrics, _, _ = run(log, champion, reference)
+    logged = read_predictions(log.load(), sorted(log.load()), 100, np.random.default_rng(0))
+
+    assert metric(metrics, "predictions") == 60
+    assert summary["duplicate_records"] == 35
+    assert "35 records read again under another file name were counted once" in caplog.text
+    assert logged.records["prediction_id"].is_unique and logged.images_logged == 60
+    hashes = logged.records["pixel_hash"].to_numpy()[logged.pixel_rows]
+    assert [content_hash(image) for image in logged.pixels] == list(hashes)
+
+
 def test_the_images_read_are_a_uniform_sample_of_the_records_with_pixels(log, sample):
     images, _ = sample
     for start in range(0, 240, 30):  # eight files

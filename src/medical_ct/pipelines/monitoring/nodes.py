@@ -164,7 +164,8 @@ class LoggedPredictions:
 
     ``pixels`` holds at most the sample size of the images logged with pixels (records
     logged with ``log_pixels`` off have none), ``pixel_rows`` their positions in
-    ``records``, and ``images_logged`` how many records had pixels at all.
+    ``records``, ``images_logged`` how many records had pixels at all, and ``duplicates``
+    how many records were left out as read before under the same ``prediction_id``.
     """
 
     records: pd.DataFrame
@@ -172,6 +173,7 @@ class LoggedPredictions:
     pixel_rows: np.ndarray
     images_logged: int
     unreadable: tuple[str, ...] = ()
+    duplicates: int = 0
 
 
 _RECORD_COLUMNS = [
@@ -196,6 +198,11 @@ def read_predictions(
     The sample is drawn as it goes (each image gets a random key; the ``max_images`` largest
     keys are kept), so memory stays at the sample's 4 KiB an image however many records a
     run reads: 100,000 images would otherwise be 400 MiB, twice over while joined.
+
+    A ``prediction_id`` read before is left out (the first kept, in name order), and counted
+    in a warning: a write the store kept but answered with an error (an S3 PUT that landed,
+    then timed out) is retried, with newer records, under another name, so its records are
+    in two files and were counted twice.
     """
     tables, offset, logged = [], 0, 0
     kept: list[np.ndarray] = []
@@ -203,11 +210,19 @@ def read_predictions(
     kept_keys: list[np.ndarray] = []
     buffered = 0
     unreadable = []
+    seen: set[str] = set()
+    duplicates = 0
     for name in names:
         table = _read_partition(partitions, name)
         if table is None:
             unreadable.append(name)
             continue
+        ids = table["prediction_id"]
+        repeated = (ids.isin(seen) | ids.duplicated()).to_numpy()
+        if repeated.any():
+            duplicates += int(repeated.sum())
+            table = table[~repeated].reset_index(drop=True)
+        seen.update(table["prediction_id"])
         pixels = table["pixels"].to_numpy()
         has_pixels = np.flatnonzero(pd.notna(pixels))
         if len(has_pixels):
@@ -230,8 +245,16 @@ def read_predictions(
         pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=_RECORD_COLUMNS)
     )
     records["model_version"] = records["model_version"].astype(str)
+    if duplicates:
+        logger.warning(
+            "Monitoring: %d records read again under another file name were counted once (a "
+            "write the store kept but reported failed is written again by the service)",
+            duplicates,
+        )
     order = np.argsort(rows)
-    return LoggedPredictions(records, images[order], rows[order], logged, tuple(unreadable))
+    return LoggedPredictions(
+        records, images[order], rows[order], logged, tuple(unreadable), duplicates
+    )
 
 
 def _read_partition(
@@ -442,6 +465,7 @@ def monitor_predictions(
         records=len(records),
         partitions=len(names),
         unreadable_files=list(logged.unreadable),
+        duplicate_records=logged.duplicates,
         period={
             "first": str(records["predicted_at"].min()),
             "last": str(records["predicted_at"].max()),
