@@ -466,3 +466,30 @@ def test_an_unreadable_log_file_is_skipped_named_and_left_in_the_store(
     assert caplog.text.count("which cannot be read") == 2
     assert len(list(folder.iterdir())) == 2  # left in the store
     assert state["read_through"] is not None
+
+
+def test_new_files_without_a_readable_record_move_the_state_past_them(
+    log, reference, champion, tmp_path, caplog
+):
+    """Measuring nothing stopped the run, so the state never moved and every weekly run
+    stopped on the same files."""
+    folder = tmp_path / "prediction_log" / "date=2026-05-28" / "hour=20"
+    folder.mkdir(parents=True)
+    (folder / f"{START_MS}-{START_MS}-w1.parquet").write_bytes(b"PAR1")  # truncated
+    empty = pd.DataFrame(columns=["predicted_at", "prediction_id", "model_version", "label",
+                                  "confidence", "pixel_hash", "pixels"])  # fmt: skip
+    empty.to_parquet(folder / f"{START_MS + 1}-{START_MS + 1}-w2.parquet")  # no rows
+
+    with caplog.at_level("WARNING"):
+        summary, metrics, state, _ = run(log, champion, reference)
+
+    assert summary["status"] == "no_readable_records"
+    assert summary["unreadable_files"] == [f"date=2026-05-28/hour=20/{START_MS}-{START_MS}-w1"]
+    assert metric(metrics, "predictions") == 0
+    assert state["read_through"].endswith("-w2")
+    assert f"{START_MS}-{START_MS}-w1" in summary["message"]
+    assert "stay in the store" in caplog.text and "delete monitoring_state.json" in caplog.text
+    assert "no readable record" in report_monitoring(summary)[0]
+    assert run(log, champion, reference, state=state)[0]["status"] == "no_new_records"
+    typed = read_predictions({}, [], 10, np.random.default_rng(0)).records
+    assert typed.dtypes["confidence"] == "float64" and typed.dtypes["predicted_at"].tz is not None

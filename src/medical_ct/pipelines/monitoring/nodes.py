@@ -184,6 +184,14 @@ _RECORD_COLUMNS = [
     "confidence",
     "pixel_hash",
 ]
+_RECORD_TYPES = {"predicted_at": "datetime64[ns, UTC]", "confidence": "float64"}
+
+
+def _no_records() -> pd.DataFrame:
+    """The records of a run that read none, typed as read ones are (strings: ``object``)."""
+    return pd.DataFrame(
+        {column: pd.Series(dtype=_RECORD_TYPES.get(column, object)) for column in _RECORD_COLUMNS}
+    )
 
 
 def read_predictions(
@@ -241,9 +249,7 @@ def read_predictions(
         kept, kept_rows, kept_keys = _largest_keys(kept, kept_rows, kept_keys, max_images)
     images = np.concatenate(kept) if kept else np.empty((0, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     rows = np.concatenate(kept_rows) if kept_rows else np.empty(0, np.int64)
-    records = (
-        pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=_RECORD_COLUMNS)
-    )
+    records = pd.concat(tables, ignore_index=True) if tables else _no_records()
     records["model_version"] = records["model_version"].astype(str)
     if duplicates:
         logger.warning(
@@ -457,6 +463,8 @@ def monitor_predictions(
     logged = read_predictions(listed, names, params.max_drift_images, rng)
     records = logged.records
     logger.info("Monitoring: %d new records in %d partitions", len(records), len(names))
+    if records.empty:
+        return _nothing_readable(summary, next_state(state, names, grace_ms, None), logged, names)
     threshold = champion.review_threshold or params.fallback_review_threshold
     training_shares = _training_shares(reference_set, len(champion.class_names))
     accepted = list(collect_records(accepted_feedback, kept_records).values())
@@ -495,12 +503,38 @@ def monitor_predictions(
 
 
 def _nothing(
-    summary: dict[str, Any], state: dict[str, Any], status: str, message: str
+    summary: dict[str, Any],
+    state: dict[str, Any],
+    status: str,
+    message: str,
+    level: int = logging.INFO,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Figure]:
-    """A run with nothing to measure: zero predictions, no alert, the state unchanged."""
-    logger.info(message)
+    """A run with nothing to measure: zero predictions, no alert, ``state`` as the new state
+    (the last one, unless files were read that held nothing)."""
+    logger.log(level, message)
     summary.update(status=status, message=message, records=0, history=state.get("history", []))
     return summary, metrics_of(summary), state, message_figure(message)
+
+
+def _nothing_readable(
+    summary: dict[str, Any], state: dict[str, Any], logged: LoggedPredictions, names: list[str]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Figure]:
+    """New files, none with a readable record (unreadable, or empty): nothing to measure, and
+    the state moves past them. Measuring nothing stopped the run (a histogram of no
+    confidences), so the state never moved and every weekly run stopped on the same files,
+    with training waiting for monitoring."""
+    message = f"Monitoring: no readable record in the {len(names)} new prediction log files"
+    level = logging.INFO
+    if logged.unreadable:
+        level = logging.WARNING
+        message += (
+            f"; {len(logged.unreadable)} cannot be read ({', '.join(logged.unreadable[:10])}"
+            f"{', ...' if len(logged.unreadable) > 10 else ''}): they stay in the store and "
+            "later runs do not read them again; look at them, and to read them once mended, "
+            "delete monitoring_state.json (the whole log is read again)"
+        )
+    summary.update(partitions=len(names), unreadable_files=list(logged.unreadable))
+    return _nothing(summary, state, "no_readable_records", message, level)
 
 
 def _training_shares(reference_set: Mapping[str, Any] | None, classes: int) -> np.ndarray:
