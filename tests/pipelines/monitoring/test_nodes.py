@@ -493,3 +493,39 @@ def test_new_files_without_a_readable_record_move_the_state_past_them(
     assert run(log, champion, reference, state=state)[0]["status"] == "no_new_records"
     typed = read_predictions({}, [], 10, np.random.default_rng(0)).records
     assert typed.dtypes["confidence"] == "float64" and typed.dtypes["predicted_at"].tz is not None
+
+
+def test_a_file_of_other_column_types_or_image_sizes_is_read_as_the_service_writes(
+    log, sample, reference, champion, tmp_path, caplog
+):
+    """Times without a zone or confidences as text stopped the node; a 16,384-byte blob was
+    read as four images of one record, misaligning every later image with its record."""
+    held_out, labels = split(sample, "held_out")
+    write_log(log, held_out[:30], [CLASSES[label] for label in labels[:30]])
+    folder = tmp_path / "prediction_log" / "date=2026-05-28" / "hour=21"
+    folder.mkdir(parents=True)
+    at = START_MS + HOUR_MS
+    image = held_out[30].tobytes()
+    pd.DataFrame(
+        {
+            "predicted_at": pd.to_datetime([at, at, at, at, at], unit="ms"),  # no time zone
+            "prediction_id": [new_prediction_id(at) for _ in range(5)],
+            "model_version": "3",
+            "label": "Hand",
+            "confidence": ["0.5", "0.5", "0.5", None, "high"],
+            "pixel_hash": [content_hash(held_out[30]), "b", "c", "d", "e"],
+            "pixels": [image, b"\0" * 1000, b"\0" * 128 * 128, image, None],
+        }
+    ).to_parquet(folder / f"{at}-{at}-old.parquet")
+
+    with caplog.at_level("WARNING"):
+        summary, metrics, _, _ = run(log, champion, reference)
+    logged = read_predictions(log.load(), sorted(log.load()), 100, np.random.default_rng(0))
+
+    assert metric(metrics, "predictions") == 33
+    assert summary["period"]["last"] == str(pd.to_datetime(at, unit="ms", utc=True))
+    assert "left out 2 records whose predicted_at or confidence" in caplog.text
+    assert "the pixels of 2 records that are not a 64x64 image" in caplog.text
+    assert logged.images_logged == len(logged.pixels) == 31
+    hashes = logged.records["pixel_hash"].to_numpy()[logged.pixel_rows]
+    assert [content_hash(image) for image in logged.pixels] == list(hashes)

@@ -268,7 +268,8 @@ def _read_partition(
 ) -> pd.DataFrame | None:
     """One log file, or ``None`` with a warning when it cannot be read (truncated by a full
     disk, written by a writer of another schema): one bad file must not stop the weekly run
-    (training waits for monitoring), and it stays in the store for a person to look at."""
+    (training waits for monitoring), and it stays in the store for a person to look at.
+    What it holds is read as the service writes it (``_as_written``)."""
     try:
         table = partitions[name]()
         missing = sorted({*_RECORD_COLUMNS, "pixels"} - set(table.columns))
@@ -282,7 +283,44 @@ def _read_partition(
             error,
         )
         return None
-    return table
+    return _as_written(table, name)
+
+
+def _as_written(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """``table`` with UTC times, float confidences and only 64x64 images as pixels.
+
+    A file of another writer version or edited by hand has the right columns of other
+    types: times without a time zone or confidences as text stopped the node, and pixel
+    blobs of another length misaligned the image sample with its records (a 16,384-byte
+    blob became four images of one record). Times without a zone are taken as UTC; a record
+    whose time or confidence cannot be read is left out, and a blob that is not
+    ``IMAGE_SIZE`` squared bytes is taken as no pixels (its record kept), both counted in a
+    warning.
+    """
+    predicted_at = pd.to_datetime(table["predicted_at"], utc=True, errors="coerce")
+    confidence = pd.to_numeric(table["confidence"], errors="coerce").astype(float)
+    pixels = table["pixels"]
+    size = IMAGE_SIZE * IMAGE_SIZE
+    is_image = np.array([isinstance(blob, bytes) and len(blob) == size for blob in pixels], bool)
+    other_pixels = int((pd.notna(pixels).to_numpy() & ~is_image).sum())
+    unusable = (predicted_at.isna() | confidence.isna()).to_numpy()
+    table = table.assign(
+        predicted_at=predicted_at, confidence=confidence, pixels=pixels.where(is_image, None)
+    )
+    if unusable.any() or other_pixels:
+        logger.warning(
+            "Monitoring: prediction log file %s: left out %d records whose predicted_at or "
+            "confidence is not a time and a number, and the pixels of %d records that are not "
+            "a %dx%d image of %d bytes (those records are kept without an image); a writer of "
+            "another version or a hand edit wrote it: look at it",
+            name,
+            int(unusable.sum()),
+            other_pixels,
+            IMAGE_SIZE,
+            IMAGE_SIZE,
+            size,
+        )
+    return table[~unusable].reset_index(drop=True)
 
 
 def _largest_keys(
