@@ -529,3 +529,35 @@ def test_a_file_of_other_column_types_or_image_sizes_is_read_as_the_service_writ
     assert logged.images_logged == len(logged.pixels) == 31
     hashes = logged.records["pixel_hash"].to_numpy()[logged.pixel_rows]
     assert [content_hash(image) for image in logged.pixels] == list(hashes)
+
+
+def test_files_written_after_their_hour_was_read_and_older_than_the_grace_are_counted(
+    log, sample, reference, champion, caplog
+):
+    """A writer whose clock is more than the grace behind (or a store down longer) writes
+    files no run reads: they were skipped silently."""
+    held_out, labels = split(sample, "held_out")
+    names = [CLASSES[label] for label in labels]
+    write_log(log, held_out[:20], names[:20])  # 20:26:40
+    _, _, state, _ = run(log, champion, reference, late_write_grace_hours=1)
+    skewed = START_MS - HOUR_MS - 10 * 60_000  # 19:16:40: in the hour listed, out of the grace
+    write_log(log, held_out[20:25], names[20:25], start_ms=skewed)
+    write_log(log, held_out[25:30], names[25:30], start_ms=skewed - HOUR_MS)  # an hour not listed
+    write_log(log, held_out[30:], names[30:], start_ms=START_MS + 2 * HOUR_MS)
+
+    with caplog.at_level("WARNING"):
+        summary, metrics, _, _ = run(
+            log, champion, reference, state=state, late_write_grace_hours=1
+        )
+
+    assert metric(metrics, "predictions") == 30
+    assert summary["late_files"]["count"] == 1
+    (late,) = summary["late_files"]["examples"]
+    assert late.startswith(f"date=2026-05-28/hour=19/{skewed}-")
+    assert "1 prediction log files" in caplog.text and late in caplog.text
+    assert "raise late_write_grace_hours or delete monitoring_state.json" in caplog.text
+    before_it_was_kept = {key: state[key] for key in ("read_through", "recent", "history")}
+    older, _, _, _ = run(
+        log, champion, reference, state=before_it_was_kept, late_write_grace_hours=1
+    )
+    assert older["late_files"]["count"] == 0  # whether a file was read is not known there

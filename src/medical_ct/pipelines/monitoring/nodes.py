@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 INTENSITY_FEATURES = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p50",
                       "intensity_p95")  # fmt: skip
 _HISTORY_RUNS = 104  # two years of weekly runs in the drift-over-time plot
+_HOUR_MS = 3600 * 1000
 _CONFIDENCE_BINS = 20
 
 
@@ -146,15 +147,42 @@ def new_partitions(names: list[str], state: dict[str, Any], grace_ms: int) -> li
 def next_state(
     state: dict[str, Any], read: list[str], grace_ms: int, run: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """The state after reading ``read``: the last name, the names inside the grace window,
-    and the run's figures appended to the history (the drift-over-time plot)."""
+    """The state after reading ``read``: the last name, the names read in the hours the next
+    run lists (from the hour of the grace window's start: ``recent_from``, so that run can
+    tell a listed file never read, ``too_late``), and the run's figures appended to the
+    history (the drift-over-time plot)."""
     recent = sorted({*state.get("recent", []), *read})
     read_through = max([*recent, state.get("read_through") or ""]) or None
+    recent_from = None
     if read_through is not None:
         since = partition_first_ms(read_through) - grace_ms
-        recent = [name for name in recent if partition_first_ms(name) >= since]
+        recent_from = since // _HOUR_MS * _HOUR_MS
+        recent = [name for name in recent if partition_first_ms(name) >= recent_from]
     history = [*state.get("history", []), *([run] if run else [])][-_HISTORY_RUNS:]
-    return {"read_through": read_through, "recent": recent, "history": history}
+    return {
+        "read_through": read_through,
+        "recent": recent,
+        "recent_from": recent_from,
+        "history": history,
+    }
+
+
+def too_late(listed: list[str], new: list[str], state: dict[str, Any]) -> list[str]:
+    """Listed files never read that no run will read: named before the grace window, in the
+    hours whose names read the state keeps (``recent_from`` on; none for a state written
+    before it kept them), yet not among them, so written after the run that read that hour.
+
+    A writer whose clock is off by more than the grace, or that could not reach the store
+    for longer, writes such files; they were skipped silently. The count is a floor: files
+    of earlier hours are not listed (what a listing of the whole log cost, ``LoggedFiles``).
+    """
+    recent_from = state.get("recent_from")
+    if recent_from is None:
+        return []
+    known = {*state.get("recent", []), *new}
+    return [
+        name for name in listed if name not in known and partition_first_ms(name) >= recent_from
+    ]
 
 
 # ---- reading records ----
@@ -491,6 +519,7 @@ def monitor_predictions(
     listed = listed_partitions(prediction_log, state, grace_ms)
     names = new_partitions(list(listed), state, grace_ms)
     summary["champion_version"] = champion.version
+    summary["late_files"] = _warn_too_late(too_late(list(listed), names, state), params)
     if not names:
         message = (
             f"Monitoring: no new prediction log records since the last run "
@@ -538,6 +567,23 @@ def monitor_predictions(
     summary["history"] = [*state.get("history", []), run][-_HISTORY_RUNS:]
     new_state = next_state(state, names, grace_ms, run)
     return summary, metrics_of(summary), new_state, unusual_figure
+
+
+def _warn_too_late(late: list[str], params: MonitoringParams) -> dict[str, Any]:
+    """A warning naming a few ``too_late`` files and what to do; their count and those few."""
+    if late:
+        logger.warning(
+            "Monitoring: %d prediction log files (%s) are older than late_write_grace_hours "
+            "(%s h) allows and were written after the run that read their hour: they are not "
+            "read. A service worker's clock is off by more than that, or it could not reach "
+            "the store for longer: fix its clock (or the store), then, to read them, raise "
+            "late_write_grace_hours or delete monitoring_state.json (the whole log is read "
+            "again). Files of earlier hours are not listed, so there may be more",
+            len(late),
+            ", ".join(late[:5]) + (", ..." if len(late) > 5 else ""),
+            params.late_write_grace_hours,
+        )
+    return {"count": len(late), "examples": late[:5]}
 
 
 def _nothing(
