@@ -110,9 +110,20 @@ def write_log(
     return ids
 
 
-def run(dataset, champion, reference, state=None, feedback=None, kept=None, reads=None, **params):
+def run(
+    dataset,
+    champion,
+    reference,
+    state=None,
+    feedback=None,
+    kept=None,
+    reads=None,
+    classes=CLASSES,
+    **params,
+):
     """``feedback``: the accepted records as stored; ``kept``: those data_processing kept last
-    run; ``reads``: a list that gets the id of every record read from the store."""
+    run; ``reads``: a list that gets the id of every record read from the store; ``classes``:
+    the model input's class names, which the reference's labels index."""
     reads = [] if reads is None else reads
 
     def load(key: str) -> object:
@@ -124,6 +135,7 @@ def run(dataset, champion, reference, state=None, feedback=None, kept=None, read
         state,
         champion,
         reference,
+        classes,
         {key: functools.partial(load, key) for key in feedback or {}},
         kept,
         {**PARAMS, **params},
@@ -190,6 +202,71 @@ def test_a_skewed_class_mix_is_prediction_drift_and_the_training_mix_is_not(
     assert metric(skewed_metrics, "prediction_drift_detected") == 1
     assert summary["versions"]["3"]["prediction_drift"]["class_counts"]["Hand"] >= 40
     assert any(alert.startswith("prediction drift: version 3") for alert in summary["alerts"])
+
+
+def test_the_training_mix_is_matched_to_the_champions_classes_by_name(
+    tmp_path, sample, reference, champion
+):
+    """The reference's labels index the model input's classes, which differ from the
+    champion's once the data gains or loses a class (or after a rollback): matched by
+    position, one class's share went to another and a balanced stream looked drifted."""
+    held_out, labels = split(sample, "held_out")
+    balanced = PredictionLogDataset(path=str(tmp_path / "balanced"))
+    write_log(balanced, held_out, [CLASSES[label] for label in labels])
+    reordered = [*CLASSES[1:], CLASSES[0]]  # the same classes, the data's order another
+    relabelled = ModelInputSet(
+        reference.index.assign(label=(reference.index["label"] - 1) % len(CLASSES)),
+        reference.loaders,
+    )
+    without_hand = [name for name in CLASSES if name != "Hand"]  # the data lost a class
+    kept = reference.index["label"] != CLASSES.index("Hand")
+    lost = ModelInputSet(
+        reference.index[kept].assign(
+            label=[without_hand.index(CLASSES[i]) for i in reference.index["label"][kept]]
+        ),
+        reference.loaders,
+    )
+
+    same, _, _, _ = run(balanced, champion, reference)
+    by_name, metrics, _, _ = run(balanced, champion, relabelled, classes=reordered)
+    missing, _, _, _ = run(balanced, champion, lost, classes=without_hand)
+
+    assert by_name["training_class_mix"] == same["training_class_mix"]
+    assert metric(metrics, "prediction_drift_detected") == 0
+    assert missing["training_class_mix"]["Hand"] == 0
+    assert missing["versions"]["3"]["prediction_drift"]["detected"]  # answers Hand: no data has
+
+
+def test_a_version_answering_classes_the_champion_lacks_is_not_tested_on_what_is_left(
+    tmp_path, sample, reference, champion
+):
+    """Answers of an older version trained on other classes were dropped from its counts,
+    and the rest tested as if they were all its answers (p = NaN once none was left)."""
+    held_out, labels = split(sample, "held_out")
+    log = PredictionLogDataset(path=str(tmp_path / "log"))
+    write_log(log, held_out, [CLASSES[label] for label in labels])
+    write_log(log, held_out[:40], ["Knee"] * 40, start_ms=START_MS + HOUR_MS, version="2")
+
+    summary, metrics, _, _ = run(log, champion, reference)
+
+    older = summary["versions"]["2"]["prediction_drift"]
+    assert older["other_classes"] == {"Knee": 40} and older["p_value"] is None
+    assert "answers in classes the champion does not have (Knee)" in older["reason"]
+    assert not older["detected"] and not summary["overall"]["prediction_drift"]["detected"]
+    assert summary["versions"]["3"]["prediction_drift"]["p_value"] is not None
+    assert metric(metrics, "prediction_drift_detected") == 0
+
+
+def test_low_confidence_over_fewer_answers_than_min_records_raises_no_alert(
+    log, sample, reference, champion
+):
+    held_out, labels = split(sample, "held_out")
+    write_log(log, held_out[:4], [CLASSES[label] for label in labels[:4]], [0.5] * 4)
+
+    summary, metrics, _, _ = run(log, champion, reference)
+
+    assert metric(metrics, "low_confidence_share") == 1.0
+    assert summary["alerts"] == []
 
 
 def test_low_confidence_share_and_estimated_accuracy_come_from_the_logged_confidences(
@@ -308,7 +385,7 @@ def test_a_run_lists_only_the_hours_from_its_state_on_and_reads_what_a_full_list
     assert metric(metrics, "predictions") == 20
     assert summary["unreadable_files"] == []
     everything, _, full_state, _ = monitor_predictions(
-        every_file, state, champion, reference, {}, None, PARAMS
+        every_file, state, champion, reference, CLASSES, {}, None, PARAMS
     )
     for key in ("records", "partitions", "period", "versions"):
         assert summary[key] == everything[key]

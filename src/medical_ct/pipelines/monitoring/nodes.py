@@ -425,8 +425,23 @@ def input_drift(
 def prediction_drift(
     predicted: pd.Series, class_names: list[str], training_shares: np.ndarray, p_value: float
 ) -> dict[str, Any]:
-    """Chi-square test of the predicted class counts against the training class mix."""
-    counts = predicted.value_counts().reindex(class_names, fill_value=0).to_numpy()
+    """Chi-square test of the predicted class counts against the training class mix.
+
+    Answers in classes ``class_names`` lacks (a version trained on other classes) leave it
+    untested: dropping them would test what is left as if it were every answer.
+    """
+    all_counts = predicted.value_counts()
+    other = {str(label): int(n) for label, n in all_counts.items() if label not in class_names}
+    counts = all_counts.reindex(class_names, fill_value=0).to_numpy()
+    if other:
+        return {
+            "class_counts": dict(zip(class_names, counts.tolist(), strict=True)),
+            "other_classes": other,
+            "p_value": None,
+            "detected": False,
+            "reason": f"answers in classes the champion does not have ({', '.join(other)}): "
+            "a version trained on other classes, not tested against this training mix",
+        }
     expected = np.maximum(training_shares, 1e-9)
     expected = expected / expected.sum() * counts.sum()
     test = chisquare(counts, expected)
@@ -488,6 +503,7 @@ def monitor_predictions(
     previous_state: dict[str, Any] | None,
     champion: RegisteredClassifier | None,
     reference_set: Mapping[str, Any] | None,
+    reference_classes: list[str] | None,
     accepted_feedback: Mapping[str, Callable[[], dict[str, Any]]],
     kept_records: dict[str, dict] | None,
     monitoring: dict[str, Any],
@@ -500,6 +516,8 @@ def monitor_predictions(
         previous_state: The last run's state (``None`` before the first run).
         champion: The registry's champion; ``None`` before the first promotion.
         reference_set: The model input's train split (``None`` before data_processing).
+        reference_classes: The model input's class names, which its labels index (``None``
+            before data_processing).
         accepted_feedback: ``{feedback id: loader}`` of the accepted feedback records.
         kept_records: The readable ones data_processing kept last run (``accepted_records``;
             ``None`` before it ran): only records listed since are read (``collect_records``).
@@ -533,7 +551,7 @@ def monitor_predictions(
     if records.empty:
         return _nothing_readable(summary, next_state(state, names, grace_ms, None), logged, names)
     threshold = champion.review_threshold or params.fallback_review_threshold
-    training_shares = _training_shares(reference_set, len(champion.class_names))
+    training_shares = _training_shares(reference_set, reference_classes, champion.class_names)
     accepted = list(collect_records(accepted_feedback, kept_records).values())
     summary.update(
         status="measured",
@@ -621,11 +639,25 @@ def _nothing_readable(
     return _nothing(summary, state, "no_readable_records", message, level)
 
 
-def _training_shares(reference_set: Mapping[str, Any] | None, classes: int) -> np.ndarray:
-    if reference_set is None or len(reference_set["labels"]) == 0:
-        return np.full(classes, 1 / classes)
-    counts = np.bincount(reference_set["labels"], minlength=classes)[:classes]
-    return counts / counts.sum()
+def _training_shares(
+    reference_set: Mapping[str, Any] | None,
+    reference_classes: list[str] | None,
+    class_names: list[str],
+) -> np.ndarray:
+    """The share of each of the champion's classes in the train split, matched by name.
+
+    The split's labels index the model input's classes, which are not the champion's when
+    the data gained or lost a class since it was trained, or after a rollback: matched by
+    position, one class's share went to another. A champion's class the data no longer has
+    gets 0.
+    """
+    uniform = np.full(len(class_names), 1 / len(class_names))
+    if reference_set is None or reference_classes is None or not len(reference_set["labels"]):
+        return uniform
+    counts = np.bincount(reference_set["labels"], minlength=len(reference_classes))
+    shares = pd.Series(counts, index=reference_classes).reindex(class_names, fill_value=0)
+    total = shares.sum()
+    return shares.to_numpy(dtype=float) / total if total else uniform
 
 
 def _version_summary(
@@ -733,7 +765,8 @@ def alerts(summary: dict[str, Any], params: MonitoringParams) -> list[str]:
             )
     overall = summary.get("overall", {})
     share = overall.get("low_confidence_share")
-    if share is not None and share > params.max_low_confidence_share:
+    enough = overall.get("records", 0) >= params.min_records  # a share of 2 answers says little
+    if enough and share is not None and share > params.max_low_confidence_share:
         found.append(
             f"low confidence: {share:.1%} of answers under the review threshold "
             f"{summary['review_threshold']:.3f} (max_low_confidence_share "

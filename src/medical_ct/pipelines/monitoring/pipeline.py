@@ -15,6 +15,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "previous_monitoring_state",
                     "champion_model",
                     "monitoring_reference",
+                    "monitoring_reference_classes",
                     "accepted_feedback_records",
                     "previous_accepted_records",
                     "params:monitoring",
