@@ -11,7 +11,8 @@ Shards are written once and never changed (their name is their content), so a re
 the shards of the images it decoded and a new index (tens of bytes per image). Both are plain
 Parquet and NumPy files: a reader needs no code of the writer (no pickles, ``allow_pickle``
 off). Files that were changed or deleted leave dead rows in old shards; ``full_rescan``
-decodes everything again into fresh shards and deletes the ones nothing references.
+decodes everything again into fresh shards, and deletes the ones that neither its index nor
+the index it replaced names (a reader of that one may still be streaming its shards).
 
 The model input (train, validation and test sets) is a folder holding only an index: for each
 image its content hash, label and the (store, shard, row) of its pixels in the decoded sets.
@@ -443,7 +444,8 @@ class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, Sharde
     written again) and then the index, with the preprocessing that made the pixels
     (``ShardedImages.preprocessing``), so a reader never sees an index naming a missing
     shard. A save whose index was built from scratch (``full_rescan``) also deletes the shards
-    nothing references any more.
+    that neither the new index nor the one it replaces names: a reader of the replaced index
+    can finish, and its shards go at the next rescan.
 
     ``legacy`` (``{"filepath": ...}``) is the single pickle earlier versions kept: it is never
     unpickled (a reader must not run the writer's code); when no index exists yet it makes the
@@ -506,15 +508,31 @@ class ShardedImagesDataset(_IndexedFolder, AbstractDataset[ShardedImages, Sharde
         index = data.index[INDEX_COLUMNS]
         made_by = data.preprocessing
         index.attrs = {} if made_by is None else {PREPROCESSING_ATTR: dict(made_by)}
+        rebuilt = data.reused == 0 and not data.shards  # from scratch: a full rescan
+        replaced = self._shards_of_the_index_in_place() if rebuilt else set()
         folder.write_parquet("index.parquet", index)
-        if data.reused == 0 and not data.shards:
-            referenced = set(data.index["shard"].unique())
-            for name in existing - referenced:
+        if rebuilt and replaced is not None:
+            for name in existing - set(data.index["shard"].unique()) - replaced:
                 folder.filesystem.rm_file(folder.join("shards", name))
         if self._legacy_exists():
             legacy = fsspec.open(self._legacy, **(self._credentials or {}))
             legacy.fs.rm_file(legacy.path)
             logger.info("Deleted %s: replaced by the shards in %s", self._legacy, self._path)
+
+    def _shards_of_the_index_in_place(self) -> set[str] | None:
+        """The shards the index a full rescan replaces names: kept until the next rescan.
+
+        A reader that loaded that index before the rescan (a streamed training of hours, the
+        monitoring reference) still reads its shards; deleted at once, it failed midway. So a
+        rescan deletes only what neither index names: what the rescan before it left behind.
+        ``None`` (delete nothing this time) when that index cannot be read.
+        """
+        try:
+            index = self._folder.read_parquet("index.parquet")
+        except DatasetError as error:
+            logger.warning("Deleting no shard this time: %s", error)
+            return None
+        return set() if index is None else set(index["shard"].unique())
 
     def _shard_files(self) -> list[str]:
         folder = self._folder.join("shards")

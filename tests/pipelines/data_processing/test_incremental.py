@@ -303,9 +303,35 @@ def test_full_rescan_decodes_everything_and_deletes_unreferenced_shards(sample_d
     rescan = decode_images(files, next_run(store).load(), {**PARAMS, "full_rescan": True})
     store.save(rescan)
     assert sorted(reads) == sorted(files) and rescan["reused"] == 0
+    assert len(shard_files(tmp_path / "decoded")) == 3  # the replaced index's, until the next
+    store.save(decode_images(files, next_run(store).load(), {**PARAMS, "full_rescan": True}))
     assert len(shard_files(tmp_path / "decoded")) == 1
     loaded = next_run(store).load()
     assert np.array_equal(loaded.pixels_of(np.arange(4)), rescan.pixels_of(np.arange(4)))
+
+
+def test_a_full_rescan_keeps_the_shards_of_the_index_it_replaces_until_the_next_rescan(
+    sample_dir, tmp_path
+):
+    """A reader that loaded the index before a rescan (a streamed training of hours, the
+    monitoring reference) reads its shards to the end: deleted at once, it failed midway."""
+    files = stored_files(sample_dir, [], count=8)
+    store = ShardedImagesDataset(path=str(tmp_path / "decoded"))
+    store.save(decode_images(files, None, PARAMS))
+    del files[sorted(files)[0]]  # the rescan packs the other 7 into other shards
+    store.save(decode_images(files, next_run(store).load(), PARAMS))
+    reader = next_run(store).load()
+    before = shard_files(tmp_path / "decoded")
+
+    rescan = decode_images(files, next_run(store).load(), {**PARAMS, "full_rescan": True})
+    store.save(rescan)
+
+    fresh = set(rescan.index["shard"])
+    assert not fresh & set(before) and set(shard_files(tmp_path / "decoded")) == {*before, *fresh}
+    every = np.arange(len(files))
+    assert np.array_equal(reader.pixels_of(every), rescan.pixels_of(every))
+    store.save(decode_images(files, next_run(store).load(), {**PARAMS, "full_rescan": True}))
+    assert set(shard_files(tmp_path / "decoded")) == fresh
 
 
 class _Trap:
