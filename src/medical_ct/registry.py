@@ -64,16 +64,28 @@ def load_alias(
         if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
             return None
         raise
-    uri = f"models:/{model_name}/{version.version}"
+    return load_version(str(version.version), dict(version.tags), model_name)
+
+
+def load_version(
+    version: str, tags: dict[str, str], model_name: str = MODEL_NAME
+) -> RegisteredClassifier:
+    """Load a version as the service and the weekly run load the champion (``load_alias``).
+
+    A rollback loads its target this way before moving the alias: a version whose metadata
+    reads fine can still lack its model file, and the alias would then point at a model
+    nothing can load.
+    """
+    uri = f"models:/{model_name}/{version}"
     # Logged in MLflow's default "pt2" format (torch.export): a traced inference graph that
     # loads without unpickling code, already in eval mode (it does not support .eval()).
     model = _pytorch_flavour().load_model(uri)
     metadata = mlflow.models.get_model_info(uri).metadata or {}
     return RegisteredClassifier(
         model=model,
-        version=str(version.version),
+        version=version,
         class_names=list(metadata["class_names"]),
-        tags=dict(version.tags),
+        tags=tags,
         review_threshold=review_threshold(metadata),
     )
 

@@ -314,3 +314,54 @@ def test_rollback_and_rebuild_are_not_part_of_the_default_pipeline():
     assert "register_and_promote" in default
     assert "roll_back_champion" not in default and "rebuild_model_input" not in default
     assert {node.name for node in pipelines["rollback"].nodes} == {"roll_back_champion"}
+
+
+# ---- what a rollback must not leave behind: an unloadable champion, false history ----
+@pytest.fixture
+def two_versions(trained_project, tmp_path, monkeypatch) -> Path:
+    """A copy of the trained project (champion: version 1) with a version 2 registered from
+    version 1's model and run (so it loads and has a manifest), never champion."""
+    copy = tmp_path / "project"
+    shutil.copytree(trained_project, copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(copy)["MLFLOW_TRACKING_URI"])
+    client = mlflow_client(copy)
+    first = client.get_model_version(MODEL_NAME, champion(copy))
+    client.create_model_version(MODEL_NAME, first.source, first.run_id)
+    return copy
+
+
+def all_tags(project: Path) -> dict[str, dict[str, str]]:
+    client = mlflow_client(project)
+    return {
+        str(v.version): dict(v.tags) for v in client.search_model_versions(f"name='{MODEL_NAME}'")
+    }
+
+
+def test_rollback_to_a_version_whose_model_cannot_be_loaded_is_refused(two_versions, tmp_path):
+    """Its MLmodel (metadata) reads fine, its model file is gone: the service could not load
+    it, so the champion must not move to it."""
+    path = two_versions
+    before, tags_before = champion(path), all_tags(path)
+    model = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{MODEL_NAME}/{before}", dst_path=str(tmp_path / "model")
+        )
+    )
+    (model / "data/model.pt2").unlink()
+    broken = mlflow_client(path).create_model_version(MODEL_NAME, str(model), None).version
+
+    result = kedro(
+        path,
+        "run",
+        "--pipeline",
+        "rollback",
+        "--params",
+        f"rollback.to_version={broken},rollback.reason=x",
+    )
+
+    output = output_of(result)
+    assert result.returncode != 0
+    assert f"version {broken}'s model cannot be loaded" in output and "model.pt2" in output
+    assert "roll back to another version with rollback.to_version" in output
+    assert champion(path) == before
+    assert {v: all_tags(path)[v] for v in tags_before} == tags_before

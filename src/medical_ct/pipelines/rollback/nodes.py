@@ -5,7 +5,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from medical_ct import lifecycle
+from medical_ct import lifecycle, registry
 from medical_ct.registry import MODEL_NAME, RegisteredVersion
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ def roll_back_champion(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Plan the move of ``champion`` back to an earlier version, refusing unservable ones.
 
-    The target must exist, differ from the champion and carry what the service needs to serve
-    it (class names, the preprocessing spec of this code). The move tags the version rolled
+    The target must exist, differ from the champion, carry what the service needs to serve
+    it (class names, the preprocessing spec of this code) and load as the service loads it
+    (its model file can be missing while its metadata reads fine). The move tags the version rolled
     back from (when, why, by whom) and the target (the same, and the training data of the
     version rolled back from, which the next weekly run will not train on again).
 
@@ -109,6 +110,14 @@ def roll_back_champion(
             f"The champion stays version {champion_version}; roll back to another version "
             f"(registered: {registered})"
         )
+    unloadable = _load_problem(target, tags_of[target])
+    if unloadable:
+        raise RollbackRefusedError(
+            f"version {target}'s model cannot be loaded ({unloadable}): the service and the "
+            "next weekly run would fail to load it too. The champion stays version "
+            f"{champion_version}; roll back to another version with rollback.to_version "
+            f"(registered: {registered}), e.g. {_EXAMPLE}"
+        )
     if lifecycle.ROLLED_BACK_AT in tags_of[target]:
         logger.warning("Version %s was rolled back from before; restoring it as asked", target)
     move = lifecycle.champion_move(
@@ -131,3 +140,15 @@ def roll_back_champion(
         params.reason,
     )
     return move, move
+
+
+def _load_problem(version: str, tags: dict[str, str]) -> str | None:
+    """Why ``version`` cannot be loaded as the service loads the champion; ``None`` if it can.
+
+    Any error counts: whatever stops this load would stop every service worker's.
+    """
+    try:
+        registry.load_version(version, tags)
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+    return None
