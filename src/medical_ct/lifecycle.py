@@ -171,3 +171,20 @@ def lineage(tags: Mapping[str, str]) -> dict[str, Any]:
         "promoted": promoted,
         "rolled_back_to": rolled_back_to,
     }
+
+
+def last_move(tags: Mapping[str, str]) -> str:
+    """How a version last became champion, from its tags: who, when and why, in words.
+
+    The later of its promotion and its last rollback to it; a version with neither was given
+    the alias by hand (the MLflow UI or API).
+    """
+    promoted, rolled_back_to = tags.get(PROMOTED_AT), tags.get(ROLLED_BACK_TO_AT)
+    if rolled_back_to and (not promoted or rolled_back_to >= promoted):
+        return (
+            f"rolled back to by {tags.get(ROLLED_BACK_TO_BY)} at {rolled_back_to}: "
+            f"{tags.get(ROLLED_BACK_TO_REASON)}"
+        )
+    if promoted:
+        return f"promoted by the champion gate at {promoted}: {tags.get(PROMOTED_REASON)}"
+    return "given the alias by hand (no promotion or rollback tags)"

@@ -266,18 +266,59 @@ def alias_version(alias: str = CHAMPION_ALIAS, model_name: str = MODEL_NAME) -> 
         raise
 
 
+class ChampionMoveError(RuntimeError):
+    """A move of ``champion`` failed; the alias and the versions' tags are as they were."""
+
+
+class ChampionMovedError(ChampionMoveError):
+    """``champion`` no longer points where the move was planned from: someone moved it since."""
+
+    def __init__(self, message: str, current: str | None, moved_by: str) -> None:
+        super().__init__(message)
+        self.current = current
+        self.moved_by = moved_by
+
+
 def apply_champion_move(move: dict[str, Any], model_name: str = MODEL_NAME) -> None:
     """Tag the versions a move of ``champion`` involves, then move the alias.
 
     Tags come first: a service that sees the alias move loads the version with its new tags
-    (its lineage). The active MLflow run, if any, is tagged as the move's record, so the
-    alias history is the experiment's runs with tag ``champion_move``.
+    (its lineage). The alias is read again first and must still point where the move was
+    planned from: a promotion landing during a rollback (or a rollback during a weekly run)
+    would otherwise be replaced silently. When tagging or the alias move fails, the tags
+    written are put back as they were, so no version tells of a move that never happened
+    (a later rollback without a target would skip a version wrongly tagged rolled back from).
+    The active MLflow run, if any, is tagged as the move's record, so the alias history is
+    the experiment's runs with tag ``champion_move``.
+
+    Raises:
+        ChampionMovedError: The champion is not ``move["from_version"]``; nothing was written.
+        ChampionMoveError: Tagging or moving failed; the tags were put back, nothing moved.
     """
     client = MlflowClient()
-    for version, tags in move["version_tags"].items():
-        for key, value in tags.items():
-            client.set_model_version_tag(model_name, version, key, value)
-    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, move["to_version"])
+    _check_still_champion(client, move, model_name)
+    before = {
+        version: dict(client.get_model_version(model_name, version).tags)
+        for version in move["version_tags"]
+    }
+    try:
+        for version, tags in move["version_tags"].items():
+            for key, value in tags.items():
+                client.set_model_version_tag(model_name, version, key, value)
+        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, move["to_version"])
+    except Exception as error:
+        left = _restore_tags(client, model_name, move["version_tags"], before)
+        raise ChampionMoveError(
+            f"the {move['kind']} of {model_name}@champion from version {move['from_version']} "
+            f"to {move['to_version']} failed ({error}): nothing moved, champion stays version "
+            f"{move['from_version']}; "
+            + (
+                f"these tags could not be put back, set or delete them by hand: {left}; "
+                if left
+                else "the versions' tags are as they were; "
+            )
+            + f"run the {move['kind']} again once the registry answers"
+        ) from error
     if mlflow.active_run() is not None:
         mlflow.set_tags(
             {
@@ -286,3 +327,54 @@ def apply_champion_move(move: dict[str, Any], model_name: str = MODEL_NAME) -> N
                 lifecycle.MOVE_TO: move["to_version"],
             }
         )
+
+
+def _check_still_champion(client: MlflowClient, move: dict[str, Any], model_name: str) -> None:
+    """Raise ``ChampionMovedError`` unless ``champion`` is still the move's ``from_version``.
+
+    MLflow has no compare-and-set of an alias: this leaves a window of one request between
+    the check and the move, where the whole run (a weekly training: hours) was one before.
+    """
+    current = alias_version(CHAMPION_ALIAS, model_name)
+    if current == move["from_version"]:
+        return
+    moved_by = (
+        lifecycle.last_move(client.get_model_version(model_name, current).tags)
+        if current is not None
+        else "the alias was deleted"
+    )
+    again = (
+        "run the rollback again to roll back from the version now champion"
+        if move["kind"] == "rollback"
+        else "evaluate again against the version now champion"
+    )
+    raise ChampionMovedError(
+        f"{model_name}@champion is version {current}, not version {move['from_version']} this "
+        f"{move['kind']} to version {move['to_version']} was planned from ({moved_by}): "
+        f"nothing moved or tagged; {again}",
+        current,
+        moved_by,
+    )
+
+
+def _restore_tags(
+    client: MlflowClient,
+    model_name: str,
+    written: dict[str, dict[str, str]],
+    before: dict[str, dict[str, str]],
+) -> list[str]:
+    """Put back the tags a failed move may have written; ``version:key`` of those it could not."""
+    left = []
+    for version, tags in written.items():
+        for key in tags:
+            try:
+                if key in before[version]:
+                    client.set_model_version_tag(model_name, version, key, before[version][key])
+                else:
+                    client.delete_model_version_tag(model_name, version, key)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # a deleted version: no tags
+                    left.append(f"{version}:{key}")
+            except Exception:  # the registry unreachable: say what is left, raise the cause
+                left.append(f"{version}:{key}")
+    return left

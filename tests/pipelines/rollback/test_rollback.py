@@ -365,3 +365,64 @@ def test_rollback_to_a_version_whose_model_cannot_be_loaded_is_refused(two_versi
     assert "roll back to another version with rollback.to_version" in output
     assert champion(path) == before
     assert {v: all_tags(path)[v] for v in tags_before} == tags_before
+
+
+def test_a_rollback_whose_alias_move_fails_leaves_no_history_of_it(two_versions):
+    """The registry's database refuses the alias move (a trigger: a real sqlite failure, as
+    'database is locked' is) after the tags were written: they are put back as they were."""
+    import sqlite3
+
+    path = two_versions
+    before, tags_before = champion(path), all_tags(path)
+    with sqlite3.connect(path / "mlflow.db") as database:
+        for event in ("INSERT", "UPDATE"):
+            database.execute(
+                f"CREATE TRIGGER refuse_alias_{event.lower()} BEFORE {event} ON "
+                "registered_model_aliases BEGIN SELECT RAISE(ABORT, 'alias moves refused'); END"
+            )
+
+    result = kedro(
+        path, "run", "--pipeline", "rollback", "--params", "rollback.to_version=2,rollback.reason=x"
+    )
+
+    output = output_of(result)
+    assert result.returncode != 0
+    assert "alias moves refused" in output
+    assert f"nothing moved, champion stays version {before}" in output
+    assert "the versions' tags are as they were" in output
+    assert champion(path) == before
+    assert all_tags(path) == tags_before
+
+
+def test_a_rollback_refuses_to_replace_a_champion_promoted_since_it_was_planned(two_versions):
+    """Planned from version 2; the weekly run promotes version 3 before the move is applied:
+    the move is refused, untagged, and says who moved the champion."""
+    from kedro.io import DatasetError
+
+    from medical_ct.datasets import ChampionAliasDataset, RegisteredVersionsDataset
+    from medical_ct.pipelines.rollback.nodes import roll_back_champion
+
+    path = two_versions
+    client = mlflow_client(path)
+    registry.apply_champion_move(lifecycle.promotion_move("2", "1", "second"))
+    versions = RegisteredVersionsDataset(manifest_artifact=MANIFEST_ARTIFACT).load()
+    move, _ = roll_back_champion(versions, "2", {"reason": "bad v2", "by": "alice"})
+    assert (move["from_version"], move["to_version"]) == ("2", "1")
+    source = client.get_model_version(MODEL_NAME, "1")
+    third = str(client.create_model_version(MODEL_NAME, source.source, source.run_id).version)
+    registry.apply_champion_move(lifecycle.promotion_move(third, "2", "weekly gate"))
+    tags_before = all_tags(path)
+
+    with pytest.raises(DatasetError) as refused:
+        ChampionAliasDataset().save(move)  # what the rollback run's save does
+
+    assert isinstance(refused.value.__cause__, registry.ChampionMovedError)
+    message = str(refused.value.__cause__)
+    assert f"champion is version {third}, not version 2" in message
+    assert "promoted by the champion gate" in message and "weekly gate" in message
+    assert "run the rollback again" in message
+    assert champion(path) == third
+    assert all_tags(path) == tags_before
+    with pytest.raises(registry.ChampionMovedError):  # a promotion planned from an old champion
+        registry.apply_champion_move(lifecycle.promotion_move("1", "2", "stale"))
+    assert champion(path) == third

@@ -354,19 +354,24 @@ def register_and_promote(
             lifecycle.MODEL_INPUT_IMAGES: str(counts["model_input"]),
         },
     )
+    champion = champion_evaluation["version"]
+    if promote:
+        try:
+            registry.apply_champion_move(lifecycle.promotion_move(version, champion, reason))
+        except registry.ChampionMovedError as error:  # a rollback during this run
+            promote, champion = False, error.current
+            reason = (
+                f"{reason}, but champion moved from version {champion_evaluation['version']} "
+                f"to {error.current} during this run ({error.moved_by}): not promoted over a "
+                "champion the gate did not compare it with"
+            )
     alias = registry.CHAMPION_ALIAS if promote else registry.CHALLENGER_ALIAS
     if promote:
-        registry.apply_champion_move(
-            lifecycle.promotion_move(version, champion_evaluation["version"], reason)
-        )
         logger.info("Version %s is the new champion: %s", version, reason)
     else:
         registry.set_alias(version, alias)
         logger.warning(
-            "Version %s is a challenger, champion stays version %s: %s",
-            version,
-            champion_evaluation["version"],
-            reason,
+            "Version %s is a challenger, champion stays version %s: %s", version, champion, reason
         )
     return {
         "model_name": registry.MODEL_NAME,
