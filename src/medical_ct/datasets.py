@@ -667,16 +667,40 @@ class MlflowInputDataset(MlflowReportDataset):
 
     The MLflow dataset's digest and tag ``dataset_fingerprint`` are the model input's
     fingerprint, the one registered versions are tagged with.
+
+    ``unless_logged``: save nothing when the active run already holds the artifact. For the
+    run that registers a version, which must hold its manifest: a ``kedro run`` of the whole
+    pipeline (or an Airflow DAG run: one MLflow run) logged it in data_processing already,
+    while a ``kedro run --pipeline evaluation`` of its own did not.
     """
 
     def __init__(
-        self, *, dataset: dict[str, Any], artifact_path: str = "", name: str, context: str
+        self,
+        *,
+        dataset: dict[str, Any],
+        artifact_path: str = "",
+        name: str,
+        context: str,
+        unless_logged: bool = False,
     ) -> None:
         super().__init__(dataset=dataset, artifact_path=artifact_path)
         self._name = name
         self._context = context
+        self._unless_logged = unless_logged
+
+    def logged_in_active_run(self) -> bool:
+        """Whether the active MLflow run holds this dataset's artifact (``False``: no run)."""
+        run = mlflow.active_run()
+        if run is None:
+            return False
+        name = PurePosixPath(self._dataset_config["filepath"]).name
+        path = posixpath.join(self._artifact_path, name)
+        listed = mlflow.MlflowClient().list_artifacts(run.info.run_id, self._artifact_path or None)
+        return any(artifact.path == path for artifact in listed)
 
     def save(self, data: pd.DataFrame) -> None:
+        if self._unless_logged and self.logged_in_active_run():
+            return
         super().save(data)
         if mlflow.active_run() is None:
             return
@@ -691,7 +715,12 @@ class MlflowInputDataset(MlflowReportDataset):
         mlflow.log_input(logged, context=self._context, tags={"dataset_fingerprint": fingerprint})
 
     def _describe(self) -> dict[str, Any]:
-        return {**super()._describe(), "name": self._name, "context": self._context}
+        return {
+            **super()._describe(),
+            "name": self._name,
+            "context": self._context,
+            "unless_logged": self._unless_logged,
+        }
 
 
 class RegisteredVersionsDataset(AbstractDataset[None, dict[str, registry.RegisteredVersion]]):

@@ -11,7 +11,15 @@ from medical_ct import lifecycle
 from medical_ct.manifest import MANIFEST_COLUMNS, manifest_fingerprint
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME, registered_versions
 from medical_ct.shards import NpzDataset
-from tests.conftest import assert_ok, kedro, mlflow_client, project_env, read_model_input
+from tests.conftest import (
+    FAST_RUN_PARAMS,
+    assert_ok,
+    kedro,
+    make_project,
+    mlflow_client,
+    project_env,
+    read_model_input,
+)
 
 pytestmark = pytest.mark.e2e  # real servers and kedro runs
 
@@ -93,6 +101,32 @@ def test_a_rebuild_names_the_image_missing_from_the_store(project, monkeypatch):
     assert result.returncode != 0
     assert f"raw store: {removed} is missing" in output
     assert "1 of " in output and "Restore them" in output
+
+
+def test_a_version_registered_by_an_evaluation_run_of_its_own_holds_its_manifest(
+    tmp_path, sample_dir, monkeypatch
+):
+    """data_processing, training and evaluation as three `kedro run`s, so three MLflow runs:
+    the one that registers the version must hold its manifest, or the version cannot be
+    rebuilt and the next run cannot count new images against it."""
+    project = make_project(tmp_path / "project", sample_dir)
+    for pipeline in ("data_processing", "training", "evaluation"):
+        assert_ok(kedro(project, "run", "--pipeline", pipeline, "--params", FAST_RUN_PARAMS))
+    version = champion_version(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(project)["MLFLOW_TRACKING_URI"])
+    details = registered_versions(MANIFEST_ARTIFACT)[version]
+
+    manifest = details.read_manifest()
+
+    assert manifest_fingerprint(manifest) == details.tags[lifecycle.DATASET_FINGERPRINT]
+    run = mlflow_client(project).get_run(details.run_id)
+    assert run.info.run_name == "evaluation"  # not data_processing's run, which logged it first
+    inputs = [i for i in run.inputs.dataset_inputs if i.dataset.name == "medical_ct_model_input"]
+    assert len(inputs) == 1
+    result = kedro(
+        project, "run", "--pipeline", "rebuild", "--params", f"rebuild.version={version}"
+    )
+    assert_ok(result)
 
 
 @pytest.mark.parametrize(

@@ -302,7 +302,7 @@ def register_and_promote(
     training_manifest: pd.DataFrame,
     champion_gate: dict[str, float],
     calibration: dict[str, Any],
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """Register the trained model, then give it alias ``champion`` if it passes the gate.
 
     A model that does not pass gets alias ``challenger``. Runs last, so nothing is
@@ -313,7 +313,10 @@ def register_and_promote(
 
     Returns:
         The decision, for the MLflow run's artifacts. When training was skipped nothing is
-        registered and the decision says why.
+        registered and the decision says why. And ``training_manifest``, for the registering
+        run (``registered_training_manifest``, logged unless the run holds it): a version's
+        run must hold its manifest for rebuild, rollback and the next training decision, and a
+        ``kedro run --pipeline evaluation`` of its own is not data_processing's run.
     """
     if isinstance(trained_model, TrainingSkipped):
         logger.info("Nothing registered: %s", trained_model.reason)
@@ -326,7 +329,7 @@ def register_and_promote(
             "reason": trained_model.reason,
             "previous_champion": champion_evaluation,
             "dataset_fingerprint": dataset_fingerprint,
-        }
+        }, training_manifest
     promote, reason = decide_promotion(
         evaluation["test_accuracy"],
         champion_evaluation["test_accuracy"],
@@ -386,7 +389,7 @@ def register_and_promote(
         **comparison,
         "previous_champion": {k: v for k, v in champion_evaluation.items() if k != "correct"},
         "dataset_fingerprint": dataset_fingerprint,
-    }
+    }, training_manifest
 
 
 def _comparison(

@@ -39,7 +39,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:champion_gate",
                     "calibration",
                 ],
-                outputs="promotion",
+                outputs=["promotion", "registered_training_manifest"],
                 name="register_and_promote",
             ),
         ]

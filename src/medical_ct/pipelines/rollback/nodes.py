@@ -118,6 +118,7 @@ def roll_back_champion(
             f"{champion_version}; roll back to another version with rollback.to_version "
             f"(registered: {registered}), e.g. {_EXAMPLE}"
         )
+    _warn_without_manifest(registered_versions[target])
     if lifecycle.ROLLED_BACK_AT in tags_of[target]:
         logger.warning("Version %s was rolled back from before; restoring it as asked", target)
     move = lifecycle.champion_move(
@@ -152,3 +153,18 @@ def _load_problem(version: str, tags: dict[str, str]) -> str | None:
     except Exception as error:
         return f"{type(error).__name__}: {error}"
     return None
+
+
+def _warn_without_manifest(target: RegisteredVersion) -> None:
+    """Warn when the target's run holds no training manifest: it can still be served, but
+    what it was trained on cannot be listed again."""
+    try:
+        target.read_manifest()
+    except FileNotFoundError as error:
+        logger.warning(
+            "Version %s has no training manifest, rolling back to it anyway: `kedro run "
+            "--pipeline rebuild` cannot rebuild its data, and the next weekly run cannot count "
+            "new images against it (min_new_images does not apply: any other data trains). %s",
+            target.version,
+            error,
+        )
