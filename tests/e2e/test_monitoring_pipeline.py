@@ -241,11 +241,12 @@ def assert_no_alert_in_random_draws(project: Path, monkeypatch, draws: int, size
     champion = load_alias()
     log = PredictionLogDataset(path=str(project / PREDICTION_LOG_DIR)).load()
     reference = read_model_input(str(project / "data"), "train")
+    classes = json.loads((project / "data/05_model_input/class_names.json").read_text())
     conf = yaml.safe_load((project / "conf/base/parameters_monitoring.yml").read_text())
     for seed in range(draws):
         params = {**conf["monitoring"], "seed": seed, "max_drift_images": size}
         summary, metrics, _, _ = monitor_predictions(
-            log, None, champion, reference, {}, None, params
+            log, None, champion, reference, classes, {}, None, params
         )
         assert summary["alerts"] == [], (seed, summary["alerts"])
         assert metrics["monitoring.input_drift_detected"]["value"] == 0, seed
