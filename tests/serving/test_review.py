@@ -564,6 +564,32 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
     assert any(a["feedback_id"] == agreed["feedback_id"] for a in audit)
 
 
+def test_an_item_whose_stored_image_no_longer_decodes_is_flagged_not_a_500(
+    project, sample_dir, monkeypatch
+):
+    """Images are checked when sent; one changed in the store since (a hand edit, a disk
+    error) made every GET /review that showed it fail on decoding."""
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(project)["MLFLOW_TRACKING_URI"])
+    loaded = load_project(project)
+    served = load_served_model()
+    reviews = ReviewQueue(loaded.catalog, loaded.review)
+    image = new_images(sample_dir, "Hand", 1, start=30)[0]
+    stored, _ = reviews.submit(image, preprocess_image(image), "Hand", {"submitter": "u"}, served)
+    (project / PENDING / "images" / stored["image"]).write_bytes(b"GIF89a" + image[6:40])
+
+    shown = {item["feedback_id"]: item for item in reviews.queue(served, 1000)}
+
+    item = shown[stored["feedback_id"]]
+    assert item["model"] is None and [flag["flag"] for flag in item["flags"]] == [
+        "image_unreadable"
+    ]
+    assert "no longer decodes" in item["flags"][0]["reason"]
+    assert "restore it from a backup, or reject the item" in item["flags"][0]["reason"]
+    assert any(other["model"] for other in shown.values())  # the rest keep the model's view
+    reviews.decide(stored["feedback_id"], "reject", "reviewer")
+
+
 def test_the_flags_index_kept_and_extended_is_the_index_built_at_once():
     """Every GET /review built the flags' index (labels by image, times by submitter) from
     every pending record ever sent: 0.33 s at 100,000 (bench_review_flags.py). The queue keeps

@@ -36,7 +36,7 @@ from PIL import Image
 
 from medical_ct.datasets import ImageFolderDataset, fetched, inside, read_record
 from medical_ct.model import embed, feature_extractor
-from medical_ct.preprocessing import preprocess_image
+from medical_ct.preprocessing import InvalidImageError, preprocess_image
 from medical_ct.serving import metrics
 from medical_ct.serving.model_holder import ServedModel
 from medical_ct.serving.ood import OodReference, build_reference
@@ -620,6 +620,31 @@ def missing_image(record: dict) -> str:
     )
 
 
+def _decoded(
+    items: list[dict], images: list[bytes | None]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The pixels of each image read, by id, and why each that no longer decodes does not:
+    one such image answered 500 to every ``GET /review`` that showed it."""
+    pixels, undecodable = {}, {}
+    for item, image in zip(items, images, strict=True):
+        if image is None:
+            continue
+        try:
+            pixels[item["feedback_id"]] = preprocess_image(image)
+        except InvalidImageError as error:
+            undecodable[item["feedback_id"]] = str(error)
+    return pixels, undecodable
+
+
+def undecodable_image(record: dict, why: str) -> str:
+    """What to do about a pending item whose stored image no longer decodes."""
+    return (
+        f"the image of feedback {record['feedback_id']!r} ({record['image']}) no longer decodes "
+        f"({why}): it was checked when it was sent, so it changed in the pending image store "
+        "since (a hand edit, a disk error); restore it from a backup, or reject the item"
+    )
+
+
 def _submitted_at(record: dict) -> datetime:
     return datetime.fromisoformat(record["submitted_at"])
 
@@ -796,7 +821,7 @@ class ReviewQueue:
         self._reference: tuple[str, Callable, OodReference | None] | None = None
         self._reference_lock = threading.Lock()
         self._stop = threading.Event()
-        self._missing_logged: set[str] = set()
+        self._image_problems_logged: set[str] = set()
         self._submissions = Submissions()
         self._submissions_lock = threading.Lock()
 
@@ -885,41 +910,49 @@ class ReviewQueue:
         count_waiting(waiting)
         items = waiting[:limit]
         images = self.store.images([item["feedback_id"] for item in items])
-        answers = self._answers(served, items, images)
+        pixels, undecodable = _decoded(items, images)
+        answers = self._answers(served, pixels)
         with self._submissions_lock:  # one request at a time extends the index and reads it
             self._submissions.add(self.store.pending())
             return [
-                self._shown(item, answers.get(item["feedback_id"]), self._submissions)
+                self._shown(item, answers.get(item["feedback_id"]), undecodable, self._submissions)
                 for item in items
             ]
 
     def _answers(
-        self, served: ServedModel, items: list[dict], images: list[bytes | None]
+        self, served: ServedModel, pixels: dict[str, np.ndarray]
     ) -> dict[str, tuple[dict, float | None]]:
-        """The champion's view and the out-of-distribution ratio of each image read, by id."""
-        read = {i["feedback_id"]: im for i, im in zip(items, images, strict=True) if im is not None}
-        if not read:
+        """The champion's view and the out-of-distribution ratio of each image decoded, by id."""
+        if not pixels:
             return {}
-        pixels = np.stack([preprocess_image(image) for image in read.values()])
-        answers = zip(served.classify(pixels), self._ood_ratios(served, pixels), strict=True)
-        return dict(zip(read, answers, strict=True))
+        stacked = np.stack(list(pixels.values()))
+        answers = zip(served.classify(stacked), self._ood_ratios(served, stacked), strict=True)
+        return dict(zip(pixels, answers, strict=True))
 
     def _shown(
-        self, item: dict, answer: tuple[dict, float | None] | None, submissions: Submissions
+        self,
+        item: dict,
+        answer: tuple[dict, float | None] | None,
+        undecodable: dict[str, str],
+        submissions: Submissions,
     ) -> dict[str, Any]:
         if answer is None:
-            self._log_missing(item)
-            flag = {"flag": "image_missing", "reason": missing_image(item)}
+            why = undecodable.get(item["feedback_id"])
+            flag = {
+                "flag": "image_unreadable" if why else "image_missing",
+                "reason": undecodable_image(item, why) if why else missing_image(item),
+            }
+            self._log_once(item, flag["reason"])
             return _queue_item(item, None, None, [flag])
         view, ratio = answer
         flags = flags_for(item, view, ratio, submissions, self.config)
         return _queue_item(item, view, ratio, flags)
 
-    def _log_missing(self, item: dict) -> None:
-        """Log each missing image once a worker: the queue shows it on every /review."""
-        if item["feedback_id"] not in self._missing_logged:
-            self._missing_logged.add(item["feedback_id"])
-            logger.error("GET /review: %s", missing_image(item))
+    def _log_once(self, item: dict, reason: str) -> None:
+        """Log each missing or broken image once a worker: the queue shows it on every /review."""
+        if item["feedback_id"] not in self._image_problems_logged:
+            self._image_problems_logged.add(item["feedback_id"])
+            logger.error("GET /review: %s", reason)
 
     def _ood_ratios(self, served: ServedModel, pixels: np.ndarray) -> list[float | None]:
         """The reference is built once per champion version, in its own features."""
