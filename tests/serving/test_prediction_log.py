@@ -167,6 +167,26 @@ def test_a_file_not_named_by_the_service_is_left_out_with_a_warning(dataset, tmp
     log.close()
 
 
+def test_an_unreadable_log_file_is_looked_past_when_resolving_an_id(dataset, tmp_path, caplog):
+    """A file named as the service names them but cut short (a disk error, a hand edit) made
+    every /feedback naming an id of its hour answer 500."""
+    log = open_log(dataset)
+    prediction_id = new_prediction_id()
+    log.append(prediction_id, result("CXR"), pixels(11))
+    log.flush()
+    (written,) = (tmp_path / "prediction_log").rglob("*.parquet")
+    first, last = written.name.split("-")[:2]
+    broken = written.with_name(f"{first}-{last}-0writer-0000000000.parquet")  # sorts first
+    broken.write_bytes(written.read_bytes()[:100])  # and covers the same time
+
+    with caplog.at_level("WARNING"):
+        found = log.find(prediction_id, wait_s=0)
+
+    assert found["label"] == "CXR"
+    assert f"{broken.name[:-8]} cannot be read" in caplog.text and "move it aside" in caplog.text
+    log.close()
+
+
 def test_a_disabled_log_writes_and_resolves_nothing(dataset):
     log = PredictionLog(dataset, flush_interval_s=60, log_pixels=True, enabled=False)
     prediction_id = new_prediction_id()

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from kedro.io import DatasetError
 
 from medical_ct.datasets import PredictionLogDataset, hour_partition
 from medical_ct.preprocessing import content_hash
@@ -209,8 +210,20 @@ class PredictionLog:
         for partition, load in hour.items():
             if not _covers(partition, time_ms):
                 continue
-            records = load()
-            match = records[records["prediction_id"] == prediction_id]
+            try:
+                records = load()
+                match = records[records["prediction_id"] == prediction_id]
+            except (DatasetError, OSError, ValueError, KeyError) as error:
+                # One such file (truncated, another schema) made every /feedback naming an
+                # id of its hour answer 500; monitoring skips it the same way.
+                logger.warning(
+                    "Prediction log file %s cannot be read (%r): looked past it for %s; move it "
+                    "aside once looked at",
+                    partition,
+                    error,
+                    prediction_id,
+                )
+                continue
             if len(match):
                 return match.iloc[0].to_dict()
         return None
