@@ -350,14 +350,8 @@ def test_rollback_to_a_version_whose_model_cannot_be_loaded_is_refused(two_versi
     (model / "data/model.pt2").unlink()
     broken = mlflow_client(path).create_model_version(MODEL_NAME, str(model), None).version
 
-    result = kedro(
-        path,
-        "run",
-        "--pipeline",
-        "rollback",
-        "--params",
-        f"rollback.to_version={broken},rollback.reason=x",
-    )
+    params = f"rollback.to_version={broken},rollback.reason=x"
+    result = kedro(path, "run", "--pipeline", "rollback", "--params", params)
 
     output = output_of(result)
     assert result.returncode != 0
