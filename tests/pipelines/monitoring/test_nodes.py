@@ -8,9 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from kedro.io import DataCatalog, DatasetError, MemoryDataset
+from kedro.runner import SequentialRunner
+from kedro_datasets.matplotlib import MatplotlibDataset
 
-from medical_ct.datasets import PredictionLogDataset
+from medical_ct.datasets import OptionalJSONDataset, PredictionLogDataset
 from medical_ct.model import build_classifier
+from medical_ct.pipelines.monitoring import create_pipeline
 from medical_ct.pipelines.monitoring.nodes import (
     MonitoringParams,
     monitor_predictions,
@@ -330,17 +334,17 @@ def test_a_second_run_reads_only_new_partitions_and_a_third_says_nothing_is_new(
     held_out, labels = split(sample, "held_out")
     names = [CLASSES[label] for label in labels]
     write_log(log, held_out[:30], names[:30])
-    _, first, state, _ = run(log, champion, reference)
+    _, first, _, state = run(log, champion, reference)
     write_log(log, held_out[30:], names[30:], start_ms=START_MS + 2 * HOUR_MS)
 
-    summary, second, state, _ = run(log, champion, reference, state=state)
+    summary, second, _, state = run(log, champion, reference, state=state)
     assert metric(first, "predictions") == 30
     assert metric(second, "predictions") == 30
     assert summary["period"]["first"] > "2026-05-28 22:"  # only the later hour's records
     assert len(state["history"]) == 2
 
     with caplog.at_level("INFO"):
-        summary, third, unchanged, _ = run(log, champion, reference, state=state)
+        summary, third, _, unchanged = run(log, champion, reference, state=state)
     assert metric(third, "predictions") == 0
     assert metric(third, "input_drift_detected") == 0
     assert summary["status"] == "no_new_records"
@@ -371,20 +375,20 @@ def test_a_run_lists_only_the_hours_from_its_state_on_and_reads_what_a_full_list
     names = [CLASSES[label] for label in labels]
     write_log(log, held_out[:20], names[:20], start_ms=START_MS - 48 * HOUR_MS)
     write_log(log, held_out[20:40], names[20:40], start_ms=START_MS - 24 * HOUR_MS)
-    _, _, state, _ = run(log, champion, reference)
+    _, _, _, state = run(log, champion, reference)
     (old,) = (tmp_path / "prediction_log" / "date=2026-05-26").rglob("*.parquet")
     old.write_bytes(b"garbage")  # were it read, the run would warn that it cannot be
     write_log(log, held_out[40:], names[40:])
     every_file = dict(log.load())  # a plain mapping: the whole log, as before
 
     listed = listed_files(log._filesystem, monkeypatch)
-    summary, metrics, new_state, _ = run(log, champion, reference, state=state)
+    summary, metrics, _, new_state = run(log, champion, reference, state=state)
     monkeypatch.undo()
 
     assert listed and not [entry for entry in listed if "date=2026-05-26/" in entry]
     assert metric(metrics, "predictions") == 20
     assert summary["unreadable_files"] == []
-    everything, _, full_state, _ = monitor_predictions(
+    everything, _, _, full_state = monitor_predictions(
         every_file, state, champion, reference, CLASSES, {}, None, PARAMS
     )
     for key in ("records", "partitions", "period", "versions"):
@@ -401,7 +405,7 @@ def test_a_log_file_named_by_hand_is_left_out_of_every_run_with_a_warning(
     """A copy or an export in an hour folder stopped the weekly run (its name has no time)."""
     held_out, labels = split(sample, "held_out")
     write_log(log, held_out[:30], [CLASSES[label] for label in labels[:30]])
-    _, _, state, _ = run(log, champion, reference)
+    _, _, _, state = run(log, champion, reference)
     (written,) = (tmp_path / "prediction_log").rglob("*.parquet")
     write_log(
         log, held_out[30:], [CLASSES[label] for label in labels[30:]], start_ms=START_MS + 60_000
@@ -494,7 +498,7 @@ def test_an_empty_log_or_no_champion_gives_zero_predictions_without_failing(
 def test_the_report_page_and_the_alert_tag_say_what_drifted(log, sample, reference, champion):
     held_out, labels = split(sample, "held_out")
     write_log(log, 255 - held_out, [CLASSES[label] for label in labels])
-    summary, _, _, unusual_figure = run(log, champion, reference)
+    summary, _, unusual_figure, _ = run(log, champion, reference)
 
     page, _, class_mix, _, tags = report_monitoring(summary)
 
@@ -503,6 +507,44 @@ def test_the_report_page_and_the_alert_tag_say_what_drifted(log, sample, referen
     assert page.count("data:image/png;base64,") == 3
     assert len(unusual_figure.axes) >= PARAMS["unusual_images"]
     assert len(class_mix.axes[0].patches) == 2 * len(CLASSES)  # training and version 3
+
+
+def test_a_run_whose_plot_save_fails_leaves_the_state_for_the_next_run_to_read_again(
+    log, sample, reference, champion, tmp_path
+):
+    """The runner saves a node's outputs in order: with the state before the plot, a plot that
+    could not be saved (a full disk) left the state past the files read, so the next run found
+    nothing new and the week's measurement was lost."""
+    held_out, labels = split(sample, "held_out")
+    write_log(log, held_out, [CLASSES[label] for label in labels])
+    blocked = tmp_path / "reporting"
+    blocked.write_text("a file where the plots' folder should be")
+    state = OptionalJSONDataset(filepath=str(tmp_path / "monitoring_state.json"))
+    catalog = DataCatalog(
+        {
+            "prediction_log": log,
+            "previous_monitoring_state": state,
+            "champion_model": MemoryDataset(champion),
+            "monitoring_reference": MemoryDataset(reference),
+            "monitoring_reference_classes": MemoryDataset(CLASSES),
+            "accepted_feedback_records": MemoryDataset({}),
+            "previous_accepted_records": OptionalJSONDataset(filepath=str(tmp_path / "none")),
+            "params:monitoring": MemoryDataset(PARAMS),
+            "monitoring_unusual_images_plot": MatplotlibDataset(
+                filepath=str(blocked / "unusual_images.png")
+            ),
+            "monitoring_state": state,
+        }
+    )
+    node = create_pipeline().only_nodes("monitor_predictions")
+
+    with pytest.raises(DatasetError, match="unusual_images"):
+        SequentialRunner().run(node, catalog)
+
+    assert state.load() is None
+    blocked.unlink()
+    SequentialRunner().run(node, catalog)
+    assert state.load()["read_through"] is not None
 
 
 def test_bad_parameters_are_named_in_one_error():
@@ -535,7 +577,7 @@ def test_an_unreadable_log_file_is_skipped_named_and_left_in_the_store(
     pd.DataFrame({"label": ["Hand"]}).to_parquet(folder / f"{START_MS + 6 * HOUR_MS}-1-w9.parquet")
 
     with caplog.at_level("WARNING"):
-        summary, metrics, state, _ = run(log, champion, reference)
+        summary, metrics, _, state = run(log, champion, reference)
 
     assert metric(metrics, "predictions") == 30
     assert len(summary["unreadable_files"]) == 2
@@ -558,7 +600,7 @@ def test_new_files_without_a_readable_record_move_the_state_past_them(
     empty.to_parquet(folder / f"{START_MS + 1}-{START_MS + 1}-w2.parquet")  # no rows
 
     with caplog.at_level("WARNING"):
-        summary, metrics, state, _ = run(log, champion, reference)
+        summary, metrics, _, state = run(log, champion, reference)
 
     assert summary["status"] == "no_readable_records"
     assert summary["unreadable_files"] == [f"date=2026-05-28/hour=20/{START_MS}-{START_MS}-w1"]
@@ -616,7 +658,7 @@ def test_files_written_after_their_hour_was_read_and_older_than_the_grace_are_co
     held_out, labels = split(sample, "held_out")
     names = [CLASSES[label] for label in labels]
     write_log(log, held_out[:20], names[:20])  # 20:26:40
-    _, _, state, _ = run(log, champion, reference, late_write_grace_hours=1)
+    _, _, _, state = run(log, champion, reference, late_write_grace_hours=1)
     skewed = START_MS - HOUR_MS - 10 * 60_000  # 19:16:40: in the hour listed, out of the grace
     write_log(log, held_out[20:25], names[20:25], start_ms=skewed)
     write_log(log, held_out[25:30], names[25:30], start_ms=skewed - HOUR_MS)  # an hour not listed

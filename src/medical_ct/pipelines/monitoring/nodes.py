@@ -507,7 +507,7 @@ def monitor_predictions(
     accepted_feedback: Mapping[str, Callable[[], dict[str, Any]]],
     kept_records: dict[str, dict] | None,
     monitoring: dict[str, Any],
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Figure]:
+) -> tuple[dict[str, Any], dict[str, Any], Figure, dict[str, Any]]:
     """Measure the prediction log's new records against the champion's training data.
 
     Args:
@@ -524,8 +524,11 @@ def monitor_predictions(
         monitoring: The ``monitoring`` parameters.
 
     Returns:
-        The summary (what the report shows), the MLflow metrics (``monitoring.*``), the new
-        state and a grid of the most unusual images.
+        The summary (what the report shows), the MLflow metrics (``monitoring.*``), a grid
+        of the most unusual images and the new state: last, because the runner saves a
+        node's outputs in order, and a state saved before a save that then failed had moved
+        past the files this run read, so the next run found nothing new and that week's
+        measurement was lost.
     """
     params = MonitoringParams.from_params(monitoring)
     state = previous_state or {}
@@ -584,7 +587,7 @@ def monitor_predictions(
     run = _history_point(summary)
     summary["history"] = [*state.get("history", []), run][-_HISTORY_RUNS:]
     new_state = next_state(state, names, grace_ms, run)
-    return summary, metrics_of(summary), new_state, unusual_figure
+    return summary, metrics_of(summary), unusual_figure, new_state
 
 
 def _warn_too_late(late: list[str], params: MonitoringParams) -> dict[str, Any]:
@@ -610,17 +613,17 @@ def _nothing(
     status: str,
     message: str,
     level: int = logging.INFO,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Figure]:
+) -> tuple[dict[str, Any], dict[str, Any], Figure, dict[str, Any]]:
     """A run with nothing to measure: zero predictions, no alert, ``state`` as the new state
     (the last one, unless files were read that held nothing)."""
     logger.log(level, message)
     summary.update(status=status, message=message, records=0, history=state.get("history", []))
-    return summary, metrics_of(summary), state, message_figure(message)
+    return summary, metrics_of(summary), message_figure(message), state
 
 
 def _nothing_readable(
     summary: dict[str, Any], state: dict[str, Any], logged: LoggedPredictions, names: list[str]
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], Figure]:
+) -> tuple[dict[str, Any], dict[str, Any], Figure, dict[str, Any]]:
     """New files, none with a readable record (unreadable, or empty): nothing to measure, and
     the state moves past them. Measuring nothing stopped the run (a histogram of no
     confidences), so the state never moved and every weekly run stopped on the same files,

@@ -23,8 +23,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs=[
                     "monitoring_summary",
                     "monitoring_metrics",
-                    "monitoring_state",
                     "monitoring_unusual_images_plot",
+                    "monitoring_state",  # saved last: a run whose saves failed is read again
                 ],
                 name="monitor_predictions",
             ),
