@@ -764,6 +764,13 @@ class ChampionAliasDataset(AbstractDataset[dict[str, Any], str | None]):
 LOG_PARTITION = re.compile(r"date=\d{4}-\d{2}-\d{2}/hour=\d{2}/(\d+)-(\d+)-[\w.-]+", re.ASCII)
 
 
+def log_file_times(partition: str) -> tuple[int, int]:
+    """The times (ms) of the first and last record of a prediction log file, from its name:
+    one reading of ``LOG_PARTITION`` for the listing, monitoring and ``/feedback``."""
+    first, last = LOG_PARTITION.fullmatch(partition).groups()
+    return int(first), int(last)
+
+
 def hour_partition(time_ms: int) -> str:
     """The prediction log's folder of the hour ``time_ms`` falls in: ``date=YYYY-MM-DD/hour=HH``.
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from kedro.io import DatasetError
 
-from medical_ct.datasets import PredictionLogDataset, hour_partition
+from medical_ct.datasets import PredictionLogDataset, hour_partition, log_file_times
 from medical_ct.preprocessing import content_hash
 from medical_ct.serving import metrics
 
@@ -65,8 +65,8 @@ def prediction_time_ms(prediction_id: str) -> int | None:
 def _covers(partition: str, time_ms: int) -> bool:
     """Whether a file named ``<first ms>-<last ms>-<writer>[-<flush>]`` can hold a record of
     ``time_ms``."""
-    first, last, *_ = partition.rsplit("/", 1)[-1].split("-")
-    return int(first) <= time_ms <= int(last)
+    first, last = log_file_times(partition)
+    return first <= time_ms <= last
 
 
 class PredictionLog:

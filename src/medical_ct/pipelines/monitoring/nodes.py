@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from scipy.stats import chisquare, ks_2samp
 from sklearn.decomposition import PCA
 
-from medical_ct.datasets import collect_records, hour_partition
+from medical_ct.datasets import collect_records, hour_partition, log_file_times
 from medical_ct.model import embed, feature_extractor
 from medical_ct.plots import message_figure
 from medical_ct.preprocessing import IMAGE_SIZE
@@ -108,7 +108,7 @@ def _is_number(value: Any) -> bool:
 def partition_first_ms(name: str) -> int:
     """The time of the first record of a partition ``.../<first ms>-<last ms>-<writer>-<flush>``
     (or without ``-<flush>``, as written before): ``PredictionLogDataset`` lists no other."""
-    return int(name.rsplit("/", 1)[-1].split("-", 1)[0])
+    return log_file_times(name)[0]
 
 
 def listed_partitions(
