@@ -126,11 +126,17 @@ def open_store(path: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, st
 
 
 def write_json(
-    filesystem: fsspec.AbstractFileSystem, path: str, data: Any, *, durable: bool = False
+    filesystem: fsspec.AbstractFileSystem,
+    path: str,
+    data: Any,
+    *,
+    durable: bool = False,
+    exclusive: bool = False,
 ) -> None:
     """``data`` as indented JSON, written whole (``shards.write_file``)."""
     text = json.dumps(data, indent=2).encode()
-    write_file(filesystem, path, lambda file: file.write(text), durable=durable)
+    write = partial(write_file, durable=durable, exclusive=exclusive)
+    write(filesystem, path, lambda file: file.write(text))
 
 
 class StoredFile:
@@ -608,6 +614,24 @@ class RecordsDataset(AbstractDataset[dict[str, Any], RecordLoaders]):
     def save(self, data: dict[str, Any]) -> None:
         for record_id, record in data.items():
             write_json(self._filesystem, self._path_of(record_id), record, durable=self._durable)
+
+    def create(self, record_id: str, record: Any) -> bool:
+        """Store ``record`` as ``record_id`` only if no record has that id; whether it did.
+
+        The store decides, not a check before the write: of two processes creating the same
+        id at once, exactly one gets True (a hard link on a disk, ``If-None-Match`` on S3).
+        """
+        path = self._path_of(record_id)
+        try:
+            write_json(self._filesystem, path, record, durable=self._durable, exclusive=True)
+        except FileExistsError:
+            return False
+        return True
+
+    def delete(self, record_id: str) -> None:
+        """Remove record ``record_id`` (nothing if it is not there)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._filesystem.rm_file(self._path_of(record_id))
 
     def has(self, record_id: str) -> bool:
         """Whether record ``record_id`` is stored, asked of the store (a HEAD on S3, a ``stat``
