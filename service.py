@@ -29,7 +29,7 @@ from medical_ct.serving.http import (
     answers_errors,
     pages,
 )
-from medical_ct.serving.model_holder import ModelHolder, ServedModel
+from medical_ct.serving.model_holder import InvalidModelOutputError, ModelHolder, ServedModel
 from medical_ct.serving.packaging import load_packaged, packaged_model
 from medical_ct.serving.prediction_log import PREDICTION_LOG, PredictionLog, new_prediction_id
 from medical_ct.serving.project import load_project, project_path, use_tracking_uri
@@ -100,6 +100,8 @@ class MedicalCT:
             result = await self.batcher.submit(pixels)
         except OverloadedError as overloaded:
             raise ServiceError(503, str(overloaded)) from None
+        except InvalidModelOutputError as invalid:
+            raise ServiceError(500, str(invalid)) from None
         prediction_id = new_prediction_id()
         self.prediction_log.append(prediction_id, result, pixels)
         metrics.predictions_total.labels(label=result["label"]).inc()
@@ -193,7 +195,7 @@ class MedicalCT:
         return self.reviews.queue(self._served(), limit)
 
     def review_image(self, feedback_id: str) -> bytes:
-        """``GET /review/image/<feedback_id>``: the submitted image, as it was sent."""
+        """``GET /review/image?feedback_id=<id>``: the submitted image, as it was sent."""
         try:
             return self.reviews.store.image(feedback_id)
         except ReviewError as refused:

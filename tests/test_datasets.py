@@ -4,6 +4,7 @@ the stores read back what they can, saying what they cannot."""
 import json
 import logging
 import os
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from medical_ct.datasets import (
 from medical_ct.serving import review
 from medical_ct.serving.project import load_project
 from medical_ct.serving.review import ReviewError, ReviewStore
-from tests.conftest import file_size_limit, make_project
+from tests.conftest import S3_CREDENTIALS, file_size_limit, make_project, s3_with_bucket
 
 
 def keep_capturing(caplog) -> None:
@@ -71,6 +72,7 @@ def test_feedback_and_decisions_reach_the_disk_before_they_are_answered(
         "feedback_pending",  # records/<id>.json
         "feedback_pending",  # submissions/<minute>/<submitter>/<time>-<id>.json
         "review_audit",
+        "review_decision_claims",  # <id>.json: who decided it, created once
     ]
     assert not any(path.name.endswith(".partial") for path in data.rglob("*"))
     for path in written:
@@ -226,7 +228,9 @@ def test_a_decision_asks_the_stores_about_its_one_id_and_lists_none(
     (accepted / "Hand-stored-since.json").write_text('{"label": "Ha')
     keep_capturing(caplog)
 
-    for unknown in ("Hand-" + "0" * 32, "../feedback_accepted/records/" + ids[1]):
+    # A name too long for the disk was an OSError, answered 500; any id not shaped as the
+    # service makes them is unknown.
+    for unknown in ("Hand-" + "0" * 32, "../feedback_accepted/records/" + ids[1], "H" * 300):
         with pytest.raises(ReviewError, match="no feedback") as none:
             store.decide(unknown, "accept", "alice")
         assert none.value.status == 404
@@ -247,6 +251,98 @@ def test_a_decision_asks_the_stores_about_its_one_id_and_lists_none(
     (accepted / f"{ids[1]}.json").unlink()  # deleted by hand: nothing decided it any more
     assert [item["feedback_id"] for item in store.records().waiting()] == [ids[1]]
     assert [item["feedback_id"] for item in store.waiting()] == [ids[1]]
+
+
+class RacingStore(ReviewStore):
+    """A worker's store that waits, once it found the item undecided, until the other worker
+    found it undecided too: the interleaving two reviewers meet on two workers."""
+
+    barrier = threading.Barrier(2)
+
+    def decided(self, feedback_id: str) -> str | None:
+        found = super().decided(feedback_id)
+        self.barrier.wait(timeout=10)
+        return found
+
+
+def test_two_workers_deciding_one_item_at_once_decide_it_once(tmp_path, sample_dir, monkeypatch):
+    """Each worker's lock held only within it: an accept on one worker and a reject on
+    another both answered 200, both records were stored, and the rejected image trained."""
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    alices, bobs = (RacingStore(load_project(project).catalog) for _ in range(2))
+    image = next((sample_dir / "Hand").iterdir()).read_bytes()
+    feedback_id = alices.submit(image, "Hand", {})[0]["feedback_id"]
+    outcomes: dict[str, object] = {}
+
+    def decide(store: ReviewStore, decision: str, reviewer: str) -> None:
+        try:
+            outcomes[reviewer] = store.decide(feedback_id, decision, reviewer)[0]["decision"]
+        except ReviewError as refused:
+            outcomes[reviewer] = refused
+
+    threads = [
+        threading.Thread(target=decide, args=(alices, "accept", "alice")),
+        threading.Thread(target=decide, args=(bobs, "reject", "bob")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    refused = [o for o in outcomes.values() if isinstance(o, ReviewError)]
+    assert len(refused) == 1 and refused[0].status == 409, outcomes
+    assert "is being decided by another request" in str(refused[0])
+    decided = [o for o in outcomes.values() if not isinstance(o, ReviewError)]
+    data = project / "data/01_raw"
+    stored = [
+        store
+        for store in ("feedback_accepted", "feedback_rejected")
+        if (data / store / "records" / f"{feedback_id}.json").exists()
+    ]
+    assert stored == [{"accept": "feedback_accepted", "reject": "feedback_rejected"}[decided[0]]]
+    assert (data / "feedback_accepted/images/Hand").exists() == (decided == ["accept"])
+
+
+def test_a_decision_a_store_refused_leaves_the_item_to_decide_again(
+    tmp_path, sample_dir, monkeypatch
+):
+    """The claim of a decision whose record was refused is deleted: nothing was decided."""
+    project = make_project(tmp_path / "project")
+    monkeypatch.chdir(project)
+    store = ReviewStore(load_project(project).catalog)
+    image = next((sample_dir / "Hand").iterdir()).read_bytes()
+    feedback_id = store.submit(image, "Hand", {})[0]["feedback_id"]
+    rejected = project / "data/01_raw/feedback_rejected/records"
+    rejected.parent.mkdir(parents=True)
+    rejected.write_text("a file where the store's folder belongs")
+
+    with pytest.raises(review.StoreError):
+        store.decide(feedback_id, "reject", "bob")
+    rejected.unlink()
+    record, _ = store.decide(feedback_id, "reject", "bob")
+
+    assert record["reviewer"] == "bob" and (rejected / f"{feedback_id}.json").is_file()
+
+
+def test_a_record_created_on_s3_is_created_by_one_writer_only(s3_endpoint):
+    """S3's conditional PUT (If-None-Match), which the decision claims rely on in the s3
+    environment: a second create of one id is refused, and the first record stands."""
+    s3_with_bucket(s3_endpoint, "claims")
+    credentials = {
+        "key": S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "secret": S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "client_kwargs": {"endpoint_url": s3_endpoint},
+    }
+    claims = RecordsDataset(path="s3://claims/decisions", credentials=credentials)
+
+    first = claims.create("Hand-1", {"reviewer": "alice"})
+    second = claims.create("Hand-1", {"reviewer": "bob"})
+
+    assert (first, second) == (True, False)
+    assert claims.load()["Hand-1"]() == {"reviewer": "alice"}
+    claims.delete("Hand-1")
+    assert claims.create("Hand-1", {"reviewer": "bob"}) is True
 
 
 def test_a_submission_counts_its_senders_last_minute_on_every_replica_and_lists_nothing_else(

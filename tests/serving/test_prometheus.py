@@ -209,6 +209,7 @@ def test_alert_rules_load_and_evaluate_on_the_live_service(prometheus, traffic):
         "MedicalCTReviewAuditEntryRefused",
         "MedicalCTPredictionLogNotWritten",
         "MedicalCTPredictionLogRecordsDropped",
+        "MedicalCTModelOutputInvalid",
         "MedicalCTFeedbackWaitsForReview",
     }
     assert {rule["health"] for rule in rules.values()} == {"ok"}

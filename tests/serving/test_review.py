@@ -5,7 +5,10 @@ on one project: submissions and flags first, then decisions, then the poisoning 
 min_new_images runs, then the burst limit (it floods the submitter's minute).
 """
 
+import asyncio
 import contextlib
+import copy
+import dataclasses
 import io
 import json
 import re
@@ -19,12 +22,14 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from playwright.sync_api import Page
 
 from medical_ct.pipelines.data_processing.nodes import split_of
 from medical_ct.preprocessing import content_hash, preprocess_image
-from medical_ct.serving.model_holder import load_served_model
+from medical_ct.serving.batching import AdaptiveBatcher
+from medical_ct.serving.model_holder import InvalidModelOutputError, ServedModel, load_served_model
 from medical_ct.serving.project import load_project
 from medical_ct.serving.review import ReviewConfig, ReviewQueue, ReviewStore, Submissions
 from tests.conftest import (
@@ -146,8 +151,8 @@ def new_images(sample_dir: Path, label: str, count: int, start: int = 0) -> list
         ("GET", "/review", SUBMITTER, 403),
         ("POST", "/review", {}, 401),
         ("POST", "/review", SUBMITTER, 403),
-        ("GET", "/review/image/Hand-0", SUBMITTER, 403),
-        ("GET", "/review/image/Hand-0", {}, 401),
+        ("GET", "/review/image?feedback_id=Hand-0", SUBMITTER, 403),
+        ("GET", "/review/image?feedback_id=Hand-0", {}, 401),
     ],
 )
 def test_review_routes_need_a_reviewer_token(client, method, path, headers, status):
@@ -388,6 +393,29 @@ def test_an_item_whose_image_was_deleted_shows_flagged_and_can_be_rejected_not_a
     seen["rejected"].add(receipt["feedback_id"])
 
 
+def test_bad_review_requests_are_4xx_and_a_broken_image_is_sent_as_it_is(
+    client, project, sample_dir, seen
+):
+    """Each answered 500: a limit that is a digit to Python but not a number ("²"), an id
+    too long for a file name, and the image of an item flagged image_unreadable."""
+    receipt = post(client, new_images(sample_dir, "CXR", 1, start=21)[0], "CXR").json()
+    broken = b"GIF89a not an image any more"
+    (project / PENDING / "images" / receipt["stored_as"]).write_bytes(broken)
+
+    limit = client.get("/review", params={"limit": "\u00b2"}, headers=ALICE)
+    long_id = decide(client, "Hand-" + "0" * 300, "reject")
+    item = queue(client)[receipt["feedback_id"]]
+    image = client.get(item["image_url"], headers=ALICE)
+
+    assert limit.status_code == 400 and "limit is a number" in limit.json()["error"]
+    assert long_id.status_code == 404 and "no feedback" in long_id.json()["error"]
+    assert flags(item) == {"image_unreadable"}
+    assert image.status_code == 200 and image.content == broken
+    assert image.headers["content-type"] == "application/octet-stream"
+    assert decide(client, receipt["feedback_id"], "reject").status_code == 200
+    seen["rejected"].add(receipt["feedback_id"])
+
+
 # ---- what the next runs train on ----
 @pytest.fixture(scope="module")
 def runs(client, project, sample_dir, seen) -> dict:
@@ -498,7 +526,7 @@ def test_the_run_logs_the_review_counts_and_the_manifest_names_each_decision(run
     manifest = pd.read_parquet(manifest_path)
 
     assert report["accepted"] == len(seen["accepted"]) == 12
-    assert report["rejected"] == len(seen["rejected"]) == 8  # 1 + 2 on the page + 5
+    assert report["rejected"] == len(seen["rejected"]) == 9  # 1 + 2 on the page + 1 + 5
     assert report["pending"] >= 50 and report["auto_accepted"] == 0
     (changed,) = report["accepted_changing_a_raw_label"]
     assert changed["feedback_id"] == seen["conflicting"][0]
@@ -526,27 +554,34 @@ def test_past_the_hard_burst_limit_feedback_is_429_with_retry_after(client, proj
     assert refused_image not in stored
 
 
-# ---- the auto-accept policy, in process on the same stores ----
-def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
-    project, sample_dir, monkeypatch
-):
+# ---- the auto-accept policy and a broken model, in process on the same stores ----
+@pytest.fixture
+def in_process(project, monkeypatch) -> tuple:
+    """The project's catalog and review config, and its champion, loaded as the service does."""
     monkeypatch.chdir(project)
     # Through the environment, restored after the test (a process-wide set_tracking_uri
     # would point later modules' registry calls at this project's store).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(project)["MLFLOW_TRACKING_URI"])
-    loaded = load_project(project)
-    served = load_served_model()
-    policy = ReviewConfig.from_config(
-        {
-            "model_disagrees_confidently": {"max_label_probability": 0.05, "min_confidence": 0.9},
-            "burst": {"flag_per_minute": 1000, "refuse_per_minute": 1000},
-            "out_of_distribution": {"reference_images_per_class": 10, "max_distance_ratio": 1.5},
-            "auto_accept": {"policy": "agree_with_model", "min_confidence": 0.9},
-            "look_every_s": 60,
-            "list_every_s": 600,
-        }
-    )
-    reviews = ReviewQueue(loaded.catalog, policy)
+    return load_project(project), load_served_model()
+
+
+AUTO_ACCEPT = ReviewConfig.from_config(
+    {
+        "model_disagrees_confidently": {"max_label_probability": 0.05, "min_confidence": 0.9},
+        "burst": {"flag_per_minute": 1000, "refuse_per_minute": 1000},
+        "out_of_distribution": {"reference_images_per_class": 10, "max_distance_ratio": 1.5},
+        "auto_accept": {"policy": "agree_with_model", "min_confidence": 0.9},
+        "look_every_s": 60,
+        "list_every_s": 600,
+    }
+)
+
+
+def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
+    project, sample_dir, in_process
+):
+    loaded, served = in_process
+    reviews = ReviewQueue(loaded.catalog, AUTO_ACCEPT)
     image = new_images(sample_dir, "BreastMRI", 1, start=20)[0]
     pixels = preprocess_image(image)
     view = served.classify(pixels[None])[0]
@@ -564,15 +599,92 @@ def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
     assert any(a["feedback_id"] == agreed["feedback_id"] for a in audit)
 
 
+def test_auto_accept_leaves_an_item_review_would_flag_to_a_reviewer(sample_dir, in_process):
+    """The policy looked at the champion's answer only: an image also sent under another
+    label (or far from every training image) was accepted to train when the champion agreed."""
+    loaded, served = in_process
+    reviews = ReviewQueue(loaded.catalog, AUTO_ACCEPT)
+    image = new_images(sample_dir, "BreastMRI", 1, start=22)[0]
+    pixels = preprocess_image(image)
+    view = served.classify(pixels[None])[0]
+    assert view["label"] == "BreastMRI" and view["confidence"] >= 0.9, view
+
+    _, disputed = reviews.submit(image, pixels, "Hand", {"submitter": "v"}, served)
+    agreed, status = reviews.submit(image, pixels, "BreastMRI", {"submitter": "v"}, served)
+
+    assert (disputed, status) == ("pending", "pending")
+    shown = {item["feedback_id"]: item for item in reviews.queue(served, 1000)}
+    assert "conflicting_labels" in flags(shown[agreed["feedback_id"]])
+    for item in (agreed["feedback_id"], f"Hand-{agreed['sha256'][:32]}"):
+        reviews.decide(item, "reject", "reviewer")
+
+
+class NanForWhiteImages(torch.nn.Module):
+    """A model broken for some inputs only: NaN logits for an all-white image."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        white = images.flatten(1).amin(1) == 255
+        return self.model(images).masked_fill(white[:, None], float("nan"))
+
+
+def test_a_model_giving_nan_answers_no_label_and_its_review_item_says_why(sample_dir, in_process):
+    """NaN probabilities were answered as the first class with confidence NaN, under no
+    review threshold (needs_review false), and made every GET /review answer 500 (JSON has
+    no NaN). Now that image's request alone fails, naming the rollback, and the item is
+    flagged model_output_invalid."""
+    loaded, served = in_process
+    white_broken = ServedModel(
+        dataclasses.replace(served.classifier, model=NanForWhiteImages(served.classifier.model))
+    )
+    white = np.full((64, 64), 255, dtype=np.uint8)
+    hand = preprocess_image(new_images(sample_dir, "Hand", 1, start=31)[0])
+    batcher = AdaptiveBatcher(white_broken.classify, max_batch_size=8, max_latency_ms=5000)
+
+    async def both() -> list:
+        submitted = (batcher.submit(white), batcher.submit(hand))
+        return await asyncio.gather(*submitted, return_exceptions=True)
+
+    failed, answered = asyncio.run(both())
+    nan_everywhere = copy.deepcopy(served.classifier.model)  # the registered graph, broken
+    with torch.no_grad():
+        list(nan_everywhere.parameters())[-1].fill_(float("nan"))
+    broken = ServedModel(dataclasses.replace(served.classifier, model=nan_everywhere))
+    reviews = ReviewQueue(loaded.catalog, loaded.review)
+    stored, _ = reviews.submit(png(white), white, "Hand", {"submitter": "w"}, broken)
+    shown = {item["feedback_id"]: item for item in reviews.queue(broken, 1000)}
+
+    assert isinstance(failed, InvalidModelOutputError) and "--pipeline rollback" in str(failed)
+    assert answered["label"] == "Hand" and answered["model_version"] == served.version
+    item = shown[stored["feedback_id"]]
+    assert item["model"] is None and flags(item) == {"model_output_invalid"}
+    assert "NaN or infinite" in item["flags"][0]["reason"]
+    json.dumps(list(shown.values()), allow_nan=False)  # as Starlette's JSONResponse does
+    reviews.decide(stored["feedback_id"], "reject", "reviewer")
+
+
+def test_a_test_metric_mlflow_holds_as_nan_is_shown_as_null(project, in_process):
+    """GET /model answered 500 for one NaN metric of the champion's run (JSON has no NaN)."""
+    _, served = in_process
+    client = mlflow_client(project)
+    run_id = client.get_model_version("medical_ct_classifier", served.version).run_id
+    client.log_metric(run_id, "test_nan_probe", float("nan"))
+
+    shown = load_served_model().describe()
+
+    assert shown["test_metrics"]["test_nan_probe"] is None
+    json.dumps(shown, allow_nan=False)  # as Starlette's JSONResponse does
+
+
 def test_an_item_whose_stored_image_no_longer_decodes_is_flagged_not_a_500(
-    project, sample_dir, monkeypatch
+    project, sample_dir, in_process
 ):
     """Images are checked when sent; one changed in the store since (a hand edit, a disk
     error) made every GET /review that showed it fail on decoding."""
-    monkeypatch.chdir(project)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", project_env(project)["MLFLOW_TRACKING_URI"])
-    loaded = load_project(project)
-    served = load_served_model()
+    loaded, served = in_process
     reviews = ReviewQueue(loaded.catalog, loaded.review)
     image = new_images(sample_dir, "Hand", 1, start=30)[0]
     stored, _ = reviews.submit(image, preprocess_image(image), "Hand", {"submitter": "u"}, served)

@@ -20,7 +20,8 @@ class AdaptiveBatcher:
     """Runs ``infer`` (a blocking function of a stacked batch) on batches of queued requests.
 
     Args:
-        infer: Takes ``(n, ...)`` stacked inputs and returns ``n`` results, in order.
+        infer: Takes ``(n, ...)`` stacked inputs and returns ``n`` results, in order; a result
+            that is an exception fails its own request only.
         max_batch_size: Largest batch passed to ``infer``.
         max_latency_ms: A request still queued after this long is refused (overload), so
             latency stays bounded instead of the queue growing without end.
@@ -76,6 +77,15 @@ class AdaptiveBatcher:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+            _deliver([future for _, future in batch], results)
+
+
+def _deliver(futures: list[asyncio.Future], results: list[Any]) -> None:
+    """Each result to its request: an exception fails that request alone."""
+    for future, result in zip(futures, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(result, Exception):
+            future.set_exception(result)
+        else:
+            future.set_result(result)

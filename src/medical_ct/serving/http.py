@@ -241,19 +241,21 @@ def pages() -> Starlette:
 
     async def review(request: Request) -> Response:
         limit = request.query_params.get("limit", "50")
-        if not limit.isdigit() or not 1 <= int(limit) <= 500:
+        if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 500:  # not "²"
             return JSONResponse({"error": "limit is a number from 1 to 500"}, status_code=400)
         return await _json(lambda service: service.review_queue(int(limit)))
 
     async def review_image(request: Request) -> Response:
+        # The id is a query parameter, not part of the path: BentoML's request metrics label
+        # each path, and /review/image/<id> made a set of series for every image ever shown.
+        feedback_id = request.query_params.get("feedback_id", "")
         service = bentoml.get_current_service()
         try:
-            data = await run_sync(service.review_image, request.path_params["feedback_id"])
+            data = await run_sync(service.review_image, feedback_id)
         except ServiceError as failure:
             return JSONResponse(failure.body, status_code=failure.status)
-        with PILImage.open(io.BytesIO(data)) as opened:
-            kind = PILImage.MIME.get(opened.format or "", "application/octet-stream")
-        return Response(data, media_type=kind, headers={"Cache-Control": "private, max-age=3600"})
+        headers = {"Cache-Control": "private, max-age=3600"}
+        return Response(data, media_type=_media_type(data), headers=headers)
 
     return Starlette(
         routes=[
@@ -261,9 +263,19 @@ def pages() -> Starlette:
             Route("/docs", swagger, methods=["GET"]),
             Route("/model", model, methods=["GET"]),
             Route("/review", review, methods=["GET"]),
-            Route("/review/image/{feedback_id}", review_image, methods=["GET"]),
+            Route("/review/image", review_image, methods=["GET"]),
         ]
     )
+
+
+def _media_type(image: bytes) -> str:
+    """The image's type by its content; bytes that no longer decode (flagged
+    ``image_unreadable`` in the queue) are sent as they are, where they answered 500."""
+    try:
+        with PILImage.open(io.BytesIO(image)) as opened:
+            return PILImage.MIME.get(opened.format or "", "application/octet-stream")
+    except Exception:  # Pillow raises several kinds on broken headers
+        return "application/octet-stream"
 
 
 async def _json(answer: Callable[[Any], Any]) -> Response:

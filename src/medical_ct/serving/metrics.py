@@ -42,6 +42,10 @@ prediction_log_backlog = bentoml.metrics.Gauge(
     "next try (0 once a write succeeds): lost if the worker stops, dropped past 200,000",
     multiprocess_mode="livesum",  # each worker holds its own
 )
+invalid_model_outputs = bentoml.metrics.Counter(
+    name="medical_ct_invalid_model_outputs_total",
+    documentation="Images the served model gave NaN or infinite probabilities for (answered 500)",
+)
 needs_review_total = bentoml.metrics.Counter(
     name="medical_ct_needs_review_total",
     documentation="Answers of /predict under the served model's review threshold",

@@ -1,6 +1,7 @@
 """The served model: loaded from the registry alias, and swapped atomically when it moves."""
 
 import logging
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +16,28 @@ from medical_ct.serving import metrics
 logger = logging.getLogger(__name__)
 
 
+class InvalidModelOutputError(RuntimeError):
+    """The served version gave NaN or infinite probabilities for an image: no answer at all.
+
+    Such a row's argmax is class 0 and its confidence NaN, which is under no review
+    threshold: it was answered as a confident first class, not flagged, and made ``GET
+    /review`` answer 500 (JSON has no NaN). Only that image's request fails.
+    """
+
+    def __init__(self, version: str) -> None:
+        super().__init__(
+            f"model version {version} gave NaN or infinite probabilities for this image, so it "
+            "was not classified: the version is broken; roll back with `kedro run --pipeline "
+            "rollback --params rollback.reason=...` (README: Rollback)"
+        )
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """A registered classifier and what ``GET /model`` tells about it."""
 
     classifier: registry.RegisteredClassifier
-    test_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -34,17 +51,24 @@ class ServedModel:
     def review_threshold(self) -> float | None:
         return self.classifier.review_threshold
 
-    def classify(self, images: np.ndarray) -> list[dict[str, Any]]:
+    def classify(self, images: np.ndarray) -> list[dict[str, Any] | InvalidModelOutputError]:
         """Label, confidence, per-class probabilities and review flag of ``(n, H, W)`` images.
 
         The probabilities are the registered model's own, calibrated inside it; an answer
         less confident than the version's review threshold needs a review. A version
-        registered before calibration has no threshold: its answers never do.
+        registered before calibration has no threshold: its answers never do. An image whose
+        probabilities are not finite gets an ``InvalidModelOutputError`` in its place
+        (counted on /metrics, alert ``MedicalCTModelOutputInvalid``).
         """
         probabilities = predict_probabilities(self.classifier.model, images[:, None])
         threshold = self.review_threshold
-        results = []
+        results: list[dict[str, Any] | InvalidModelOutputError] = []
         for row in probabilities:
+            if not np.isfinite(row).all():
+                metrics.invalid_model_outputs.inc()
+                logger.error("Model version %s gave non-finite probabilities %s", self.version, row)
+                results.append(InvalidModelOutputError(self.version))
+                continue
             best = int(row.argmax())
             confidence = float(row[best])
             results.append(
@@ -85,7 +109,11 @@ def load_served_model(alias: str = registry.CHAMPION_ALIAS) -> ServedModel | Non
     client = MlflowClient()
     run_id = client.get_model_version(registry.MODEL_NAME, classifier.version).run_id
     metrics = client.get_run(run_id).data.metrics if run_id else {}
-    test_metrics = {name: value for name, value in metrics.items() if name.startswith("test_")}
+    test_metrics = {  # JSON has no NaN: a metric MLflow holds as NaN is shown as null
+        name: value if math.isfinite(value) else None
+        for name, value in metrics.items()
+        if name.startswith("test_")
+    }
     return ServedModel(classifier=classifier, test_metrics=test_metrics)
 
 
@@ -106,7 +134,7 @@ class ModelHolder:
     def current(self) -> ServedModel | None:
         return self._current
 
-    def classify(self, images: np.ndarray) -> list[dict[str, Any]]:
+    def classify(self, images: np.ndarray) -> list[dict[str, Any] | InvalidModelOutputError]:
         """Preprocessed ``(n, 64, 64)`` uint8 images -> one prediction each, by one version."""
         served = self._current
         if served is None:

@@ -14,14 +14,15 @@ the audit log (decisions), both filed by minute (``ReviewStore.look``).
 """
 
 import bisect
-import contextlib
 import hashlib
 import hmac
 import io
 import itertools
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 from collections import defaultdict
@@ -29,6 +30,7 @@ from collections.abc import Callable, Iterable, Set
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 from kedro.io import CatalogProtocol, DatasetError
@@ -38,7 +40,7 @@ from medical_ct.datasets import ImageFolderDataset, fetched, inside, read_record
 from medical_ct.model import embed, feature_extractor
 from medical_ct.preprocessing import InvalidImageError, preprocess_image
 from medical_ct.serving import metrics
-from medical_ct.serving.model_holder import ServedModel
+from medical_ct.serving.model_holder import InvalidModelOutputError, ServedModel
 from medical_ct.serving.ood import OodReference, build_reference
 
 REVIEWER_TOKENS_VARIABLE = "MEDICAL_CT_REVIEWER_TOKENS"
@@ -49,6 +51,8 @@ ACCEPTED_RECORDS = "accepted_feedback_records"
 REJECTED_RECORDS = "rejected_feedback_records"
 AUDIT_LOG = "review_audit"
 SUBMISSIONS = "feedback_submissions"  # <minute>/<submitter's hash>/<unix time>-<id>
+DECISION_CLAIMS = "review_decision_claims"  # <id>: who is deciding it; created once, by one
+FEEDBACK_ID = re.compile(r"[^/]{1,128}-[0-9a-f]{32}")  # feedback_id_of: <label>-<sha256[:32]>
 # A journal entry is named by its writer's clock before the writes, so a look reads the
 # journals' minutes from this long before the last look's start.
 JOURNAL_OVERLAP = timedelta(minutes=2)
@@ -520,7 +524,7 @@ class ReviewStore:
         """The submitted images, as sent, each read by the path its record names; None for one
         missing from the store (deleted by hand): its item can still be rejected, where one
         such file answered 500 to every ``GET /review`` that showed it."""
-        records = self._pending.read(feedback_ids)
+        records = self._pending.read(filter(FEEDBACK_ID.fullmatch, feedback_ids))
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
             raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
@@ -555,54 +559,112 @@ class ReviewStore:
             knows them, oldest first.
         """
         with self._decide_lock:
-            submitted = self._pending.one(feedback_id)
-            if submitted is None:
+            submitted = FEEDBACK_ID.fullmatch(feedback_id) and self._pending.one(feedback_id)
+            if not submitted:
                 raise ReviewError(404, f"no feedback {feedback_id!r}: GET /review lists the ids")
             decided = self.decided(feedback_id)
             if decided is not None:
                 raise ReviewError(
                     409, f"feedback {feedback_id!r} was already {decided}: decisions are final"
                 )
-            accepted = decision in ("accept", "auto_accept")
-            final_label = (label or submitted["label"]) if accepted else None
-            name = submitted["image"].split("/", 1)[1]
-            record = {
-                **submitted,
-                "submitted_label": submitted["label"],
-                "label": final_label,
-                "accepted_as": f"{final_label}/{name}" if accepted else None,
-                "decision": decision,
-                "reviewer": reviewer,
-                "decided_at": now().isoformat(),
-            }
-            audit = {
-                "feedback_id": feedback_id,
-                "reviewer": reviewer,
-                "decided_at": record["decided_at"],
-                "decision": decision,
-                "label": final_label,
-                "previous_state": {"status": "pending", "label": submitted["label"]},
-            }
+            self._claim(feedback_id, decision, reviewer)
             try:
-                if accepted:
-                    (image,) = self.images([feedback_id])
-                    if image is None:
-                        raise ReviewError(409, f"cannot accept: {missing_image(submitted)}")
-                    self._catalog.save(ACCEPTED_IMAGES, {record["accepted_as"]: image})
-                    self._catalog.save(ACCEPTED_RECORDS, {feedback_id: record})
-                else:
-                    self._catalog.save(REJECTED_RECORDS, {feedback_id: record})
-            except ReviewError:
+                return self._decide(submitted, decision, reviewer, label)
+            except BaseException:
+                self._release(feedback_id)
                 raise
-            except Exception as error:
-                raise StoreError(
-                    f"the review store refused the write ({type(error).__name__})"
-                ) from error
-            (self._accepted if accepted else self._rejected).add(feedback_id, record)
-            stands = f"The decision on feedback {feedback_id} ({decision}) stands"
-            audit_name = _audit_name(record["decided_at"], feedback_id)
-            self._add_to_journal(AUDIT_LOG, audit_name, audit, stands)
-            return record, self.waiting()
+
+    def _claim(self, feedback_id: str, decision: str, reviewer: str) -> None:
+        """Claim the decision on ``feedback_id`` for this request, in the store: the lock
+        above holds within one worker only, and two workers (or replicas) that both found
+        the item undecided both wrote their decision: an accept and a reject of one item,
+        both answered 200, and the rejected image trained. The store lets one claim in."""
+        claim = {"decision": decision, "reviewer": reviewer, "claimed_at": now().isoformat()}
+        claims = self._catalog.get(DECISION_CLAIMS)
+        try:
+            if claims.create(feedback_id, claim):
+                return
+        except Exception as error:
+            raise StoreError(
+                f"the review store refused the write ({type(error).__name__})"
+            ) from error
+        held = self._claim_of(feedback_id)
+        raise ReviewError(
+            409,
+            f"feedback {feedback_id!r} is being decided by another request "
+            f"({held.get('reviewer')}: {held.get('decision')}, since {held.get('claimed_at')}): "
+            "decisions are final; GET /review shows the outcome. A claim with no decision "
+            f"a minute later was left by a worker that stopped: delete {feedback_id}.json "
+            "from the review_decision_claims store and decide again",
+        )
+
+    def _release(self, feedback_id: str) -> None:
+        """Delete the claim of a decision that failed (nothing was decided: decide again)."""
+        try:
+            self._catalog.get(DECISION_CLAIMS).delete(feedback_id)
+        except Exception as error:
+            logger.error(
+                "The claim on feedback %s could not be deleted (%r): delete %s.json from the "
+                "review_decision_claims store, or every decision on it answers 409",
+                feedback_id,
+                error,
+                feedback_id,
+            )
+
+    def _claim_of(self, feedback_id: str) -> dict:
+        """The claim on ``feedback_id`` ({} if it is gone or unreadable: only a message uses it)."""
+        loaders = self._catalog.get(DECISION_CLAIMS).loaders([feedback_id])
+        try:
+            record, _ = read_record(loaders[feedback_id])
+        except (KeyError, FileNotFoundError):
+            return {}
+        return record or {}
+
+    def _decide(
+        self, submitted: dict, decision: str, reviewer: str, label: str | None
+    ) -> tuple[dict[str, Any], list[dict]]:
+        """Write the decision ``decide`` claimed: the image and record, then the audit entry."""
+        feedback_id = submitted["feedback_id"]
+        accepted = decision in ("accept", "auto_accept")
+        final_label = (label or submitted["label"]) if accepted else None
+        name = submitted["image"].split("/", 1)[1]
+        record = {
+            **submitted,
+            "submitted_label": submitted["label"],
+            "label": final_label,
+            "accepted_as": f"{final_label}/{name}" if accepted else None,
+            "decision": decision,
+            "reviewer": reviewer,
+            "decided_at": now().isoformat(),
+        }
+        audit = {
+            "feedback_id": feedback_id,
+            "reviewer": reviewer,
+            "decided_at": record["decided_at"],
+            "decision": decision,
+            "label": final_label,
+            "previous_state": {"status": "pending", "label": submitted["label"]},
+        }
+        try:
+            if accepted:
+                (image,) = self.images([feedback_id])
+                if image is None:
+                    raise ReviewError(409, f"cannot accept: {missing_image(submitted)}")
+                self._catalog.save(ACCEPTED_IMAGES, {record["accepted_as"]: image})
+                self._catalog.save(ACCEPTED_RECORDS, {feedback_id: record})
+            else:
+                self._catalog.save(REJECTED_RECORDS, {feedback_id: record})
+        except ReviewError:
+            raise
+        except Exception as error:
+            raise StoreError(
+                f"the review store refused the write ({type(error).__name__})"
+            ) from error
+        (self._accepted if accepted else self._rejected).add(feedback_id, record)
+        stands = f"The decision on feedback {feedback_id} ({decision}) stands"
+        audit_name = _audit_name(record["decided_at"], feedback_id)
+        self._add_to_journal(AUDIT_LOG, audit_name, audit, stands)
+        return record, self.waiting()
 
 
 def _read_or_none(images: ImageFolderDataset, path: str) -> bytes | None:
@@ -781,7 +843,7 @@ def flags_for(
                 f"one (more than {config.burst_flag_per_minute})",
             }
         )
-    if ood_ratio is not None and ood_ratio > config.ood_max_distance_ratio:
+    if ood_ratio is not None and not ood_ratio <= config.ood_max_distance_ratio:  # NaN too
         flags.append(
             {
                 "flag": "out_of_distribution",
@@ -885,11 +947,18 @@ class ReviewQueue:
         feedback_id = stored["feedback_id"]
         status = "pending" if new else self.store.decided(feedback_id) or "pending"
         if status == "pending" and self.config.auto_accept == "agree_with_model":
-            view = served.classify(pixels[None])[0]
-            if agrees_confidently(label, view, self.config):
-                with contextlib.suppress(ReviewError):  # a reviewer was faster
+            answer = self._answers(served, {feedback_id: pixels})[feedback_id]
+            with self._submissions_lock:
+                self._submissions.add(self.store.pending())
+                shown = self._shown(stored, answer, {}, self._submissions)
+            # Only an item GET /review would show unflagged: the champion is often confidently
+            # wrong far from its data, and noise it called Hand at 1.0 was accepted to train.
+            if not shown["flags"] and agrees_confidently(label, shown["model"], self.config):
+                try:
                     self.decide(feedback_id, "auto_accept", AUTO_REVIEWER)  # counts what waits
                     return stored, "accepted"
+                except ReviewError:  # a reviewer was faster: say what they decided
+                    status = self.store.decided(feedback_id) or "pending"
         count_waiting(self.store.waiting())
         return stored, status
 
@@ -921,7 +990,7 @@ class ReviewQueue:
 
     def _answers(
         self, served: ServedModel, pixels: dict[str, np.ndarray]
-    ) -> dict[str, tuple[dict, float | None]]:
+    ) -> dict[str, tuple[dict | InvalidModelOutputError, float | None]]:
         """The champion's view and the out-of-distribution ratio of each image decoded, by id."""
         if not pixels:
             return {}
@@ -932,10 +1001,13 @@ class ReviewQueue:
     def _shown(
         self,
         item: dict,
-        answer: tuple[dict, float | None] | None,
+        answer: tuple[dict | InvalidModelOutputError, float | None] | None,
         undecodable: dict[str, str],
         submissions: Submissions,
     ) -> dict[str, Any]:
+        if answer is not None and isinstance(answer[0], InvalidModelOutputError):
+            flag = {"flag": "model_output_invalid", "reason": str(answer[0])}
+            return _queue_item(item, None, None, [flag])
         if answer is None:
             why = undecodable.get(item["feedback_id"])
             flag = {
@@ -995,7 +1067,7 @@ def _queue_item(item: dict, view: dict | None, ratio: float | None, flags: list[
         "submitter": item.get("submitter"),
         "model": model,
         "corrected": corrected,
-        "out_of_distribution_ratio": ratio,
+        "out_of_distribution_ratio": ratio if ratio is None or math.isfinite(ratio) else None,
         "flags": flags,
-        "image_url": f"/review/image/{item['feedback_id']}",
+        "image_url": f"/review/image?{urlencode({'feedback_id': item['feedback_id']})}",
     }
