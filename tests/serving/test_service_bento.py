@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
+from medical_ct.serving.project import load_project
 from tests.conftest import (
     BENTOML,
     PROJECT_ROOT,
@@ -30,7 +31,9 @@ def run(args: list[str], env: dict[str, str]) -> str:
     return result.stdout
 
 
-def test_bento_serves_the_packaged_champion_without_mlflow(trained_project, tmp_path, sample_dir):
+def test_bento_serves_the_packaged_champion_without_mlflow(
+    trained_project, tmp_path, sample_dir, monkeypatch
+):
     import sys
 
     build_home, serve_home = tmp_path / "build_home", tmp_path / "serve_home"
@@ -54,6 +57,11 @@ def test_bento_serves_the_packaged_champion_without_mlflow(trained_project, tmp_
     assert "bentoml" in dockerfile and "requirements.txt" in dockerfile
     requirements = (bento_dir / "env/python/requirements.txt").read_text()
     assert "torch==2.14.1" in requirements and "pandas-parquetdataset" in requirements
+    # Replicas run it with KEDRO_ENV=s3 (README "Scale out"): conf/s3 and s3fs were left out.
+    assert "s3fs" in requirements and "boto3" in requirements
+    monkeypatch.setenv("MEDICAL_CT_S3_BUCKET", "hospital-bucket")
+    in_s3 = load_project(bento_src, env="s3").catalog
+    assert "s3://hospital-bucket/" in repr(in_s3.get("raw_images"))
     champion = mlflow_client(trained_project).get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS)
 
     with bentoml_server(
