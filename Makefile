@@ -92,5 +92,7 @@ benchmark-monitoring: install
 benchmark: install
 	$(BIN)/python benchmarks/bench_pipeline.py
 
+# Derived data only: data/01_raw holds what people sent (reviewed labels, the review audit,
+# the prediction log), which nothing can make again; mlflow.db is kept too.
 clean:
-	rm -rf data/0*/* build .viz
+	rm -rf data/0[2-8]_*/* build .viz
