@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from medical_ct.hooks import PARAMETER_CHECKS
-from tests.conftest import PROJECT_ROOT, kedro, make_project, mlflow_client
+from tests.conftest import KEDRO, PROJECT_ROOT, kedro, make_project, mlflow_client, project_env
 
 
 def test_every_parameter_check_names_a_function():
@@ -110,3 +110,28 @@ def test_a_run_that_fails_midway_still_logs_where_its_time_went(tmp_path, sample
     timings = {"node_seconds.decode_raw_images", "save_seconds.decoded_raw_images"}
     assert timings <= set(run.data.metrics)
     assert "node_seconds.build_model_input" not in run.data.metrics
+
+
+def test_a_dag_task_failing_the_checks_marks_the_dag_runs_mlflow_run_failed(tmp_path, sample_dir):
+    """The checks raise before Kedro's own try, so on_pipeline_error never ran: a later task of
+    a DAG run that failed them left the DAG run's MLflow run FINISHED, naming no failed task."""
+    project = make_project(tmp_path / "project")
+    shutil.copytree(sample_dir / "Hand", project / "data/01_raw/mednist/Hand")  # ingest skips
+    dag_run = {"AIRFLOW_CTX_DAG_ID": "medical_ct", "AIRFLOW_CTX_DAG_RUN_ID": "scheduled__1"}
+
+    def task(task_id: str, *params: str) -> subprocess.CompletedProcess:
+        args = ["run", "--pipeline", "data_processing", "--nodes", "ingest_mednist", *params]
+        env = project_env(project, **dag_run, AIRFLOW_CTX_TASK_ID=task_id)
+        return subprocess.run(
+            [KEDRO, *args], cwd=project, env=env, capture_output=True, text=True, check=False
+        )
+
+    first = task("ingest_mednist")
+    second = task("checked_again", "--params", "ingest.md5=not-an-md5")
+
+    assert first.returncode == 0, first.stderr
+    assert second.returncode != 0 and "md5" in second.stdout + second.stderr
+    client = mlflow_client(project)
+    (run,) = client.search_runs([client.get_experiment_by_name("medical_ct").experiment_id])
+    assert run.info.run_name == "scheduled__1" and run.info.status == "FAILED"
+    assert run.data.tags["airflow.failed_tasks"] == "checked_again"

@@ -164,20 +164,41 @@ class AirflowRunTrackingHook:
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self) -> None:
         self._run_id = None  # this instance serves every session of the process
+        run = self._dag_run(create=True)
+        if run is None:
+            return
+        mlflow_config = self._context.mlflow
+        mlflow_config.tracking.run.id = self._run_id = run.info.run_id
+        mlflow_config.tracking.run.name = run.info.run_name
+        logger.info("Airflow DAG run %s logs into MLflow run %s", run.info.run_name, self._run_id)
+
+    # Wraps every before_pipeline_run, the checks' too. A task failing the parameter or store
+    # checks raised before Kedro's own try, so on_pipeline_error never ran: the DAG run's
+    # MLflow run, made by an earlier task, stayed FINISHED and named no failed task.
+    @hook_impl(wrapper=True, specname="before_pipeline_run")
+    def record_a_failed_check(self) -> Iterator[None]:
+        try:
+            return (yield)
+        except Exception:
+            self._run_id = None
+            if (run := self._dag_run(create=False)) is not None:
+                self._run_id = run.info.run_id
+                self._settle_run(task_failed=True)
+            raise
+
+    def _dag_run(self, create: bool) -> mlflow.entities.Run | None:
+        """The MLflow run of this task's Airflow DAG run; None outside Airflow (or before the
+        first task made it, unless ``create``)."""
         dag_id = os.environ.get("AIRFLOW_CTX_DAG_ID")
         dag_run_id = os.environ.get("AIRFLOW_CTX_DAG_RUN_ID")
         mlflow_config = getattr(self._context, "mlflow", None)  # set by kedro-mlflow's hook
         if not (dag_id and dag_run_id) or mlflow_config is None:
-            return
+            return None
         experiment = mlflow.get_experiment_by_name(mlflow_config.tracking.experiment.name)
-        run = dag_run_tracking_run(
-            mlflow.MlflowClient(), experiment.experiment_id, dag_id, dag_run_id
-        )
-        mlflow_config.tracking.run.id = self._run_id = run.info.run_id
-        mlflow_config.tracking.run.name = run.info.run_name
-        logger.info(
-            "Airflow DAG run %s/%s logs into MLflow run %s", dag_id, dag_run_id, run.info.run_id
-        )
+        if experiment is None and not create:
+            return None
+        client = mlflow.MlflowClient()
+        return dag_run_tracking_run(client, experiment.experiment_id, dag_id, dag_run_id, create)
 
     # trylast: after kedro-mlflow has ended the run as FINISHED or FAILED.
     @hook_impl(trylast=True)
@@ -222,9 +243,14 @@ FAILED_TASKS_TAG = "airflow.failed_tasks"
 
 
 def dag_run_tracking_run(
-    client: mlflow.MlflowClient, experiment_id: str, dag_id: str, dag_run_id: str
-) -> mlflow.entities.Run:
-    """The MLflow run of an Airflow DAG run: found by its tags, created by the first task.
+    client: mlflow.MlflowClient,
+    experiment_id: str,
+    dag_id: str,
+    dag_run_id: str,
+    create: bool = True,
+) -> mlflow.entities.Run | None:
+    """The MLflow run of an Airflow DAG run: found by its tags, created by the first task
+    (None when there is none and not ``create``).
 
     Tasks of a DAG run must not run concurrently the first time (the DAG's
     ``max_active_tasks: 1``), or two of them could both create one.
@@ -238,8 +264,8 @@ def dag_run_tracking_run(
         order_by=["attributes.start_time ASC"],
         max_results=1,
     )
-    if found:
-        return found[0]
+    if found or not create:
+        return found[0] if found else None
     return client.create_run(
         experiment_id,
         run_name=dag_run_id,
