@@ -40,6 +40,7 @@ from medical_ct.changes import (
 from medical_ct.shards import PARTIAL_SUFFIX, whole_file, write_file
 
 logger = logging.getLogger(__name__)
+UNFINISHED_SAVE_SUFFIX = ".unfinished-save.json"  # beside an image folder (save_unfinished)
 
 
 def read_record(load: Callable[[], Any]) -> tuple[dict | None, str | None]:
@@ -301,6 +302,14 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
         )
 
     def save(self, data: dict[str, Any]) -> None:
+        """Write each ``<Class>/<file>``; a save of several files is marked unfinished beside
+        the folder until its last file is written (``save_unfinished``): ingest's 44,204
+        files one by one, and a retry after a failure part-way found files and wrote no more.
+        """
+        marker = f"{self._root}{UNFINISHED_SAVE_SUFFIX}"  # beside the folder: never listed
+        if len(data) > 1:
+            started = {"files": len(data), "started_at": datetime.now(UTC).isoformat()}
+            write_json(self._filesystem, marker, started)
         for partition, content in data.items():
             image = content() if callable(content) else content
             write_file(
@@ -309,6 +318,14 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
                 lambda file, image=image: file.write(image),
                 durable=self._durable,
             )
+        if len(data) > 1:
+            self._filesystem.rm_file(marker)
+
+    def save_unfinished(self) -> bool:
+        """Whether a save of several files into the folder stopped before its last file."""
+        marker = f"{self._root}{UNFINISHED_SAVE_SUFFIX}"
+        self._filesystem.invalidate_cache(marker)
+        return self._filesystem.exists(marker)
 
     def read(self, partition: str) -> bytes:
         """One file's bytes (``<Class>/<file>``), without listing the store: the review reads
@@ -343,13 +360,23 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
 
 
 class FolderHasFilesDataset(ImageFolderDataset):
-    """Whether an image folder holds any file at all (``ImageFolderDataset.has_files``).
+    """Whether an image folder holds any file at all (``ImageFolderDataset.has_files``), and
+    False while a save into it is unfinished (``save_unfinished``).
 
     Ingest only needs to know whether the raw store is empty; listing a store of millions of
     images to learn that would cost as much as the run's real listing. Read-only.
     """
 
     def load(self) -> bool:  # type: ignore[override]
+        if self.save_unfinished():
+            logger.warning(
+                "A save into %s stopped part-way (%s%s is left): the folder counts as empty, "
+                "so ingest writes every file again",
+                self._path,
+                self._path,
+                UNFINISHED_SAVE_SUFFIX,
+            )
+            return False
         return self.has_files()
 
     def save(self, data: Any) -> None:

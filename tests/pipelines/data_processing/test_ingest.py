@@ -4,8 +4,9 @@ import hashlib
 
 import pytest
 
+from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
 from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
-from tests.conftest import assert_ok, build_mednist_tarball, kedro, make_project
+from tests.conftest import assert_ok, build_mednist_tarball, file_size_limit, kedro, make_project
 
 
 @pytest.fixture
@@ -68,6 +69,36 @@ def test_ingest_downloads_once_into_the_raw_store(tmp_path, served_tarball):
     assert_ok(second)
     assert requests == ["/MedNIST.tar.gz"], "the second run downloaded again"
     assert "not downloading MedNIST" in second.stdout + second.stderr
+
+
+def test_an_ingest_stopped_part_way_is_written_whole_by_its_retry(
+    tmp_path, served_tarball, sample_dir
+):
+    """Ingest writes its files one by one (retried 4 times in the DAG): a retry after a
+    failure part-way found files in the raw store, downloaded nothing, and the run trained on
+    the part written."""
+    url, md5, requests = served_tarball
+    project = make_project(tmp_path / "project")
+    raw_store = project / "data/01_raw/mednist"
+    images = {
+        f"{folder.name}/{path.name}": path.read_bytes()
+        for folder in sorted(sample_dir.iterdir())
+        for path in sorted(folder.iterdir())
+    }
+    limit = max(map(len, list(images.values())[:5])) + 1  # the first five fit, not all
+    assert max(map(len, images.values())) > limit
+
+    with file_size_limit(limit), pytest.raises(Exception, match="File too large"):
+        ImageFolderDataset(path=str(raw_store)).save(images)
+    written = len(list(raw_store.glob("*/*.jpeg")))
+    retry = ingest(project, url, md5)
+
+    assert 5 <= written < 240
+    assert FolderHasFilesDataset(path=str(raw_store)).load() is True  # finished now
+    assert_ok(retry)
+    assert "stopped part-way" in retry.stdout + retry.stderr
+    assert requests == ["/MedNIST.tar.gz"]
+    assert len(list(raw_store.glob("*/*.jpeg"))) == 240
 
 
 @pytest.mark.e2e
