@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from bentoml.validators import ContentType
 
-from medical_ct.preprocessing import InvalidImageError, preprocess_image
+from medical_ct.preprocessing import InvalidImageError, content_hash, preprocess_image
 from medical_ct.serving import metrics
 from medical_ct.serving.batching import AdaptiveBatcher, OverloadedError
 from medical_ct.serving.http import (
@@ -127,6 +127,13 @@ class MedicalCT:
         logged = None
         if prediction_id:
             logged = await anyio.to_thread.run_sync(self.prediction_log.find, prediction_id)
+        if logged and logged.get("pixel_hash") not in (None, content_hash(pixels)):
+            # The reviewer would see what another image was called as what this one corrects.
+            raise ServiceError(
+                422,
+                f"prediction {prediction_id} classified another image: send the image it "
+                "classified with it, or leave prediction_id out",
+            )
         corrected = (
             CorrectedPrediction(model_version=logged["model_version"], label=logged["label"])
             if logged

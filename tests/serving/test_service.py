@@ -336,6 +336,23 @@ def test_feedback_with_an_unknown_prediction_id_corrects_nothing(client, sample_
         assert response.json()["corrected"] is None
 
 
+def test_feedback_naming_the_prediction_of_another_image_is_refused(client, project, sample_dir):
+    """The reviewer was shown what another image was called as what this one corrects."""
+    predicted = jpeg(sample_image(sample_dir, "ChestCT", 7))
+    prediction = client.post("/predict", files={"image": predicted}).json()
+    before = stored_feedback(project)
+
+    response = client.post(
+        "/feedback",
+        files={"image": jpeg(sample_image(sample_dir, "ChestCT", 8))},
+        data={"label": "ChestCT", "prediction_id": prediction["prediction_id"]},
+    )
+
+    assert response.status_code == 422, response.text
+    assert "classified another image" in response.json()["error"]
+    assert stored_feedback(project) == before
+
+
 def test_page_is_self_contained(client):
     response = client.get("/")
 

@@ -199,7 +199,9 @@ class PredictionLog:
             with self._lock:
                 queued = self._pending.get(prediction_id) or self._writing.get(prediction_id)
             if queued is not None:
-                return {"prediction_id": prediction_id, **queued[1]}
+                _, result, pixels = queued
+                pixel_hash = content_hash(pixels)
+                return {"prediction_id": prediction_id, **result, "pixel_hash": pixel_hash}
             found = self._read(prediction_id, time_ms)
             if found is not None or time.time() > deadline:
                 return found
