@@ -577,15 +577,21 @@ AUTO_ACCEPT = ReviewConfig.from_config(
 )
 
 
+def new_image_the_champion_is_sure_of(sample_dir: Path, served, start: int) -> tuple:
+    """A new BreastMRI image (as sent, and its pixels) the champion labels so at >= 90%."""
+    image = new_images(sample_dir, "BreastMRI", 1, start=start)[0]
+    pixels = preprocess_image(image)
+    view = served.classify(pixels[None])[0]
+    assert view["label"] == "BreastMRI" and view["confidence"] >= 0.9, view
+    return image, pixels
+
+
 def test_auto_accept_takes_only_what_the_champion_confidently_agrees_with(
     project, sample_dir, in_process
 ):
     loaded, served = in_process
     reviews = ReviewQueue(loaded.catalog, AUTO_ACCEPT)
-    image = new_images(sample_dir, "BreastMRI", 1, start=20)[0]
-    pixels = preprocess_image(image)
-    view = served.classify(pixels[None])[0]
-    assert view["label"] == "BreastMRI" and view["confidence"] >= 0.9, view
+    image, pixels = new_image_the_champion_is_sure_of(sample_dir, served, start=20)
 
     agreed, agreed_status = reviews.submit(image, pixels, "BreastMRI", {"submitter": "t"}, served)
     _, disputed_status = reviews.submit(image, pixels, "Hand", {"submitter": "t"}, served)
@@ -604,10 +610,7 @@ def test_auto_accept_leaves_an_item_review_would_flag_to_a_reviewer(sample_dir, 
     label (or far from every training image) was accepted to train when the champion agreed."""
     loaded, served = in_process
     reviews = ReviewQueue(loaded.catalog, AUTO_ACCEPT)
-    image = new_images(sample_dir, "BreastMRI", 1, start=22)[0]
-    pixels = preprocess_image(image)
-    view = served.classify(pixels[None])[0]
-    assert view["label"] == "BreastMRI" and view["confidence"] >= 0.9, view
+    image, pixels = new_image_the_champion_is_sure_of(sample_dir, served, start=22)
 
     _, disputed = reviews.submit(image, pixels, "Hand", {"submitter": "v"}, served)
     agreed, status = reviews.submit(image, pixels, "BreastMRI", {"submitter": "v"}, served)
