@@ -42,7 +42,8 @@ def evaluate_model(
             ``ece_bins`` the validation ECE was computed with (the test ECE uses the same).
 
     Returns:
-        The evaluation (accuracy, macro F1, per-class precision/recall, ECE before and after
+        The evaluation (accuracy, macro F1 over the classes the test split has, per-class
+        precision/recall (recall ``None`` for a class with no test image), ECE before and after
         calibration, the share of images to review and the error rate of the others), the
         same numbers as MLflow metrics, a confusion-matrix figure, a grid of misclassified
         test images and a reliability diagram. When training was skipped:
@@ -70,14 +71,17 @@ def evaluate_model(
     precision, recall, _, support = precision_recall_fscore_support(
         truth, predicted, labels=labels, zero_division=0
     )
+    # A class with no test image has no recall (not 0): the gate would refuse a perfect
+    # model for it, and macro F1 would count it as a class the model never gets right.
+    present = [label for label in labels if support[label]]
     evaluation = {
         "test_accuracy": float((predicted == truth).mean()),
-        "test_macro_f1": float(f1_score(truth, predicted, labels=labels, average="macro")),
+        "test_macro_f1": float(f1_score(truth, predicted, labels=present, average="macro")),
         "test_images": len(truth),
         "test_errors": int((predicted != truth).sum()),
         **_calibration_scores(uncalibrated, probabilities, truth, calibration),
         "per_class": {
-            name: {"precision": float(p), "recall": float(r), "support": int(s)}
+            name: {"precision": float(p), "recall": float(r) if s else None, "support": int(s)}
             for name, p, r, s in zip(class_names, precision, recall, support, strict=True)
         },
     }
@@ -95,7 +99,8 @@ def evaluate_model(
     }
     for name, scores in evaluation["per_class"].items():
         metrics[f"test_precision.{name}"] = {"value": scores["precision"], "step": 0}
-        metrics[f"test_recall.{name}"] = {"value": scores["recall"], "step": 0}
+        if scores["recall"] is not None:
+            metrics[f"test_recall.{name}"] = {"value": scores["recall"], "step": 0}
     logger.info(
         "Test accuracy %.4f, macro F1 %.4f, %d errors in %d images",
         evaluation["test_accuracy"],
@@ -247,8 +252,9 @@ def decide_promotion(
     """The champion gate: promote only a model at least as good as required.
 
     A candidate needs ``min_accuracy``, every class's recall at least ``min_class_recall``
-    (an overall accuracy can hide one weak class), a test ECE of at most ``max_ece``, and,
-    with a champion, the champion's accuracy plus ``min_improvement``.
+    (an overall accuracy can hide one weak class; a class with no test image has no recall
+    and is not checked), a test ECE of at most ``max_ece``, and, with a champion, the
+    champion's accuracy plus ``min_improvement``.
 
     Returns:
         Whether to promote, and why in words: the figure, or the class, that decided.
@@ -264,7 +270,7 @@ def decide_promotion(
     weak = {
         name: recall
         for name, recall in (candidate_recalls or {}).items()
-        if recall + 1e-9 < gate.min_class_recall
+        if recall is not None and recall + 1e-9 < gate.min_class_recall
     }
     if weak:
         worst = min(weak, key=weak.get)
@@ -334,7 +340,7 @@ def register_and_promote(
         evaluation["test_accuracy"],
         champion_evaluation["test_accuracy"],
         champion_gate,
-        candidate_recalls={name: c["recall"] for name, c in evaluation["per_class"].items()},
+        candidate_recalls=_tested_recalls(evaluation),
         candidate_ece=evaluation.get("test_ece"),
     )
     comparison = _comparison(trained_model, test_set, class_names, evaluation, champion_evaluation)
@@ -392,6 +398,15 @@ def register_and_promote(
     }, training_manifest
 
 
+def _tested_recalls(evaluation: dict[str, Any]) -> dict[str, float]:
+    """Recall of each class the test split has images of, as ``evaluate_champion`` gives it."""
+    return {
+        name: scores["recall"]
+        for name, scores in evaluation["per_class"].items()
+        if scores["recall"] is not None
+    }
+
+
 def _comparison(
     trained_model: nn.Module,
     test_set: dict,
@@ -400,7 +415,7 @@ def _comparison(
     champion_evaluation: dict[str, Any],
 ) -> dict[str, Any]:
     """Per-class recall of challenger and champion, and their paired comparison (if any)."""
-    recalls = {"challenger": {n: c["recall"] for n, c in evaluation["per_class"].items()}}
+    recalls = {"challenger": _tested_recalls(evaluation)}
     if "correct" not in champion_evaluation:
         return {"per_class_recall": recalls, "paired_comparison": None}
     recalls["champion"] = champion_evaluation["per_class_recall"]
