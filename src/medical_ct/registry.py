@@ -117,7 +117,11 @@ def log_and_register(
 
     The version carries the class names, preprocessing spec and ``calibration`` (temperature,
     review threshold: model metadata), a tensor signature, a real input example and ``tags``.
+    An example of one image is sent twice: the export (torch.export) takes a batch of 1 for a
+    fixed size, and the registered model would then refuse every batch of more images.
     """
+    if len(input_example) == 1:
+        input_example = np.repeat(input_example, 2, axis=0)
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 1, IMAGE_SIZE, IMAGE_SIZE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(class_names)))]),

@@ -1,10 +1,19 @@
 """evaluate_model, evaluate_champion and register_and_promote on a model whose answers are known."""
 
+import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from medical_ct.pipelines.evaluation.nodes import decide_promotion, evaluate_model
+from medical_ct import registry
+from medical_ct.calibration import CalibratedClassifier
+from medical_ct.model import build_classifier, predict_probabilities
+from medical_ct.pipelines.evaluation.nodes import (
+    decide_promotion,
+    evaluate_model,
+    register_and_promote,
+)
 
 CLASSES = ["AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT"]
 CALIBRATION = {"temperature": 1.0, "review_threshold": 0.5, "ece_bins": 15}
@@ -34,3 +43,29 @@ def test_a_class_without_test_images_neither_blocks_the_gate_nor_lowers_macro_f1
     assert "test_recall.HeadCT" not in metrics and metrics["test_recall.Hand"]["value"] == 1.0
     recalls = {name: scores["recall"] for name, scores in evaluation["per_class"].items()}
     assert decide_promotion(1.0, None, GATE, recalls, evaluation["test_ece"])[0] is True
+
+
+def test_a_model_registered_from_a_one_image_test_split_takes_batches(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the artifacts' default root, ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = CalibratedClassifier(build_classifier("small_cnn", len(CLASSES), 4), 1.0).eval()
+    one_image = split([2])
+    evaluation, *_ = evaluate_model(model, one_image, CLASSES, CALIBRATION)
+    manifest = pd.DataFrame({"split": ["test"], "source": ["raw"]})
+    with mlflow.start_run():
+        decision, _ = register_and_promote(
+            model,
+            evaluation,
+            {"version": None, "test_accuracy": None},
+            one_image,
+            CLASSES,
+            "f" * 64,
+            manifest,
+            GATE,
+            {**CALIBRATION, "review_target_error_rate": 0.001},
+        )
+
+    loaded = registry.load_version(decision["version"], {})
+    five = split([0, 1, 2, 3, 4])["images"]
+    assert predict_probabilities(loaded.model, five).shape == (5, len(CLASSES))
