@@ -183,7 +183,7 @@ def test_training_parameters_are_checked_once_into_a_typed_object():
     with pytest.raises(ValueError) as refused:
         TrainingParams.from_params({**PARAMS, "batch_size": 0, "learning_rate": "fast"})
     assert "batch_size must be a positive integer" in str(refused.value)
-    assert "learning_rate must be a positive number" in str(refused.value)  # every problem
+    assert "learning_rate must be a finite positive number" in str(refused.value)  # every problem
 
 
 @pytest.mark.parametrize(
@@ -191,7 +191,7 @@ def test_training_parameters_are_checked_once_into_a_typed_object():
     [
         ({"max_epochs": 0}, "max_epochs must be a positive integer"),
         ({"batch_size": "64"}, "batch_size must be a positive integer"),
-        ({"learning_rate": -1}, "learning_rate must be a positive number"),
+        ({"learning_rate": -1}, "learning_rate must be a finite positive number"),
         ({"architecture": "no_such_net"}, "unknown architecture 'no_such_net'"),
         ({"data_path": "disk"}, "data_path must be one of auto, memory, stream, got 'disk'"),
         ({"shards_in_memory": 0}, "shards_in_memory must be a positive integer"),
@@ -204,7 +204,7 @@ def test_training_parameters_are_checked_once_into_a_typed_object():
         ({"augmentation": {"max_shear": 0.1}}, "augmentation has unknown keys \\['max_shear'\\]"),
         ({"augmentation": [10, 4]}, "augmentation must be a mapping"),
         ({"max_epoch": 3}, r"unknown keys \['max_epoch'\]; known: architecture, width"),
-        ({"weight_decay": -0.1}, "weight_decay must be a number >= 0, got -0.1"),
+        ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0, got -0.1"),
         ({"width": "16"}, "width must be a positive integer, got '16'"),
         ({"pooling": "median"}, "pooling must be one of avg, avg_max, got 'median'"),
         ({"stem": "pool"}, "stem must be one of conv_pool, conv, got 'pool'"),
@@ -215,6 +215,33 @@ def test_bad_training_parameters_are_refused(model_input, override, message):
     train, validation, _, class_names, _ = model_input
     with pytest.raises((ValueError, RuntimeError), match=message):
         train_model(train, validation, class_names, {**PARAMS, **override}, CALIBRATION)
+
+
+CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"learning_rate": float("nan")}, "learning_rate must be a finite positive number"),
+        ({"learning_rate": float("inf")}, "learning_rate must be a finite positive number"),
+        ({"weight_decay": float("nan")}, "weight_decay must be a finite number >= 0, got nan"),
+        ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0, got inf"),
+        ({"seed": 2**32}, r"seed must be below 2\*\*32"),
+        ({"device": "gpu"}, "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+        ({"device": ""}, "device must be auto, cpu, cuda or cuda:N, got ''"),
+        ({"device": f"cuda:{CUDA_DEVICES}"}, "CUDA device"),
+    ],
+)
+def test_parameters_that_would_fail_later_are_refused_up_front(override, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingParams.from_params({**PARAMS, **override})
+
+
+def test_every_usable_device_is_accepted():
+    usable = ["auto", "cpu"] + (["cuda", f"cuda:{CUDA_DEVICES - 1}"] if CUDA_DEVICES else [])
+    for device in usable:
+        assert TrainingParams.from_params({**PARAMS, "device": device}).device == device
 
 
 AUGMENTATION = {

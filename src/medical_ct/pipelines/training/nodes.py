@@ -410,11 +410,34 @@ def _to_tensors(data: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 def _select_device(requested: str) -> torch.device:
+    """The device ``TrainingParams`` checked: ``auto`` picks CUDA when present."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"training.device is {requested!r} but no CUDA device is available")
     return torch.device(requested)
+
+
+def _device_problems(requested: Any) -> list[str]:
+    """Why ``requested`` is no device of this machine to train on (torch's errors come later
+    and do not name the parameter: "Expected one of cpu, cuda, ...", "invalid device ordinal")."""
+    if requested == "auto":
+        return []
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return [f"device must be auto, cpu, cuda or cuda:N, got {requested!r}"]
+    if device.type == "cpu":
+        return []
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return [f"device is {requested!r} but no CUDA device is available: set auto or cpu"]
+    if (device.index or 0) >= count:
+        return [
+            f"device is {requested!r} but this machine has {count} CUDA device(s): "
+            f"set auto, cpu, cuda or cuda:0 to cuda:{count - 1}"
+        ]
+    return []
 
 
 def _seed_everything(seed: int) -> None:
@@ -460,14 +483,19 @@ class TrainingParams:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"{key} must be a positive integer, got {value!r}")
         learning_rate, weight_decay = training.get("learning_rate"), training.get("weight_decay", 0)
-        if not _is_number(learning_rate) or learning_rate <= 0:
-            problems.append(f"learning_rate must be a positive number, got {learning_rate!r}")
-        if not _is_number(weight_decay) or weight_decay < 0:
-            problems.append(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        # NaN fails every comparison and inf passes them: both would train to a divergence.
+        if not _is_number(learning_rate) or not 0 < learning_rate < math.inf:
+            problems.append(
+                f"learning_rate must be a finite positive number, got {learning_rate!r}"
+            )
+        if not _is_number(weight_decay) or not 0 <= weight_decay < math.inf:
+            problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         for key, default in (("seed", None), ("num_threads", 0)):
             value = training.get(key, default)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 problems.append(f"{key} must be a non-negative integer, got {value!r}")
+        if isinstance(training.get("seed"), int) and training["seed"] >= 2**32:
+            problems.append(f"seed must be below 2**32 (numpy's limit), got {training['seed']}")
         if not isinstance(training.get("architecture"), str) or not training["architecture"]:
             problems.append(
                 "architecture must be small_cnn or a torchvision model name, got "
@@ -478,8 +506,7 @@ class TrainingParams:
                 problems.append(
                     f"{key} must be one of {', '.join(choices)}, got {training.get(key)!r}"
                 )
-        if not isinstance(training.get("device", "auto"), str):
-            problems.append(f"device must be auto, cpu or cuda[:N], got {training['device']!r}")
+        problems += _device_problems(training.get("device", "auto"))
         problems += augmentation_problems(training.get("augmentation"))
         unknown = sorted(set(training) - set(cls.__dataclass_fields__))
         if unknown:
