@@ -3,6 +3,7 @@
 import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from torch import nn
 
@@ -11,6 +12,7 @@ from medical_ct.calibration import CalibratedClassifier
 from medical_ct.model import build_classifier, predict_probabilities
 from medical_ct.pipelines.evaluation.nodes import (
     decide_promotion,
+    evaluate_champion,
     evaluate_model,
     register_and_promote,
 )
@@ -69,3 +71,9 @@ def test_a_model_registered_from_a_one_image_test_split_takes_batches(tmp_path, 
     loaded = registry.load_version(decision["version"], {})
     five = split([0, 1, 2, 3, 4])["images"]
     assert predict_probabilities(loaded.model, five).shape == (5, len(CLASSES))
+
+
+def test_an_empty_test_split_is_refused_in_words_when_the_champion_is_scored_first():
+    champion = registry.RegisteredClassifier(Oracle(), "3", CLASSES, {})
+    with pytest.raises(ValueError, match="the test split is empty: add images or raise"):
+        evaluate_champion(champion, split([]), CLASSES, {"train": True})

@@ -57,8 +57,7 @@ def evaluate_model(
             message_figure("Training skipped"),
             message_figure("Training skipped"),
         )
-    if len(test_set["labels"]) == 0:
-        raise ValueError("the test split is empty: add images or raise test_fraction")
+    _require_test_images(test_set)
     probabilities = predict_probabilities(trained_model, test_set["images"])
     uncalibrated = (
         predict_probabilities(trained_model.classifier, test_set["images"])
@@ -116,6 +115,13 @@ def evaluate_model(
         plot_misclassified(test_set["images"], truth, probabilities, class_names),
         plot_reliability(uncalibrated, probabilities, truth, calibration),
     )
+
+
+def _require_test_images(test_set: dict) -> None:
+    """Both models are scored on the test split; an empty one fails in numpy ("argmax of an
+    empty sequence") unless refused first, whichever node runs first."""
+    if len(test_set["labels"]) == 0:
+        raise ValueError("the test split is empty: add images or raise test_fraction")
 
 
 def _calibration_scores(
@@ -190,6 +196,7 @@ def evaluate_champion(
     if champion is None:
         logger.info("No champion registered yet")
         return {"version": None, "test_accuracy": None}
+    _require_test_images(test_set)
     predicted = predict_probabilities(champion.model, test_set["images"]).argmax(1)
     predicted_names = np.asarray(champion.class_names)[predicted]
     true_names = np.asarray(class_names)[test_set["labels"]]
