@@ -13,8 +13,8 @@ GATE = {"min_accuracy": 0.9, "min_improvement": 0.01}
     [
         (0.95, None, True, "no champion yet"),
         (0.85, None, False, "below min_accuracy"),
-        (0.97, 0.95, True, ">= the champion's"),
-        (0.96, 0.95, True, ">= the champion's"),
+        (0.97, 0.95, True, "> the champion's"),
+        (0.96, 0.95, False, "ties the champion's 0.9500 + min_improvement 0.0100"),
         (0.955, 0.95, False, "below the champion's"),
         (0.85, 0.80, False, "below min_accuracy"),
     ],
@@ -23,6 +23,15 @@ def test_gate(candidate, champion, promoted, reason):
     decision, why = decide_promotion(candidate, champion, GATE)
     assert decision is promoted
     assert reason in why
+
+
+@pytest.mark.parametrize("champion", [0.97, 0.97 - 1e-12, 0.97 + 1e-12])
+def test_a_tie_keeps_the_champion_only_a_better_model_replaces_it(champion):
+    gate = {"min_accuracy": 0.9, "min_improvement": 0.0}
+    decision, why = decide_promotion(0.97, champion, gate)
+    assert decision is False
+    assert "only a better model replaces the champion" in why
+    assert decide_promotion(0.97 + 1 / 3000, 0.97, gate)[0] is True  # one more right of 3000
 
 
 @pytest.mark.parametrize(

@@ -256,21 +256,23 @@ def decide_promotion(
     candidate_recalls: dict[str, float] | None = None,
     candidate_ece: float | None = None,
 ) -> tuple[bool, str]:
-    """The champion gate: promote only a model at least as good as required.
+    """The champion gate: promote only a model good enough, and better than the champion.
 
     A candidate needs ``min_accuracy``, every class's recall at least ``min_class_recall``
     (an overall accuracy can hide one weak class; a class with no test image has no recall
-    and is not checked), a test ECE of at most ``max_ece``, and, with a champion, the
-    champion's accuracy plus ``min_improvement``.
+    and is not checked), a test ECE of at most ``max_ece``, and, with a champion, more than
+    the champion's accuracy plus ``min_improvement``: a tie keeps the champion, since a new
+    version that is no better only churns what the service answers.
 
     Returns:
         Whether to promote, and why in words: the figure, or the class, that decided.
     """
     gate = validate_gate(champion_gate)
     min_accuracy, min_improvement = gate.min_accuracy, gate.min_improvement
-    # Accuracies are ratios of counts: a tolerance keeps 0.95 + 0.01 >= 0.96 true.
-    candidate_accuracy += 1e-9
-    if candidate_accuracy < min_accuracy:
+    # Accuracies are ratios of counts: within a tolerance 0.95 + 0.01 and 0.96 are equal (a
+    # tie), whichever way the float rounds.
+    tolerance = 1e-9
+    if candidate_accuracy + tolerance < min_accuracy:
         return False, (
             f"test accuracy {candidate_accuracy:.4f} is below min_accuracy {min_accuracy:.4f}"
         )
@@ -293,16 +295,23 @@ def decide_promotion(
             f"no champion yet and test accuracy {candidate_accuracy:.4f} "
             f">= min_accuracy {min_accuracy:.4f}"
         )
-    required = champion_accuracy + min_improvement
-    if candidate_accuracy < required:
+    return _beats_champion(candidate_accuracy, champion_accuracy, min_improvement, tolerance)
+
+
+def _beats_champion(
+    candidate: float, champion: float, min_improvement: float, tolerance: float
+) -> tuple[bool, str]:
+    """Strictly better than the champion by more than ``min_improvement``; a tie is no."""
+    required = champion + min_improvement
+    versus = f"the champion's {champion:.4f} + min_improvement {min_improvement:.4f}"
+    if candidate + tolerance < required:
+        return False, f"test accuracy {candidate:.4f} is below {versus}"
+    if candidate <= required + tolerance:
         return False, (
-            f"test accuracy {candidate_accuracy:.4f} is below the champion's "
-            f"{champion_accuracy:.4f} + min_improvement {min_improvement:.4f}"
+            f"test accuracy {candidate:.4f} ties {versus}: only a better model replaces the "
+            "champion"
         )
-    return True, (
-        f"test accuracy {candidate_accuracy:.4f} >= the champion's {champion_accuracy:.4f} "
-        f"+ min_improvement {min_improvement:.4f}"
-    )
+    return True, f"test accuracy {candidate:.4f} > {versus}"
 
 
 def register_and_promote(
