@@ -454,9 +454,11 @@ def test_local_image_folder_versions_change_with_the_file(tmp_path):
 
 
 CHAMPION = registry.RegisteredClassifier(
-    model=None, version="3", class_names=CLASSES, tags={"dataset_fingerprint": "abc"}
+    model=None, version="3", class_names=["CXR", "Hand"], tags={"dataset_fingerprint": "abc"}
 )
-TRAINED_ON = [(f"{n:064x}", "Hand") for n in range(20)]
+TRAINED_ON = [(f"{n:064x}", "Hand") for n in range(20)] + [
+    (f"{n:064x}", "CXR") for n in range(20, 30)
+]
 
 
 def manifest(pairs: list[tuple[str, str]]) -> pd.DataFrame:

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from medical_ct import lifecycle
@@ -185,7 +186,8 @@ def test_decide_training_refuses_the_data_rolled_back_from_unless_told():
     )
 
     def decide(fingerprint, retrain):
-        decision, _ = decide_training(fingerprint, None, champion, {}, retrain, 1)
+        no_images = pd.DataFrame({"content_hash": [], "label": []})
+        decision, _ = decide_training(fingerprint, no_images, champion, {}, retrain, 1)
         return decision
 
     assert decide("f3", False)["train"] is False

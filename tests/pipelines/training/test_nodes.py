@@ -1,6 +1,7 @@
 """training node: learns the sample, is reproducible, refuses bad parameters."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -21,8 +22,9 @@ from medical_ct.model import (
 )
 from medical_ct.pipelines.data_processing.nodes import build_model_input, decode_images
 from medical_ct.pipelines.training import nodes as training_nodes
-from medical_ct.pipelines.training.nodes import TrainingParams, train_model
+from medical_ct.pipelines.training.nodes import TrainingParams, decide_training, train_model
 from medical_ct.pipelines.training.stream import ShardStream
+from medical_ct.registry import RegisteredClassifier, RegisteredVersion
 from medical_ct.shards import ModelInputDataset, ShardedImagesDataset
 from tests.conftest import CLASSES
 
@@ -215,6 +217,26 @@ def test_bad_training_parameters_are_refused(model_input, override, message):
     train, validation, _, class_names, _ = model_input
     with pytest.raises((ValueError, RuntimeError), match=message):
         train_model(train, validation, class_names, {**PARAMS, **override}, CALIBRATION)
+
+
+def test_a_class_removed_or_added_trains_though_no_image_is_new():
+    trained_on = pd.DataFrame(
+        {"content_hash": [f"{i:064x}" for i in range(60)], "label": CLASSES * 10}
+    )
+    champion = RegisteredClassifier(None, "4", CLASSES, {"dataset_fingerprint": "a" * 64})
+    versions = {"4": RegisteredVersion("4", "run", {}, dict, lambda: trained_on)}
+
+    def decide(manifest: pd.DataFrame) -> dict:
+        return decide_training("b" * 64, manifest, champion, versions, False, 10)[0]
+
+    removed = decide(trained_on[trained_on["label"] != "HeadCT"])
+    assert removed["train"] is True and removed["new_images"] == 0
+    assert removed["reason"] == "the classes differ from champion version 4's: HeadCT removed"
+    some_gone = decide(trained_on.iloc[6:])  # images removed, every class kept: the count decides
+    assert some_gone["train"] is False and "0 new or relabelled images" in some_gone["reason"]
+    new_class = pd.DataFrame({"content_hash": ["f" * 64], "label": ["Knee"]})
+    added = decide(pd.concat([trained_on[trained_on["label"] != "Hand"], new_class]))
+    assert added["reason"].endswith(": Hand removed and Knee added")
 
 
 CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0

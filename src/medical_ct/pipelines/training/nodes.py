@@ -44,7 +44,9 @@ def decide_training(
     A weekly run that finds nothing new, or only a handful of images, costs seconds and
     registers nothing: a new version per stray image would churn the champion for noise.
     New means an image (content hash) with a label the champion's training manifest does not
-    have: a new raw image or an accepted feedback, including a relabelled one. After a
+    have: a new raw image or an accepted feedback, including a relabelled one. A class added
+    or removed trains whatever the count: removing one adds no image, and the champion would
+    keep answering a class the data no longer has. After a
     rollback the data of the version rolled back away from is refused the same way (the
     champion's tag ``champion.rolled_back_data``). ``retrain_on_same_data`` trains anyway.
 
@@ -77,8 +79,9 @@ def decide_training(
         new, decision = None, {"train": True, "reason": "no champion yet"}
     else:
         new = _new_images(training_manifest, champion, registered_versions)
+        classes = set(training_manifest["label"].unique().tolist())
         decision = _decision(
-            dataset_fingerprint, champion, new, retrain_on_same_data, min_new_images
+            dataset_fingerprint, champion, new, classes, retrain_on_same_data, min_new_images
         )
     decision["new_images"] = new
     logger.info("Training decision: %s", decision["reason"])
@@ -90,6 +93,7 @@ def _decision(
     fingerprint: str,
     champion: RegisteredClassifier,
     new: int | None,
+    classes: set[str],
     retrain: bool,
     minimum: int,
 ) -> dict[str, Any]:
@@ -116,6 +120,13 @@ def _decision(
                 "registering nothing"
             ),
         }
+    if classes != set(champion.class_names):
+        return {"train": True, "reason": _class_change(classes, champion)}
+    return _enough_new(champion, new, minimum)
+
+
+def _enough_new(champion: RegisteredClassifier, new: int | None, minimum: int) -> dict[str, Any]:
+    """Same classes, other data: train on ``minimum`` new or relabelled images."""
     if new is None:
         return {
             "train": True,
@@ -136,6 +147,18 @@ def _decision(
         "reason": f"{new} new or relabelled images since champion version "
         f"{champion.version}'s data (min_new_images {minimum})",
     }
+
+
+def _class_change(classes: set[str], champion: RegisteredClassifier) -> str:
+    """The classes the data lost or gained since the champion's, in words."""
+    removed = sorted(set(champion.class_names) - classes)
+    added = sorted(classes - set(champion.class_names))
+    changes = [
+        f"{', '.join(names)} {what}"
+        for names, what in ((removed, "removed"), (added, "added"))
+        if names
+    ]
+    return f"the classes differ from champion version {champion.version}'s: {' and '.join(changes)}"
 
 
 def _new_images(
