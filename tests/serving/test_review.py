@@ -404,11 +404,13 @@ def test_bad_review_requests_are_4xx_and_a_broken_image_is_sent_as_it_is(
 
     limit = client.get("/review", params={"limit": "\u00b2"}, headers=ALICE)
     long_id = decide(client, "Hand-" + "0" * 300, "reject")
+    long_image = client.get("/review/image", params={"feedback_id": "H" * 300}, headers=ALICE)
     item = queue(client)[receipt["feedback_id"]]
     image = client.get(item["image_url"], headers=ALICE)
 
     assert limit.status_code == 400 and "limit is a number" in limit.json()["error"]
     assert long_id.status_code == 404 and "no feedback" in long_id.json()["error"]
+    assert long_image.status_code == 404 and "no feedback" in long_image.json()["error"]
     assert flags(item) == {"image_unreadable"}
     assert image.status_code == 200 and image.content == broken
     assert image.headers["content-type"] == "application/octet-stream"

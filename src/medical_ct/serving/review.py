@@ -524,7 +524,7 @@ class ReviewStore:
         """The submitted images, as sent, each read by the path its record names; None for one
         missing from the store (deleted by hand): its item can still be rejected, where one
         such file answered 500 to every ``GET /review`` that showed it."""
-        records = self._pending.read(filter(FEEDBACK_ID.fullmatch, feedback_ids))
+        records = self._pending.read(feedback_ids)
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
             raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
@@ -533,6 +533,8 @@ class ReviewStore:
 
     def image(self, feedback_id: str) -> bytes:
         """One submitted image; ``ReviewError`` 404 for an unknown id or a missing image."""
+        if not FEEDBACK_ID.fullmatch(feedback_id):  # a name too long for a file was a 500
+            raise ReviewError(404, f"no feedback {feedback_id!r}: GET /review lists the ids")
         (image,) = self.images([feedback_id])
         if image is None:
             raise ReviewError(404, missing_image(self._pending.one(feedback_id)))
