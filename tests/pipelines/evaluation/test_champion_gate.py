@@ -74,6 +74,8 @@ def test_an_uncalibrated_model_is_refused_by_max_ece():
         {**GATE, "min_class_recall": 1.2},
         {**GATE, "max_ece": -0.1},
         {**GATE, "max_ece": "low"},
+        {**GATE, "min_accuracy": True},  # float(True) was 1.0: nothing would ever pass
+        {**GATE, "min_improvement": "0.01"},
     ],
 )
 def test_bad_class_recall_and_ece_limits_are_refused(gate):

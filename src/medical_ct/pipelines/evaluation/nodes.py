@@ -507,15 +507,22 @@ def plot_misclassified(
 def validate_gate(champion_gate: dict[str, float]) -> ChampionGate:
     """The gate's parameters, typed; raise ``ValueError`` saying what to set if unusable.
 
-    ``min_class_recall`` and ``max_ece`` are optional (0 and 1: no limit).
+    ``min_class_recall`` and ``max_ece`` are optional (0 and 1: no limit). Only numbers are
+    taken: ``float()`` made ``min_accuracy: true`` 1.0, a gate nothing ever passes, in silence.
     """
     try:
-        gate = ChampionGate(
-            min_accuracy=float(champion_gate["min_accuracy"]),
-            min_improvement=float(champion_gate["min_improvement"]),
-            min_class_recall=float(champion_gate.get("min_class_recall", 0.0)),
-            max_ece=float(champion_gate.get("max_ece", 1.0)),
-        )
+        values = {
+            key: champion_gate[key] if default is None else champion_gate.get(key, default)
+            for key, default in (
+                ("min_accuracy", None),
+                ("min_improvement", None),
+                ("min_class_recall", 0.0),
+                ("max_ece", 1.0),
+            )
+        }
+        if not all(_is_number(value) for value in values.values()):
+            raise TypeError("not a number")
+        gate = ChampionGate(**{key: float(value) for key, value in values.items()})
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ValueError(
             "parameters champion_gate need numbers min_accuracy and min_improvement (and "
@@ -532,3 +539,7 @@ def validate_gate(champion_gate: dict[str, float]) -> ChampionGate:
             f"got {gate.min_class_recall} and {gate.max_ece}"
         )
     return gate
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
