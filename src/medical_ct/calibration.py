@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medical_ct.checks import is_number
+
 # Temperatures searched: a log-spaced grid from 1/2 to 20. The validation NLL is convex in the
 # inverse temperature, so a fine grid finds its minimum without an optimiser's edge cases.
 # The lower bound matters: on a validation split with no error (the 240-image sample, or a
@@ -53,7 +55,7 @@ class CalibrationParams:
             )
         problems = []
         target = calibration.get("review_target_error_rate")
-        if not isinstance(target, int | float) or isinstance(target, bool) or not 0 < target < 1:
+        if not is_number(target) or not 0 < target < 1:
             problems.append(
                 "review_target_error_rate must be a number strictly between 0 and 1 "
                 f"(e.g. 0.001 for one error in 1,000 answers), got {target!r}"

@@ -136,8 +136,9 @@ def write_json(
 ) -> None:
     """``data`` as indented JSON, written whole (``shards.write_file``)."""
     text = json.dumps(data, indent=2).encode()
-    write = partial(write_file, durable=durable, exclusive=exclusive)
-    write(filesystem, path, lambda file: file.write(text))
+    write_file(
+        filesystem, path, lambda file: file.write(text), durable=durable, exclusive=exclusive
+    )
 
 
 class StoredFile:
@@ -306,10 +307,10 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
         the folder until its last file is written (``save_unfinished``): ingest's 44,204
         files one by one, and a retry after a failure part-way found files and wrote no more.
         """
-        marker = f"{self._root}{UNFINISHED_SAVE_SUFFIX}"  # beside the folder: never listed
-        if len(data) > 1:
+        many = len(data) > 1
+        if many:
             started = {"files": len(data), "started_at": datetime.now(UTC).isoformat()}
-            write_json(self._filesystem, marker, started)
+            write_json(self._filesystem, self._unfinished_marker, started)
         for partition, content in data.items():
             image = content() if callable(content) else content
             write_file(
@@ -318,14 +319,17 @@ class ImageFolderDataset(AbstractDataset[dict[str, Any], StoredFiles]):
                 lambda file, image=image: file.write(image),
                 durable=self._durable,
             )
-        if len(data) > 1:
-            self._filesystem.rm_file(marker)
+        if many:
+            self._filesystem.rm_file(self._unfinished_marker)
+
+    @property
+    def _unfinished_marker(self) -> str:
+        return f"{self._root}{UNFINISHED_SAVE_SUFFIX}"  # beside the folder: never listed
 
     def save_unfinished(self) -> bool:
         """Whether a save of several files into the folder stopped before its last file."""
-        marker = f"{self._root}{UNFINISHED_SAVE_SUFFIX}"
-        self._filesystem.invalidate_cache(marker)
-        return self._filesystem.exists(marker)
+        self._filesystem.invalidate_cache(self._unfinished_marker)
+        return self._filesystem.exists(self._unfinished_marker)
 
     def read(self, partition: str) -> bytes:
         """One file's bytes (``<Class>/<file>``), without listing the store: the review reads

@@ -527,14 +527,14 @@ class ReviewStore:
         records = self._pending.read(feedback_ids)
         unknown = [feedback_id for feedback_id in feedback_ids if feedback_id not in records]
         if unknown:
-            raise ReviewError(404, f"no feedback {unknown[0]!r}: GET /review lists the ids")
+            raise unknown_feedback(unknown[0])
         images = self._catalog.get(PENDING_IMAGES)
         return [_read_or_none(images, records[key]["image"]) for key in feedback_ids]
 
     def image(self, feedback_id: str) -> bytes:
         """One submitted image; ``ReviewError`` 404 for an unknown id or a missing image."""
         if not FEEDBACK_ID.fullmatch(feedback_id):  # a name too long for a file was a 500
-            raise ReviewError(404, f"no feedback {feedback_id!r}: GET /review lists the ids")
+            raise unknown_feedback(feedback_id)
         (image,) = self.images([feedback_id])
         if image is None:
             raise ReviewError(404, missing_image(self._pending.one(feedback_id)))
@@ -563,7 +563,7 @@ class ReviewStore:
         with self._decide_lock:
             submitted = FEEDBACK_ID.fullmatch(feedback_id) and self._pending.one(feedback_id)
             if not submitted:
-                raise ReviewError(404, f"no feedback {feedback_id!r}: GET /review lists the ids")
+                raise unknown_feedback(feedback_id)
             decided = self.decided(feedback_id)
             if decided is not None:
                 raise ReviewError(
@@ -667,6 +667,11 @@ class ReviewStore:
         audit_name = _audit_name(record["decided_at"], feedback_id)
         self._add_to_journal(AUDIT_LOG, audit_name, audit, stands)
         return record, self.waiting()
+
+
+def unknown_feedback(feedback_id: str) -> ReviewError:
+    """404 for an id no pending record has (or that is not shaped as the service makes ids)."""
+    return ReviewError(404, f"no feedback {feedback_id!r}: GET /review lists the ids")
 
 
 def _read_or_none(images: ImageFolderDataset, path: str) -> bytes | None:

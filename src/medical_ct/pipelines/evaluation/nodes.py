@@ -17,6 +17,7 @@ from medical_ct.calibration import (
     expected_calibration_error,
     reliability_table,
 )
+from medical_ct.checks import is_number
 from medical_ct.manifest import train_image_counts
 from medical_ct.model import TrainingSkipped, predict_probabilities
 from medical_ct.plots import message_figure
@@ -520,7 +521,7 @@ def validate_gate(champion_gate: dict[str, float]) -> ChampionGate:
                 ("max_ece", 1.0),
             )
         }
-        if not all(_is_number(value) for value in values.values()):
+        if not all(is_number(value) for value in values.values()):
             raise TypeError("not a number")
         gate = ChampionGate(**{key: float(value) for key, value in values.items()})
     except (KeyError, TypeError, ValueError, AttributeError) as error:
@@ -539,7 +540,3 @@ def validate_gate(champion_gate: dict[str, float]) -> ChampionGate:
             f"got {gate.min_class_recall} and {gate.max_ece}"
         )
     return gate
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

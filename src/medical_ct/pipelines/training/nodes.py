@@ -24,6 +24,7 @@ from medical_ct.calibration import (
     expected_calibration_error,
     fit_temperature,
 )
+from medical_ct.checks import is_number
 from medical_ct.model import POOLINGS, STEMS, TrainingSkipped, build_classifier
 from medical_ct.pipelines.training.stream import ShardStream
 from medical_ct.registry import RegisteredClassifier, RegisteredVersion
@@ -422,10 +423,6 @@ class _MemoryBatches:
             yield self.images[index], self.labels[index]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _to_tensors(data: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(data["images"]).to(device)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -507,11 +504,11 @@ class TrainingParams:
                 problems.append(f"{key} must be a positive integer, got {value!r}")
         learning_rate, weight_decay = training.get("learning_rate"), training.get("weight_decay", 0)
         # NaN fails every comparison and inf passes them: both would train to a divergence.
-        if not _is_number(learning_rate) or not 0 < learning_rate < math.inf:
+        if not is_number(learning_rate) or not 0 < learning_rate < math.inf:
             problems.append(
                 f"learning_rate must be a finite positive number, got {learning_rate!r}"
             )
-        if not _is_number(weight_decay) or not 0 <= weight_decay < math.inf:
+        if not is_number(weight_decay) or not 0 <= weight_decay < math.inf:
             problems.append(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         for key, default in (("seed", None), ("num_threads", 0)):
             value = training.get(key, default)
