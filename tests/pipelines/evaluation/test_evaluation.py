@@ -11,6 +11,7 @@ from medical_ct import registry
 from medical_ct.calibration import CalibratedClassifier
 from medical_ct.model import build_classifier, predict_probabilities
 from medical_ct.pipelines.evaluation.nodes import (
+    _gate,
     decide_promotion,
     evaluate_champion,
     evaluate_model,
@@ -77,3 +78,109 @@ def test_an_empty_test_split_is_refused_in_words_when_the_champion_is_scored_fir
     champion = registry.RegisteredClassifier(Oracle(), "3", CLASSES, {})
     with pytest.raises(ValueError, match="the test split is empty: add images or raise"):
         evaluate_champion(champion, split([]), CLASSES, {"train": True})
+
+
+def register(answers: nn.Module, test_set, champion_evaluation, manifest, gate) -> dict:
+    """Evaluate a model, then register it and put it through the gate, as the pipeline does."""
+    model = CalibratedClassifier(answers, 1.0).eval()
+    evaluation, *_ = evaluate_model(model, test_set, CLASSES, CALIBRATION)
+    calibration = {**CALIBRATION, "review_target_error_rate": 0.001}
+    return register_and_promote(
+        model,
+        evaluation,
+        champion_evaluation,
+        test_set,
+        CLASSES,
+        "f" * 64,
+        manifest,
+        gate,
+        calibration,
+    )[0]
+
+
+class Reader(nn.Module):
+    """Answers the class written in pixel (0, ``column``) of each image, sure of it."""
+
+    def __init__(self, column: int) -> None:
+        super().__init__()
+        self.column = column
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        answer = images[:, 0, 0, self.column].long()
+        return 20.0 * nn.functional.one_hot(answer, len(CLASSES)).float()
+
+
+def test_after_a_change_of_split_fractions_the_gate_compares_on_test_images_the_champion_never_saw(
+    tmp_path, monkeypatch
+):
+    """The champion trained on half of this run's test images (its split had another test
+    fraction): it knows all 10 of them and 6 of the 10 others; the new model gets 7 and 8.
+    On the whole split the champion leads, 0.80 to 0.75; on the images neither model saw, the
+    new model does, 0.8 to 0.6, and that decides."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    test_set = split([label % 6 for label in range(20)])
+    truth = test_set["labels"]
+    wrong = (truth + 1) % 6
+    seen = np.arange(20) < 10
+    test_set["images"][:, 0, 0, 1] = np.where(seen | (np.arange(20) < 16), truth, wrong)
+    new_model_right = np.isin(np.arange(20), [*range(7), *range(10, 18)])
+    test_set["images"][:, 0, 0, 2] = np.where(new_model_right, truth, wrong)
+    test_set["content_hashes"] = [f"{index:064x}" for index in range(20)]
+    trained_on = pd.DataFrame(
+        {
+            "content_hash": test_set["content_hashes"],
+            "split": np.where(seen, "train", "test"),
+            "source": "raw",
+        }
+    )
+    gate = {"min_accuracy": 0.5, "min_improvement": 0.1}
+    with mlflow.start_run():  # the champion, registered as a first run registers it
+        register(Reader(1), test_set, {"version": None, "test_accuracy": None}, trained_on, gate)
+    champion = registry.load_alias()
+    versions = {"1": registry.RegisteredVersion("1", None, {}, dict, lambda: trained_on)}
+    champion_evaluation = evaluate_champion(champion, test_set, CLASSES, {"train": True}, versions)
+    assert champion_evaluation["test_accuracy"] == 0.6
+    assert champion_evaluation["compared_images"] == champion_evaluation["seen_by_champion"] == 10
+
+    with mlflow.start_run():
+        decision = register(Reader(2), test_set, champion_evaluation, trained_on, gate)
+
+    assert decision["promoted"] is True and decision["test_accuracy"] == 0.75
+    assert registry.load_alias().version == decision["version"] == "2"
+    assert decision["reason"] == (
+        "test accuracy 0.8000 > the champion's 0.6000 + min_improvement 0.1000, on the 10 test "
+        "images the champion did not train or validate on"
+    )
+    assert decision["versus_champion"] == {
+        "compared_images": 10,
+        "seen_by_champion": 10,
+        "challenger_accuracy": 0.8,
+        "champion_accuracy": 0.6,
+    }
+    paired = decision["paired_comparison"]
+    assert (paired["errors_only_champion"], paired["errors_only_challenger"]) == (2, 0)
+    assert "compared" not in decision["previous_champion"]
+
+
+def test_a_champion_that_saw_every_test_image_is_kept_in_words(caplog):
+    test_set = split([0, 1, 2, 3])
+    test_set["content_hashes"] = [f"{index:064x}" for index in range(4)]
+    trained_on = pd.DataFrame({"content_hash": test_set["content_hashes"], "split": "validation"})
+    versions = {"3": registry.RegisteredVersion("3", None, {}, dict, lambda: trained_on)}
+    champion = registry.RegisteredClassifier(Oracle(), "3", CLASSES, {})
+
+    champion_evaluation = evaluate_champion(champion, test_set, CLASSES, {"train": True}, versions)
+    assert champion_evaluation["test_accuracy"] is None
+    assert champion_evaluation["compared_images"] == 0
+    assert _gate({"test_accuracy": 1.0}, champion_evaluation, GATE, {}) == (
+        False,
+        "none of the 4 test images is unseen by champion version 3 (the split fractions changed "
+        "since it trained), so the gate cannot show the new model is better; compare them by "
+        "hand and move the champion with the rollback pipeline (rollback.to_version) if it is",
+    )
+    # A version registered before manifests: the whole split, with a warning saying so.
+    without = evaluate_champion(champion, test_set, CLASSES, {"train": True}, {})
+    assert without["test_accuracy"] == 1.0 and without["seen_by_champion"] == 0
+    assert "has no training manifest" in caplog.text

@@ -183,14 +183,24 @@ def evaluate_champion(
     test_set: dict,
     class_names: list[str],
     training_decision: dict[str, Any] | None = None,
+    registered_versions: dict[str, registry.RegisteredVersion] | None = None,
 ) -> dict[str, Any]:
-    """Score the current champion on the same test split, matching classes by name.
+    """Score the current champion on the test images it never saw, matching classes by name.
+
+    The split is a function of the content hash and the split fractions, so after a change
+    of fractions some of this run's test images were the champion's training or validation
+    images: scored on them it looks better than it is, and a better new model can lose the
+    gate. Both models are therefore compared on the test images outside the champion's
+    training and validation splits (its training manifest says which); with the fractions
+    unchanged that is the whole test split.
 
     Returns:
-        ``{"version": None}`` when there is no champion yet, else its version, accuracy,
-        per-class recall and which test images it gets right (``correct``, 0/1 in the test
-        split's order, for the paired comparison with the new model); ``test_accuracy`` is
-        ``None`` when training was skipped: there is nothing to compare it with.
+        ``{"version": None}`` when there is no champion yet, else its version, accuracy and
+        per-class recall on the compared images, their count, how many test images were left
+        out as seen in training, and which of them it gets right (``correct``, 0/1) and
+        which were compared (``compared``, 0/1), both in the test split's order, for the
+        paired comparison with the new model. ``test_accuracy`` is ``None`` when training
+        was skipped (nothing to compare) or no test image is unseen by the champion.
     """
     if training_decision is not None and not training_decision["train"]:
         return {"version": champion.version if champion else None, "test_accuracy": None}
@@ -198,22 +208,57 @@ def evaluate_champion(
         logger.info("No champion registered yet")
         return {"version": None, "test_accuracy": None}
     _require_test_images(test_set)
+    compared = _unseen_by(champion.version, registered_versions or {}, test_set["content_hashes"])
     predicted = predict_probabilities(champion.model, test_set["images"]).argmax(1)
-    predicted_names = np.asarray(champion.class_names)[predicted]
-    true_names = np.asarray(class_names)[test_set["labels"]]
-    correct = predicted_names == true_names
-    accuracy = float(correct.mean())
-    logger.info("Champion version %s: test accuracy %.4f", champion.version, accuracy)
+    correct = (
+        np.asarray(champion.class_names)[predicted] == np.asarray(class_names)[test_set["labels"]]
+    )
+    true_names = np.asarray(class_names)[test_set["labels"]][compared]
+    accuracy = float(correct[compared].mean()) if compared.any() else None
+    logger.info(
+        "Champion version %s: test accuracy %s on %d of %d test images (%d it trained or "
+        "validated on left out)",
+        champion.version,
+        "n/a" if accuracy is None else f"{accuracy:.4f}",
+        compared.sum(),
+        len(compared),
+        (~compared).sum(),
+    )
     return {
         "version": champion.version,
         "test_accuracy": accuracy,
+        "compared_images": int(compared.sum()),
+        "seen_by_champion": int((~compared).sum()),
         "per_class_recall": {
-            name: float(correct[true_names == name].mean())
+            name: float(correct[compared][true_names == name].mean())
             for name in class_names
             if (true_names == name).any()
         },
         "correct": correct.astype(int).tolist(),
+        "compared": compared.astype(int).tolist(),
     }
+
+
+def _unseen_by(
+    version: str, versions: dict[str, registry.RegisteredVersion], content_hashes: list[str]
+) -> np.ndarray:
+    """Which test images (0/1 by position) the champion neither trained nor validated on.
+
+    A version registered without a manifest (or one that cannot be read) compares on the
+    whole test split, as before manifests, with a warning.
+    """
+    try:
+        manifest = versions[version].read_manifest()
+    except (KeyError, FileNotFoundError) as error:
+        logger.warning(
+            "Champion version %s has no training manifest (%s): compared on the whole test "
+            "split, which holds images it trained on if the split fractions changed since",
+            version,
+            error,
+        )
+        return np.ones(len(content_hashes), dtype=bool)
+    seen = manifest.loc[manifest["split"] != "test", "content_hash"]
+    return ~pd.Series(content_hashes, dtype="str").isin(set(seen.tolist())).to_numpy()
 
 
 @dataclass(frozen=True)
@@ -256,6 +301,7 @@ def decide_promotion(
     champion_gate: dict[str, float],
     candidate_recalls: dict[str, float] | None = None,
     candidate_ece: float | None = None,
+    compared: tuple[float, int] | None = None,
 ) -> tuple[bool, str]:
     """The champion gate: promote only a model good enough, and better than the champion.
 
@@ -264,6 +310,10 @@ def decide_promotion(
     and is not checked), a test ECE of at most ``max_ece``, and, with a champion, more than
     the champion's accuracy plus ``min_improvement``: a tie keeps the champion, since a new
     version that is no better only churns what the service answers.
+
+    ``compared`` is the candidate's accuracy on the test images the champion did not train on
+    and their count, when some test images were left out (``evaluate_champion``): the
+    champion's accuracy is on those images, so the two are compared on them.
 
     Returns:
         Whether to promote, and why in words: the figure, or the class, that decided.
@@ -296,7 +346,12 @@ def decide_promotion(
             f"no champion yet and test accuracy {candidate_accuracy:.4f} "
             f">= min_accuracy {min_accuracy:.4f}"
         )
-    return _beats_champion(candidate_accuracy, champion_accuracy, min_improvement, tolerance)
+    if compared is None:
+        return _beats_champion(candidate_accuracy, champion_accuracy, min_improvement, tolerance)
+    promote, reason = _beats_champion(compared[0], champion_accuracy, min_improvement, tolerance)
+    return promote, (
+        f"{reason}, on the {compared[1]} test images the champion did not train or validate on"
+    )
 
 
 def _beats_champion(
@@ -353,14 +408,8 @@ def register_and_promote(
             "previous_champion": champion_evaluation,
             "dataset_fingerprint": dataset_fingerprint,
         }, training_manifest
-    promote, reason = decide_promotion(
-        evaluation["test_accuracy"],
-        champion_evaluation["test_accuracy"],
-        champion_gate,
-        candidate_recalls=_tested_recalls(evaluation),
-        candidate_ece=evaluation.get("test_ece"),
-    )
     comparison = _comparison(trained_model, test_set, class_names, evaluation, champion_evaluation)
+    promote, reason = _gate(evaluation, champion_evaluation, champion_gate, comparison)
     counts = train_image_counts(training_manifest)
     version = registry.log_and_register(
         trained_model,
@@ -410,9 +459,43 @@ def register_and_promote(
         "test_ece": evaluation.get("test_ece"),
         "gate": asdict(validate_gate(champion_gate)),
         **comparison,
-        "previous_champion": {k: v for k, v in champion_evaluation.items() if k != "correct"},
+        "previous_champion": {
+            key: value
+            for key, value in champion_evaluation.items()
+            if key not in ("correct", "compared")
+        },
         "dataset_fingerprint": dataset_fingerprint,
     }, training_manifest
+
+
+def _gate(
+    evaluation: dict[str, Any],
+    champion_evaluation: dict[str, Any],
+    champion_gate: dict[str, float],
+    comparison: dict[str, Any],
+) -> tuple[bool, str]:
+    """``decide_promotion``, against the champion on the test images it never saw."""
+    if champion_evaluation.get("compared_images") == 0:
+        return False, (
+            f"none of the {champion_evaluation['seen_by_champion']} test images is unseen by "
+            f"champion version {champion_evaluation['version']} (the split fractions changed "
+            "since it trained), so the gate cannot show the new model is better; compare "
+            "them by hand and move the champion with the rollback pipeline "
+            "(rollback.to_version) if it is"
+        )
+    versus = comparison["versus_champion"]
+    return decide_promotion(
+        evaluation["test_accuracy"],
+        champion_evaluation["test_accuracy"],
+        champion_gate,
+        candidate_recalls=_tested_recalls(evaluation),
+        candidate_ece=evaluation.get("test_ece"),
+        compared=(
+            (versus["challenger_accuracy"], versus["compared_images"])
+            if versus and versus["seen_by_champion"]
+            else None
+        ),
+    )
 
 
 def _tested_recalls(evaluation: dict[str, Any]) -> dict[str, float]:
@@ -431,23 +514,38 @@ def _comparison(
     evaluation: dict[str, Any],
     champion_evaluation: dict[str, Any],
 ) -> dict[str, Any]:
-    """Per-class recall of challenger and champion, and their paired comparison (if any)."""
-    recalls = {"challenger": _tested_recalls(evaluation)}
-    if "correct" not in champion_evaluation:
-        return {"per_class_recall": recalls, "paired_comparison": None}
-    recalls["champion"] = champion_evaluation["per_class_recall"]
-    predicted = predict_probabilities(trained_model, test_set["images"]).argmax(1)
-    paired = paired_comparison(champion_evaluation["correct"], predicted == test_set["labels"])
+    """Both models on the test images the champion never saw: per-class recall, accuracy and
+    the paired comparison (``None`` without a champion to compare with)."""
+    if not champion_evaluation.get("compared_images"):
+        recalls = {"challenger": _tested_recalls(evaluation)}
+        return {"per_class_recall": recalls, "paired_comparison": None, "versus_champion": None}
+    compared = np.asarray(champion_evaluation["compared"], dtype=bool)
+    labels = test_set["labels"][compared]
+    correct = predict_probabilities(trained_model, test_set["images"][compared]).argmax(1) == labels
+    paired = paired_comparison(np.asarray(champion_evaluation["correct"])[compared], correct)
     logger.info(
         "Paired comparison with champion version %s on %d test images: %d errors only the "
         "champion makes, %d only the challenger makes, McNemar p = %.3g",
         champion_evaluation["version"],
-        len(predicted),
+        len(correct),
         paired["errors_only_champion"],
         paired["errors_only_challenger"],
         paired["mcnemar_p_value"],
     )
-    return {"per_class_recall": recalls, "paired_comparison": paired}
+    recalls = {
+        "challenger": {
+            class_names[label]: float(correct[labels == label].mean())
+            for label in np.unique(labels)
+        },
+        "champion": champion_evaluation["per_class_recall"],
+    }
+    versus = {
+        "compared_images": len(correct),
+        "seen_by_champion": champion_evaluation["seen_by_champion"],
+        "challenger_accuracy": float(correct.mean()),
+        "champion_accuracy": champion_evaluation["test_accuracy"],
+    }
+    return {"per_class_recall": recalls, "paired_comparison": paired, "versus_champion": versus}
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]) -> Figure:

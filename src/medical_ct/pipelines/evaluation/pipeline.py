@@ -22,7 +22,13 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 func=evaluate_champion,
-                inputs=["champion_model", "test_set", "class_names", "training_decision"],
+                inputs=[
+                    "champion_model",
+                    "test_set",
+                    "class_names",
+                    "training_decision",
+                    "registered_versions",
+                ],
                 outputs="champion_evaluation",
                 name="evaluate_champion",
             ),
