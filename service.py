@@ -45,6 +45,7 @@ from medical_ct.serving.schemas import (
     FeedbackReceipt,
     Prediction,
     ReviewDecision,
+    Revocation,
 )
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,26 @@ class MedicalCT:
         except StoreError as failure:
             raise ServiceError(503, f"{failure}; nothing was decided, try again") from None
         return ReviewDecision(**{key: record[key] for key in ReviewDecision.model_fields})
+
+    @bentoml.api(route="/review/revoke")
+    @answers_errors
+    async def revoke(self, feedback_id: str, reason: str, ctx: bentoml.Context) -> Revocation:
+        """Take an accepted label back from training (a label accepted by mistake, e.g. the
+        batch a rollback was for): the next `data_processing` leaves its image out.
+
+        Needs a reviewer's token, as `POST /review`; the revocation, who and why, is audited.
+        422 without a reason, 404 for an unknown id, 409 unless accepted, or once revoked.
+        """
+        reviewer = reviewer_of(ctx.request.headers.get("authorization", ""))
+        try:
+            record = await anyio.to_thread.run_sync(
+                self.reviews.store.revoke, feedback_id, reviewer, reason
+            )
+        except ReviewError as refused:
+            raise ServiceError(refused.status, str(refused)) from None
+        except StoreError as failure:
+            raise ServiceError(503, f"{failure}; nothing was revoked, try again") from None
+        return Revocation(**{key: record[key] for key in Revocation.model_fields})
 
     def review_queue(self, limit: int) -> list[dict[str, Any]]:
         """``GET /review``: pending items, oldest first, with the champion's view and flags."""

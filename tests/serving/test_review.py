@@ -153,6 +153,8 @@ def new_images(sample_dir: Path, label: str, count: int, start: int = 0) -> list
         ("POST", "/review", SUBMITTER, 403),
         ("GET", "/review/image?feedback_id=Hand-0", SUBMITTER, 403),
         ("GET", "/review/image?feedback_id=Hand-0", {}, 401),
+        ("POST", "/review/revoke", {}, 401),
+        ("POST", "/review/revoke", SUBMITTER, 403),
     ],
 )
 def test_review_routes_need_a_reviewer_token(client, method, path, headers, status):
@@ -538,6 +540,53 @@ def test_the_run_logs_the_review_counts_and_the_manifest_names_each_decision(run
     feedback_rows = manifest[manifest["source"] == "feedback"]
     assert set(feedback_rows["feedback_id"]) == seen["accepted"]
     assert set(feedback_rows["review_decision"]) == {"accept"}
+
+
+def revoke(client, feedback_id: str, reason="wrong label", headers=ALICE) -> httpx.Response:
+    body = {"feedback_id": feedback_id, "reason": reason}
+    return client.post("/review/revoke", json=body, headers=headers)
+
+
+def test_a_revoked_label_trains_no_more_and_is_audited(client, project, runs, seen):
+    """A label accepted by mistake trained at every run (decisions are final, the stores only
+    grow), so a rollback for bad labels held until the next new image. Revoked, it leaves
+    the model input at the next run; its accepted record and image stay, for lineage."""
+    digest, feedback_id = next(iter(runs["good"].items()))
+    pending_id = next(iter(runs["poisoned"].values()))[0]
+    rejected_id = next(iter(seen["rejected"]))
+
+    no_reason = revoke(client, feedback_id, reason="  ")
+    unknown = revoke(client, "Hand-" + "0" * 32)
+    pending = revoke(client, pending_id)
+    rejected = revoke(client, rejected_id)
+    revoked = revoke(client, feedback_id, reason="Hand batch was CXR", headers=BOB)
+    again = revoke(client, feedback_id)
+    run = kedro(project, "run", "--params", RUN_PARAMS)
+
+    assert no_reason.status_code == 422 and "needs a reason" in no_reason.json()["error"]
+    assert unknown.status_code == 404 and "no feedback" in unknown.json()["error"]
+    assert pending.status_code == 409 and "is pending: only an accepted" in pending.json()["error"]
+    assert rejected.status_code == 409 and "is rejected" in rejected.json()["error"]
+    assert revoked.status_code == 200, revoked.text
+    assert revoked.json() | {"revoked_at": ""} == {
+        "feedback_id": feedback_id,
+        "label": "Hand",
+        "reviewer": "bob",
+        "reason": "Hand batch was CXR",
+        "revoked_at": "",
+    }
+    assert again.status_code == 409 and "already revoked by bob" in again.json()["error"]
+    audit = [json.loads(path.read_text()) for path in sorted((project / AUDIT).rglob("*.json"))]
+    (entry,) = [a for a in audit if a["decision"] == "revoke"]
+    assert entry["previous_state"] == {"status": "accepted", "label": "Hand"}
+    assert (entry["feedback_id"], entry["reviewer"]) == (feedback_id, "bob")
+    assert_ok(run)
+    assert "Not training on 1 revoked feedback label(s)" in run.stdout + run.stderr
+    labels, _, _ = model_input(project)
+    assert digest not in labels and set(runs["good"]) - {digest} <= labels.keys()
+    report = json.loads((project / "data/08_reporting/feedback_report.json").read_text())
+    assert (report["accepted"], report["revoked"]) == (len(seen["accepted"]) - 1, 1)
+    assert (project / ACCEPTED / "records" / f"{feedback_id}.json").is_file()
 
 
 # ---- the burst limit ----

@@ -52,6 +52,7 @@ REJECTED_RECORDS = "rejected_feedback_records"
 AUDIT_LOG = "review_audit"
 SUBMISSIONS = "feedback_submissions"  # <minute>/<submitter's hash>/<unix time>-<id>
 DECISION_CLAIMS = "review_decision_claims"  # <id>: who is deciding it; created once, by one
+REVOKED_RECORDS = "revoked_feedback_records"  # <id>: an accepted label taken back from training
 FEEDBACK_ID = re.compile(r"[^/]{1,128}-[0-9a-f]{32}")  # feedback_id_of: <label>-<sha256[:32]>
 # A journal entry is named by its writer's clock before the writes, so a look reads the
 # journals' minutes from this long before the last look's start.
@@ -615,12 +616,82 @@ class ReviewStore:
 
     def _claim_of(self, feedback_id: str) -> dict:
         """The claim on ``feedback_id`` ({} if it is gone or unreadable: only a message uses it)."""
-        loaders = self._catalog.get(DECISION_CLAIMS).loaders([feedback_id])
+        return self._stored(DECISION_CLAIMS, feedback_id)
+
+    def _stored(self, store: str, feedback_id: str) -> dict:
+        """The record ``feedback_id`` of ``store``, read now ({} if it is gone or unreadable)."""
+        loaders = self._catalog.get(store).loaders([feedback_id])
         try:
             record, _ = read_record(loaders[feedback_id])
         except (KeyError, FileNotFoundError):
             return {}
         return record or {}
+
+    def revoke(self, feedback_id: str, reviewer: str, reason: str) -> dict[str, Any]:
+        """Take an accepted label back from training, for good, with who, when and why.
+
+        Decisions are final and the stores only grow, so a label accepted by mistake (the
+        batch a rollback was for) trained again at every run, and a rollback held only until
+        the next new image. A revocation is a record of its own, created once (the store's
+        exclusive create, as a decision's claim): ``data_processing`` leaves the image out
+        from its next run, and the audit log gets an entry. The accepted record and image
+        stay, so what a version trained on can still be rebuilt. The right label is sent
+        again as new feedback (another label, another id) and reviewed as any.
+
+        Raises ``ReviewError`` 422 (no reason), 404 (unknown id) or 409 (not accepted, or
+        revoked already).
+        """
+        if not reason.strip():
+            raise ReviewError(
+                422,
+                "a revocation needs a reason (why the label must not train), e.g. "
+                '{"feedback_id": "...", "reason": "wrong label, rolled back in version 7"}',
+            )
+        if not FEEDBACK_ID.fullmatch(feedback_id) or not self._pending.one(feedback_id):
+            raise unknown_feedback(feedback_id)
+        decided = self.decided(feedback_id)
+        if decided != "accepted":
+            raise ReviewError(
+                409,
+                f"feedback {feedback_id!r} is {decided or 'pending'}: only an accepted label "
+                "can be revoked (a pending one is rejected with POST /review)",
+            )
+        accepted = self._stored(ACCEPTED_RECORDS, feedback_id)
+        revocation = {
+            "feedback_id": feedback_id,
+            "label": accepted.get("label"),
+            "accepted_as": accepted.get("accepted_as"),
+            "reviewer": reviewer,
+            "reason": reason,
+            "revoked_at": now().isoformat(),
+        }
+        try:
+            created = self._catalog.get(REVOKED_RECORDS).create(feedback_id, revocation)
+        except Exception as error:
+            raise StoreError(
+                f"the review store refused the write ({type(error).__name__})"
+            ) from error
+        if not created:
+            held = self._stored(REVOKED_RECORDS, feedback_id)
+            raise ReviewError(
+                409,
+                f"feedback {feedback_id!r} was already revoked by {held.get('reviewer')} at "
+                f"{held.get('revoked_at')}",
+            )
+        audit = {
+            "feedback_id": feedback_id,
+            "reviewer": reviewer,
+            "decided_at": revocation["revoked_at"],
+            "decision": "revoke",
+            "label": None,
+            "reason": reason,
+            "previous_state": {"status": "accepted", "label": revocation["label"]},
+        }
+        stands = f"The revocation of feedback {feedback_id} stands"
+        self._add_to_journal(
+            AUDIT_LOG, _audit_name(audit["decided_at"], feedback_id), audit, stands
+        )
+        return revocation
 
     def _decide(
         self, submitted: dict, decision: str, reviewer: str, label: str | None

@@ -55,3 +55,13 @@ class ReviewDecision(BaseModel):
     submitted_label: str
     reviewer: str
     decided_at: str
+
+
+class Revocation(BaseModel):
+    """The answer of ``POST /review/revoke``: the accepted label taken back from training."""
+
+    feedback_id: str
+    label: str | None = Field(description="the label that was accepted and is revoked")
+    reviewer: str
+    reason: str
+    revoked_at: str

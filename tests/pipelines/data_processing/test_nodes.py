@@ -382,7 +382,7 @@ def test_only_feedback_images_an_accepted_record_names_are_decoded(sample_dir, t
     }
     for listing in (store.load(), partitions_from(files)):  # the catalog's and a plain dict
         caplog.clear()
-        decoded, kept = decode_reviewed_feedback(listing, records, None, None, PARAMS)
+        decoded, kept = decode_reviewed_feedback(listing, records, {}, None, None, PARAMS)
         assert decoded["files"] == [accepted]
         assert set(kept) == {"a-1"}  # what the manifest and the feedback report get
         logged = " ".join(record.getMessage() for record in caplog.records)
@@ -419,5 +419,5 @@ def test_accepted_records_are_read_once_each_across_runs():
     assert second["b"] is first["b"]
     reads.clear()
     rescan = {**PARAMS, "full_rescan": True}
-    _, third = decode_reviewed_feedback({}, store("b", "c", "d"), second, None, rescan)
+    _, third = decode_reviewed_feedback({}, store("b", "c", "d"), {}, second, None, rescan)
     assert (sorted(third), sorted(reads)) == (["b", "c", "d"], ["b", "c", "d"])

@@ -192,6 +192,7 @@ def decode_images(
 def decode_reviewed_feedback(
     partitions: dict[str, Callable[[], bytes]],
     accepted_feedback: dict[str, Callable[[], dict]],
+    revoked_feedback: Mapping[str, Callable[[], dict]],
     previous_records: dict[str, dict] | None,
     previous: ShardedImages | None,
     data_processing: dict[str, Any],
@@ -202,12 +203,15 @@ def decode_reviewed_feedback(
     (the store refused the record: the service answered 503, "nothing was decided") left an
     image in the accepted store while its item stayed pending, and a reviewer may then have
     rejected it. The record says a person accepted that label, so an image without one is
-    left out (the log names it) until a decision writes its record. Otherwise as
-    ``decode_images``.
+    left out (the log names it) until a decision writes its record. So is the image of a
+    record a reviewer revoked (``POST /review/revoke``): its record is kept, marked
+    ``revoked``. Otherwise as ``decode_images``.
 
     Args:
         accepted_feedback: ``{feedback_id: loader}`` of the review's accepted records; a
             record's ``accepted_as`` is the file of the accepted store it accepted.
+        revoked_feedback: ``{feedback_id: loader}`` of the revocations (only their ids are
+            used: a revocation is never withdrawn).
         previous_records: This node's records of the last run (``None`` before the first).
 
     Returns:
@@ -216,7 +220,13 @@ def decode_reviewed_feedback(
     """
     params = DataProcessingParams.from_params(data_processing)
     records = collect_records(accepted_feedback, None if params.full_rescan else previous_records)
-    reviewed = {record.get("accepted_as") for record in records.values()} - {None}
+    records = {
+        key: _marked_revoked(record, key in revoked_feedback) for key, record in records.items()
+    }
+    reviewed = {r.get("accepted_as") for r in records.values() if not r.get("revoked")} - {None}
+    revoked = [key for key, record in records.items() if record.get("revoked")]
+    if revoked:
+        logger.info("Not training on %d revoked feedback label(s)", len(revoked))
     unreviewed = sorted(set(partitions) - reviewed)
     if unreviewed:
         logger.warning(
@@ -230,6 +240,10 @@ def decode_reviewed_feedback(
     else:
         partitions = {file: partitions[file] for file in partitions if file in reviewed}
     return decode_images(partitions, previous, data_processing), records
+
+
+def _marked_revoked(record: dict, revoked: bool) -> dict:
+    return {**record, "revoked": True} if revoked else record
 
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder (<Class>/<file>)"
@@ -636,13 +650,15 @@ def report_feedback(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Counts of the review queue, and the accepted feedback that changed a raw image's label.
 
+    A revoked label counts as ``revoked``, not accepted: it no longer trains.
+
     Only accepted feedback trains; this report shows what is waiting and what a reviewer's
     decisions changed in the ground truth (the raw store keeps its files untouched).
 
     Returns:
         The report and its counts as MLflow metrics (``feedback.pending`` ...).
     """
-    accepted_records = list(accepted.values())
+    accepted_records = [record for record in accepted.values() if not record.get("revoked")]
     decided = accepted.keys() | rejected.keys()
     feedback_hashes = dict(
         zip(feedback_images["files"], feedback_images["content_hashes"], strict=True)
@@ -665,6 +681,7 @@ def report_feedback(
         "accepted": sum(r.get("decision") == "accept" for r in accepted_records),
         "auto_accepted": sum(r.get("decision") == "auto_accept" for r in accepted_records),
         "rejected": len(rejected),
+        "revoked": len(accepted) - len(accepted_records),
         "changed_raw_label": len(changed),
     }
     logger.info("Feedback review: %s", counts)

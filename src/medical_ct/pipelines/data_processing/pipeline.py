@@ -37,6 +37,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "feedback_images",
                     "accepted_feedback_records",
+                    "revoked_feedback_records",
                     "previous_accepted_records",
                     "previous_decoded_feedback_images",
                     "params:data_processing",
