@@ -323,6 +323,10 @@ def test_feedback_error_rate_counts_accepted_corrections_of_the_version(
     _, metrics, _, _ = run(log, champion, reference, feedback=feedback, kept=kept, reads=reads)
     assert metric(metrics, "feedback_error_rate") == pytest.approx(2 / 4)
     assert sorted(reads) == ["d", "f"]
+    # a label revoked since (data_processing marked it) is no correction
+    kept["a"] = {**kept["a"], "revoked": True}
+    _, metrics, _, _ = run(log, champion, reference, feedback=feedback, kept=kept, reads=reads)
+    assert metric(metrics, "feedback_error_rate") == pytest.approx(1 / 3)
 
     _, without, _, _ = run(log, champion, reference)
     assert "monitoring.feedback_error_rate" not in without

@@ -472,12 +472,14 @@ def feedback_errors(accepted: list[dict[str, Any]], version: str) -> dict[str, A
 
     A reviewer accepted the label; the answer was an error when it differs. People send
     feedback mostly when an answer looks wrong, so this rate is an upper estimate of the
-    error rate, not the accuracy on the stream.
+    error rate, not the accuracy on the stream. A label revoked since is no correction.
     """
     corrections = [
         record
         for record in accepted
-        if str(record.get("corrected_model_version")) == version and record.get("corrected_label")
+        if str(record.get("corrected_model_version")) == version
+        and record.get("corrected_label")
+        and not record.get("revoked")  # as the last data_processing marked it
     ]
     errors = sum(record["label"] != record["corrected_label"] for record in corrections)
     return {
