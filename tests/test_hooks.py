@@ -1,5 +1,6 @@
 """The hooks: each parameter group's check is found, and imported only by runs that use it."""
 
+import hashlib
 import json
 import os
 import pkgutil
@@ -10,7 +11,16 @@ import sys
 import pytest
 
 from medical_ct.hooks import PARAMETER_CHECKS
-from tests.conftest import KEDRO, PROJECT_ROOT, kedro, make_project, mlflow_client, project_env
+from tests.conftest import (
+    KEDRO,
+    PROJECT_ROOT,
+    assert_ok,
+    build_mednist_tarball,
+    kedro,
+    make_project,
+    mlflow_client,
+    project_env,
+)
 
 
 def test_every_parameter_check_names_a_function():
@@ -135,3 +145,36 @@ def test_a_dag_task_failing_the_checks_marks_the_dag_runs_mlflow_run_failed(tmp_
     (run,) = client.search_runs([client.get_experiment_by_name("medical_ct").experiment_id])
     assert run.info.run_name == "scheduled__1" and run.info.status == "FAILED"
     assert run.data.tags["airflow.failed_tasks"] == "checked_again"
+
+
+SIGNED_QUERY = "X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=s3cr3t-token"
+
+
+@pytest.mark.e2e
+def test_a_signed_ingest_url_reaches_mlflow_without_its_token(tmp_path, http_server, sample_dir):
+    """kedro-mlflow logs every node's parameters (``ingest.url``) and the run's ``--params``
+    (tag ``runtime_params``): a presigned URL's signature was stored in clear in MLflow. The
+    download itself must still be made with the whole URL."""
+    base_url, root, requests = http_server
+    tarball = build_mednist_tarball(sample_dir, root / "MedNIST.tar.gz")
+    md5 = hashlib.md5(tarball.read_bytes()).hexdigest()
+    project = make_project(tmp_path / "project")
+    url = f"{base_url}/MedNIST.tar.gz?{SIGNED_QUERY}"
+
+    result = kedro(
+        project,
+        "run",
+        "--nodes",
+        "ingest_mednist",
+        "--params",
+        f"ingest.url={url},ingest.md5={md5}",
+    )
+
+    assert_ok(result)
+    assert requests == [f"/MedNIST.tar.gz?{SIGNED_QUERY}"]  # the node got the real URL
+    client = mlflow_client(project)
+    (run,) = client.search_runs([client.get_experiment_by_name("medical_ct").experiment_id])
+    assert run.data.params["ingest.url"] == f"{base_url}/MedNIST.tar.gz?<redacted>"
+    logged = json.dumps([run.data.params, run.data.tags])
+    assert "s3cr3t" not in logged and "AKIAEXAMPLE" not in logged
+    assert "s3cr3t" not in result.stdout + result.stderr  # nor in the run's log

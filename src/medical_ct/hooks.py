@@ -1,4 +1,5 @@
-"""Project hooks: parameters checked before anything runs; node timings in MLflow."""
+"""Project hooks: parameters checked before anything runs; node timings in MLflow; no URL's
+secrets in MLflow."""
 
 import logging
 import os
@@ -15,6 +16,8 @@ from kedro.framework.hooks import hook_impl
 from kedro.io import CatalogProtocol
 from kedro.pipeline import Node, Pipeline
 from mlflow.entities import Metric
+
+from medical_ct.redaction import redact_urls
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,31 @@ class ParameterCheckHook:
             raise ValueError(
                 f"{len(problems)} parameter groups are invalid: " + " | ".join(problems)
             )
+
+
+class RedactUrlsHook:
+    """Gives kedro-mlflow the parameters with every URL's query string and user info redacted.
+
+    kedro-mlflow logs each node's ``params:`` inputs as MLflow parameters and the run's
+    ``--params`` as the tag ``runtime_params``, and has no setting to leave a value out: a
+    presigned ``ingest.url`` (``?X-Amz-Signature=...``) or ``https://user:password@host/...``
+    was stored in clear for everyone who reads the tracking server.
+
+    These hooks run first (tryfirst) and replace the values in what the later hooks see. The
+    node still gets the real URL: Kedro hands ``before_node_run`` a copy of the node's inputs,
+    and ``run_params`` is only a record of the run, made after the parameters were loaded.
+    """
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        if run_params.get("runtime_params"):
+            run_params["runtime_params"] = redact_urls(run_params["runtime_params"])
+
+    @hook_impl(tryfirst=True)
+    def before_node_run(self, inputs: dict[str, Any]) -> None:
+        for name, value in inputs.items():
+            if name.startswith("params:") or name == "parameters":
+                inputs[name] = redact_urls(value)
 
 
 class NodeTimingHook:

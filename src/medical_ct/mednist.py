@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 
+from medical_ct.redaction import redact_url
+
 logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 20
@@ -47,11 +49,11 @@ def download_archive(url: str, md5: str, destination: Path, timeout_s: float = 6
                         progress.update(len(chunk))
         except (urllib.error.URLError, OSError, ValueError) as error:
             partial_path.unlink(missing_ok=True)
-            raise MedNISTDownloadError(f"could not download {url}: {error}") from error
+            raise MedNISTDownloadError(f"could not download {redact_url(url)}: {error}") from error
     if digest.hexdigest() != md5.lower():
         partial_path.unlink(missing_ok=True)
         raise MedNISTDownloadError(
-            f"the file at {url} has md5 {digest.hexdigest()}, expected {md5}: "
+            f"the file at {redact_url(url)} has md5 {digest.hexdigest()}, expected {md5}: "
             "the download is corrupt or it is not the MedNIST tarball"
         )
     return partial_path.replace(destination)

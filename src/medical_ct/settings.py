@@ -10,6 +10,7 @@ from medical_ct.hooks import (
     AirflowRunTrackingHook,
     NodeTimingHook,
     ParameterCheckHook,
+    RedactUrlsHook,
     StoreCheckHook,
 )
 
@@ -47,4 +48,10 @@ CONFIG_LOADER_ARGS = {
 }
 
 # Hooks marked tryfirst run in the reverse of this order: store and parameter checks first.
-HOOKS = (AirflowRunTrackingHook(), StoreCheckHook(), ParameterCheckHook(), NodeTimingHook())
+HOOKS = (
+    AirflowRunTrackingHook(),
+    StoreCheckHook(),
+    ParameterCheckHook(),
+    RedactUrlsHook(),
+    NodeTimingHook(),
+)

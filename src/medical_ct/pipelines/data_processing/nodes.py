@@ -33,6 +33,7 @@ from medical_ct.preprocessing import (
     content_hash,
     preprocess_image,
 )
+from medical_ct.redaction import redact_url
 from medical_ct.shards import (
     INDEX_COLUMNS,
     INDEX_DTYPES,
@@ -112,7 +113,7 @@ def ingest_mednist(raw_store_has_files: bool, ingest: dict[str, Any]) -> dict:
         logger.info("Raw store holds images: not downloading MedNIST")
         return {}
     validate_ingest(ingest)
-    logger.info("Raw store is empty: downloading MedNIST from %s", ingest["url"])
+    logger.info("Raw store is empty: downloading MedNIST from %s", redact_url(ingest["url"]))
     try:
         images = fetch_mednist(ingest["url"], ingest["md5"], float(ingest.get("timeout_s", 60)))
     except MedNISTDownloadError as error:
