@@ -462,7 +462,7 @@ TRAINED_ON = [(f"{n:064x}", "Hand") for n in range(20)] + [
 
 
 def manifest(pairs: list[tuple[str, str]]) -> pd.DataFrame:
-    return pd.DataFrame(pairs, columns=["content_hash", "label"])
+    return pd.DataFrame(pairs, columns=["content_hash", "label"]).assign(split="train")
 
 
 def versions(read_manifest=lambda: manifest(TRAINED_ON)) -> dict:
@@ -498,7 +498,7 @@ def test_fewer_new_images_than_min_new_images_wait_and_say_how_many():
     decision = decide("def", CHAMPION, False, nine_new)
 
     assert decision["train"] is False and decision["new_images"] == 9
-    assert "9 new or relabelled images" in decision["reason"]
+    assert "9 new or relabelled and 0 removed images" in decision["reason"]
     assert "min_new_images is 10" in decision["reason"] and "1 more" in decision["reason"]
     assert "set retrain_on_same_data=true" in decision["reason"]
     assert "training.retrain" not in decision["reason"]  # the parameter is top-level

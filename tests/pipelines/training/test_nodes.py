@@ -219,24 +219,56 @@ def test_bad_training_parameters_are_refused(model_input, override, message):
         train_model(train, validation, class_names, {**PARAMS, **override}, CALIBRATION)
 
 
+# A champion's training manifest: 60 images, 10 of each class, the last 12 held out for test.
+TRAINED_ON = pd.DataFrame(
+    {
+        "split": ["train"] * 42 + ["validation"] * 6 + ["test"] * 12,
+        "content_hash": [f"{i:064x}" for i in range(60)],
+        "label": CLASSES * 10,
+    }
+)
+CHAMPION = RegisteredClassifier(None, "4", CLASSES, {"dataset_fingerprint": "a" * 64})
+
+
+def decide(manifest: pd.DataFrame, min_new_images: int = 10) -> tuple[dict, dict]:
+    versions = {"4": RegisteredVersion("4", "run", {}, dict, lambda: TRAINED_ON)}
+    return decide_training("b" * 64, manifest, CHAMPION, versions, False, min_new_images)
+
+
 def test_a_class_removed_or_added_trains_though_no_image_is_new():
-    trained_on = pd.DataFrame(
-        {"content_hash": [f"{i:064x}" for i in range(60)], "label": CLASSES * 10}
-    )
-    champion = RegisteredClassifier(None, "4", CLASSES, {"dataset_fingerprint": "a" * 64})
-    versions = {"4": RegisteredVersion("4", "run", {}, dict, lambda: trained_on)}
-
-    def decide(manifest: pd.DataFrame) -> dict:
-        return decide_training("b" * 64, manifest, champion, versions, False, 10)[0]
-
-    removed = decide(trained_on[trained_on["label"] != "HeadCT"])
+    removed, _ = decide(TRAINED_ON[TRAINED_ON["label"] != "HeadCT"])
     assert removed["train"] is True and removed["new_images"] == 0
     assert removed["reason"] == "the classes differ from champion version 4's: HeadCT removed"
-    some_gone = decide(trained_on.iloc[6:])  # images removed, every class kept: the count decides
-    assert some_gone["train"] is False and "0 new or relabelled images" in some_gone["reason"]
-    new_class = pd.DataFrame({"content_hash": ["f" * 64], "label": ["Knee"]})
-    added = decide(pd.concat([trained_on[trained_on["label"] != "Hand"], new_class]))
+    new_class = pd.DataFrame({"split": ["train"], "content_hash": ["f" * 64], "label": ["Knee"]})
+    added, _ = decide(pd.concat([TRAINED_ON[TRAINED_ON["label"] != "Hand"], new_class]))
     assert added["reason"].endswith(": Hand removed and Knee added")
+
+
+def test_images_the_champion_learned_from_that_are_removed_count_toward_training():
+    """A reviewer deleting wrong-modality images the champion trained on adds no (hash, label)
+    pair: counting only new pairs, the run skipped and the champion kept what it learned from
+    them. Removed test images change nothing the champion learned; a relabelled image counts
+    once, as new."""
+    learned = TRAINED_ON.index[TRAINED_ON["split"] != "test"]
+    ten_gone = TRAINED_ON.drop(index=[*learned[:10], 50, 51])  # and two test images
+
+    decision, metrics = decide(ten_gone)
+
+    assert decision["train"] is True
+    assert (decision["new_images"], decision["removed_images"]) == (0, 10)
+    assert decision["reason"] == (
+        "0 new or relabelled and 10 removed images since champion version 4's data "
+        "(min_new_images 10)"
+    )
+    assert metrics["training.removed_images"] == {"value": 10, "step": 0}
+    relabelled = ten_gone.assign(label=ten_gone["label"].replace({"CXR": "Hand", "Hand": "CXR"}))
+    # 9 of the 28 images kept relabelled; the 10 removed and 10 more learned from (and 10 test)
+    waiting, _ = decide(relabelled.iloc[:28], min_new_images=40)
+    assert (waiting["train"], waiting["new_images"], waiting["removed_images"]) == (False, 9, 20)
+    assert waiting["reason"].startswith(
+        "9 new or relabelled and 20 removed images since champion version 4's data; "
+        "min_new_images is 40: skipping training until 11 more are new or removed"
+    )
 
 
 CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0

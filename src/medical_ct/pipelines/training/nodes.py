@@ -44,10 +44,13 @@ def decide_training(
 
     A weekly run that finds nothing new, or only a handful of images, costs seconds and
     registers nothing: a new version per stray image would churn the champion for noise.
-    New means an image (content hash) with a label the champion's training manifest does not
-    have: a new raw image or an accepted feedback, including a relabelled one. A class added
-    or removed trains whatever the count: removing one adds no image, and the champion would
-    keep answering a class the data no longer has. After a
+    What counts toward ``min_new_images`` is every image that changed since the champion's
+    training manifest: new, an image (content hash) with a label the manifest does not have (a
+    new raw image or an accepted feedback, including a relabelled one); and removed, an image
+    the champion learned from (its training or validation split) that the data no longer has,
+    such as wrong-modality images a reviewer deleted, which the champion would otherwise keep
+    answering from. A class added or removed trains whatever the count: removing one adds no
+    image, and the champion would keep answering a class the data no longer has. After a
     rollback the data of the version rolled back away from is refused the same way (the
     champion's tag ``champion.rolled_back_data``). ``retrain_on_same_data`` trains anyway.
 
@@ -58,11 +61,12 @@ def decide_training(
             it was trained on; ``None`` before the first promotion.
         registered_versions: Every version; the champion's training manifest is read from it.
         retrain_on_same_data: Train anyway (e.g. after changing the training parameters).
-        min_new_images: New images needed to train.
+        min_new_images: New and removed images needed to train.
 
     Returns:
-        ``{"train": bool, "reason": str, "new_images": int | None}``, and the count of new
-        images as an MLflow metric (``training.new_images``; -1 when it cannot be counted).
+        ``{"train": bool, "reason": str, "new_images": int | None, "removed_images": int |
+        None}``, and both counts as MLflow metrics (``training.new_images``,
+        ``training.removed_images``; -1 when they cannot be counted).
     """
     if not isinstance(retrain_on_same_data, bool):
         raise ValueError(
@@ -77,23 +81,27 @@ def decide_training(
             f"parameter min_new_images must be an integer >= 1, got {min_new_images!r}"
         )
     if champion is None:
-        new, decision = None, {"train": True, "reason": "no champion yet"}
+        changes, decision = None, {"train": True, "reason": "no champion yet"}
     else:
-        new = _new_images(training_manifest, champion, registered_versions)
+        changes = _changed_images(training_manifest, champion, registered_versions)
         classes = set(training_manifest["label"].unique().tolist())
         decision = _decision(
-            dataset_fingerprint, champion, new, classes, retrain_on_same_data, min_new_images
+            dataset_fingerprint, champion, changes, classes, retrain_on_same_data, min_new_images
         )
-    decision["new_images"] = new
+    new, removed = changes or (None, None)
+    decision |= {"new_images": new, "removed_images": removed}
     logger.info("Training decision: %s", decision["reason"])
-    metric = {"training.new_images": {"value": -1 if new is None else new, "step": 0}}
-    return decision, metric
+    metrics = {
+        f"training.{name}": {"value": -1 if count is None else count, "step": 0}
+        for name, count in (("new_images", new), ("removed_images", removed))
+    }
+    return decision, metrics
 
 
 def _decision(
     fingerprint: str,
     champion: RegisteredClassifier,
-    new: int | None,
+    changes: tuple[int, int] | None,
     classes: set[str],
     retrain: bool,
     minimum: int,
@@ -123,31 +131,34 @@ def _decision(
         }
     if classes != set(champion.class_names):
         return {"train": True, "reason": _class_change(classes, champion)}
-    return _enough_new(champion, new, minimum)
+    return _enough_changed(champion, changes, minimum)
 
 
-def _enough_new(champion: RegisteredClassifier, new: int | None, minimum: int) -> dict[str, Any]:
-    """Same classes, other data: train on ``minimum`` new or relabelled images."""
-    if new is None:
+def _enough_changed(
+    champion: RegisteredClassifier, changes: tuple[int, int] | None, minimum: int
+) -> dict[str, Any]:
+    """Same classes, other data: train once ``minimum`` images are new, relabelled or removed."""
+    if changes is None:
         return {
             "train": True,
             "reason": f"the data differs from champion version {champion.version}'s "
             "(its run has no training manifest to count the new images)",
         }
-    if new < minimum:
+    new, removed = changes
+    counts = (
+        f"{new} new or relabelled and {removed} removed images since champion version "
+        f"{champion.version}'s data"
+    )
+    if new + removed < minimum:
         return {
             "train": False,
             "reason": (
-                f"{new} new or relabelled images since champion version {champion.version}'s "
-                f"data; min_new_images is {minimum}: skipping training until {minimum - new} "
-                "more arrive (or set retrain_on_same_data=true)"
+                f"{counts}; min_new_images is {minimum}: skipping training until "
+                f"{minimum - new - removed} more are new or removed "
+                "(or set retrain_on_same_data=true)"
             ),
         }
-    return {
-        "train": True,
-        "reason": f"{new} new or relabelled images since champion version "
-        f"{champion.version}'s data (min_new_images {minimum})",
-    }
+    return {"train": True, "reason": f"{counts} (min_new_images {minimum})"}
 
 
 def _class_change(classes: set[str], champion: RegisteredClassifier) -> str:
@@ -162,21 +173,38 @@ def _class_change(classes: set[str], champion: RegisteredClassifier) -> str:
     return f"the classes differ from champion version {champion.version}'s: {' and '.join(changes)}"
 
 
-def _new_images(
+# The splits a model learns from: the early stopping and the calibration fit on validation.
+LEARNED_SPLITS = ("train", "validation")
+
+
+def _changed_images(
     manifest: pd.DataFrame,
     champion: RegisteredClassifier,
     versions: dict[str, RegisteredVersion],
-) -> int | None:
-    """(content hash, label) pairs of ``manifest`` absent from the champion's manifest."""
+) -> tuple[int, int] | None:
+    """How many images are new and how many removed since the champion's manifest (None
+    without one).
+
+    New: (content hash, label) pairs of ``manifest`` absent from the champion's manifest.
+    Removed: images of the champion's training and validation splits whose content hash
+    ``manifest`` no longer has; a relabelled image is counted once, as new.
+    """
     try:
         trained_on = versions[champion.version].read_manifest()
     except (KeyError, FileNotFoundError):
         return None
-    seen, now = (
-        set(zip(table["content_hash"].tolist(), table["label"].tolist(), strict=True))
-        for table in (trained_on, manifest)  # lists: iterating Arrow strings is slow
-    )
-    return len(now - seen)
+    learned = trained_on["split"].isin(LEARNED_SPLITS).to_numpy()
+    columns = trained_on[["content_hash", "label"]]  # not the manifest's five other columns
+    seen, held_out, now = map(_pairs, (columns[learned], columns[~learned], manifest))
+    new = now - seen - held_out
+    gone = {digest for digest, _ in seen - now} - {digest for digest, _ in new}
+    return len(new), len(gone)
+
+
+def _pairs(table: pd.DataFrame) -> set[tuple[str, str]]:
+    """The (content hash, label) pairs of a manifest."""
+    # lists: iterating Arrow strings is slow
+    return set(zip(table["content_hash"].tolist(), table["label"].tolist(), strict=True))
 
 
 def train_model(
