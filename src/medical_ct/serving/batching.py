@@ -16,12 +16,17 @@ class OverloadedError(RuntimeError):
     """A request waited longer than the latency bound before its batch started."""
 
 
+class BatchResultsMismatchError(RuntimeError):
+    """The batch function returned another number of results than it was given inputs."""
+
+
 class AdaptiveBatcher:
     """Runs ``infer`` (a blocking function of a stacked batch) on batches of queued requests.
 
     Args:
         infer: Takes ``(n, ...)`` stacked inputs and returns ``n`` results, in order; a result
-            that is an exception fails its own request only.
+            that is an exception fails its own request only, another count of results fails
+            the whole batch (``BatchResultsMismatchError``).
         max_batch_size: Largest batch passed to ``infer``.
         max_latency_ms: A request still queued after this long is refused (overload), so
             latency stays bounded instead of the queue growing without end.
@@ -81,7 +86,18 @@ class AdaptiveBatcher:
 
 
 def _deliver(futures: list[asyncio.Future], results: list[Any]) -> None:
-    """Each result to its request: an exception fails that request alone."""
+    """Each result to its request: an exception fails that request alone.
+
+    Results of another length than the batch fail every request of it: which result is whose
+    cannot be told, and pairing them as far as they go left the requests after the last result
+    waiting until their timeout (and the batcher's task dead, with the next batch queued).
+    """
+    if len(results) != len(futures):
+        error = BatchResultsMismatchError(
+            f"the batch function returned {len(results)} results for {len(futures)} requests: "
+            "it must return one result per input, in order (a bug in the model's classify)"
+        )
+        results = [error] * len(futures)
     for future, result in zip(futures, results, strict=True):
         if future.done():
             continue
