@@ -108,3 +108,18 @@ def test_every_kedro_run_names_a_pipeline_an_environment_and_parameters_that_exi
 )
 def test_every_python_example_compiles(source):
     compile(source, "README", "exec")
+
+
+def test_each_bash_block_is_one_shell_that_sets_what_its_airflow_commands_need():
+    """A reader pastes a block into one shell: a command meant for another shell, written in
+    the block after the exports, ran there without them (``airflow dags unpause`` then used
+    ``~/airflow``, an empty database)."""
+    for language, body in BLOCKS:
+        if language != "bash":
+            continue
+        assert not re.search(r"(another|second|other) shell", body, re.I), body
+        lines = [line.strip() for line in body.splitlines()]
+        airflow = [n for n, line in enumerate(lines) if re.match(r"(\S*/)?airflow ", line)]
+        if airflow:
+            exported = "\n".join(lines[: airflow[0]])
+            assert re.search(r"\bAIRFLOW_HOME=", exported), body
