@@ -1,5 +1,6 @@
 """The service before any training, with the feedback token set: it starts and says what to do."""
 
+import json
 import subprocess
 import sys
 
@@ -18,6 +19,9 @@ from tests.conftest import (
 pytestmark = pytest.mark.e2e  # real servers and kedro runs
 
 TOKEN = "s3cret-feedback-token-for-tests"
+# The README's proxy setting (Scale out): the tests' loopback client, and a load balancer's
+# network in front of it.
+PROXIES = "127.0.0.1,192.0.2.0/24"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,10 @@ def served_project(tmp_path_factory):
     created = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     assert created.returncode == 0, created.stderr
     with bentoml_server(
-        project, MEDICAL_CT_FEEDBACK_TOKEN=TOKEN, MEDICAL_CT_MODEL_POLL_INTERVAL_S="1"
+        project,
+        MEDICAL_CT_FEEDBACK_TOKEN=TOKEN,
+        MEDICAL_CT_MODEL_POLL_INTERVAL_S="1",
+        FORWARDED_ALLOW_IPS=PROXIES,
     ) as url:
         yield project, url
 
@@ -126,3 +133,24 @@ def test_the_first_champion_is_picked_up_without_a_restart(client, served_projec
     # answers are never marked for review and GET /model says it has no threshold.
     assert response.json()["needs_review"] is False
     assert client.get("/model").json()["review_threshold"] is None
+
+
+def test_behind_trusted_proxies_the_submitter_is_the_client_they_forwarded(
+    client, served_project, sample_dir
+):
+    """Runs after the first champion. The README's FORWARDED_ALLOW_IPS reaches the workers:
+    the load balancer (192.0.2.7) is trusted, so the submitter is the client it forwarded, not
+    the load balancer that every client would share (the default trusts the loopback only)."""
+    project, _ = served_project
+
+    response = client.post(
+        "/feedback",
+        files={"image": jpeg(sorted((sample_dir / "Hand").iterdir())[1].read_bytes())},
+        data={"label": "Hand"},
+        headers={"Authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.9, 192.0.2.7"},
+    )
+
+    assert response.status_code == 202, response.text
+    records = project / "data/01_raw/feedback_pending/records"
+    record = json.loads((records / f"{response.json()['feedback_id']}.json").read_text())
+    assert record["submitter"] == "203.0.113.9"
