@@ -62,6 +62,7 @@ SERVE_ENV = {
     "MEDICAL_CT_REVIEW_LIST_EVERY_S": "3",  # each GET /review reads the journals only
 }
 PENDING = Path("data/01_raw/feedback_pending")
+TRAINING_DECISION = Path("data/06_models/training_decision.json")
 ACCEPTED = Path("data/01_raw/feedback_accepted")
 REJECTED = Path("data/01_raw/feedback_rejected")
 AUDIT = Path("data/01_raw/review_audit")
@@ -456,6 +457,7 @@ def runs(client, project, sample_dir, seen) -> dict:
     shutil.copy(project / PENDING / "images" / stored_as, half_accepted)
     waiting = kedro(project, "run", "--params", RUN_PARAMS)
     assert_ok(waiting)
+    waiting_reason = json.loads((project / TRAINING_DECISION).read_text())["reason"]
     assert decide(client, ids[list(good)[8]], "accept").status_code == 200
     trained = kedro(project, "run", "--params", RUN_PARAMS)
     assert_ok(trained)
@@ -467,6 +469,7 @@ def runs(client, project, sample_dir, seen) -> dict:
         "good": {content_hash(preprocess_image(image)): ids[image] for image in good},
         "bad": {content_hash(preprocess_image(image)) for image in bad},
         "waiting": " ".join((waiting.stdout + waiting.stderr).split()),
+        "waiting_reason": waiting_reason,  # the log wraps it wherever its width falls
         "trained": " ".join((trained.stdout + trained.stderr).split()),
     }
 
@@ -496,10 +499,12 @@ def test_a_burst_of_submissions_is_flagged(runs):
 
 
 def test_fewer_new_images_than_min_new_images_do_not_train(runs):
-    assert "9 new or relabelled images" in runs["waiting"]
-    assert "min_new_images is 10" in runs["waiting"]
-    assert "1 more arrive" in runs["waiting"]
-    assert "10 new or relabelled images" in runs["trained"]
+    assert runs["waiting_reason"].startswith(
+        "9 new or relabelled and 0 removed images since champion version 1's data; "
+        "min_new_images is 10: skipping training until 1 more are new or removed"
+    )
+    assert "9 new or relabelled and 0 removed images" in runs["waiting"]  # in the run's log
+    assert "10 new or relabelled and 0 removed images" in runs["trained"]
 
 
 def test_poisoned_labels_left_pending_never_train_and_accepted_ones_do(runs, project):
