@@ -271,6 +271,30 @@ def test_images_the_champion_learned_from_that_are_removed_count_toward_training
     )
 
 
+def test_the_data_of_a_refused_challenger_is_not_trained_on_again():
+    """Two images new against champion 4 trained version 5, which the gate refused; with the
+    same data the next weeks counted the two images against the champion again and each
+    registered another copy of version 5. Other data, or retrain_on_same_data, still trains."""
+    two_new = pd.concat([TRAINED_ON, TRAINED_ON.iloc[:2].assign(content_hash=["e" * 64] * 2)])
+    versions = {
+        "4": RegisteredVersion("4", "run", {}, dict, lambda: TRAINED_ON),
+        "5": RegisteredVersion("5", "run5", {"dataset_fingerprint": "b" * 64}, dict, dict),
+    }
+
+    def decide_on(fingerprint: str, retrain: bool = False) -> dict:
+        return decide_training(fingerprint, two_new, CHAMPION, versions, retrain, 1)[0]
+
+    again = decide_on("b" * 64)
+    assert again["train"] is False
+    assert again["reason"] == (
+        "dataset fingerprint bbbbbbbbbbbb is the one version 5 was trained on, registered "
+        "after champion version 4 and not promoted: skipping training and evaluation, "
+        "registering nothing until new data arrives (or set retrain_on_same_data=true)"
+    )
+    assert decide_on("c" * 64)["train"] is True
+    assert decide_on("b" * 64, retrain=True)["train"] is True
+
+
 CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -52,14 +52,18 @@ def decide_training(
     answering from. A class added or removed trains whatever the count: removing one adds no
     image, and the champion would keep answering a class the data no longer has. After a
     rollback the data of the version rolled back away from is refused the same way (the
-    champion's tag ``champion.rolled_back_data``). ``retrain_on_same_data`` trains anyway.
+    champion's tag ``champion.rolled_back_data``), and so is the data of a version registered
+    after the champion and not promoted (the ``challenger``): its images would still count as
+    new against the champion's, and every week would register another copy of it.
+    ``retrain_on_same_data`` trains anyway.
 
     Args:
         dataset_fingerprint: This run's model input fingerprint (from the data report).
         training_manifest: This run's model input, one row per image.
         champion: The registry's champion, whose version tag ``dataset_fingerprint`` says what
             it was trained on; ``None`` before the first promotion.
-        registered_versions: Every version; the champion's training manifest is read from it.
+        registered_versions: Every version; the champion's training manifest is read from it,
+            and the fingerprints of versions registered after the champion from their tags.
         retrain_on_same_data: Train anyway (e.g. after changing the training parameters).
         min_new_images: New and removed images needed to train.
 
@@ -86,7 +90,13 @@ def decide_training(
         changes = _changed_images(training_manifest, champion, registered_versions)
         classes = set(training_manifest["label"].unique().tolist())
         decision = _decision(
-            dataset_fingerprint, champion, changes, classes, retrain_on_same_data, min_new_images
+            dataset_fingerprint,
+            champion,
+            registered_versions,
+            changes,
+            classes,
+            retrain_on_same_data,
+            min_new_images,
         )
     new, removed = changes or (None, None)
     decision |= {"new_images": new, "removed_images": removed}
@@ -101,6 +111,7 @@ def decide_training(
 def _decision(
     fingerprint: str,
     champion: RegisteredClassifier,
+    versions: dict[str, RegisteredVersion],
     changes: tuple[int, int] | None,
     classes: set[str],
     retrain: bool,
@@ -129,9 +140,41 @@ def _decision(
                 "registering nothing"
             ),
         }
+    refused = _refused_on_same_data(fingerprint, champion, versions)
+    if refused is not None:
+        return {
+            "train": False,
+            "reason": (
+                f"dataset fingerprint {fingerprint[:12]} is the one version {refused} was "
+                f"trained on, registered after champion version {champion.version} and not "
+                "promoted: skipping training and evaluation, registering nothing until new "
+                "data arrives (or set retrain_on_same_data=true)"
+            ),
+        }
     if classes != set(champion.class_names):
         return {"train": True, "reason": _class_change(classes, champion)}
     return _enough_changed(champion, changes, minimum)
+
+
+def _refused_on_same_data(
+    fingerprint: str,
+    champion: RegisteredClassifier,
+    versions: dict[str, RegisteredVersion],
+) -> str | None:
+    """The latest version registered after the champion on this very data, if any.
+
+    Such a version (the ``challenger``) went through the gate and was not promoted: training
+    on the same images again registers a copy of it every week, since the images it added
+    are still new against the champion's.
+    """
+    same = [
+        int(number)
+        for number, details in versions.items()
+        if number.isdigit()
+        and int(number) > int(champion.version)
+        and details.tags.get(lifecycle.DATASET_FINGERPRINT) == fingerprint
+    ]
+    return str(max(same)) if same else None
 
 
 def _enough_changed(
