@@ -34,6 +34,8 @@ DATASET_FINGERPRINT = "dataset_fingerprint"
 TRAIN_IMAGES_RAW = "lineage.train_images.raw"
 TRAIN_IMAGES_FEEDBACK = "lineage.train_images.feedback"
 MODEL_INPUT_IMAGES = "lineage.model_input_images"
+# Set at registration too: the version's accuracy on its test split, as the gate judged it.
+TEST_ACCURACY = "test_accuracy"
 
 # Tags of the MLflow run that moved the alias: the alias history is the runs that have them.
 MOVE_KIND = "champion_move"  # "promotion" or "rollback"

@@ -31,6 +31,7 @@ MANIFEST_ARTIFACT = "model_input/training_manifest.parquet"
 POLL_INTERVAL_S = 2
 FOLLOW_BOUND_S = POLL_INTERVAL_S + 5  # a poll, then loading the model
 REASON = "Hand recall dropped in production"
+GATE = {"min_accuracy": 0.7, "min_improvement": 0.0}  # FAST_RUN_PARAMS' min_accuracy
 
 
 def champion(project: Path) -> str:
@@ -126,9 +127,10 @@ def rolled_back(project, sample_dir) -> dict:
             thread.start()
         try:
             started = time.monotonic()
-            result = kedro(
-                path, "run", "--pipeline", "rollback", "--params", f"rollback.reason={REASON}"
-            )
+            # the gate the versions were trained under (FAST_RUN_PARAMS): a rollback refuses
+            # a target below its min_accuracy
+            params = f"rollback.reason={REASON},champion_gate.min_accuracy=0.7"
+            result = kedro(path, "run", "--pipeline", "rollback", "--params", params)
             assert_ok(result)
             finished = time.monotonic()
             # Each worker polls on its own: keep asking until every one must have followed.
@@ -288,6 +290,7 @@ def test_rollback_to_a_version_without_serving_metadata_is_refused(project, tmp_
         ("rollback.to_version=abc,rollback.reason=x", "to_version must be a registered version"),
         ("rollback.to_version=0,rollback.reason=x", "to_version must be a registered version"),
         ("rollback.to_version=1", "reason is required"),
+        ("rollback.reason=x,rollback.force=maybe", "force must be true or false"),
     ],
 )
 def test_bad_rollback_parameters_fail_before_anything_moves(project, params, message):
@@ -400,7 +403,7 @@ def test_a_rollback_refuses_to_replace_a_champion_promoted_since_it_was_planned(
     client = mlflow_client(path)
     registry.apply_champion_move(lifecycle.promotion_move("2", "1", "second"))
     versions = RegisteredVersionsDataset(manifest_artifact=MANIFEST_ARTIFACT).load()
-    move, _ = roll_back_champion(versions, "2", {"reason": "bad v2", "by": "alice"})
+    move, _ = roll_back_champion(versions, "2", {"reason": "bad v2", "by": "alice"}, GATE)
     assert (move["from_version"], move["to_version"]) == ("2", "1")
     source = client.get_model_version(MODEL_NAME, "1")
     third = str(client.create_model_version(MODEL_NAME, source.source, source.run_id).version)
@@ -420,3 +423,33 @@ def test_a_rollback_refuses_to_replace_a_champion_promoted_since_it_was_planned(
     with pytest.raises(registry.ChampionMovedError):  # a promotion planned from an old champion
         registry.apply_champion_move(lifecycle.promotion_move("1", "2", "stale"))
     assert champion(path) == third
+
+
+def test_rollback_to_a_version_the_gate_refused_needs_force(two_versions):
+    """to_version=2 typed for 1: version 2 scored 0.27 on its test split, far below what the
+    gate promotes, and the champion moved to it without a word. rollback.force=true still
+    rolls back to it (an expert's call), with a warning."""
+    from medical_ct.datasets import RegisteredVersionsDataset
+    from medical_ct.pipelines.rollback.nodes import roll_back_champion
+
+    path = two_versions
+    before, tags_before = champion(path), all_tags(path)
+    mlflow_client(path).set_model_version_tag(MODEL_NAME, "2", "test_accuracy", "0.270000")
+    tags_before["2"]["test_accuracy"] = "0.270000"
+
+    params = "rollback.to_version=2,rollback.reason=x,champion_gate.min_accuracy=0.9"
+    result = kedro(path, "run", "--pipeline", "rollback", "--params", params)
+
+    output = output_of(result)
+    assert result.returncode != 0
+    assert (
+        "version 2's recorded test accuracy 0.2700 (tag test_accuracy) is below "
+        "champion_gate.min_accuracy 0.9000" in output
+    )
+    assert "set rollback.force=true to roll back to it anyway" in output
+    assert champion(path) == before
+    assert all_tags(path) == tags_before
+    versions = RegisteredVersionsDataset(manifest_artifact=MANIFEST_ARTIFACT).load()
+    rollback = {"to_version": 2, "reason": "x", "by": "alice", "force": True}
+    move, _ = roll_back_champion(versions, before, rollback, GATE | {"min_accuracy": 0.9})
+    assert move["to_version"] == "2"

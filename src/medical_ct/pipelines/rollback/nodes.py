@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medical_ct import lifecycle, registry
+from medical_ct.pipelines.evaluation.nodes import validate_gate
 from medical_ct.registry import MODEL_NAME, RegisteredVersion
 
 logger = logging.getLogger(__name__)
@@ -23,12 +24,14 @@ class RollbackParams:
 
     ``to_version`` is ``None`` for "the previous champion"; ``reason`` is required, since a
     move nobody can explain later is what this history is for; ``by`` defaults to the user
-    running it (``getpass.getuser()``: ``$LOGNAME``, ``$USER``, else the account's name).
+    running it (``getpass.getuser()``: ``$LOGNAME``, ``$USER``, else the account's name);
+    ``force`` rolls back to a version whose recorded test accuracy fails the champion gate.
     """
 
     to_version: str | None
     reason: str
     by: str
+    force: bool = False
 
     @classmethod
     def from_params(cls, rollback: dict[str, Any]) -> "RollbackParams":
@@ -45,10 +48,16 @@ class RollbackParams:
         if reason is None or not str(reason).strip():
             raise ValueError(f"parameters rollback: reason is required, say why: {_EXAMPLE}")
         by = str(rollback.get("by") or getpass.getuser()).strip()
+        force = rollback.get("force", False)
+        if not isinstance(force, bool):
+            raise ValueError(
+                f"parameters rollback: force must be true or false, got {force!r}: {_EXAMPLE}"
+            )
         return cls(
             to_version=None if to_version is None else str(int(to_version)),
             reason=str(reason).strip(),
             by=by,
+            force=force,
         )
 
 
@@ -61,19 +70,24 @@ def roll_back_champion(
     registered_versions: dict[str, RegisteredVersion],
     champion_version: str | None,
     rollback: dict[str, Any],
+    champion_gate: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Plan the move of ``champion`` back to an earlier version, refusing unservable ones.
 
     The target must exist, differ from the champion, carry what the service needs to serve
     it (class names, the preprocessing spec of this code) and load as the service loads it
-    (its model file can be missing while its metadata reads fine). The move tags the version rolled
+    (its model file can be missing while its metadata reads fine). A target whose recorded
+    test accuracy is below the gate's ``min_accuracy`` (a version the gate refused, named by a
+    typo) is refused unless ``rollback.force``. The move tags the version rolled
     back from (when, why, by whom) and the target (the same, and the training data of the
     version rolled back from, which the next weekly run will not train on again).
 
     Args:
         registered_versions: Every version of the registered model.
         champion_version: The version ``champion`` points to now.
-        rollback: ``to_version`` (``None``: the previous champion), ``reason``, ``by``.
+        rollback: ``to_version`` (``None``: the previous champion), ``reason``, ``by``,
+            ``force``.
+        champion_gate: The gate's parameters; ``min_accuracy`` is what a target must reach.
 
     Returns:
         The move, twice: for ``champion_move`` (which applies it) and as the run's record.
@@ -110,6 +124,7 @@ def roll_back_champion(
             f"The champion stays version {champion_version}; roll back to another version "
             f"(registered: {registered})"
         )
+    _check_gate(target, tags_of[target], champion_gate, params.force, champion_version)
     unloadable = _load_problem(target, tags_of[target])
     if unloadable:
         raise RollbackRefusedError(
@@ -141,6 +156,36 @@ def roll_back_champion(
         params.reason,
     )
     return move, move
+
+
+def _check_gate(
+    target: str, tags: dict[str, str], champion_gate: dict[str, Any], force: bool, champion: str
+) -> None:
+    """Refuse a target whose recorded test accuracy fails the gate, unless ``force``.
+
+    Nothing else stopped a typo (``to_version=2`` for 1) from serving a version the gate
+    refused, at an accuracy far below what any promotion needs. A version without the tag
+    (registered by hand) has nothing to judge and passes.
+    """
+    minimum = validate_gate(champion_gate).min_accuracy
+    recorded = tags.get(lifecycle.TEST_ACCURACY)
+    try:
+        accuracy = float(recorded) if recorded is not None else None
+    except ValueError:
+        accuracy = None
+    if accuracy is None or accuracy >= minimum:
+        return
+    problem = (
+        f"version {target}'s recorded test accuracy {accuracy:.4f} (tag "
+        f"{lifecycle.TEST_ACCURACY}) is below champion_gate.min_accuracy {minimum:.4f}"
+    )
+    if force:
+        logger.warning("%s; rolling back to it as rollback.force=true asks", problem)
+        return
+    raise RollbackRefusedError(
+        f"{problem}: the gate would never promote it. The champion stays version {champion}; "
+        "check rollback.to_version, or set rollback.force=true to roll back to it anyway"
+    )
 
 
 def _load_problem(version: str, tags: dict[str, str]) -> str | None:

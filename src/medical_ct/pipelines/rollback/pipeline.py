@@ -10,7 +10,12 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=roll_back_champion,
-                inputs=["registered_versions", "champion_version", "params:rollback"],
+                inputs=[
+                    "registered_versions",
+                    "champion_version",
+                    "params:rollback",
+                    "params:champion_gate",
+                ],
                 outputs=["champion_move", "rollback_record"],
                 name="roll_back_champion",
             ),
