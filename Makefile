@@ -12,7 +12,7 @@ RUN_ARGS ?= --params "ingest.url=$(abspath $(DEV_ARCHIVE)),ingest.md5=$(DEV_ARCH
 endif
 export KEDRO_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento chromium prometheus dag airflow benchmark-service benchmark-incremental benchmark-monitoring
+.PHONY: install run test lint viz mlflow-ui benchmark clean serve bento package conf-tarball chromium prometheus dag airflow benchmark-service benchmark-incremental benchmark-monitoring
 
 install: $(STAMP)
 
@@ -70,6 +70,18 @@ serve: install
 bento: install
 	$(BIN)/python -m medical_ct.serving.packaging
 	$(BIN)/bentoml build
+
+# The wheel and the configuration for Airflow's workers (README "Deploy to an existing Airflow").
+# `kedro package` leaves out only conf/local/*.yml: a credentials.yaml, a .json or a subfolder
+# of conf/local went to every worker; the tarball is written again without conf/local's files
+# (its empty folder stays: Kedro's default environment must exist).
+package: install
+	$(BIN)/kedro package
+	$(MAKE) conf-tarball
+
+conf-tarball:
+	mkdir -p dist
+	tar --exclude='conf/local/*' -czf dist/conf-medical_ct.tar.gz conf
 
 # The page's browser test drives Debian's chromium (Playwright's download needs the internet).
 chromium:

@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import tarfile
 
 from tests.conftest import PROJECT_ROOT
 
@@ -26,3 +27,27 @@ def test_make_clean_removes_derived_data_and_keeps_what_people_sent(tmp_path):
 
     assert [name for name in kept if not (tmp_path / name).exists()] == []
     assert [name for name in removed if (tmp_path / name).exists()] == []
+
+
+def test_the_packaged_configuration_holds_nothing_of_conf_local(tmp_path):
+    """`kedro package` left out only conf/local/*.yml: a credentials.yaml, a .json or a
+    subfolder of conf/local went to every Airflow worker in dist/conf-medical_ct.tar.gz. The
+    tarball `make package` writes has conf/local's empty folder only, and still loads."""
+    from kedro.config import OmegaConfigLoader
+
+    shutil.copy(PROJECT_ROOT / "Makefile", tmp_path / "Makefile")
+    shutil.copytree(PROJECT_ROOT / "conf/base", tmp_path / "conf/base")
+    secrets = ["credentials.yaml", "credentials.yml", "aws.json", "team/parameters.yml"]
+    for name in secrets:
+        (tmp_path / "conf/local" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "conf/local" / name).write_text("secret: SECRET\n")
+
+    subprocess.run(["make", "conf-tarball"], cwd=tmp_path, check=True, capture_output=True)
+
+    tarball = tmp_path / "dist/conf-medical_ct.tar.gz"
+    with tarfile.open(tarball) as archive:
+        names = archive.getnames()
+    assert [name for name in names if name.startswith("conf/local/")] == []
+    assert "conf/local" in names and "conf/base/parameters_lifecycle.yml" in names
+    parameters = OmegaConfigLoader(str(tarball), base_env="base", default_run_env="local")
+    assert parameters["parameters"]["rollback"]["reason"] is None
