@@ -41,6 +41,8 @@ TEST_ACCURACY = "test_accuracy"
 MOVE_KIND = "champion_move"  # "promotion" or "rollback"
 MOVE_FROM = "champion_move.from"
 MOVE_TO = "champion_move.to"
+# Who: the run's parameter rollback.by says None when it defaulted to the user running it.
+MOVE_BY = "champion_move.by"
 
 
 def champion_move(

@@ -296,7 +296,8 @@ def apply_champion_move(move: dict[str, Any], model_name: str = MODEL_NAME) -> N
     would otherwise be replaced silently. When tagging or the alias move fails, the tags
     written are put back as they were, so no version tells of a move that never happened
     (a later rollback without a target would skip a version wrongly tagged rolled back from).
-    The active MLflow run, if any, is tagged as the move's record, so the alias history is
+    The active MLflow run, if any, is tagged as the move's record (kind, from, to and who, as
+    resolved: a rollback's parameters say ``None`` for the defaults), so the alias history is
     the experiment's runs with tag ``champion_move``.
 
     Raises:
@@ -333,6 +334,7 @@ def apply_champion_move(move: dict[str, Any], model_name: str = MODEL_NAME) -> N
                 lifecycle.MOVE_KIND: move["kind"],
                 lifecycle.MOVE_FROM: move["from_version"] or "",
                 lifecycle.MOVE_TO: move["to_version"],
+                lifecycle.MOVE_BY: move["by"],
             }
         )
 

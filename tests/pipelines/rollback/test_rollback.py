@@ -207,6 +207,14 @@ def test_the_alias_history_records_each_move_with_its_reason(project, rolled_bac
     record = json.loads(Path(record_path).read_text())
     assert record["from_version"] == second and record["to_version"] == first
     assert record["reason"] == REASON and record["by"] and record["at"]
+    # rollback.by and to_version defaulted (the run's parameters say None): the tags say who
+    # and which version, so a search finds the run
+    by = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{lifecycle.MOVE_BY}` = '{record['by']}' "
+        f"and tags.`{lifecycle.MOVE_TO}` = '{first}'",
+    )
+    assert [found.info.run_id for found in by] == [run.info.run_id]
     promotions = client.search_runs(
         [experiment.experiment_id], filter_string=f"tags.{lifecycle.MOVE_KIND} = 'promotion'"
     )
