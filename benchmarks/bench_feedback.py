@@ -6,7 +6,7 @@
 Years of review leave tens of thousands of records (one JSON file each) beside their images.
 This makes a project with the 240-image sample in the raw store and N feedback items (small
 distinct PNGs), each pending and accepted with its records, as the review leaves them; runs
-`kedro run --pipeline data_processing` once; then reruns it with nothing new ``--repeats``
+`kedro run --pipelines data_processing` once; then reruns it with nothing new ``--repeats``
 times, and prints the median wall time and its range, the peak RSS, and the seconds of the
 steps that read the records (NodeTimingHook's metrics). Then what the service's review does
 on every request, in process on the same project: ``ReviewStore.records()`` (each record
@@ -160,13 +160,13 @@ def main() -> None:
             for number, (name, tree) in enumerate(trees.items())
         }
         for name, (project, env) in projects.items():
-            seconds, _ = run_kedro(project, env, "--pipeline", "data_processing")
+            seconds, _ = run_kedro(project, env, "--pipelines", "data_processing")
             print(f"{name}: full run {seconds:.1f} s ({args.records} accepted records)")
         print(f"load before: {uptime()}")
         reruns = {name: [] for name in projects}
         for _ in range(args.repeats):
             for name, (project, env) in projects.items():  # alternately: the same load
-                reruns[name].append(run_kedro(project, env, "--pipeline", "data_processing"))
+                reruns[name].append(run_kedro(project, env, "--pipelines", "data_processing"))
         service = {name: [] for name in projects}
         for _ in range(3):
             for name, (project, env) in projects.items():

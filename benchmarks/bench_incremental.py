@@ -5,7 +5,7 @@
 
 1. Starts moto's S3 server on a free loopback port and uploads 99% of the dev set's images to
    the bucket's raw prefix (parallel batched PUTs through s3fs; timed, not part of the figures).
-2. `kedro run --env s3 --pipeline data_processing` in a fresh temporary project: every image
+2. `kedro run --env s3 --pipelines data_processing` in a fresh temporary project: every image
    is read from the bucket and decoded (the full run).
 3. Uploads the remaining 1% and runs again: only the new objects are read and decoded, the
    rest comes from the last run's decoded set in the bucket (the incremental rerun). The
@@ -20,7 +20,7 @@
 adds a synthetic scale run on the local disk (no upload to moto): for each size N, N small
 distinct PNG images (16x16, grayscale) are written under a fresh project's raw store, in
 batch folders of 1% each (``<Class>/batch-NNNN/``, as a hospital's exports arrive), a full
-`kedro run --pipeline data_processing` decodes them, 1% more are added in a new batch folder
+`kedro run --pipelines data_processing` decodes them, 1% more are added in a new batch folder
 and the rerun is timed both ways of listing the local store, alternately: asking every file
 its size and time ("every file", the default) and listing only the folders whose time moved
 ("folder times", ``raw_folder_times``). Each is the median of ``--repeats`` reruns from the
@@ -135,7 +135,7 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
             }
             env.pop("KEDRO_ENV", None)
             use_listing(project, "folder times")  # which also saves the listing for its reruns
-            full_seconds, full_rss = run_kedro(project, env, "--pipeline", "data_processing")
+            full_seconds, full_rss = run_kedro(project, env, "--pipelines", "data_processing")
             # The decoded sets' indexes and the saved listing, as the full run left them.
             saved = [
                 *project.glob("data/02_*/*/index.parquet"),
@@ -150,7 +150,7 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
                     for path, content in state.items():
                         path.write_bytes(content)
                     use_listing(project, listing)
-                    runs.append(run_kedro(project, env, "--pipeline", "data_processing"))
+                    runs.append(run_kedro(project, env, "--pipelines", "data_processing"))
                     report = data_report(project)
                     assert report["raw_images_decoded"] == size, report["raw_images_decoded"]
                     assert report["files_reused_from_last_run"] == size - new
@@ -167,7 +167,7 @@ def scale_run(sizes: list[int], new_fraction: float, repeats: int) -> None:
             idle = {}
             for listing in LISTINGS:
                 use_listing(project, listing)
-                idle[listing] = run_kedro(project, env, "--pipeline", "data_processing")
+                idle[listing] = run_kedro(project, env, "--pipelines", "data_processing")
                 assert data_report(project)["files_reused_from_last_run"] == size
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -256,12 +256,12 @@ def s3_run(archive: Path, new_fraction: float, change_queue: bool) -> None:
         }
         env.pop("KEDRO_ENV", None)
         load_full = uptime()
-        full_seconds, _ = run_kedro(project, env, "--env", "s3", "--pipeline", "data_processing")
+        full_seconds, _ = run_kedro(project, env, "--env", "s3", "--pipelines", "data_processing")
         full_report = json.loads(s3.cat_file(f"{BUCKET}/{PREFIX}/08_reporting/data_report.json"))
 
         s3.pipe({f"{raw}/{name}": images[name] for name in sorted(new)}, batch_size=64)
         load_rerun = uptime()
-        rerun_seconds, _ = run_kedro(project, env, "--env", "s3", "--pipeline", "data_processing")
+        rerun_seconds, _ = run_kedro(project, env, "--env", "s3", "--pipelines", "data_processing")
         rerun_report = json.loads(s3.cat_file(f"{BUCKET}/{PREFIX}/08_reporting/data_report.json"))
         full_nodes, rerun_nodes = first_and_last_steps(env["MLFLOW_TRACKING_URI"])
     finally:

@@ -8,7 +8,7 @@
    (``PredictionLog``) to the project's local log: sample images with a little noise each
    (so no two are the same), the champion's classes and random confidences, one file per
    100 records (a busy worker's flush) spread over N / 1,000 hours.
-3. `kedro run --pipeline monitoring` reads them all (the first run): wall time and peak RSS
+3. `kedro run --pipelines monitoring` reads them all (the first run): wall time and peak RSS
    of the kedro process, and the machine's load (`uptime`) before it.
 4. N x new-fraction more records are written and the pipeline runs again: only the new
    files are read, so its time should follow the new records, not all records ever logged.
@@ -103,12 +103,12 @@ def main() -> None:
         files = sum(1 for _ in log_path.rglob("*.parquet"))
         print(f"wrote {args.records:,} records in {files:,} files in {seconds:.1f} s")
         print(f"load before first run: {uptime()}")
-        first_s, first_rss = run_kedro(project, env, "--pipeline", "monitoring")
+        first_s, first_rss = run_kedro(project, env, "--pipelines", "monitoring")
         print(f"first run, steps over 0.5 s: {node_seconds(env['MLFLOW_TRACKING_URI'])}")
         new = max(1, int(args.records * args.new_fraction))
         write_records(log_path, new, args.records, images)
         print(f"load before rerun:     {uptime()}")
-        rerun_s, rerun_rss = run_kedro(project, env, "--pipeline", "monitoring")
+        rerun_s, rerun_rss = run_kedro(project, env, "--pipelines", "monitoring")
         print(f"rerun, steps over 0.5 s:     {node_seconds(env['MLFLOW_TRACKING_URI'])}")
         print(f"{'run':<28}{'records':>10}{'seconds':>10}{'peak MiB':>10}")
         print(f"{'first (all records)':<28}{args.records:>10,}{first_s:>10.1f}{first_rss:>10.0f}")

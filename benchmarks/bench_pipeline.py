@@ -18,7 +18,7 @@
    errors over the seeds and the train_model time relative to the default's in the same
    benchmark (the machine may be shared: compare ratios, and scale a quiet figure).
 4. With ``--bare``: the default model, optimiser and schedule in a bare PyTorch loop on the
-   same tensors, against `kedro run --pipeline training` (the overhead of Kedro and MLflow).
+   same tensors, against `kedro run --pipelines training` (the overhead of Kedro and MLflow).
 """
 
 import argparse
@@ -269,7 +269,7 @@ def print_bare(bare: list[float], training_seconds: float, train_node_seconds: f
     bare_seconds = statistics.mean(bare)
     print(f"\nbare PyTorch loop, same tensors:   {' / '.join(f'{s:.1f}' for s in bare)} s")
     print(
-        f"kedro run --pipeline training:     {training_seconds:.1f} s "
+        f"kedro run --pipelines training:    {training_seconds:.1f} s "
         f"(train_model node {train_node_seconds:.1f} s)"
     )
     print(f"training pipeline / bare loop:     {training_seconds / bare_seconds:.3f}")
@@ -317,7 +317,7 @@ def run_variants(
 def run_bare(data_dir: Path, params: dict, epochs: int, kedro_run, client) -> None:
     """Side by side: bare loop, the training pipeline through Kedro, bare loop again."""
     bare = [bare_training_loop(data_dir, params, epochs)]
-    training_seconds = kedro_run("--pipeline", "training", "--params", "retrain_on_same_data=true")
+    training_seconds = kedro_run("--pipelines", "training", "--params", "retrain_on_same_data=true")
     bare.append(bare_training_loop(data_dir, params, epochs))
     experiment_id = client.get_experiment_by_name("medical_ct").experiment_id
     training_run = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])[0]

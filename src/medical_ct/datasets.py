@@ -726,7 +726,7 @@ class MlflowInputDataset(MlflowReportDataset):
     ``unless_logged``: save nothing when the active run already holds the artifact. For the
     run that registers a version, which must hold its manifest: a ``kedro run`` of the whole
     pipeline (or an Airflow DAG run: one MLflow run) logged it in data_processing already,
-    while a ``kedro run --pipeline evaluation`` of its own did not.
+    while a ``kedro run --pipelines evaluation`` of its own did not.
     """
 
     def __init__(

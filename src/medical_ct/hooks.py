@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 # Each parameter group's check, as "module:attribute", imported only when the pipeline
-# uses the group: `kedro run --pipeline data_processing` then imports no torch, scipy.stats
+# uses the group: `kedro run --pipelines data_processing` then imports no torch, scipy.stats
 # or scikit-learn (about 5 s of its start-up; tests/test_hooks.py). Also, settings.py loads
 # this module for every kedro command, even --help.
 PARAMETER_CHECKS = {

@@ -254,7 +254,7 @@ def _manifest_reader(run_id: str | None, artifact: str) -> Callable[[], pd.DataF
                 errors.append(f"{path}: {error}")
         raise FileNotFoundError(
             f"run {run_id} has no training manifest ({'; '.join(errors)}): the version was "
-            "registered before training manifests were logged, or by a `kedro run --pipeline "
+            "registered before training manifests were logged, or by a `kedro run --pipelines "
             "evaluation` of its own before registration logged the manifest too (the "
             "data_processing run that logged it, an input dataset medical_ct_model_input whose "
             "digest starts the version's dataset_fingerprint, may still hold it), or the "

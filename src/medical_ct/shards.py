@@ -319,13 +319,13 @@ def _read_npy(filesystem: fsspec.AbstractFileSystem, path: str) -> np.ndarray:
         pixels = np.load(io.BytesIO(filesystem.cat_file(path)), allow_pickle=False)
     except FileNotFoundError:
         raise DatasetError(
-            f"shard {path} is missing: run `kedro run --pipeline data_processing --params "
+            f"shard {path} is missing: run `kedro run --pipelines data_processing --params "
             "data_processing.full_rescan=true` to decode the stores again"
         ) from None
     except ValueError as error:
         raise DatasetError(
             f"shard {path} is not a NumPy array of pixels ({error}): delete it and run "
-            "`kedro run --pipeline data_processing --params data_processing.full_rescan=true`"
+            "`kedro run --pipelines data_processing --params data_processing.full_rescan=true`"
         ) from None
     if pixels.dtype != np.uint8 or pixels.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DatasetError(
@@ -383,7 +383,7 @@ class _Folder:
         except Exception as error:
             raise DatasetError(
                 f"{self.join(name)} is not a readable Parquet index ({error}): delete it and "
-                "run `kedro run --pipeline data_processing --params "
+                "run `kedro run --pipelines data_processing --params "
                 "data_processing.full_rescan=true`"
             ) from None
 
@@ -602,7 +602,7 @@ class ModelInputDataset(_IndexedFolder, AbstractDataset[ModelInputSet, ModelInpu
         index = self._folder.read_parquet("index.parquet")
         if index is None:
             raise DatasetError(
-                f"no model input at {self._path}: run `kedro run --pipeline data_processing` first"
+                f"no model input at {self._path}: run `kedro run --pipelines data_processing` first"
             )
         unknown = set(index["source"].unique()) - set(self._sources)
         if unknown:

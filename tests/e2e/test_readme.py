@@ -93,8 +93,9 @@ KEDRO_RUNS = [words for words in map(words_of, COMMANDS) if words[:2] == ["kedro
 def test_every_kedro_run_names_a_pipeline_an_environment_and_parameters_that_exist(words):
     configure_project("medical_ct")
     options = dict(zip(words[2::2], words[3::2], strict=False))
-    if "--pipeline" in options:
-        assert options["--pipeline"] in pipelines, f"no pipeline {options['--pipeline']!r}"
+    assert "--pipeline" not in options, "Kedro 1.7 deprecates --pipeline: write --pipelines"
+    for name in filter(None, options.get("--pipelines", "").split(",")):
+        assert name in pipelines, f"no pipeline {name!r}"
     if "--env" in options:
         assert (PROJECT_ROOT / "conf" / options["--env"]).is_dir()
     parameters = base_parameters()

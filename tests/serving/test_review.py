@@ -716,7 +716,7 @@ def test_a_model_giving_nan_answers_no_label_and_its_review_item_says_why(sample
     stored, _ = reviews.submit(png(white), white, "Hand", {"submitter": "w"}, broken)
     shown = {item["feedback_id"]: item for item in reviews.queue(broken, 1000)}
 
-    assert isinstance(failed, InvalidModelOutputError) and "--pipeline rollback" in str(failed)
+    assert isinstance(failed, InvalidModelOutputError) and "--pipelines rollback" in str(failed)
     assert answered["label"] == "Hand" and answered["model_version"] == served.version
     item = shown[stored["feedback_id"]]
     assert item["model"] is None and flags(item) == {"model_output_invalid"}

@@ -27,7 +27,7 @@ class InvalidModelOutputError(RuntimeError):
     def __init__(self, version: str) -> None:
         super().__init__(
             f"model version {version} gave NaN or infinite probabilities for this image, so it "
-            "was not classified: the version is broken; roll back with `kedro run --pipeline "
+            "was not classified: the version is broken; roll back with `kedro run --pipelines "
             "rollback --params rollback.reason=...` (README: Rollback)"
         )
 

@@ -26,7 +26,7 @@ def validate_rebuild(rebuild: dict[str, Any]) -> str:
         return str(int(version))
     raise ValueError(
         "parameters rebuild: version must be a registered version number, got "
-        f'{version!r}: kedro run --pipeline rebuild --params "rebuild.version=3"'
+        f'{version!r}: kedro run --pipelines rebuild --params "rebuild.version=3"'
     )
 
 

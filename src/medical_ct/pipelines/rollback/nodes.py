@@ -11,7 +11,7 @@ from medical_ct.registry import MODEL_NAME, RegisteredVersion
 
 logger = logging.getLogger(__name__)
 
-_EXAMPLE = 'kedro run --pipeline rollback --params "rollback.to_version=3,rollback.reason=<why>"'
+_EXAMPLE = 'kedro run --pipelines rollback --params "rollback.to_version=3,rollback.reason=<why>"'
 
 
 class RollbackRefusedError(ValueError):
@@ -208,7 +208,7 @@ def _warn_without_manifest(target: RegisteredVersion) -> None:
     except FileNotFoundError as error:
         logger.warning(
             "Version %s has no training manifest, rolling back to it anyway: `kedro run "
-            "--pipeline rebuild` cannot rebuild its data, and the next weekly run cannot count "
+            "--pipelines rebuild` cannot rebuild its data, and the next weekly run cannot count "
             "new images against it (min_new_images does not apply: any other data trains). %s",
             target.version,
             error,
