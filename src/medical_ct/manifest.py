@@ -27,7 +27,7 @@ MANIFEST_COLUMNS = [
     "source",  # "raw" or "feedback": the store the image was read from
     "file",  # <Class>/<file> in that store
     "feedback_id",  # the service's id of a corrected label; empty for raw images
-    "review_decision",  # a reviewer's decision on a feedback image, once reviews exist
+    "review_decision",  # how its accepted record was decided (accept, auto_accept); empty for raw
 ]
 
 
