@@ -32,7 +32,12 @@ from medical_ct.serving.http import (
 from medical_ct.serving.model_holder import InvalidModelOutputError, ModelHolder, ServedModel
 from medical_ct.serving.packaging import load_packaged, packaged_model
 from medical_ct.serving.prediction_log import PREDICTION_LOG, PredictionLog, new_prediction_id
-from medical_ct.serving.project import load_project, project_path, use_tracking_uri
+from medical_ct.serving.project import (
+    load_project,
+    project_path,
+    refuse_state_inside_bento,
+    use_tracking_uri,
+)
 from medical_ct.serving.review import (
     ReviewError,
     ReviewQueue,
@@ -53,6 +58,7 @@ logger = logging.getLogger(__name__)
 # working directory, as for `kedro run`: the service moves to the project root once, here.
 os.chdir(project_path())
 project = load_project()
+refuse_state_inside_bento(project)  # a Bento is no place for patient data nor the registry
 serving = project.serving
 PACKAGED_MODEL = packaged_model()
 Image = Annotated[Path, ContentType("image/*")]

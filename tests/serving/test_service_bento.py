@@ -1,18 +1,23 @@
 """`bentoml build` packages the champion; the Bento serves it with no MLflow reachable."""
 
+import contextlib
+import os
+import signal
 import subprocess
+from pathlib import Path
 
 import httpx
 import pytest
 
 from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
-from medical_ct.serving.project import load_project
+from medical_ct.serving.project import load_project, project_path, refuse_state_inside_bento
 from tests.conftest import (
     BENTOML,
     PROJECT_ROOT,
     bentoml_server,
     free_port,
     jpeg,
+    make_project,
     mlflow_client,
     project_env,
     wait_ready,
@@ -63,6 +68,10 @@ def test_bento_serves_the_packaged_champion_without_mlflow(
     in_s3 = load_project(bento_src, env="s3").catalog
     assert "s3://hospital-bucket/" in repr(in_s3.get("raw_images"))
     champion = mlflow_client(trained_project).get_model_version_by_alias(MODEL_NAME, CHAMPION_ALIAS)
+    refused = serve_without_settings(serve_env, bento_src, tmp_path)
+    assert refused.returncode != 0
+    assert f"serving from the Bento at {bento_dir} would write" in " ".join(refused.stdout.split())
+    assert not (bento_src / "mlflow.db").exists() and not (bento_src / "data").exists()
 
     with bentoml_server(
         tmp_path,
@@ -84,3 +93,53 @@ def test_bento_serves_the_packaged_champion_without_mlflow(
     assert response.json()["model_version"] == str(champion.version)
     assert model["version"] == str(champion.version)
     assert model["test_metrics"]["test_accuracy"] >= 0.7
+
+
+def serve_without_settings(env: dict[str, str], bento_src: Path, cwd: Path):
+    """`bentoml serve medical_ct:latest` as the README's Bento users ran it, with no
+    MEDICAL_CT_PROJECT_DIR, S3 or MLflow settings: it served, writing the prediction log, the
+    feedback and an empty mlflow.db inside the Bento store; it must refuse to start."""
+    env = {key: value for key, value in env.items() if key != "MEDICAL_CT_PROJECT_DIR"}
+    env.pop("MLFLOW_TRACKING_URI")
+    env["PYTHONPATH"] = str(bento_src / "src")
+    port = str(free_port())
+    server = subprocess.Popen(
+        [BENTOML, "serve", "medical_ct:latest", "--host", "127.0.0.1", "--port", port],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = server.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(server.args, server.returncode, output, "")
+
+
+def test_a_bento_names_what_to_set_before_keeping_state_inside_itself(tmp_path, monkeypatch):
+    """Found from a Bento's own folder, local stores and a local MLflow store would live in
+    the Bento store; remote ones, or MEDICAL_CT_PROJECT_DIR set on purpose, are served."""
+    bento = tmp_path / "bentos/medical_ct/v1"
+    src = make_project(bento / "src")
+    (bento / "bento.yaml").write_text("service: service:MedicalCT\n")
+    for variable in ("MEDICAL_CT_PROJECT_DIR", "MLFLOW_TRACKING_URI", "KEDRO_ENV"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(src)
+
+    with pytest.raises(RuntimeError) as refused:
+        refuse_state_inside_bento(load_project(project_path()))
+
+    message = str(refused.value)
+    assert "the stores: prediction log and feedback (data)" in message
+    assert f"the MLflow store ({src / 'mlflow.db'})" in message
+    assert "set MEDICAL_CT_PROJECT_DIR to the project folder" in message
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.org:5000")
+    monkeypatch.setenv("MEDICAL_CT_S3_BUCKET", "hospital-bucket")
+    refuse_state_inside_bento(load_project(project_path(), env="s3"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("MEDICAL_CT_PROJECT_DIR", str(src))  # e.g. data/ is a mounted volume
+    refuse_state_inside_bento(load_project(project_path()))

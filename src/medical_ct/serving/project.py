@@ -81,6 +81,8 @@ class KedroProject:
     review: ReviewConfig
     catalog: CatalogProtocol
     tracking_uri: str
+    # globals.yml's root: where every store of the catalog lives (``data``, or ``s3://...``)
+    data_root: str = "data"
 
 
 def project_path() -> Path:
@@ -125,7 +127,55 @@ def load_project(path: Path | None = None, env: str | None = None) -> KedroProje
         review=ReviewConfig.from_config(config_loader["review"]),
         catalog=catalog,
         tracking_uri=tracking_uri,
+        data_root=str(config_loader["globals"].get("root", "data")),
     )
+
+
+# A built Bento's root holds bento.yaml beside src/, the project's files (BentoML's layout).
+BENTO_MANIFEST = "bento.yaml"
+
+
+def refuse_state_inside_bento(project: KedroProject) -> None:
+    """Refuse to serve from a built Bento whose stores or MLflow store would live inside it.
+
+    ``bentoml serve medical_ct:latest`` runs from ``$BENTOML_HOME/bentos/medical_ct/<v>/src``:
+    found there, the project kept the prediction log, the feedback and a new empty
+    ``mlflow.db`` inside the Bento store, lost with the Bento and never seen by the weekly run.
+    ``MEDICAL_CT_PROJECT_DIR``, set even to the Bento's own ``src`` (a volume mounted on its
+    ``data/``), says where they belong and is taken as is.
+
+    Raises:
+        RuntimeError: Naming what would be written inside the Bento and what to set.
+    """
+    root = project.path.resolve()
+    bento = root.parent
+    if os.environ.get(PROJECT_DIR_VARIABLE) or not (bento / BENTO_MANIFEST).is_file():
+        return
+    inside = [
+        f"{what} ({where})"
+        for what, where in (
+            ("the stores: prediction log and feedback", _local_path(project.data_root)),
+            ("the MLflow store", _local_path(project.tracking_uri)),
+        )
+        if where is not None and (root / where).resolve().is_relative_to(bento)
+    ]
+    if inside:
+        raise RuntimeError(
+            f"serving from the Bento at {bento} would write {' and '.join(inside)} inside the "
+            "Bento store, lost with the Bento and never seen by the weekly run: set "
+            f"{PROJECT_DIR_VARIABLE} to the project folder the pipelines use (or to "
+            f"{project.path} if its data/ is a mounted volume), or KEDRO_ENV=s3 with "
+            "MEDICAL_CT_S3_BUCKET for the stores, and MLFLOW_TRACKING_URI for the registry"
+        )
+
+
+def _local_path(location: str) -> Path | None:
+    """The local path of a store root or tracking URI, ``None`` for a remote one."""
+    if location.startswith("sqlite:///"):
+        return Path(location.removeprefix("sqlite:///"))
+    if location.startswith("file:"):
+        return Path(location.removeprefix("file:").removeprefix("//"))
+    return None if "://" in location else Path(location)
 
 
 def use_tracking_uri(tracking_uri: str) -> None:
