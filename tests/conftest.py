@@ -100,6 +100,18 @@ def kedro(project: Path, *args: str, timeout: int = 600) -> subprocess.Completed
     )
 
 
+def run_ingest(project: Path, url: str, md5: str) -> subprocess.CompletedProcess:
+    """``kedro run`` of the ingest node alone, downloading MedNIST from ``url``."""
+    return kedro(
+        project,
+        "run",
+        "--nodes",
+        "ingest_mednist",
+        "--params",
+        f"ingest.url={url},ingest.md5={md5}",
+    )
+
+
 def assert_ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
 

@@ -20,6 +20,7 @@ from tests.conftest import (
     make_project,
     mlflow_client,
     project_env,
+    run_ingest,
 )
 
 
@@ -30,7 +31,7 @@ def test_every_parameter_check_names_a_function():
         assert callable(pkgutil.resolve_name(check)), group
 
 
-# What `kedro run --pipeline data_processing` imports of the project: its pipeline (Kedro
+# What `kedro run --pipelines data_processing` imports of the project: its pipeline (Kedro
 # imports only the requested one), the catalog's dataset classes and the hooks with the
 # checks of the parameter groups the pipeline uses.
 DATA_PROCESSING_IMPORTS = """
@@ -161,14 +162,7 @@ def test_a_signed_ingest_url_reaches_mlflow_without_its_token(tmp_path, http_ser
     project = make_project(tmp_path / "project")
     url = f"{base_url}/MedNIST.tar.gz?{SIGNED_QUERY}"
 
-    result = kedro(
-        project,
-        "run",
-        "--nodes",
-        "ingest_mednist",
-        "--params",
-        f"ingest.url={url},ingest.md5={md5}",
-    )
+    result = run_ingest(project, url, md5)
 
     assert_ok(result)
     assert requests == [f"/MedNIST.tar.gz?{SIGNED_QUERY}"]  # the node got the real URL

@@ -6,7 +6,13 @@ import pytest
 
 from medical_ct.datasets import FolderHasFilesDataset, ImageFolderDataset
 from medical_ct.mednist import MedNISTDownloadError, fetch_mednist
-from tests.conftest import assert_ok, build_mednist_tarball, file_size_limit, kedro, make_project
+from tests.conftest import (
+    assert_ok,
+    build_mednist_tarball,
+    file_size_limit,
+    make_project,
+    run_ingest,
+)
 
 
 @pytest.fixture
@@ -36,24 +42,13 @@ def test_wrong_checksum_and_unreachable_source_are_clear_errors(served_tarball, 
         fetch_mednist(str(tmp_path / "nowhere.tar.gz"), "0" * 32)
 
 
-def ingest(project, url: str, md5: str):
-    return kedro(
-        project,
-        "run",
-        "--nodes",
-        "ingest_mednist",
-        "--params",
-        f"ingest.url={url},ingest.md5={md5}",
-    )
-
-
 @pytest.mark.e2e
 def test_ingest_downloads_once_into_the_raw_store(tmp_path, served_tarball):
     url, md5, requests = served_tarball
     project = make_project(tmp_path / "project")
     raw_store = project / "data/01_raw/mednist"
 
-    assert_ok(ingest(project, url, md5))
+    assert_ok(run_ingest(project, url, md5))
     assert len(list(raw_store.glob("*/*.jpeg"))) == 240
     assert sorted(p.name for p in raw_store.iterdir()) == [
         "AbdomenCT",
@@ -65,7 +60,7 @@ def test_ingest_downloads_once_into_the_raw_store(tmp_path, served_tarball):
     ]
     assert requests == ["/MedNIST.tar.gz"]
 
-    second = ingest(project, url, md5)
+    second = run_ingest(project, url, md5)
     assert_ok(second)
     assert requests == ["/MedNIST.tar.gz"], "the second run downloaded again"
     assert "not downloading MedNIST" in second.stdout + second.stderr
@@ -91,7 +86,7 @@ def test_an_ingest_stopped_part_way_is_written_whole_by_its_retry(
     with file_size_limit(limit), pytest.raises(Exception, match="File too large"):
         ImageFolderDataset(path=str(raw_store)).save(images)
     written = len(list(raw_store.glob("*/*.jpeg")))
-    retry = ingest(project, url, md5)
+    retry = run_ingest(project, url, md5)
 
     assert 5 <= written < 240
     assert FolderHasFilesDataset(path=str(raw_store)).load() is True  # finished now
@@ -107,7 +102,7 @@ def test_ingest_with_a_wrong_checksum_fails_and_leaves_the_raw_store_empty(
 ):
     url, _, _ = served_tarball
     project = make_project(tmp_path / "project")
-    result = ingest(project, url, "f" * 32)
+    result = run_ingest(project, url, "f" * 32)
     output = " ".join((result.stdout + result.stderr).split())
     assert result.returncode != 0
     assert "expected ffffffffffffffffffffffffffffffff" in output
