@@ -75,6 +75,10 @@ class ReviewError(Exception):
 class StoreError(RuntimeError):
     """A store refused a write; nothing was acknowledged."""
 
+    @classmethod
+    def refused(cls, error: Exception) -> "StoreError":
+        return cls(f"the review store refused the write ({type(error).__name__})")
+
 
 @dataclass(frozen=True)
 class ReviewConfig:
@@ -583,14 +587,8 @@ class ReviewStore:
         the item undecided both wrote their decision: an accept and a reject of one item,
         both answered 200, and the rejected image trained. The store lets one claim in."""
         claim = {"decision": decision, "reviewer": reviewer, "claimed_at": now().isoformat()}
-        claims = self._catalog.get(DECISION_CLAIMS)
-        try:
-            if claims.create(feedback_id, claim):
-                return
-        except Exception as error:
-            raise StoreError(
-                f"the review store refused the write ({type(error).__name__})"
-            ) from error
+        if self._create_once(DECISION_CLAIMS, feedback_id, claim):
+            return
         held = self._claim_of(feedback_id)
         raise ReviewError(
             409,
@@ -617,6 +615,14 @@ class ReviewStore:
     def _claim_of(self, feedback_id: str) -> dict:
         """The claim on ``feedback_id`` ({} if it is gone or unreadable: only a message uses it)."""
         return self._stored(DECISION_CLAIMS, feedback_id)
+
+    def _create_once(self, store: str, feedback_id: str, record: dict) -> bool:
+        """Create ``feedback_id`` in ``store`` unless it is there (the store's exclusive
+        create decides between workers); whether this call created it."""
+        try:
+            return self._catalog.get(store).create(feedback_id, record)
+        except Exception as error:
+            raise StoreError.refused(error) from error
 
     def _stored(self, store: str, feedback_id: str) -> dict:
         """The record ``feedback_id`` of ``store``, read now ({} if it is gone or unreadable)."""
@@ -665,13 +671,7 @@ class ReviewStore:
             "reason": reason,
             "revoked_at": now().isoformat(),
         }
-        try:
-            created = self._catalog.get(REVOKED_RECORDS).create(feedback_id, revocation)
-        except Exception as error:
-            raise StoreError(
-                f"the review store refused the write ({type(error).__name__})"
-            ) from error
-        if not created:
+        if not self._create_once(REVOKED_RECORDS, feedback_id, revocation):
             held = self._stored(REVOKED_RECORDS, feedback_id)
             raise ReviewError(
                 409,
@@ -730,9 +730,7 @@ class ReviewStore:
         except ReviewError:
             raise
         except Exception as error:
-            raise StoreError(
-                f"the review store refused the write ({type(error).__name__})"
-            ) from error
+            raise StoreError.refused(error) from error
         (self._accepted if accepted else self._rejected).add(feedback_id, record)
         stands = f"The decision on feedback {feedback_id} ({decision}) stands"
         audit_name = _audit_name(record["decided_at"], feedback_id)

@@ -221,11 +221,9 @@ def decode_reviewed_feedback(
     """
     params = DataProcessingParams.from_params(data_processing)
     records = collect_records(accepted_feedback, None if params.full_rescan else previous_records)
-    records = {
-        key: _marked_revoked(record, key in revoked_feedback) for key, record in records.items()
-    }
-    reviewed = {r.get("accepted_as") for r in records.values() if not r.get("revoked")} - {None}
-    revoked = [key for key, record in records.items() if record.get("revoked")]
+    revoked = records.keys() & revoked_feedback.keys()
+    records |= {key: {**records[key], "revoked": True} for key in revoked}
+    reviewed = {r.get("accepted_as") for k, r in records.items() if k not in revoked} - {None}
     if revoked:
         logger.info("Not training on %d revoked feedback label(s)", len(revoked))
     unreviewed = sorted(set(partitions) - reviewed)
@@ -241,10 +239,6 @@ def decode_reviewed_feedback(
     else:
         partitions = {file: partitions[file] for file in partitions if file in reviewed}
     return decode_images(partitions, previous, data_processing), records
-
-
-def _marked_revoked(record: dict, revoked: bool) -> dict:
-    return {**record, "revoked": True} if revoked else record
 
 
 NOT_IN_A_CLASS_FOLDER = "not inside a class folder (<Class>/<file>)"
