@@ -33,7 +33,7 @@ PARAMETER_CHECKS = {
     ),
     "params:training": "medical_ct.pipelines.training.nodes:TrainingParams.from_params",
     "params:calibration": "medical_ct.calibration:CalibrationParams.from_params",
-    "params:champion_gate": "medical_ct.pipelines.evaluation.nodes:validate_gate",
+    "params:champion_gate": "medical_ct.checks:validate_gate",
     "params:rollback": "medical_ct.pipelines.rollback.nodes:validate_rollback",
     "params:rebuild": "medical_ct.pipelines.rebuild.nodes:validate_rebuild",
     "params:monitoring": "medical_ct.pipelines.monitoring.nodes:MonitoringParams.from_params",

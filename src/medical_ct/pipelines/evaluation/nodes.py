@@ -1,7 +1,7 @@
 """Nodes of the evaluation pipeline: test metrics, plots, registration and the champion gate."""
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from medical_ct.calibration import (
     expected_calibration_error,
     reliability_table,
 )
-from medical_ct.checks import is_number
+from medical_ct.checks import validate_gate
 from medical_ct.manifest import arrow_strings, train_image_counts
 from medical_ct.model import TrainingSkipped, predict_probabilities
 from medical_ct.plots import message_figure
@@ -262,16 +262,6 @@ def _unseen_by(
     held_out = pc.equal(arrow_strings(manifest["split"]), "test")
     seen = pc.filter(arrow_strings(manifest["content_hash"]), pc.invert(held_out))
     return ~pc.is_in(arrow_strings(content_hashes), value_set=seen).to_numpy(zero_copy_only=False)
-
-
-@dataclass(frozen=True)
-class ChampionGate:
-    """Parameters ``champion_gate``, checked (``validate_gate``) before the first node."""
-
-    min_accuracy: float
-    min_improvement: float
-    min_class_recall: float = 0.0  # every class's test recall must reach it
-    max_ece: float = 1.0  # the calibrated test ECE must not exceed it
 
 
 def paired_comparison(champion_correct: list[int], challenger_correct: np.ndarray) -> dict:
@@ -604,40 +594,3 @@ def plot_misclassified(
     figure.suptitle(f"Misclassified test images ({len(wrong)} shown)")
     figure.tight_layout()
     return figure
-
-
-def validate_gate(champion_gate: dict[str, float]) -> ChampionGate:
-    """The gate's parameters, typed; raise ``ValueError`` saying what to set if unusable.
-
-    ``min_class_recall`` and ``max_ece`` are optional (0 and 1: no limit). Only numbers are
-    taken: ``float()`` made ``min_accuracy: true`` 1.0, a gate nothing ever passes, in silence.
-    """
-    try:
-        values = {
-            key: champion_gate[key] if default is None else champion_gate.get(key, default)
-            for key, default in (
-                ("min_accuracy", None),
-                ("min_improvement", None),
-                ("min_class_recall", 0.0),
-                ("max_ece", 1.0),
-            )
-        }
-        if not all(is_number(value) for value in values.values()):
-            raise TypeError("not a number")
-        gate = ChampionGate(**{key: float(value) for key, value in values.items()})
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
-        raise ValueError(
-            "parameters champion_gate need numbers min_accuracy and min_improvement (and "
-            f"optionally min_class_recall, max_ece), got {champion_gate!r}"
-        ) from error
-    if not 0 <= gate.min_accuracy <= 1 or not -1 <= gate.min_improvement <= 1:
-        raise ValueError(
-            "champion_gate.min_accuracy must be in [0, 1] and min_improvement in [-1, 1], "
-            f"got {gate.min_accuracy} and {gate.min_improvement}"
-        )
-    if not 0 <= gate.min_class_recall <= 1 or not 0 <= gate.max_ece <= 1:
-        raise ValueError(
-            "champion_gate.min_class_recall and max_ece must be in [0, 1], "
-            f"got {gate.min_class_recall} and {gate.max_ece}"
-        )
-    return gate

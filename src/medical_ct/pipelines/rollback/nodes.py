@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medical_ct import lifecycle, registry
-from medical_ct.pipelines.evaluation.nodes import validate_gate
+from medical_ct.checks import validate_gate
 from medical_ct.registry import MODEL_NAME, RegisteredVersion
 
 logger = logging.getLogger(__name__)
