@@ -105,6 +105,17 @@ def collect_records(
     return still_listed | new
 
 
+def mark_revoked(
+    records: dict[str, dict], revocations: Mapping[str, Any]
+) -> tuple[dict[str, dict], set[str]]:
+    """``records`` with those a reviewer revoked (``POST /review/revoke``) marked ``revoked``,
+    and their ids. Only the revocations' ids are used (a revocation is never withdrawn), so
+    listing the store is enough: data_processing and monitoring both read it now, rather than
+    monitoring trusting the marks of the last data_processing, a week old."""
+    revoked = records.keys() & revocations.keys()
+    return records | {key: {**records[key], "revoked": True} for key in revoked}, revoked
+
+
 def inside(folder: str, name: str) -> str:
     """``name``, checked to name a file under ``folder`` (a store's path, for the message): a
     record's id or image path comes from a file a person can edit.

@@ -123,11 +123,13 @@ def run(
     kept=None,
     reads=None,
     classes=CLASSES,
+    revoked=(),
     **params,
 ):
     """``feedback``: the accepted records as stored; ``kept``: those data_processing kept last
     run; ``reads``: a list that gets the id of every record read from the store; ``classes``:
-    the model input's class names, which the reference's labels index."""
+    the model input's class names, which the reference's labels index; ``revoked``: the ids
+    in the revocation store."""
     reads = [] if reads is None else reads
 
     def load(key: str) -> object:
@@ -142,6 +144,7 @@ def run(
         classes,
         {key: functools.partial(load, key) for key in feedback or {}},
         kept,
+        {key: functools.partial(pytest.fail, f"read revocation {key}") for key in revoked},
         {**PARAMS, **params},
     )
 
@@ -323,10 +326,14 @@ def test_feedback_error_rate_counts_accepted_corrections_of_the_version(
     _, metrics, _, _ = run(log, champion, reference, feedback=feedback, kept=kept, reads=reads)
     assert metric(metrics, "feedback_error_rate") == pytest.approx(2 / 4)
     assert sorted(reads) == ["d", "f"]
-    # a label revoked since (data_processing marked it) is no correction
-    kept["a"] = {**kept["a"], "revoked": True}
-    _, metrics, _, _ = run(log, champion, reference, feedback=feedback, kept=kept, reads=reads)
-    assert metric(metrics, "feedback_error_rate") == pytest.approx(1 / 3)
+    # a label revoked since is no correction, before data_processing marked it (only the
+    # revocation store's listing is read) and after
+    for revoked in ({"revoked": True}, {}):
+        kept["a"] = {**feedback["a"], **revoked}
+        _, metrics, _, _ = run(
+            log, champion, reference, feedback=feedback, kept=kept, revoked=["a"]
+        )
+        assert metric(metrics, "feedback_error_rate") == pytest.approx(1 / 3)
 
     _, without, _, _ = run(log, champion, reference)
     assert "monitoring.feedback_error_rate" not in without
@@ -393,7 +400,7 @@ def test_a_run_lists_only_the_hours_from_its_state_on_and_reads_what_a_full_list
     assert metric(metrics, "predictions") == 20
     assert summary["unreadable_files"] == []
     everything, _, _, full_state = monitor_predictions(
-        every_file, state, champion, reference, CLASSES, {}, None, PARAMS
+        every_file, state, champion, reference, CLASSES, {}, None, {}, PARAMS
     )
     for key in ("records", "partitions", "period", "versions"):
         assert summary[key] == everything[key]
@@ -533,6 +540,7 @@ def test_a_run_whose_plot_save_fails_leaves_the_state_for_the_next_run_to_read_a
             "monitoring_reference_classes": MemoryDataset(CLASSES),
             "accepted_feedback_records": MemoryDataset({}),
             "previous_accepted_records": OptionalJSONDataset(filepath=str(tmp_path / "none")),
+            "revoked_feedback_records": MemoryDataset({}),
             "params:monitoring": MemoryDataset(PARAMS),
             "monitoring_unusual_images_plot": MatplotlibDataset(
                 filepath=str(blocked / "unusual_images.png")

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from medical_ct.changes import listing_table
-from medical_ct.datasets import StoredFiles, collect_records
+from medical_ct.datasets import StoredFiles, collect_records, mark_revoked
 from medical_ct.manifest import (
     FEEDBACK,
     RAW,
@@ -221,8 +221,7 @@ def decode_reviewed_feedback(
     """
     params = DataProcessingParams.from_params(data_processing)
     records = collect_records(accepted_feedback, None if params.full_rescan else previous_records)
-    revoked = records.keys() & revoked_feedback.keys()
-    records |= {key: {**records[key], "revoked": True} for key in revoked}
+    records, revoked = mark_revoked(records, revoked_feedback)
     reviewed = {r.get("accepted_as") for k, r in records.items() if k not in revoked} - {None}
     if revoked:
         logger.info("Not training on %d revoked feedback label(s)", len(revoked))

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from scipy.stats import chisquare, ks_2samp
 from sklearn.decomposition import PCA
 
-from medical_ct.datasets import collect_records, hour_partition, log_file_times
+from medical_ct.datasets import collect_records, hour_partition, log_file_times, mark_revoked
 from medical_ct.model import embed, feature_extractor
 from medical_ct.plots import message_figure
 from medical_ct.preprocessing import IMAGE_SIZE
@@ -479,7 +479,7 @@ def feedback_errors(accepted: list[dict[str, Any]], version: str) -> dict[str, A
         for record in accepted
         if str(record.get("corrected_model_version")) == version
         and record.get("corrected_label")
-        and not record.get("revoked")  # as the last data_processing marked it
+        and not record.get("revoked")
     ]
     errors = sum(record["label"] != record["corrected_label"] for record in corrections)
     return {
@@ -508,6 +508,7 @@ def monitor_predictions(
     reference_classes: list[str] | None,
     accepted_feedback: Mapping[str, Callable[[], dict[str, Any]]],
     kept_records: dict[str, dict] | None,
+    revoked_feedback: Mapping[str, Callable[[], dict[str, Any]]],
     monitoring: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any], Figure, dict[str, Any]]:
     """Measure the prediction log's new records against the champion's training data.
@@ -523,6 +524,8 @@ def monitor_predictions(
         accepted_feedback: ``{feedback id: loader}`` of the accepted feedback records.
         kept_records: The readable ones data_processing kept last run (``accepted_records``;
             ``None`` before it ran): only records listed since are read (``collect_records``).
+        revoked_feedback: ``{feedback id: loader}`` of the revocations: a label revoked is no
+            correction, from the moment it is revoked (``mark_revoked``).
         monitoring: The ``monitoring`` parameters.
 
     Returns:
@@ -557,7 +560,8 @@ def monitor_predictions(
         return _nothing_readable(summary, next_state(state, names, grace_ms, None), logged, names)
     threshold = champion.review_threshold or params.fallback_review_threshold
     training_shares = _training_shares(reference_set, reference_classes, champion.class_names)
-    accepted = list(collect_records(accepted_feedback, kept_records).values())
+    accepted, _ = mark_revoked(collect_records(accepted_feedback, kept_records), revoked_feedback)
+    accepted = list(accepted.values())
     summary.update(
         status="measured",
         records=len(records),

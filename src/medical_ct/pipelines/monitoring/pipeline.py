@@ -18,6 +18,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "monitoring_reference_classes",
                     "accepted_feedback_records",
                     "previous_accepted_records",
+                    "revoked_feedback_records",
                     "params:monitoring",
                 ],
                 outputs=[
