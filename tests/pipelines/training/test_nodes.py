@@ -295,6 +295,53 @@ def test_the_data_of_a_refused_challenger_is_not_trained_on_again():
     assert decide_on("b" * 64, retrain=True)["train"] is True
 
 
+def test_feedback_a_version_rolled_back_from_added_waits_until_revoked_or_confirmed():
+    """Version 5 trained on 12 bad feedback labels (f0..f11) and was rolled back to 4. The
+    next week skipped (same fingerprint); the week after one new image changed the
+    fingerprint, and the 12 labels trained again and were promoted (hunt of 2026-12-04). They
+    now wait until revoked, or until a person says the rest are right."""
+    with_feedback = TRAINED_ON.assign(feedback_id="")
+    bad = with_feedback.iloc[:12].assign(
+        content_hash=[f"{i:064x}" for i in range(100, 112)],
+        feedback_id=[f"f{i}" for i in range(12)],
+    )
+    new_image = TRAINED_ON.iloc[:1].assign(content_hash=["e" * 64], feedback_id="")
+    champion = RegisteredClassifier(
+        None,
+        "4",
+        CLASSES,
+        {
+            "dataset_fingerprint": "a" * 64,
+            "champion.rolled_back_data": "5:" + "b" * 64,
+            "champion.rolled_back_to_reason": "bad labels in batch 12",
+        },
+    )
+    versions = {
+        "4": RegisteredVersion("4", "run", {}, dict, lambda: with_feedback),
+        "5": RegisteredVersion("5", "run5", {}, dict, lambda: pd.concat([with_feedback, bad])),
+    }
+
+    def decide_on(manifest: pd.DataFrame, retrain: bool = False) -> dict:
+        return decide_training("c" * 64, manifest, champion, versions, retrain, 1)[0]
+
+    held = decide_on(pd.concat([with_feedback, bad, new_image]))
+    assert held["train"] is False
+    assert held["reason"] == (
+        "12 accepted feedback label(s) that version(s) 5 added over champion version 4 are "
+        "still in the data (f0, f1, f10, f11, f2, f3, f4, f5, f6, f7, ...), and version(s) 5 "
+        "were rolled back (bad labels in batch 12): skipping training until a reviewer "
+        "revokes the wrong ones (POST /review/revoke); when the rest are right, set "
+        "retrain_on_same_data=true once to train on them"
+    )
+    assert decide_on(pd.concat([with_feedback, bad.iloc[:2], new_image]))["train"] is False
+    assert decide_on(pd.concat([with_feedback, bad, new_image]), retrain=True)["train"] is True
+    all_revoked = decide_on(pd.concat([with_feedback, new_image]))
+    assert all_revoked["train"] is True and all_revoked["new_images"] == 1
+    # feedback that came after version 5 was never rolled back from
+    later = bad.assign(feedback_id=[f"g{i}" for i in range(12)])
+    assert decide_on(pd.concat([with_feedback, later]))["train"] is True
+
+
 CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 

@@ -54,8 +54,10 @@ def decide_training(
     rollback the data of the version rolled back away from is refused the same way (the
     champion's tag ``champion.rolled_back_data``), and so is the data of a version registered
     after the champion and not promoted (the ``challenger``): its images would still count as
-    new against the champion's, and every week would register another copy of it.
-    ``retrain_on_same_data`` trains anyway.
+    new against the champion's, and every week would register another copy of it. Other data
+    after a rollback waits too while it still holds accepted feedback that a version rolled
+    back from added (``_held_feedback``): bad labels are a common reason to roll back, and
+    they would train again with the next new image. ``retrain_on_same_data`` trains anyway.
 
     Args:
         dataset_fingerprint: This run's model input fingerprint (from the data report).
@@ -87,7 +89,9 @@ def decide_training(
     if champion is None:
         changes, decision = None, {"train": True, "reason": "no champion yet"}
     else:
-        changes = _changed_images(training_manifest, champion, registered_versions)
+        trained_on = _manifest_of(registered_versions, champion.version)
+        changes = None if trained_on is None else _changed_images(training_manifest, trained_on)
+        held = _held_feedback(training_manifest, trained_on, champion, registered_versions)
         classes = set(training_manifest["label"].unique().tolist())
         decision = _decision(
             dataset_fingerprint,
@@ -98,6 +102,8 @@ def decide_training(
             retrain_on_same_data,
             min_new_images,
         )
+        if held and decision["train"] and not retrain_on_same_data:
+            decision = {"train": False, "reason": _held_reason(held, champion)}
     new, removed = changes or (None, None)
     decision |= {"new_images": new, "removed_images": removed}
     logger.info("Training decision: %s", decision["reason"])
@@ -220,22 +226,76 @@ def _class_change(classes: set[str], champion: RegisteredClassifier) -> str:
 LEARNED_SPLITS = ("train", "validation")
 
 
-def _changed_images(
+def _manifest_of(versions: dict[str, RegisteredVersion], version: str) -> pd.DataFrame | None:
+    """The training manifest of ``version`` (None when it has none, or is not listed)."""
+    try:
+        return versions[version].read_manifest()
+    except (KeyError, FileNotFoundError):
+        return None
+
+
+def _held_feedback(
     manifest: pd.DataFrame,
+    trained_on: pd.DataFrame | None,
     champion: RegisteredClassifier,
     versions: dict[str, RegisteredVersion],
-) -> tuple[int, int] | None:
-    """How many images are new and how many removed since the champion's manifest (None
-    without one).
+) -> dict[str, list[str]]:
+    """``{version: feedback ids}``: the accepted feedback that each version rolled back away
+    from (to reach the champion) added over the champion's data and that ``manifest`` still
+    holds.
+
+    A rollback for bad labels held only while the fingerprint stayed the same: the next new
+    image changed it, and the bad labels trained again and could be promoted. Until those
+    labels are revoked, or a person says they are right, they wait. A champion without a
+    manifest holds back everything the version rolled back from trained on.
+    """
+    now = _feedback_ids(manifest)
+    if not now:
+        return {}
+    before = set() if trained_on is None else _feedback_ids(trained_on)
+    held = {}
+    for version in sorted(set(lifecycle.rolled_back_data(champion.tags).values()), key=int):
+        rolled_back = _manifest_of(versions, version)
+        if rolled_back is None:
+            logger.warning(
+                "Version %s was rolled back from, and its training manifest cannot be read: "
+                "the feedback it added cannot be held back from training",
+                version,
+            )
+        elif still := sorted((_feedback_ids(rolled_back) - before) & now):
+            held[version] = still
+    return held
+
+
+def _feedback_ids(manifest: pd.DataFrame) -> set[str]:
+    """The feedback ids of a manifest's images (none for raw images, nor an older manifest)."""
+    if "feedback_id" not in manifest:
+        return set()
+    return set(manifest["feedback_id"].dropna().tolist()) - {""}
+
+
+def _held_reason(held: dict[str, list[str]], champion: RegisteredClassifier) -> str:
+    """Why a run with held-back feedback waits, and the two ways on."""
+    ids = sorted({feedback_id for ids in held.values() for feedback_id in ids})
+    versions = ", ".join(held)
+    why = champion.tags.get(lifecycle.ROLLED_BACK_TO_REASON)
+    return (
+        f"{len(ids)} accepted feedback label(s) that version(s) {versions} added over champion "
+        f"version {champion.version} are still in the data ({', '.join(ids[:10])}"
+        f"{', ...' if len(ids) > 10 else ''}), and version(s) {versions} were rolled back"
+        f"{f' ({why})' if why else ''}: skipping training until a reviewer revokes the wrong "
+        "ones (POST /review/revoke); when the rest are right, set retrain_on_same_data=true "
+        "once to train on them"
+    )
+
+
+def _changed_images(manifest: pd.DataFrame, trained_on: pd.DataFrame) -> tuple[int, int]:
+    """How many images are new and how many removed since the champion's manifest.
 
     New: (content hash, label) pairs of ``manifest`` absent from the champion's manifest.
     Removed: images of the champion's training and validation splits whose content hash
     ``manifest`` no longer has; a relabelled image is counted once, as new.
     """
-    try:
-        trained_on = versions[champion.version].read_manifest()
-    except (KeyError, FileNotFoundError):
-        return None
     learned = trained_on["split"].isin(LEARNED_SPLITS).to_numpy()
     columns = trained_on[["content_hash", "label"]]  # not the manifest's five other columns
     seen, held_out, now = map(_pairs, (columns[learned], columns[~learned], manifest))
