@@ -30,6 +30,7 @@ from medical_ct.serving.http import (
     pages,
 )
 from medical_ct.serving.model_holder import InvalidModelOutputError, ModelHolder, ServedModel
+from medical_ct.serving.ood import check_builder
 from medical_ct.serving.packaging import load_packaged, packaged_model
 from medical_ct.serving.prediction_log import PREDICTION_LOG, PredictionLog, new_prediction_id
 from medical_ct.serving.project import (
@@ -80,7 +81,14 @@ class MedicalCT:
             serving.log_pixels,
             serving.prediction_log_enabled,
         )
-        self.holder = ModelHolder()
+        review = project.review  # conf/base/review.yml: its out_of_distribution section
+        self.holder = ModelHolder(
+            ood_check=check_builder(
+                project.catalog,
+                review.ood_reference_images_per_class,
+                review.ood_max_distance_ratio,
+            )
+        )
         if not self.holder.refresh() and PACKAGED_MODEL is not None:
             logger.info("No champion reachable in the registry: serving the packaged model")
             self.holder.set(load_packaged(self.packaged_model))
@@ -114,6 +122,7 @@ class MedicalCT:
         metrics.predictions_total.labels(label=result["label"]).inc()
         metrics.prediction_confidence.observe(result["confidence"])
         metrics.needs_review_total.inc(result["needs_review"])
+        metrics.out_of_distribution_total.inc(result["out_of_distribution"])
         return Prediction(**result, prediction_id=prediction_id)
 
     @bentoml.api(route="/feedback")

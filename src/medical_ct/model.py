@@ -198,6 +198,40 @@ def feature_extractor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
     return features
 
 
+def output_and_features(
+    model: nn.Module, classes: int
+) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """A function from images to ``model``'s output and its ``feature_extractor`` features,
+    in one forward pass: the features are most of the work, and the service needs both for
+    every image (the answer, and how far the image is from the training images). On the
+    registered graph the two leave as one tensor (its output spec holds one), split after
+    the ``classes`` columns of the output."""
+    if not isinstance(model, torch.fx.GraphModule):
+        extract = feature_extractor(model)
+        return lambda images: (model(images), extract(images))  # a module: tests only
+    graph = copy.deepcopy(model.graph)
+    head = [
+        node
+        for node in graph.nodes
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default
+    ][-1]
+    output = next(node for node in graph.nodes if node.op == "output")
+    (result,) = output.args[0]
+    with graph.inserting_before(output):
+        both = graph.call_function(
+            torch.ops.aten.cat.default, ([result, _average_part(head.args[0])], 1)
+        )
+    output.args = ((both,),)
+    joined = torch.fx.GraphModule(model, graph)
+    joined.recompile()
+
+    def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        combined = joined(images)
+        return combined[:, :classes], combined[:, classes:]
+
+    return run
+
+
 def _average_part(node: torch.fx.Node) -> torch.fx.Node:
     """The global average of an exported AvgMaxPool (``cat([mean, amax])``), else ``node``."""
     source = node

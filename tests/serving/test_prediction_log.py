@@ -28,6 +28,9 @@ def result(label: str = "Hand", version: str = "3") -> dict:
         "confidence": probabilities[label],
         "probabilities": probabilities,
         "model_version": version,
+        "needs_review": False,
+        "out_of_distribution": False,
+        "out_of_distribution_ratio": 0.5,
     }
 
 

@@ -90,6 +90,8 @@ def test_predict_answers_label_probabilities_and_version(client, project, sample
         "label",
         "confidence",
         "needs_review",
+        "out_of_distribution",
+        "out_of_distribution_ratio",
         "probabilities",
         "model_version",
         "prediction_id",
@@ -172,13 +174,35 @@ def test_an_ambiguous_image_needs_review_and_a_clear_one_does_not(client, sample
     }
 
     for answer in [*answers.values(), *clear.values()]:
-        assert answer["needs_review"] is (answer["confidence"] < threshold), answer
+        uncertain = answer["confidence"] < threshold or answer["out_of_distribution"]
+        assert answer["needs_review"] is uncertain, answer
     most_ambiguous = min(answers.values(), key=lambda answer: answer["confidence"])
     assert most_ambiguous["confidence"] < threshold
     assert most_ambiguous["needs_review"] is True
     clearest = max(clear.values(), key=lambda answer: answer["confidence"])
     assert clearest["confidence"] >= threshold
     assert clearest["needs_review"] is False
+
+
+def test_an_image_unlike_the_training_images_needs_review_however_confident(client, sample_dir):
+    """Noise was HeadCT at 0.999995 and a flat grey ChestCT at 0.999996, neither flagged:
+    /predict had no out-of-distribution check (hunt of 2026-12-05). Training images of the
+    raw store (the reference is drawn from it) are not flagged."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    odd = {
+        "uniform noise": encoded(Image.fromarray(noise), "PNG"),
+        "flat grey": encoded(Image.new("L", (64, 64), 128), "PNG"),
+        "all black": encoded(Image.new("L", (64, 64), 0), "PNG"),
+    }
+    for name, image in odd.items():
+        answer = client.post("/predict", files={"image": ("odd.png", image)}).json()
+        assert answer["out_of_distribution"] is True, (name, answer)
+        assert answer["needs_review"] is True, (name, answer)
+    assert answer["out_of_distribution_ratio"] is not None
+    for label in CLASSES:
+        answer = client.post("/predict", files={"image": jpeg(sample_image(sample_dir, label))})
+        assert answer.json()["out_of_distribution"] is False, answer.json()
 
 
 def test_served_probabilities_are_the_registered_models_calibrated_ones(

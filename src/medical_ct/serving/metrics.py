@@ -48,7 +48,12 @@ invalid_model_outputs = bentoml.metrics.Counter(
 )
 needs_review_total = bentoml.metrics.Counter(
     name="medical_ct_needs_review_total",
-    documentation="Answers of /predict under the served model's review threshold",
+    documentation="Answers of /predict that need a review: under the served model's review "
+    "threshold, or out of distribution",
+)
+out_of_distribution_total = bentoml.metrics.Counter(
+    name="medical_ct_out_of_distribution_total",
+    documentation="Answers of /predict for images unlike the training images",
 )
 feedback_reviews_total = bentoml.metrics.Counter(
     name="medical_ct_feedback_reviews_total",

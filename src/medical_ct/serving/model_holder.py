@@ -1,17 +1,21 @@
 """The served model: loaded from the registry alias, and swapped atomically when it moves."""
 
+import functools
 import logging
 import math
 import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 from mlflow.tracking import MlflowClient
 
 from medical_ct import lifecycle, registry
-from medical_ct.model import predict_probabilities
+from medical_ct.model import output_and_features, predict_probabilities
 from medical_ct.serving import metrics
+from medical_ct.serving.ood import OodCheck
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +36,19 @@ class InvalidModelOutputError(RuntimeError):
         )
 
 
+# An image whose pixels vary less than this (grey levels, standard deviation) is one flat
+# grey: nothing to classify. In features it sits near the class means (a constant grey was
+# ChestCT at 0.999996, 0.3 of the distance limit), so it is told by its pixels.
+BLANK_MAX_STD = 1.0
+
+
 @dataclass(frozen=True)
 class ServedModel:
     """A registered classifier and what ``GET /model`` tells about it."""
 
     classifier: registry.RegisteredClassifier
     test_metrics: dict[str, float | None] = field(default_factory=dict)
+    ood: OodCheck | None = None  # None: no reference (too few raw images), nothing flagged
 
     @property
     def version(self) -> str:
@@ -52,18 +63,22 @@ class ServedModel:
         return self.classifier.review_threshold
 
     def classify(self, images: np.ndarray) -> list[dict[str, Any] | InvalidModelOutputError]:
-        """Label, confidence, per-class probabilities and review flag of ``(n, H, W)`` images.
+        """Label, confidence, per-class probabilities and review flags of ``(n, H, W)`` images.
 
         The probabilities are the registered model's own, calibrated inside it; an answer
-        less confident than the version's review threshold needs a review. A version
-        registered before calibration has no threshold: its answers never do. An image whose
-        probabilities are not finite gets an ``InvalidModelOutputError`` in its place
-        (counted on /metrics, alert ``MedicalCTModelOutputInvalid``).
+        less confident than the version's review threshold needs a review, and so does an
+        image unlike the training images (``out_of_distribution``: far from them in the
+        model's features, or one flat grey), which a model answers as confidently as any. A
+        version registered before calibration has no threshold; without a reference the
+        distance is ``None``. An image whose probabilities are not finite gets an
+        ``InvalidModelOutputError`` in its place (counted on /metrics, alert
+        ``MedicalCTModelOutputInvalid``).
         """
-        probabilities = predict_probabilities(self.classifier.model, images[:, None])
+        probabilities, ratios = self._probabilities_and_ratios(images)
+        blank = images.reshape(len(images), -1).std(axis=1) < BLANK_MAX_STD
         threshold = self.review_threshold
         results: list[dict[str, Any] | InvalidModelOutputError] = []
-        for row in probabilities:
+        for row, ratio, flat in zip(probabilities, ratios, blank, strict=True):
             if not np.isfinite(row).all():
                 metrics.invalid_model_outputs.inc()
                 logger.error("Model version %s gave non-finite probabilities %s", self.version, row)
@@ -71,11 +86,15 @@ class ServedModel:
                 continue
             best = int(row.argmax())
             confidence = float(row[best])
+            far = ratio is not None and not ratio <= self.ood.max_ratio  # NaN too
+            unusual = bool(flat or far)
             results.append(
                 {
                     "label": self.class_names[best],
                     "confidence": confidence,
-                    "needs_review": threshold is not None and confidence < threshold,
+                    "needs_review": unusual or (threshold is not None and confidence < threshold),
+                    "out_of_distribution": unusual,
+                    "out_of_distribution_ratio": ratio,
                     "probabilities": {
                         name: float(p) for name, p in zip(self.class_names, row, strict=True)
                     },
@@ -83,6 +102,22 @@ class ServedModel:
                 }
             )
         return results
+
+    def _probabilities_and_ratios(self, images: np.ndarray) -> tuple[np.ndarray, list]:
+        """Both from one forward pass when there is a reference (``output_and_features``)."""
+        if self.ood is None:
+            return predict_probabilities(self.classifier.model, images[:, None]), [None] * len(
+                images
+            )
+        with torch.inference_mode():
+            output, features = self._output_and_features(torch.as_tensor(images[:, None]))
+        ratios = self.ood.reference.ratios(features.numpy())
+        probabilities = torch.softmax(output, dim=1).numpy()
+        return probabilities, [float(ratio) for ratio in ratios]
+
+    @functools.cached_property
+    def _output_and_features(self) -> Callable:
+        return output_and_features(self.classifier.model, len(self.class_names))
 
     def describe(self) -> dict[str, Any]:
         """``GET /model``; ``lineage`` comes from the version's tags, read when it was loaded.
@@ -124,8 +159,15 @@ class ModelHolder:
     reference in one assignment, so a request never sees half of two versions.
     """
 
-    def __init__(self, alias: str = registry.CHAMPION_ALIAS) -> None:
+    def __init__(
+        self,
+        alias: str = registry.CHAMPION_ALIAS,
+        ood_check: Callable[[Any], OodCheck | None] | None = None,
+    ) -> None:
+        """``ood_check``: builds a version's out-of-distribution reference from its model
+        when it is loaded (``ood.check_builder``); None flags nothing."""
         self.alias = alias
+        self._ood_check = ood_check
         self._current: ServedModel | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -143,6 +185,8 @@ class ModelHolder:
         return served.classify(images)
 
     def set(self, served: ServedModel) -> None:
+        if self._ood_check is not None and served.ood is None:
+            served = replace(served, ood=self._ood_check(served.classifier.model))
         self._current = served
         metrics.serving_model_version.set(int(served.version))
 

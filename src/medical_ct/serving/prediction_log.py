@@ -161,6 +161,12 @@ class PredictionLog:
                     "model_version": [result["model_version"] for result in results],
                     "label": [result["label"] for result in results],
                     "confidence": [result["confidence"] for result in results],
+                    # what the caller was told, as the version served it then
+                    "needs_review": [result["needs_review"] for result in results],
+                    "out_of_distribution": [result["out_of_distribution"] for result in results],
+                    "out_of_distribution_ratio": [
+                        result["out_of_distribution_ratio"] for result in results
+                    ],
                     "class_names": [list(result["probabilities"]) for result in results],
                     "probabilities": [list(result["probabilities"].values()) for result in results],
                     "pixel_hash": [content_hash(image) for image in images],

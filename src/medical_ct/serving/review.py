@@ -37,11 +37,9 @@ from kedro.io import CatalogProtocol, DatasetError
 from PIL import Image
 
 from medical_ct.datasets import ImageFolderDataset, fetched, inside, read_record
-from medical_ct.model import embed, feature_extractor
 from medical_ct.preprocessing import InvalidImageError, preprocess_image
 from medical_ct.serving import metrics
 from medical_ct.serving.model_holder import InvalidModelOutputError, ServedModel
-from medical_ct.serving.ood import OodReference, build_reference
 
 REVIEWER_TOKENS_VARIABLE = "MEDICAL_CT_REVIEWER_TOKENS"
 PENDING_IMAGES = "pending_feedback_images"
@@ -885,8 +883,8 @@ def flags_for(
     Args:
         item: The pending record.
         model_view: The champion's answer for the image now (label, confidence, probabilities).
-        ood_ratio: The image's distance to the nearest class of the training reference over
-            that class's own 99th percentile (see ood.py; None when no reference was built).
+        ood_ratio: The image's distance to the nearest class of the training reference, in
+            the reference's 99th percentile (see ood.py; None when no reference was built).
         submissions: Every submitted record (for conflicting labels and bursts).
     """
     flags = []
@@ -919,13 +917,16 @@ def flags_for(
                 f"one (more than {config.burst_flag_per_minute})",
             }
         )
-    if ood_ratio is not None and not ood_ratio <= config.ood_max_distance_ratio:  # NaN too
+    if model_view.get("out_of_distribution"):
+        far = ood_ratio is not None and not ood_ratio <= config.ood_max_distance_ratio
         flags.append(
             {
                 "flag": "out_of_distribution",
                 "reason": f"{ood_ratio:.1f}x farther from the nearest class of the training "
                 f"images than 99% of them are (the champion's features; limit "
-                f"{config.ood_max_distance_ratio}x)",
+                f"{config.ood_max_distance_ratio}x)"
+                if far
+                else "the image is one flat grey: nothing to classify",
             }
         )
     return flags
@@ -956,8 +957,6 @@ class ReviewQueue:
         self.store = ReviewStore(catalog)
         self.config = config
         self._catalog = catalog
-        self._reference: tuple[str, Callable, OodReference | None] | None = None
-        self._reference_lock = threading.Lock()
         self._stop = threading.Event()
         self._image_problems_logged: set[str] = set()
         self._submissions = Submissions()
@@ -1070,9 +1069,12 @@ class ReviewQueue:
         """The champion's view and the out-of-distribution ratio of each image decoded, by id."""
         if not pixels:
             return {}
-        stacked = np.stack(list(pixels.values()))
-        answers = zip(served.classify(stacked), self._ood_ratios(served, stacked), strict=True)
-        return dict(zip(pixels, answers, strict=True))
+        answers = served.classify(np.stack(list(pixels.values())))
+        ratios = (
+            None if isinstance(answer, Exception) else answer["out_of_distribution_ratio"]
+            for answer in answers
+        )
+        return dict(zip(pixels, zip(answers, ratios, strict=True), strict=True))
 
     def _shown(
         self,
@@ -1101,23 +1103,6 @@ class ReviewQueue:
         if item["feedback_id"] not in self._image_problems_logged:
             self._image_problems_logged.add(item["feedback_id"])
             logger.error("GET /review: %s", reason)
-
-    def _ood_ratios(self, served: ServedModel, pixels: np.ndarray) -> list[float | None]:
-        """The reference is built once per champion version, in its own features."""
-        with self._reference_lock:
-            if self._reference is None or self._reference[0] != served.version:
-                extractor = feature_extractor(served.classifier.model)
-
-                def features(images: np.ndarray) -> np.ndarray:
-                    return embed(extractor, images[:, None])
-
-                per_class = self.config.ood_reference_images_per_class
-                reference = build_reference(features, self._catalog, per_class)
-                self._reference = (served.version, features, reference)
-            _, features, reference = self._reference
-        if reference is None:
-            return [None] * len(pixels)
-        return [float(r) for r in reference.ratios(features(pixels))]
 
 
 def _queue_item(item: dict, view: dict | None, ratio: float | None, flags: list[dict]) -> dict:

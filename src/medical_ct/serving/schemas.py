@@ -11,9 +11,19 @@ class Prediction(BaseModel):
     label: str = Field(description="the most probable class")
     confidence: float = Field(description="the calibrated probability of `label`")
     needs_review: bool = Field(
-        description="true when `confidence` is under the model's review threshold (GET /model): "
-        "the answer is uncertain and a person should check it; always false for a model "
-        "registered without a threshold"
+        description="true when `confidence` is under the model's review threshold (GET /model) "
+        "or the image is `out_of_distribution`: the answer is uncertain and a person should "
+        "check it"
+    )
+    out_of_distribution: bool = Field(
+        description="true when the image is unlike the images the model was trained on (far "
+        "from them in the model's features, or one flat grey): a model answers such an image "
+        "as confidently as any, so its `confidence` says nothing"
+    )
+    out_of_distribution_ratio: float | None = Field(
+        description="the image's distance to the nearest class of the training images, in "
+        "their own 99th percentile; out of distribution past conf/base/review.yml's "
+        "max_distance_ratio; null without a reference (too few raw images)"
     )
     probabilities: dict[str, float] = Field(description="the probability of every class")
     model_version: str = Field(description="the registered version that answered")
