@@ -71,6 +71,9 @@ def write_records(log_path: Path, count: int, first: int, images: np.ndarray) ->
             "confidence": confidence,
             "probabilities": {c: confidence if c == label else rest for c in CLASSES},
             "model_version": "1",
+            "needs_review": False,
+            "out_of_distribution": False,
+            "out_of_distribution_ratio": 0.5,
         }
         log.append(new_prediction_id(START_MS + number * 3600), result, image)  # 1,000 an hour
         if (number + 1) % RECORDS_PER_FILE == 0:

@@ -85,6 +85,9 @@ def log_answers(project: Path, images: np.ndarray, monkeypatch, log_path: str = 
             "confidence": float(row[best]),
             "probabilities": dict(zip(champion.class_names, row.tolist(), strict=True)),
             "model_version": champion.version,
+            "needs_review": False,
+            "out_of_distribution": False,
+            "out_of_distribution_ratio": None,
         }
         log.append(new_prediction_id(), result, image)
     log.close()

@@ -56,6 +56,7 @@ class MonitoringParams:
     min_records: int = 30
     max_low_confidence_share: float = 0.2
     max_feedback_error_rate: float = 0.1
+    max_out_of_distribution_share: float = 0.02
     fallback_review_threshold: float = 0.9
     unusual_images: int = 16
     late_write_grace_hours: float = 6.0
@@ -80,6 +81,7 @@ class MonitoringParams:
             problems.append(f"seed must be a non-negative integer, got {seed!r}")
         for key in ("p_value", "min_ks_statistic", "drift_share", "prediction_drift_p_value",
                     "max_low_confidence_share", "max_feedback_error_rate",
+                    "max_out_of_distribution_share",
                     "fallback_review_threshold"):  # fmt: skip
             value = monitoring.get(key, getattr(defaults, key))
             if not _is_number(value) or not 0 < value <= 1:
@@ -211,7 +213,9 @@ _RECORD_COLUMNS = [
     "label",
     "confidence",
     "pixel_hash",
+    "out_of_distribution",
 ]
+_LATER_COLUMNS = {"out_of_distribution"}  # written since 2026-12-05: NaN in older files
 _RECORD_TYPES = {"predicted_at": "datetime64[ns, UTC]", "confidence": "float64"}
 
 
@@ -271,7 +275,7 @@ def read_predictions(
             if buffered > 2 * max_images:  # reduce now and then: copies stay ~2 per image
                 kept, kept_rows, kept_keys = _largest_keys(kept, kept_rows, kept_keys, max_images)
                 buffered = max_images
-        tables.append(table[_RECORD_COLUMNS])
+        tables.append(table.reindex(columns=_RECORD_COLUMNS))
         offset += len(table)
     if kept:
         kept, kept_rows, kept_keys = _largest_keys(kept, kept_rows, kept_keys, max_images)
@@ -300,7 +304,7 @@ def _read_partition(
     What it holds is read as the service writes it (``_as_written``)."""
     try:
         table = partitions[name]()
-        missing = sorted({*_RECORD_COLUMNS, "pixels"} - set(table.columns))
+        missing = sorted({*_RECORD_COLUMNS, "pixels"} - _LATER_COLUMNS - set(table.columns))
         if missing:
             raise ValueError(f"columns {missing} missing")
     except (DatasetError, OSError, ValueError) as error:
@@ -455,6 +459,15 @@ def prediction_drift(
 def low_confidence_share(confidence: np.ndarray, threshold: float) -> float:
     """Share of answers under the review threshold: those a person should check."""
     return float(np.mean(confidence < threshold)) if len(confidence) else float("nan")
+
+
+def out_of_distribution_share(flags: pd.Series) -> float | None:
+    """Share of answers the service flagged ``out_of_distribution`` (images unlike the
+    training images), of those logged with the flag; None when none was. Such images come
+    with confident answers, so neither the confidence nor the class mix shows a minority of
+    them: 60 non-medical images among 600 raised no alert before this."""
+    known = flags.dropna()
+    return float(known.astype(bool).mean()) if len(known) else None
 
 
 def estimated_accuracy(confidence: np.ndarray) -> float:
@@ -681,6 +694,7 @@ def _version_summary(
     summary = {
         "records": len(records),
         "low_confidence_share": low_confidence_share(confidence, threshold),
+        "out_of_distribution_share": out_of_distribution_share(records["out_of_distribution"]),
         "estimated_accuracy": estimated_accuracy(confidence),
         "feedback": feedback_errors(accepted, str(records["model_version"].iloc[0])),
     }
@@ -713,7 +727,13 @@ def _input_drift(
     else:
         reason = None
     if reason is not None:
-        logger.info("Monitoring: input drift not tested: %s", reason)
+        if not images_with_pixels and len(logged.records):
+            reason = (
+                "the prediction log holds no pixels (the service runs with log_pixels false): "
+                "input drift cannot be tested, only the out-of-distribution share"
+            )
+        level = logging.INFO if images_with_pixels else logging.WARNING
+        logger.log(level, "Monitoring: input drift not tested: %s", reason)
         message = f"Input drift not tested: {reason}"
         result = {"result": {**untested, "reason": reason}, "unusual": []}
         return result, message_figure(message)
@@ -781,6 +801,13 @@ def alerts(summary: dict[str, Any], params: MonitoringParams) -> list[str]:
             f"{summary['review_threshold']:.3f} (max_low_confidence_share "
             f"{params.max_low_confidence_share:.0%})"
         )
+    unusual = overall.get("out_of_distribution_share")
+    if enough and unusual is not None and unusual > params.max_out_of_distribution_share:
+        found.append(
+            f"out of distribution: {unusual:.1%} of answers were for images unlike the "
+            f"training images (max_out_of_distribution_share "
+            f"{params.max_out_of_distribution_share:.0%}); the grid of unusual images shows some"
+        )
     feedback = overall.get("feedback", {})
     rate = feedback.get("error_rate")
     if rate is not None and rate > params.max_feedback_error_rate:
@@ -799,11 +826,15 @@ def metrics_of(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     values = {
         "monitoring.predictions": summary.get("records", 0),
         "monitoring.input_drift_score": drift.get("score"),
-        "monitoring.input_drift_detected": int(bool(drift.get("detected"))),
+        # untested (no pixels logged, too few): left out, not 0, "no drift" being untrue
+        "monitoring.input_drift_detected": int(bool(drift["detected"]))
+        if drift.get("tested")
+        else None,
         "monitoring.prediction_drift_detected": int(
             any(v["prediction_drift"]["detected"] for v in summary.get("versions", {}).values())
         ),
         "monitoring.low_confidence_share": overall.get("low_confidence_share"),
+        "monitoring.out_of_distribution_share": overall.get("out_of_distribution_share"),
         "monitoring.estimated_accuracy": overall.get("estimated_accuracy"),
         "monitoring.feedback_error_rate": overall.get("feedback", {}).get("error_rate"),
         "monitoring.alerts": len(summary.get("alerts", [])),
