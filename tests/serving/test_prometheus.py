@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
     PROJECT_ROOT,
@@ -33,9 +34,14 @@ SCRAPE_INTERVAL_S = 1
 
 
 @pytest.fixture(scope="module")
-def service(trained_project, tmp_path_factory) -> Iterator[str]:
+def project(trained_project, tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("prometheus") / "project"
     shutil.copytree(trained_project, project)
+    return project
+
+
+@pytest.fixture(scope="module")
+def service(project) -> Iterator[str]:
     reviewers = {"MEDICAL_CT_REVIEWER_TOKENS": "alice:alice-token-for-tests"}
     with bentoml_server(project, MEDICAL_CT_WORKERS="2", **reviewers) as url:
         wait_ready(url)
@@ -135,6 +141,41 @@ def traffic(service, prometheus, sample_dir) -> dict:
     }
 
 
+# Labelled counters whose first event an alert or a panel must see: each series exists at 0
+# from the service's start, before any event (none of these happens in healthy traffic).
+SERIES_AT_ZERO = [
+    ("medical_ct_prediction_log_records_total", "outcome", "dropped"),
+    ("medical_ct_review_journal_refused_total", "journal", "review_audit"),
+    ("medical_ct_review_journal_refused_total", "journal", "feedback_submissions"),
+    ("medical_ct_feedback_reviews_total", "decision", "auto_accept"),
+]
+
+
+def test_counters_of_rare_events_are_at_zero_before_the_first(service, prometheus):
+    """A labelled counter had no series until its first event, and Prometheus first saw it
+    already holding that count: increase() read no rise, so MedicalCTPredictionLogRecordsDropped
+    and MedicalCTReviewAuditEntryRefused could never fire (hunt of 2026-12-05). The service now
+    creates every known label value at 0 when it starts."""
+    text = httpx.get(f"{service}/metrics", timeout=10).text
+    samples = {
+        (sample.name, *sample.labels.items()): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    exported = {series: samples.get((series[0], series[1:])) for series in SERIES_AT_ZERO}
+    assert exported == dict.fromkeys(SERIES_AT_ZERO, 0)
+    assert ("medical_ct_prediction_log_records_total", ("outcome", "written")) in samples
+
+    wait_for(prometheus, 'up{job="medical_ct"}', lambda value: value == 1)
+    scraped = {
+        (name, label, value): tuple(
+            series["value"][1] for series in query(prometheus, f'{name}{{{label}="{value}"}}')
+        )
+        for name, label, value in SERIES_AT_ZERO
+    }
+    assert scraped == dict.fromkeys(SERIES_AT_ZERO, ("0",))
+
+
 def test_counters_rise_by_the_traffic_sent(prometheus, traffic):
     # Every value below is read from one scrape that began after the last request was
     # answered: a scrape taken mid-traffic would show some counters moved and not others.
@@ -215,3 +256,30 @@ def test_alert_rules_load_and_evaluate_on_the_live_service(prometheus, traffic):
     assert {rule["health"] for rule in rules.values()} == {"ok"}
     # A healthy service with a champion: nothing fires.
     assert [rule["name"] for rule in rules.values() if rule["state"] != "inactive"] == []
+
+
+def test_the_first_refused_audit_entry_fires_its_alert_on_the_live_service(
+    project, service, prometheus, traffic, sample_dir
+):
+    """The real sequence, end to end: the audit log refuses the entry of one decision (a file
+    where its folder should be), the decision stands, and Prometheus fires
+    MedicalCTReviewAuditEntryRefused. Before, the refused counter's series appeared with its
+    first count and increase() never saw it rise. Last in this module: the alert then fires
+    for an hour, and the test above asserts that nothing fires on healthy traffic."""
+    audit = project / "data/01_raw/review_audit"
+    if audit.exists():
+        audit.rename(audit.with_name("review_audit.kept"))
+    audit.write_text("a file where the audit log's folder should be: every entry is refused")
+    image = sorted((sample_dir / "Hand").glob("*.jpeg"))[-1].read_bytes()
+    with httpx.Client(base_url=service, timeout=30) as client:
+        submitted = client.post("/feedback", files={"image": jpeg(image)}, data={"label": "Hand"})
+        assert submitted.status_code == 202, submitted.text
+        body = {"feedback_id": submitted.json()["feedback_id"], "decision": "accept"}
+        reviewer = {"Authorization": "Bearer alice-token-for-tests"}
+        decided = client.post("/review", json=body, headers=reviewer)
+        assert decided.status_code == 200, decided.text  # the decision stands
+
+    firing = 'ALERTS{alertname="MedicalCTReviewAuditEntryRefused", alertstate="firing"}'
+    refused = 'sum(medical_ct_review_journal_refused_total{journal="review_audit"})'
+    assert wait_for(prometheus, refused, lambda value: value == 1) == 1
+    assert wait_for(prometheus, f"count({firing})", lambda value: value == 1) == 1

@@ -3,6 +3,8 @@
 ``monitoring/`` holds the scrape config, alert rules and the dashboard that read them.
 """
 
+from collections.abc import Iterable
+
 import bentoml
 
 predictions_total = bentoml.metrics.Counter(
@@ -85,3 +87,17 @@ feedback_unreadable_records = bentoml.metrics.Gauge(
     labelnames=["store"],
     multiprocess_mode="livemostrecent",  # every worker reads the same stores
 )
+
+
+def start_at_zero(counter, **label_values: Iterable[str]) -> None:
+    """Create ``counter``'s series for every known value of its label, at 0, in this worker.
+
+    A labelled counter has no series until a value is first counted, and the series Prometheus
+    then scrapes already holds that count: ``increase()`` and ``rate()`` see no rise, so an
+    alert on the first events (``MedicalCTPredictionLogRecordsDropped``,
+    ``MedicalCTReviewAuditEntryRefused``) never fired and a panel missed them. Called where the
+    service starts what counts them (``.labels()`` without ``inc`` creates the series at 0).
+    """
+    ((name, values),) = label_values.items()
+    for value in values:
+        counter.labels(**{name: value})

@@ -28,6 +28,7 @@ from medical_ct.serving import metrics
 logger = logging.getLogger(__name__)
 
 PREDICTION_LOG = "prediction_log"
+OUTCOMES = ("written", "dropped")  # of a record: medical_ct_prediction_log_records_total{outcome}
 _TIME_DIGITS = 12  # hex digits of the milliseconds since the epoch: enough until year 10889
 _ID_LENGTH = 32
 # Records kept in memory while the store refuses writes; past this the oldest are dropped
@@ -97,6 +98,8 @@ class PredictionLog:
         self._writing: dict[str, tuple[int, dict[str, Any], np.ndarray]] = {}
         self._wait_s = flush_interval_s  # until the next write: longer after each refused one
         self._stop = threading.Event()
+        # At 0 from the start, so that the first dropped record is a rise Prometheus sees.
+        metrics.start_at_zero(metrics.prediction_log_records, outcome=OUTCOMES)
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
 

@@ -57,6 +57,7 @@ FEEDBACK_ID = re.compile(r"[^/]{1,128}-[0-9a-f]{32}")  # feedback_id_of: <label>
 JOURNAL_OVERLAP = timedelta(minutes=2)
 JOURNAL_MINUTES_MAX = 30  # a look longer after the last one lists every record store instead
 AUTO_REVIEWER = "auto:agree_with_model"
+DECISIONS = ("accept", "reject", "auto_accept")  # medical_ct_feedback_reviews_total{decision}
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +363,8 @@ class ReviewStore:
 
     def __init__(self, catalog: CatalogProtocol) -> None:
         self._catalog = catalog
+        # At 0 from the start, so that the first refused entry is a rise Prometheus sees.
+        metrics.start_at_zero(metrics.review_journal_refused, journal=(AUDIT_LOG, SUBMISSIONS))
         self._pending = _RecordCache(catalog, PENDING_RECORDS)
         self._accepted = _RecordCache(catalog, ACCEPTED_RECORDS, kept=_decided)
         self._rejected = _RecordCache(catalog, REJECTED_RECORDS, kept=_decided)
@@ -956,6 +959,7 @@ class ReviewQueue:
     def __init__(self, catalog: CatalogProtocol, config: ReviewConfig) -> None:
         self.store = ReviewStore(catalog)
         self.config = config
+        metrics.start_at_zero(metrics.feedback_reviews_total, decision=DECISIONS)
         self._catalog = catalog
         self._stop = threading.Event()
         self._image_problems_logged: set[str] = set()
