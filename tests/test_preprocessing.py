@@ -128,6 +128,20 @@ def test_non_images_are_refused_with_a_reason(data, message):
         preprocess_image(data)
 
 
+def dicom_file() -> bytes:
+    """How a DICOM file begins (a PACS export): a 128-byte preamble, "DICM", its meta group."""
+    meta = struct.pack("<HH2sH", 2, 0x10, b"UI", 20) + b"1.2.840.10008.1.2.1\0"
+    return b"\0" * 128 + b"DICM" + meta + bytes(4096)
+
+
+def test_a_dicom_file_is_named_and_the_way_to_a_png_said():
+    """It was "not an image Pillow can read", which says nothing to whoever sent a scan."""
+    with pytest.raises(InvalidImageError) as refused:
+        preprocess_image(dicom_file())
+    message = str(refused.value)
+    assert "DICOM" in message and "PNG" in message and "pydicom" in message
+
+
 def test_truncated_jpeg_is_refused(sample_jpeg):
     with pytest.raises(InvalidImageError, match="cannot be decoded"):
         preprocess_image(sample_jpeg[: len(sample_jpeg) // 2])

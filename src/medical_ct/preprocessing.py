@@ -29,6 +29,15 @@ PREPROCESSING_SPEC = {
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 # The bit depths scanners store in 16-bit images (8: 8-bit values in a 16-bit file).
 _STORED_BITS = (8, 10, 12, 14, 16)
+# DICOM Part 10: a 128-byte preamble, then this marker. Pillow reads no DICOM.
+_DICOM_MARKER_AT, _DICOM_MARKER = 128, b"DICM"
+DICOM_HEAD_BYTES = _DICOM_MARKER_AT + len(_DICOM_MARKER)  # what ``is_dicom`` reads
+DICOM_MESSAGE = (
+    "the file is DICOM, which this service does not read: send the image as PNG or JPEG. "
+    "Export the series as PNG (8 or 16-bit, one file per slice) from the PACS viewer, or "
+    "with pydicom: pixels = pydicom.dcmread(path).pixel_array.astype('int32'); "
+    "PIL.Image.fromarray((pixels - pixels.min()).astype('uint16')).save('slice.png')"
+)
 
 
 class InvalidImageError(ValueError):
@@ -62,6 +71,8 @@ def preprocess_image(data: bytes) -> np.ndarray:
                 image.load()
                 grayscale = _to_grayscale(ImageOps.exif_transpose(image))
     except UnidentifiedImageError:
+        if is_dicom(data):
+            raise InvalidImageError(DICOM_MESSAGE) from None
         raise InvalidImageError("the file is not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise InvalidImageError(f"the image is too large to decode safely ({error})") from None
@@ -81,6 +92,12 @@ def preprocess_image(data: bytes) -> np.ndarray:
     if grayscale.size != (IMAGE_SIZE, IMAGE_SIZE):
         grayscale = grayscale.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     return np.asarray(grayscale, dtype=np.uint8)
+
+
+def is_dicom(data: bytes) -> bool:
+    """Whether ``data`` begins as a DICOM file does (what PACS viewers and scanners export):
+    it was refused as "not an image Pillow can read", which told its sender nothing."""
+    return data[_DICOM_MARKER_AT:DICOM_HEAD_BYTES] == _DICOM_MARKER
 
 
 def content_hash(pixels: np.ndarray) -> str:

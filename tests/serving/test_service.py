@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import shutil
+import struct
 import threading
 import time
 from pathlib import Path
@@ -534,6 +535,19 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_serving(
     assert message in response.text, case
     healthy = client.post("/predict", files={"image": jpeg(sample_image(sample_dir, "Hand"))})
     assert healthy.status_code == 200
+
+
+def test_a_dicom_file_is_refused_naming_dicom_and_how_to_send_a_png(client):
+    """Sent as image/dicom it passed the upload's image/* and got "not an image Pillow can
+    read" (hunt of 2026-12-05)."""
+    meta = struct.pack("<HH2sH", 2, 0x10, b"UI", 20) + b"1.2.840.10008.1.2.1\0"
+    dicom = b"\0" * 128 + b"DICM" + meta + bytes(4096)
+
+    response = client.post("/predict", files={"image": ("scan.dcm", dicom, "image/dicom")})
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert "DICOM" in error and "PNG" in error, error
 
 
 def test_truncated_jpeg_is_refused(client, sample_dir):

@@ -10,6 +10,7 @@ URL given in place of a file). The page (``/``), ``GET /model`` and ``/docs`` ar
 Starlette app mounted beside the APIs.
 """
 
+import fnmatch
 import functools
 import hmac
 import io
@@ -29,6 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from medical_ct.preprocessing import DICOM_HEAD_BYTES, DICOM_MESSAGE, is_dicom
 from medical_ct.serving.review import REVIEWER_TOKENS_VARIABLE, reviewer_of, reviewer_tokens
 
 FEEDBACK_TOKEN_VARIABLE = "MEDICAL_CT_FEEDBACK_TOKEN"
@@ -220,6 +222,27 @@ def _check_file_fields(body: bytes, boundary: bytes, fields: Collection[str]) ->
                 )
     if missing:
         raise ServiceError(400, f"the multipart field {sorted(missing)[0]!r} (a file) is missing")
+
+
+def explain_dicom_upload(upload: Any) -> Any:
+    """A pydantic ``BeforeValidator`` for an image upload, placed after BentoML's
+    ``ContentType("image/*")`` in its ``Annotated`` (so it runs first): a DICOM file sent with
+    a type that is not an image (``application/dicom``, or ``application/octet-stream``, what
+    curl sends for a .dcm) is refused saying it is DICOM and how to send a PNG, in BentoML's
+    own 400 "validation error" answer, where BentoML said only "Invalid content type
+    application/dicom, expected image/*". Anything else passes unchanged."""
+    content_type = getattr(upload, "content_type", None)
+    file = getattr(upload, "file", None)
+    if content_type is None or file is None or fnmatch.fnmatch(content_type, "image/*"):
+        return upload  # an image type: the preprocessing names DICOM sent as image/dicom
+    if "dicom" in content_type.lower():
+        raise ValueError(DICOM_MESSAGE)
+    start = file.tell()
+    head = file.read(DICOM_HEAD_BYTES)
+    file.seek(start)
+    if is_dicom(head):
+        raise ValueError(DICOM_MESSAGE)
+    return upload
 
 
 def pages() -> Starlette:
