@@ -15,6 +15,7 @@ import bentoml
 import numpy as np
 import torch
 from bentoml.validators import ContentType
+from pydantic import BeforeValidator
 
 from medical_ct.preprocessing import InvalidImageError, content_hash, preprocess_image
 from medical_ct.serving import metrics
@@ -27,6 +28,7 @@ from medical_ct.serving.http import (
     ServiceError,
     UploadGuard,
     answers_errors,
+    explain_dicom_upload,
     pages,
 )
 from medical_ct.serving.model_holder import InvalidModelOutputError, ModelHolder, ServedModel
@@ -62,7 +64,8 @@ project = load_project()
 refuse_state_inside_bento(project)  # a Bento is no place for patient data nor the registry
 serving = project.serving
 PACKAGED_MODEL = packaged_model()
-Image = Annotated[Path, ContentType("image/*")]
+# BeforeValidator runs before ContentType: a DICOM sent as application/dicom is named as such
+Image = Annotated[Path, ContentType("image/*"), BeforeValidator(explain_dicom_upload)]
 
 
 @bentoml.asgi_app(pages(), path="/")

@@ -148,6 +148,9 @@ SERIES_AT_ZERO = [
     ("medical_ct_review_journal_refused_total", "journal", "review_audit"),
     ("medical_ct_review_journal_refused_total", "journal", "feedback_submissions"),
     ("medical_ct_feedback_reviews_total", "decision", "auto_accept"),
+    # per class of the served model, created as it is loaded
+    ("medical_ct_predictions_total", "label", "Hand"),
+    ("medical_ct_feedback_total", "label", "HeadCT"),
 ]
 
 

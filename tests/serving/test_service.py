@@ -548,6 +548,11 @@ def test_a_dicom_file_is_refused_naming_dicom_and_how_to_send_a_png(client):
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert "DICOM" in error and "PNG" in error, error
+    # sent as what it is, BentoML's own 400 for a type that is not image/* says so too
+    for content_type in ("application/dicom", "application/octet-stream"):
+        response = client.post("/predict", files={"image": ("scan.dcm", dicom, content_type)})
+        assert response.status_code == 400, response.text
+        assert "DICOM" in response.text and "PNG" in response.text, response.text
 
 
 def test_truncated_jpeg_is_refused(client, sample_dir):

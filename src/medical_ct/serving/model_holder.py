@@ -189,6 +189,8 @@ class ModelHolder:
             served = replace(served, ood=self._ood_check(served.classifier.model))
         self._current = served
         metrics.serving_model_version.set(int(served.version))
+        for counter in (metrics.predictions_total, metrics.feedback_total):  # see start_at_zero
+            metrics.start_at_zero(counter, label=served.class_names)
 
     def refresh(self) -> bool:
         """Load the alias's version if it is not the one served; return whether it swapped."""
