@@ -68,6 +68,21 @@ def test_an_uncalibrated_model_is_refused_by_max_ece():
     assert decide_promotion(0.97, None, gate, candidate_ece=0.01)[0] is True
 
 
+def test_a_refusal_names_every_figure_beyond_a_limit_weakest_class_first():
+    """The reason said only the first limit failed: fixing it left the next refusal a
+    surprise. A rollback's check of recorded figures uses the same comparison."""
+    gate = {**GATE, "min_class_recall": 0.98, "max_ece": 0.02}
+    decision, why = decide_promotion(0.85, None, gate, candidate_recalls=RECALLS, candidate_ece=0.3)
+
+    assert decision is False
+    assert why == (
+        "test accuracy 0.8500 is below min_accuracy 0.9000; "
+        "class Hand has test recall 0.4000, below min_class_recall 0.9800; "
+        "class ChestCT has test recall 0.9700, below min_class_recall 0.9800; "
+        "test ECE 0.3000 is above max_ece 0.0200"
+    )
+
+
 @pytest.mark.parametrize(
     "gate",
     [

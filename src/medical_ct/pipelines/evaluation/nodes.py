@@ -18,7 +18,7 @@ from medical_ct.calibration import (
     expected_calibration_error,
     reliability_table,
 )
-from medical_ct.checks import validate_gate
+from medical_ct.checks import RATIO_TOLERANCE, gate_failures, validate_gate
 from medical_ct.manifest import arrow_strings, train_image_counts
 from medical_ct.model import TrainingSkipped, predict_probabilities
 from medical_ct.plots import message_figure
@@ -309,53 +309,35 @@ def decide_promotion(
     champion's accuracy is on those images, so the two are compared on them.
 
     Returns:
-        Whether to promote, and why in words: the figure, or the class, that decided.
+        Whether to promote, and why in words: every figure (and class) beyond a limit
+        (``checks.gate_failures``, which the rollback checks its target with too), else the
+        comparison with the champion that decided.
     """
     gate = validate_gate(champion_gate)
     min_accuracy, min_improvement = gate.min_accuracy, gate.min_improvement
-    # Accuracies are ratios of counts: within a tolerance 0.95 + 0.01 and 0.96 are equal (a
-    # tie), whichever way the float rounds.
-    tolerance = 1e-9
-    if candidate_accuracy + tolerance < min_accuracy:
-        return False, (
-            f"test accuracy {candidate_accuracy:.4f} is below min_accuracy {min_accuracy:.4f}"
-        )
-    weak = {
-        name: recall
-        for name, recall in (candidate_recalls or {}).items()
-        if recall is not None and recall + 1e-9 < gate.min_class_recall
-    }
-    if weak:
-        worst = min(weak, key=weak.get)
-        return False, (
-            f"class {worst} has test recall {weak[worst]:.4f}, below min_class_recall "
-            f"{gate.min_class_recall:.4f}"
-            + (f" (also {', '.join(sorted(set(weak) - {worst}))})" if len(weak) > 1 else "")
-        )
-    if candidate_ece is not None and candidate_ece > gate.max_ece + 1e-12:
-        return False, f"test ECE {candidate_ece:.4f} is above max_ece {gate.max_ece:.4f}"
+    failures = gate_failures(gate, candidate_accuracy, candidate_recalls or {}, candidate_ece)
+    if failures:
+        return False, "; ".join(str(failure) for failure in failures)
     if champion_accuracy is None:
         return True, (
             f"no champion yet and test accuracy {candidate_accuracy:.4f} "
             f">= min_accuracy {min_accuracy:.4f}"
         )
     if compared is None:
-        return _beats_champion(candidate_accuracy, champion_accuracy, min_improvement, tolerance)
-    promote, reason = _beats_champion(compared[0], champion_accuracy, min_improvement, tolerance)
+        return _beats_champion(candidate_accuracy, champion_accuracy, min_improvement)
+    promote, reason = _beats_champion(compared[0], champion_accuracy, min_improvement)
     return promote, (
         f"{reason}, on the {compared[1]} test images the champion did not train or validate on"
     )
 
 
-def _beats_champion(
-    candidate: float, champion: float, min_improvement: float, tolerance: float
-) -> tuple[bool, str]:
+def _beats_champion(candidate: float, champion: float, min_improvement: float) -> tuple[bool, str]:
     """Strictly better than the champion by more than ``min_improvement``; a tie is no."""
     required = champion + min_improvement
     versus = f"the champion's {champion:.4f} + min_improvement {min_improvement:.4f}"
-    if candidate + tolerance < required:
+    if candidate + RATIO_TOLERANCE < required:
         return False, f"test accuracy {candidate:.4f} is below {versus}"
-    if candidate <= required + tolerance:
+    if candidate <= required + RATIO_TOLERANCE:
         return False, (
             f"test accuracy {candidate:.4f} ties {versus}: only a better model replaces the "
             "champion"
