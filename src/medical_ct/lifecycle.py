@@ -4,9 +4,13 @@ Every move of the ``champion`` alias is written as tags of the versions it invol
 anyone who can read the registry (a service worker, the next weekly run, the MLflow UI)
 knows when and why a version became champion or was rolled back, without another store.
 These are pure functions from and to tags; ``registry.apply_champion_move`` writes them.
+A version also carries the test figures the champion gate judged it on, which a rollback to
+it checks against the gate of its day.
 """
 
+import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,8 +38,12 @@ DATASET_FINGERPRINT = "dataset_fingerprint"
 TRAIN_IMAGES_RAW = "lineage.train_images.raw"
 TRAIN_IMAGES_FEEDBACK = "lineage.train_images.feedback"
 MODEL_INPUT_IMAGES = "lineage.model_input_images"
-# Set at registration too: the version's accuracy on its test split, as the gate judged it.
+# Set at registration too: the figures the champion gate judged the version on (its test
+# split), so that a rollback can check them against the gate of its day (gate_figures).
 TEST_ACCURACY = "test_accuracy"
+TEST_ECE = "test_ece"  # after calibration, as the gate's max_ece judges it
+# + the class name (test_recall.Hand); none for a class with no test image, which has no recall
+TEST_RECALL = "test_recall."
 
 # Tags of the MLflow run that moved the alias: the alias history is the runs that have them.
 MOVE_KIND = "champion_move"  # "promotion" or "rollback"
@@ -138,6 +146,61 @@ def rolled_back_data(tags: Mapping[str, str]) -> dict[str, str]:
     """Dataset fingerprint -> version, of the versions rolled back away from to reach ``tags``."""
     pairs = (entry.split(":", 1) for entry in tags.get(ROLLED_BACK_DATA, "").split(",") if entry)
     return {fingerprint: version for version, fingerprint in pairs}
+
+
+def gate_figure_tags(
+    accuracy: float, ece: float | None, recalls: Mapping[str, float]
+) -> dict[str, str]:
+    """Tags of the figures the gate checks, as registration sets them.
+
+    ``recalls`` holds the classes the test split has images of: a class without has no
+    recall, and a tag of 0 would make a rollback refuse the version for it.
+    """
+    tags = {TEST_ACCURACY: f"{accuracy:.6f}"}
+    if ece is not None:
+        tags[TEST_ECE] = f"{ece:.6f}"
+    tags |= {f"{TEST_RECALL}{name}": f"{recall:.6f}" for name, recall in recalls.items()}
+    return tags
+
+
+@dataclass(frozen=True)
+class GateFigures:
+    """The figures the gate checks, as a version's tags record them (``None``: not recorded)."""
+
+    accuracy: float | None
+    recalls: dict[str, float]
+    ece: float | None
+    # The tags missing, or not a number: versions registered before ECE and recalls were
+    # recorded have test_accuracy alone, versions registered by hand none of them.
+    not_recorded: list[str]
+
+
+def gate_figures(tags: Mapping[str, str]) -> GateFigures:
+    """What ``tags`` record of the figures the champion gate checks."""
+
+    def number(key: str) -> float | None:
+        try:
+            value = float(tags[key])
+        except (KeyError, ValueError):
+            return None
+        return value if math.isfinite(value) else None
+
+    recall_tags = [key for key in tags if key.startswith(TEST_RECALL)]
+    recalls = {key: number(key) for key in recall_tags}
+    not_recorded = [key for key in (TEST_ACCURACY, TEST_ECE) if number(key) is None]
+    not_recorded += [key for key, recall in recalls.items() if recall is None]
+    if not recall_tags:
+        not_recorded.append(f"{TEST_RECALL}<class>")
+    return GateFigures(
+        accuracy=number(TEST_ACCURACY),
+        recalls={
+            key.removeprefix(TEST_RECALL): recall
+            for key, recall in recalls.items()
+            if recall is not None
+        },
+        ece=number(TEST_ECE),
+        not_recorded=not_recorded,
+    )
 
 
 def lineage(tags: Mapping[str, str]) -> dict[str, Any]:

@@ -72,6 +72,13 @@ def test_a_model_registered_from_a_one_image_test_split_takes_batches(tmp_path, 
     loaded = registry.load_version(decision["version"], {})
     five = split([0, 1, 2, 3, 4])["images"]
     assert predict_probabilities(loaded.model, five).shape == (5, len(CLASSES))
+    # What the gate checked is on the version, for a rollback to check against its gate; a
+    # class with no test image (all but CXR here) has no recall to record.
+    tags = mlflow.MlflowClient().get_model_version(registry.MODEL_NAME, decision["version"]).tags
+    assert float(tags["test_accuracy"]) == evaluation["test_accuracy"]
+    assert float(tags["test_ece"]) == pytest.approx(evaluation["test_ece"], abs=1e-6)
+    assert {key for key in tags if key.startswith("test_recall.")} == {"test_recall.CXR"}
+    assert float(tags["test_recall.CXR"]) == evaluation["per_class"]["CXR"]["recall"]
 
 
 def test_an_empty_test_split_is_refused_in_words_when_the_champion_is_scored_first():

@@ -360,9 +360,11 @@ def register_and_promote(
 
     A model that does not pass gets alias ``challenger``. Runs last, so nothing is
     registered when an earlier step fails. The version is tagged with what it was trained
-    on (fingerprint, images by source) and, when promoted, with when and why, so that
-    anyone reading the registry (the service's ``GET /model``) can tell. The review
-    threshold and temperature travel in the model's metadata, with the class names.
+    on (fingerprint, images by source), the test figures the gate judged (accuracy, ECE,
+    each tested class's recall: a rollback to it checks them against the gate of its day)
+    and, when promoted, with when and why, so that anyone reading the registry (the
+    service's ``GET /model``) can tell. The review threshold and temperature travel in the
+    model's metadata, with the class names.
 
     Returns:
         The decision, for the MLflow run's artifacts. When training was skipped nothing is
@@ -398,7 +400,11 @@ def register_and_promote(
         tags={
             lifecycle.DATASET_FINGERPRINT: dataset_fingerprint,
             "git_commit": registry.git_commit(),
-            "test_accuracy": f"{evaluation['test_accuracy']:.6f}",
+            **lifecycle.gate_figure_tags(
+                evaluation["test_accuracy"],
+                evaluation.get("test_ece"),
+                _tested_recalls(evaluation),
+            ),
             lifecycle.TRAIN_IMAGES_RAW: str(counts["raw"]),
             lifecycle.TRAIN_IMAGES_FEEDBACK: str(counts["feedback"]),
             lifecycle.MODEL_INPUT_IMAGES: str(counts["model_input"]),
