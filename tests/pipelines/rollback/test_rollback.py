@@ -2,6 +2,7 @@
 `bentoml serve`."""
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -32,6 +33,9 @@ POLL_INTERVAL_S = 2
 FOLLOW_BOUND_S = POLL_INTERVAL_S + 5  # a poll, then loading the model
 REASON = "Hand recall dropped in production"
 GATE = {"min_accuracy": 0.7, "min_improvement": 0.0}  # FAST_RUN_PARAMS' min_accuracy
+TRAINED_UNDER = ",".join(  # FAST_RUN_PARAMS' gate, which the trained versions passed
+    param for param in FAST_RUN_PARAMS.split(",") if param.startswith("champion_gate.")
+)
 
 
 def champion(project: Path) -> str:
@@ -128,8 +132,8 @@ def rolled_back(project, sample_dir) -> dict:
         try:
             started = time.monotonic()
             # the gate the versions were trained under (FAST_RUN_PARAMS): a rollback refuses
-            # a target below its min_accuracy
-            params = f"rollback.reason={REASON},champion_gate.min_accuracy=0.7"
+            # a target whose recorded figures fail it
+            params = f"rollback.reason={REASON},{TRAINED_UNDER}"
             result = kedro(path, "run", "--pipeline", "rollback", "--params", params)
             assert_ok(result)
             finished = time.monotonic()
@@ -461,3 +465,90 @@ def test_rollback_to_a_version_the_gate_refused_needs_force(two_versions):
     rollback = {"to_version": 2, "reason": "x", "by": "alice", "force": True}
     move, _ = roll_back_champion(versions, before, rollback, GATE | {"min_accuracy": 0.9})
     assert move["to_version"] == "2"
+
+
+def set_tags(project: Path, version: str, tags: dict[str, str]) -> None:
+    client = mlflow_client(project)
+    for key, value in tags.items():
+        client.set_model_version_tag(MODEL_NAME, version, key, value)
+
+
+def test_rollback_to_a_version_with_a_class_the_gate_refuses_is_refused_naming_it(two_versions):
+    """Version 2's accuracy passes, but it recorded a Hand recall of 0.4: the gate refuses
+    such a model today, and the rollback checked only the accuracy and served it."""
+    path = two_versions
+    set_tags(path, "2", {"test_accuracy": "0.950000", "test_ece": "0.010000"})
+    set_tags(path, "2", {"test_recall.Hand": "0.400000", "test_recall.CXR": "1.000000"})
+    before, tags_before = champion(path), all_tags(path)
+
+    gate = "champion_gate.min_accuracy=0.9,champion_gate.min_class_recall=0.9"
+    params = f"rollback.to_version=2,rollback.reason=x,{gate},champion_gate.max_ece=0.02"
+    result = kedro(path, "run", "--pipeline", "rollback", "--params", params)
+
+    output = output_of(result)
+    assert result.returncode != 0
+    assert (
+        "version 2's recorded test recall of class Hand 0.4000 (tag test_recall.Hand) is "
+        "below champion_gate.min_class_recall 0.9000: the gate would refuse it today" in output
+    )
+    assert "class CXR" not in output and "does not record" not in output
+    assert "set rollback.force=true to roll back to it anyway" in output
+    assert champion(path) == before
+    assert all_tags(path) == tags_before
+
+
+def test_rollback_to_a_version_above_max_ece_needs_force_and_warns(two_versions, caplog):
+    """A recorded calibrated ECE of 0.3 (answers given with 90% confidence right 60% of the
+    time) fails max_ece: refused, and rollback.force=true rolls back with a warning."""
+    from medical_ct.datasets import RegisteredVersionsDataset
+    from medical_ct.pipelines.rollback.nodes import RollbackRefusedError, roll_back_champion
+
+    path = two_versions
+    set_tags(path, "2", {"test_accuracy": "0.950000", "test_ece": "0.300000"})
+    set_tags(path, "2", {"test_recall.Hand": "0.990000"})
+    versions = RegisteredVersionsDataset(manifest_artifact=MANIFEST_ARTIFACT).load()
+    gate = GATE | {"min_class_recall": 0.9, "max_ece": 0.02}
+    rollback = {"to_version": 2, "reason": "x", "by": "alice"}
+    ece = (
+        "version 2's recorded test ECE 0.3000 (tag test_ece) is above champion_gate.max_ece 0.0200"
+    )
+
+    with pytest.raises(RollbackRefusedError) as refused:
+        roll_back_champion(versions, "1", rollback, gate)
+    assert ece in str(refused.value) and "rollback.force=true" in str(refused.value)
+
+    with caplog.at_level(logging.WARNING, logger="medical_ct.pipelines.rollback.nodes"):
+        move, _ = roll_back_champion(versions, "1", rollback | {"force": True}, gate)
+    registry.apply_champion_move(move)
+    assert f"{ece}; rolling back to it as rollback.force=true asks" in caplog.text
+    assert "does not record" not in caplog.text
+    assert champion(path) == "2"
+
+
+def test_a_version_registered_before_ece_and_recalls_were_recorded_is_checked_on_accuracy(
+    two_versions, caplog
+):
+    """Versions registered before this check record test_accuracy alone: not refused for the
+    figures they lack, checked on the one they have, and the log says what was not checked."""
+    from medical_ct.datasets import RegisteredVersionsDataset
+    from medical_ct.pipelines.rollback.nodes import RollbackRefusedError, roll_back_champion
+
+    path = two_versions
+    set_tags(path, "2", {"test_accuracy": "0.950000"})
+    versions = RegisteredVersionsDataset(manifest_artifact=MANIFEST_ARTIFACT).load()
+    strict = GATE | {"min_accuracy": 0.9, "min_class_recall": 0.99, "max_ece": 0.01}
+    rollback = {"to_version": 2, "reason": "x", "by": "alice"}
+
+    with caplog.at_level(logging.WARNING, logger="medical_ct.pipelines.rollback.nodes"):
+        move, _ = roll_back_champion(versions, "1", rollback, strict)
+
+    assert move["to_version"] == "2"
+    assert (
+        "Version 2 does not record test_ece, test_recall.<class> (missing or not a number: "
+        "registered before the gate's figures were all recorded, or by hand): checked against "
+        "the champion gate on test_accuracy only" in caplog.text
+    )
+    with pytest.raises(RollbackRefusedError) as refused:
+        roll_back_champion(versions, "1", rollback, strict | {"min_accuracy": 0.97})
+    assert "recorded test accuracy 0.9500 (tag test_accuracy) is below" in str(refused.value)
+    assert "does not record test_ece, test_recall.<class>" in str(refused.value)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medical_ct import lifecycle, registry
-from medical_ct.checks import validate_gate
+from medical_ct.checks import GateFailure, gate_failures, validate_gate
 from medical_ct.registry import MODEL_NAME, RegisteredVersion
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class RollbackParams:
     ``to_version`` is ``None`` for "the previous champion"; ``reason`` is required, since a
     move nobody can explain later is what this history is for; ``by`` defaults to the user
     running it (``getpass.getuser()``: ``$LOGNAME``, ``$USER``, else the account's name);
-    ``force`` rolls back to a version whose recorded test accuracy fails the champion gate.
+    ``force`` rolls back to a version whose recorded test figures fail the champion gate.
     """
 
     to_version: str | None
@@ -77,17 +77,17 @@ def roll_back_champion(
     The target must exist, differ from the champion, carry what the service needs to serve
     it (class names, the preprocessing spec of this code) and load as the service loads it
     (its model file can be missing while its metadata reads fine). A target whose recorded
-    test accuracy is below the gate's ``min_accuracy`` (a version the gate refused, named by a
-    typo) is refused unless ``rollback.force``. The move tags the version rolled
-    back from (when, why, by whom) and the target (the same, and the training data of the
-    version rolled back from, which the next weekly run will not train on again).
+    test figures (accuracy, each class's recall, ECE) fail today's gate (a version the gate
+    refused, named by a typo) is refused unless ``rollback.force``. The move tags the version
+    rolled back from (when, why, by whom) and the target (the same, and the training data of
+    the version rolled back from, which the next weekly run will not train on again).
 
     Args:
         registered_versions: Every version of the registered model.
         champion_version: The version ``champion`` points to now.
         rollback: ``to_version`` (``None``: the previous champion), ``reason``, ``by``,
             ``force``.
-        champion_gate: The gate's parameters; ``min_accuracy`` is what a target must reach.
+        champion_gate: The gate's parameters: the limits a target's recorded figures must meet.
 
     Returns:
         The move, twice: for ``champion_move`` (which applies it) and as the run's record.
@@ -161,31 +161,64 @@ def roll_back_champion(
 def _check_gate(
     target: str, tags: dict[str, str], champion_gate: dict[str, Any], force: bool, champion: str
 ) -> None:
-    """Refuse a target whose recorded test accuracy fails the gate, unless ``force``.
+    """Refuse a target whose recorded test figures fail today's champion gate, unless ``force``.
 
     Nothing else stopped a typo (``to_version=2`` for 1) from serving a version the gate
-    refused, at an accuracy far below what any promotion needs. A version without the tag
-    (registered by hand) has nothing to judge and passes.
+    refused: at an accuracy far below what any promotion needs, or with one class's recall
+    of 0.4 under a fine accuracy, or confidences off by 0.3. The comparison is the promotion
+    gate's (``checks.gate_failures``). A version is checked on what its tags record: one
+    registered before ECE and recalls were on its accuracy alone, one registered by hand on
+    nothing, with a warning naming what was not checked.
     """
-    minimum = validate_gate(champion_gate).min_accuracy
-    recorded = tags.get(lifecycle.TEST_ACCURACY)
-    try:
-        accuracy = float(recorded) if recorded is not None else None
-    except ValueError:
-        accuracy = None
-    if accuracy is None or accuracy >= minimum:
-        return
-    problem = (
-        f"version {target}'s recorded test accuracy {accuracy:.4f} (tag "
-        f"{lifecycle.TEST_ACCURACY}) is below champion_gate.min_accuracy {minimum:.4f}"
+    figures = lifecycle.gate_figures(tags)
+    unchecked = _unchecked(target, figures)
+    gate = validate_gate(champion_gate)
+    failures = gate_failures(gate, figures.accuracy, figures.recalls, figures.ece)
+    problem = f"version {target}'s " + "; its ".join(
+        f"recorded {failure.figure} {failure.value:.4f} (tag {_tag_of(failure)}) is "
+        f"{failure.side} champion_gate.{failure.limit} {failure.bound:.4f}"
+        for failure in failures
     )
-    if force:
-        logger.warning("%s; rolling back to it as rollback.force=true asks", problem)
+    if not failures or force:
+        if unchecked:
+            logger.warning("%s", unchecked)
+        if failures:
+            logger.warning("%s; rolling back to it as rollback.force=true asks", problem)
         return
     raise RollbackRefusedError(
-        f"{problem}: the gate would never promote it. The champion stays version {champion}; "
-        "check rollback.to_version, or set rollback.force=true to roll back to it anyway"
+        f"{problem}: the gate would refuse it today. "
+        + (f"{unchecked}. " if unchecked else "")
+        + f"The champion stays version {champion}; check rollback.to_version, or set "
+        "rollback.force=true to roll back to it anyway"
     )
+
+
+def _unchecked(target: str, figures: lifecycle.GateFigures) -> str | None:
+    """What of the gate a target cannot be checked on, in words; ``None`` when nothing."""
+    if not figures.not_recorded:
+        return None
+    recorded = [
+        name
+        for name, figure in (
+            (lifecycle.TEST_ACCURACY, figures.accuracy),
+            (lifecycle.TEST_ECE, figures.ece),
+            (f"{lifecycle.TEST_RECALL}<class>", figures.recalls or None),
+        )
+        if figure is not None
+    ]
+    return (
+        f"Version {target} does not record {', '.join(figures.not_recorded)} (missing or not "
+        "a number: registered before the gate's figures were all recorded, or by hand): "
+        "checked against the "
+        + (f"champion gate on {', '.join(recorded)} only" if recorded else "gate on nothing")
+    )
+
+
+def _tag_of(failure: GateFailure) -> str:
+    """The version tag that recorded the failing figure."""
+    if failure.class_name is not None:
+        return f"{lifecycle.TEST_RECALL}{failure.class_name}"
+    return lifecycle.TEST_ECE if failure.limit == "max_ece" else lifecycle.TEST_ACCURACY
 
 
 def _load_problem(version: str, tags: dict[str, str]) -> str | None:
