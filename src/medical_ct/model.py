@@ -1,6 +1,7 @@
 """The classifier: a small CNN by default, or any torchvision architecture by name."""
 
 import copy
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -141,6 +142,20 @@ def predict_probabilities(
     if not batches:
         return np.empty((0, 0), dtype=np.float32)
     return torch.cat(batches).numpy()
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 of ``model``'s parameters and buffers, in order: which model a node was given.
+
+    In production each node is its own task reading the stores; a hand ``kedro run`` beside
+    the weekly DAG wrote its model between the DAG's evaluation and its registration, and
+    the DAG registered that unevaluated model on the other's figures.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -191,3 +191,63 @@ def test_a_champion_that_saw_every_test_image_is_kept_in_words(caplog):
     without = evaluate_champion(champion, test_set, CLASSES, {"train": True}, {})
     assert without["test_accuracy"] == 1.0 and without["seen_by_champion"] == 0
     assert "has no training manifest" in caplog.text
+
+
+def use_store(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the artifacts' default root, ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_a_model_other_than_the_evaluated_one_is_not_registered(tmp_path, monkeypatch):
+    """A hand `kedro run` beside the weekly DAG wrote its model between the DAG's evaluation
+    and registration; the DAG registered that model on the other one's figures and promoted
+    it (production hunt of 2026-12-05)."""
+    use_store(tmp_path, monkeypatch)
+    torch.manual_seed(1)
+    evaluated = CalibratedClassifier(build_classifier("small_cnn", len(CLASSES), 4), 1.0)
+    other = CalibratedClassifier(build_classifier("small_cnn", len(CLASSES), 4), 1.0)
+    test_set = split([0, 1, 2])
+    evaluation, *_ = evaluate_model(evaluated.eval(), test_set, CLASSES, CALIBRATION)
+    manifest = pd.DataFrame({"split": ["test"], "source": ["raw"]})
+
+    with mlflow.start_run(), pytest.raises(ValueError, match="not the one evaluate_model scored"):
+        register_and_promote(
+            other.eval(),
+            evaluation,
+            {"version": None, "test_accuracy": None},
+            test_set,
+            CLASSES,
+            "f" * 64,
+            manifest,
+            GATE,
+            {**CALIBRATION, "review_target_error_rate": 0.001},
+        )
+    assert mlflow.MlflowClient().search_model_versions(f"name='{registry.MODEL_NAME}'") == []
+
+
+def test_a_champion_moved_since_the_training_decision_is_not_replaced(tmp_path, monkeypatch):
+    """The decision chose the data against champion 2; an operator rolled back to 1 while
+    the model trained; the run promoted a model of version 2's data over 1, undoing the
+    rollback (production hunt of 2026-12-05). It is registered as challenger."""
+    use_store(tmp_path, monkeypatch)
+    test_set = split([label % 6 for label in range(12)])
+    test_set["images"][:, 0, 0, 1] = (test_set["labels"] + 1) % 6  # Reader(1) is always wrong
+    test_set["content_hashes"] = [f"{index:064x}" for index in range(12)]
+    gate = {"min_accuracy": 0.5, "min_improvement": 0.0}
+    manifest = pd.DataFrame({"split": ["test"] * 12, "source": ["raw"] * 12})
+    with mlflow.start_run():  # the champion rolled back to: version 1
+        register(Oracle(), test_set, {"version": None, "test_accuracy": None}, manifest, gate)
+    champion = registry.load_alias()
+    decision = {"train": True, "champion_version": "2"}
+    champion_evaluation = evaluate_champion(champion, test_set, CLASSES, decision, {})
+    champion_evaluation["test_accuracy"] = 0.5  # worse than the new model on paper
+
+    with mlflow.start_run():
+        decided = register(Reader(0), test_set, champion_evaluation, manifest, gate)
+
+    assert decided["promoted"] is False and decided["alias"] == "challenger"
+    assert decided["reason"].startswith(
+        "the champion moved from version 2 to 1 after this run's training decision"
+    )
+    assert registry.load_alias().version == "1"

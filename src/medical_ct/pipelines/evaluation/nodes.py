@@ -20,7 +20,7 @@ from medical_ct.calibration import (
 )
 from medical_ct.checks import RATIO_TOLERANCE, gate_failures, validate_gate
 from medical_ct.manifest import arrow_strings, train_image_counts
-from medical_ct.model import TrainingSkipped, predict_probabilities
+from medical_ct.model import TrainingSkipped, model_digest, predict_probabilities
 from medical_ct.plots import message_figure
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def evaluate_model(
         "test_macro_f1": float(f1_score(truth, predicted, labels=present, average="macro")),
         "test_images": len(truth),
         "test_errors": int((predicted != truth).sum()),
+        "model_digest": model_digest(trained_model),  # register_and_promote checks it
         **_calibration_scores(uncalibrated, probabilities, truth, calibration),
         "per_class": {
             name: {"precision": float(p), "recall": float(r) if s else None, "support": int(s)}
@@ -205,9 +206,12 @@ def evaluate_champion(
     """
     if training_decision is not None and not training_decision["train"]:
         return {"version": champion.version if champion else None, "test_accuracy": None}
+    decided = {}  # the champion the training decision chose the data against
+    if training_decision is not None and "champion_version" in training_decision:
+        decided = {"decided_against": training_decision["champion_version"]}
     if champion is None:
         logger.info("No champion registered yet")
-        return {"version": None, "test_accuracy": None}
+        return {"version": None, "test_accuracy": None, **decided}
     _require_test_images(test_set)
     compared = _unseen_by(champion.version, registered_versions or {}, test_set["content_hashes"])
     predicted = predict_probabilities(champion.model, test_set["images"]).argmax(1)
@@ -227,6 +231,7 @@ def evaluate_champion(
     )
     return {
         "version": champion.version,
+        **decided,
         "test_accuracy": accuracy,
         "compared_images": int(compared.sum()),
         "seen_by_champion": int((~compared).sum()),
@@ -385,6 +390,7 @@ def register_and_promote(
             "previous_champion": champion_evaluation,
             "dataset_fingerprint": dataset_fingerprint,
         }, training_manifest
+    _check_evaluated(trained_model, evaluation)
     comparison = _comparison(trained_model, test_set, class_names, evaluation, champion_evaluation)
     promote, reason = _gate(evaluation, champion_evaluation, champion_gate, comparison)
     counts = train_image_counts(training_manifest)
@@ -449,6 +455,23 @@ def register_and_promote(
     }, training_manifest
 
 
+def _check_evaluated(trained_model: nn.Module, evaluation: dict[str, Any]) -> None:
+    """Refuse to register a model other than the one ``evaluate_model`` scored.
+
+    Each node of the weekly DAG is its own task reading the stores: a hand ``kedro run``
+    beside it wrote its model between the DAG's evaluation and registration, and the DAG
+    registered that model on the other one's figures, and promoted it. An evaluation of
+    older code has no digest: nothing to check.
+    """
+    evaluated = evaluation.get("model_digest")
+    if evaluated is not None and evaluated != model_digest(trained_model):
+        raise ValueError(
+            "the trained model is not the one evaluate_model scored (another run wrote "
+            "trained_model since, e.g. a hand `kedro run` beside the weekly DAG): nothing "
+            "registered; run training and evaluation again, one run at a time"
+        )
+
+
 def _gate(
     evaluation: dict[str, Any],
     champion_evaluation: dict[str, Any],
@@ -456,6 +479,14 @@ def _gate(
     comparison: dict[str, Any],
 ) -> tuple[bool, str]:
     """``decide_promotion``, against the champion on the test images it never saw."""
+    decided = champion_evaluation.get("decided_against", champion_evaluation["version"])
+    if decided != champion_evaluation["version"]:
+        return False, (
+            f"the champion moved from version {decided} to {champion_evaluation['version']} "
+            "after this run's training decision (a rollback or another run's promotion): "
+            f"its data was chosen against version {decided}, whose move away it would undo; "
+            "not promoted (the next run decides against the champion now)"
+        )
     if champion_evaluation.get("compared_images") == 0:
         return False, (
             f"none of the {champion_evaluation['seen_by_champion']} test images is unseen by "

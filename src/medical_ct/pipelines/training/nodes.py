@@ -71,8 +71,8 @@ def decide_training(
 
     Returns:
         ``{"train": bool, "reason": str, "new_images": int | None, "removed_images": int |
-        None}``, and both counts as MLflow metrics (``training.new_images``,
-        ``training.removed_images``; -1 when they cannot be counted).
+        None, "champion_version": str | None}``, and both counts as MLflow metrics
+        (``training.new_images``, ``training.removed_images``; -1 when they cannot be counted).
     """
     if not isinstance(retrain_on_same_data, bool):
         raise ValueError(
@@ -105,7 +105,12 @@ def decide_training(
         if held and decision["train"] and not retrain_on_same_data:
             decision = {"train": False, "reason": _held_reason(held, champion)}
     new, removed = changes or (None, None)
-    decision |= {"new_images": new, "removed_images": removed}
+    decision |= {
+        "new_images": new,
+        "removed_images": removed,
+        # evaluation refuses to promote when the champion moved since (a rollback meanwhile)
+        "champion_version": champion.version if champion else None,
+    }
     logger.info("Training decision: %s", decision["reason"])
     metrics = {
         f"training.{name}": {"value": -1 if count is None else count, "step": 0}
