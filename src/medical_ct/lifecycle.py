@@ -35,6 +35,7 @@ _ROLLED_BACK_DATA_KEPT = 20  # a tag value holds at most 5,000 characters
 
 # Set at registration: what the version was trained on (see medical_ct.manifest).
 DATASET_FINGERPRINT = "dataset_fingerprint"
+MODEL_DIGEST = "model_digest"  # medical_ct.model.model_digest: a retried task finds its version
 TRAIN_IMAGES_RAW = "lineage.train_images.raw"
 TRAIN_IMAGES_FEEDBACK = "lineage.train_images.feedback"
 MODEL_INPUT_IMAGES = "lineage.model_input_images"

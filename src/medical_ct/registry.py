@@ -118,7 +118,10 @@ def log_and_register(
     The version carries the class names, preprocessing spec and ``calibration`` (temperature,
     review threshold: model metadata), a tensor signature, a real input example and ``tags``.
     An example of one image is sent twice: the export (torch.export) takes a batch of 1 for a
-    fixed size, and the registered model would then refuse every batch of more images.
+    fixed size, and the registered model would then refuse every batch of more images. The
+    tags are written with the version, in one request: tagged one by one afterwards, a task
+    killed in between left a version without its figures, which a rollback then served
+    without checking them.
     """
     if len(input_example) == 1:
         input_example = np.repeat(input_example, 2, axis=0)
@@ -139,13 +142,17 @@ def log_and_register(
             **({"calibration": dict(calibration)} if calibration else {}),
         },
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "medical_ct"],
-        registered_model_name=model_name,
     )
-    version = str(model_info.registered_model_version)
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
-    return version
+    return str(mlflow.register_model(model_info.model_uri, model_name, tags=tags).version)
+
+
+def registered_in_run(run_id: str, digest: str, model_name: str = MODEL_NAME) -> str | None:
+    """The version this run already registered from the model of ``digest`` (tag
+    ``model_digest``), if any: an Airflow task cleared or retried after it registered."""
+    found = MlflowClient().search_model_versions(
+        f"name='{model_name}' and run_id='{run_id}' and tags.model_digest='{digest}'"
+    )
+    return str(min(int(version.version) for version in found)) if found else None
 
 
 def set_alias(version: str, alias: str, model_name: str = MODEL_NAME) -> None:

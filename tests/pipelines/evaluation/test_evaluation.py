@@ -251,3 +251,32 @@ def test_a_champion_moved_since_the_training_decision_is_not_replaced(tmp_path, 
         "the champion moved from version 2 to 1 after this run's training decision"
     )
     assert registry.load_alias().version == "1"
+
+
+def test_a_registration_retried_in_the_same_run_registers_nothing_again(tmp_path, monkeypatch):
+    """An Airflow task killed after its promotion and cleared twice registered the same model
+    as versions 2, 3 and 4, and recorded the run as not promoted: the champion had moved,
+    by the first attempt (production hunt of 2026-12-05)."""
+    use_store(tmp_path, monkeypatch)
+    torch.manual_seed(3)
+    model = CalibratedClassifier(build_classifier("small_cnn", len(CLASSES), 4), 1.0).eval()
+    test_set = split([0, 1, 2])
+    evaluation, *_ = evaluate_model(model, test_set, CLASSES, CALIBRATION)
+    manifest = pd.DataFrame({"split": ["test"] * 3, "source": ["raw"] * 3})
+    gate = {"min_accuracy": 0.0, "min_improvement": 0.0}
+    calibration = {**CALIBRATION, "review_target_error_rate": 0.001}
+    arguments = (evaluation, {"version": None, "test_accuracy": None}, test_set, CLASSES)
+
+    with mlflow.start_run():
+        attempts = [
+            register_and_promote(model, *arguments, "f" * 64, manifest, gate, calibration)[0]
+            for _ in range(3)
+        ]
+
+    assert [(a["version"], a["alias"], a["promoted"]) for a in attempts] == [
+        ("1", "champion", True)
+    ] * 3
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{registry.MODEL_NAME}'")
+    assert [str(version.version) for version in versions] == ["1"]
+    # written with the version, in one request: a kill cannot leave it without its figures
+    assert {"test_accuracy", "model_digest", "dataset_fingerprint"} <= versions[0].tags.keys()

@@ -4,6 +4,7 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
@@ -393,31 +394,12 @@ def register_and_promote(
     _check_evaluated(trained_model, evaluation)
     comparison = _comparison(trained_model, test_set, class_names, evaluation, champion_evaluation)
     promote, reason = _gate(evaluation, champion_evaluation, champion_gate, comparison)
-    counts = train_image_counts(training_manifest)
-    version = registry.log_and_register(
-        trained_model,
-        class_names,
-        input_example=test_set["images"][:2],
-        calibration={
-            "review_threshold": calibration["review_threshold"],
-            "temperature": calibration["temperature"],
-            "review_target_error_rate": calibration["review_target_error_rate"],
-        },
-        tags={
-            lifecycle.DATASET_FINGERPRINT: dataset_fingerprint,
-            "git_commit": registry.git_commit(),
-            **lifecycle.gate_figure_tags(
-                evaluation["test_accuracy"],
-                evaluation.get("test_ece"),
-                _tested_recalls(evaluation),
-            ),
-            lifecycle.TRAIN_IMAGES_RAW: str(counts["raw"]),
-            lifecycle.TRAIN_IMAGES_FEEDBACK: str(counts["feedback"]),
-            lifecycle.MODEL_INPUT_IMAGES: str(counts["model_input"]),
-        },
-    )
+    version = _register(trained_model, evaluation, test_set, class_names, dataset_fingerprint,
+                        training_manifest, calibration)  # fmt: skip
     champion = champion_evaluation["version"]
-    if promote:
+    if promote and registry.alias_version() == version:
+        logger.info("Version %s was promoted by an earlier attempt of this task", version)
+    elif promote:
         try:
             registry.apply_champion_move(lifecycle.promotion_move(version, champion, reason))
         except registry.ChampionMovedError as error:  # a rollback during this run
@@ -453,6 +435,58 @@ def register_and_promote(
         },
         "dataset_fingerprint": dataset_fingerprint,
     }, training_manifest
+
+
+def _register(
+    trained_model: nn.Module,
+    evaluation: dict[str, Any],
+    test_set: dict,
+    class_names: list[str],
+    dataset_fingerprint: str,
+    training_manifest: pd.DataFrame,
+    calibration: dict[str, Any],
+) -> str:
+    """Register the model with the tags a version carries; return its version.
+
+    A version this run already registered from this very model (tag ``model_digest``) is
+    returned instead: an Airflow task cleared or retried after registering registered the
+    same model again each time, and the retry of a task killed after its promotion found the
+    champion moved, by itself, and recorded the run as not promoted.
+    """
+    digest = evaluation.get("model_digest") or model_digest(trained_model)
+    run = mlflow.active_run()
+    earlier = registry.registered_in_run(run.info.run_id, digest) if run else None
+    if earlier is not None:
+        logger.warning(
+            "Version %s was registered from this model by an earlier attempt in this run: "
+            "not registered again",
+            earlier,
+        )
+        return earlier
+    counts = train_image_counts(training_manifest)
+    return registry.log_and_register(
+        trained_model,
+        class_names,
+        input_example=test_set["images"][:2],
+        calibration={
+            "review_threshold": calibration["review_threshold"],
+            "temperature": calibration["temperature"],
+            "review_target_error_rate": calibration["review_target_error_rate"],
+        },
+        tags={
+            lifecycle.DATASET_FINGERPRINT: dataset_fingerprint,
+            lifecycle.MODEL_DIGEST: digest,
+            "git_commit": registry.git_commit(),
+            **lifecycle.gate_figure_tags(
+                evaluation["test_accuracy"],
+                evaluation.get("test_ece"),
+                _tested_recalls(evaluation),
+            ),
+            lifecycle.TRAIN_IMAGES_RAW: str(counts["raw"]),
+            lifecycle.TRAIN_IMAGES_FEEDBACK: str(counts["feedback"]),
+            lifecycle.MODEL_INPUT_IMAGES: str(counts["model_input"]),
+        },
+    )
 
 
 def _check_evaluated(trained_model: nn.Module, evaluation: dict[str, Any]) -> None:
