@@ -39,6 +39,10 @@ CONFIG_LOADER_ARGS = {
         # kedro-mlflow adds this pattern in its hook; the service reads mlflow.yml without hooks.
         "mlflow": ["mlflow*", "mlflow*/**"],
     },
+    # conf/local/parameters.yml with `training: {device: cpu}` replaced the whole training
+    # group (Kedro's default, destructive), and every run and --params override then failed
+    # on the group's missing keys: an environment's parameters override key by key.
+    "merge_strategy": {"parameters": "soft"},
     "custom_resolvers": {
         # ${oc.env:...} outside credentials.yml, so that MLFLOW_TRACKING_URI overrides mlflow.yml.
         "oc.env": oc.env,
