@@ -204,6 +204,8 @@ def evaluate_champion(
         which were compared (``compared``, 0/1), both in the test split's order, for the
         paired comparison with the new model. ``test_accuracy`` is ``None`` when training
         was skipped (nothing to compare) or no test image is unseen by the champion.
+        ``decided_against``: the champion the training decision counted the new images
+        against; the gate refuses to promote over another (``_gate``).
     """
     if training_decision is not None and not training_decision["train"]:
         return {"version": champion.version if champion else None, "test_accuracy": None}
@@ -367,7 +369,7 @@ def register_and_promote(
     A model that does not pass gets alias ``challenger``. Runs last, so nothing is
     registered when an earlier step fails. The version is tagged with what it was trained
     on (fingerprint, images by source), the test figures the gate judged (accuracy, ECE,
-    each tested class's recall: a rollback to it checks them against the gate of its day)
+    each tested class's recall: a rollback to it checks them against the gate then)
     and, when promoted, with when and why, so that anyone reading the registry (the
     service's ``GET /model``) can tell. The review threshold and temperature travel in the
     model's metadata, with the class names.
