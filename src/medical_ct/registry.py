@@ -335,6 +335,15 @@ def apply_champion_move(move: dict[str, Any], model_name: str = MODEL_NAME) -> N
             )
             + f"run the {move['kind']} again once the registry answers"
         ) from error
+    # before any record is saved: a run killed from here on says in its log what it did
+    logger.info(
+        "%s@champion moved from version %s to %s (%s by %s)",
+        model_name,
+        move["from_version"],
+        move["to_version"],
+        move["kind"],
+        move["by"],
+    )
     if mlflow.active_run() is not None:
         mlflow.set_tags(
             {

@@ -552,3 +552,33 @@ def test_a_version_registered_before_ece_and_recalls_were_recorded_is_checked_on
         roll_back_champion(versions, "1", rollback, strict | {"min_accuracy": 0.97})
     assert "recorded test accuracy 0.9500 (tag test_accuracy) is below" in str(refused.value)
     assert "does not record test_ece, test_recall.<class>" in str(refused.value)
+
+
+def test_a_rollback_run_again_after_it_landed_moves_nothing(two_versions):
+    """Killed after the alias moved (no rollback.json, its MLflow run left running), the
+    rollback looked failed; the same command again rolled back once more, from the version
+    just restored to the one before it (production hunt of 2026-12-05)."""
+    from medical_ct.datasets import RegisteredVersionsDataset
+    from medical_ct.pipelines.rollback.nodes import RollbackRefusedError, roll_back_champion
+    from medical_ct.registry import apply_champion_move
+
+    path = two_versions
+    mlflow_client(path).set_model_version_tag(MODEL_NAME, "2", "test_accuracy", "1.0")
+    versions = RegisteredVersionsDataset(manifest_artifact=MANIFEST_ARTIFACT).load()
+    landed = {"to_version": 2, "reason": "bad labels", "by": "alice"}
+    move, _ = roll_back_champion(versions, champion(path), landed, GATE)
+    apply_champion_move(move)
+    versions = RegisteredVersionsDataset(manifest_artifact=MANIFEST_ARTIFACT).load()
+    tags_before = all_tags(path)
+
+    again = {"reason": "bad labels", "by": "alice"}
+    with pytest.raises(RollbackRefusedError) as refused:
+        roll_back_champion(versions, "2", again, GATE)
+
+    assert str(refused.value).startswith(
+        "version 2 is champion already by this rollback: rolled back to from version 1 at "
+    )
+    assert "nothing moved. To roll back further, name the version" in str(refused.value)
+    assert champion(path) == "2" and all_tags(path) == tags_before
+    with pytest.raises(RollbackRefusedError, match="has no previous champion on record"):
+        roll_back_champion(versions, "2", {**again, "reason": "another reason"}, GATE)

@@ -102,6 +102,8 @@ def roll_back_champion(
             f"no version of {MODEL_NAME} is champion: there is nothing to roll back"
         )
     tags_of = {version: details.tags for version, details in registered_versions.items()}
+    if params.to_version is None:
+        _refuse_a_rerun(champion_version, tags_of[champion_version], params)
     target = params.to_version or lifecycle.previous_champion(champion_version, tags_of)
     if target is None:
         raise RollbackRefusedError(
@@ -156,6 +158,28 @@ def roll_back_champion(
         params.reason,
     )
     return move, move
+
+
+def _refuse_a_rerun(champion: str, tags: dict[str, str], params: RollbackParams) -> None:
+    """Refuse a rollback without a target that already landed: the champion became champion
+    by a rollback with this reason, by this person.
+
+    A rollback killed after moving the alias (no ``rollback.json``, its MLflow run left
+    running) looks failed, and running the same command again, the natural reaction, rolled
+    back once more, from the version just restored to the one before it. No time window: a
+    second rollback for the same reason by the same person names its target.
+    """
+    same = (
+        tags.get(lifecycle.ROLLED_BACK_TO_REASON) == params.reason
+        and tags.get(lifecycle.ROLLED_BACK_TO_BY) == params.by
+    )
+    if same:
+        raise RollbackRefusedError(
+            f"version {champion} is champion already by this rollback: rolled back to from "
+            f"version {tags.get(lifecycle.ROLLED_BACK_TO_FROM)} at "
+            f"{tags.get(lifecycle.ROLLED_BACK_TO_AT)} by {params.by} ({params.reason!r}); "
+            "nothing moved. To roll back further, name the version: rollback.to_version=N"
+        )
 
 
 def _check_gate(
