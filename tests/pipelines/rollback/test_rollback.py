@@ -364,6 +364,9 @@ def test_rollback_to_a_version_whose_model_cannot_be_loaded_is_refused(two_versi
     )
     (model / "data/model.pt2").unlink()
     broken = mlflow_client(path).create_model_version(MODEL_NAME, str(model), None).version
+    # recorded as registration records it: a version without test_accuracy is refused before
+    # its model is loaded (test_rollback_to_a_version_whose_registration_was_interrupted...)
+    set_tags(path, broken, {"test_accuracy": "0.990000"})
 
     params = f"rollback.to_version={broken},rollback.reason=x"
     result = kedro(path, "run", "--pipeline", "rollback", "--params", params)
@@ -382,6 +385,9 @@ def test_a_rollback_whose_alias_move_fails_leaves_no_history_of_it(two_versions)
     import sqlite3
 
     path = two_versions
+    # recorded as registration records it: a version without test_accuracy is refused before
+    # the move is tried (test_rollback_to_a_version_whose_registration_was_interrupted...)
+    set_tags(path, "2", {"test_accuracy": "0.990000"})
     before, tags_before = champion(path), all_tags(path)
     with sqlite3.connect(path / "mlflow.db") as database:
         for event in ("INSERT", "UPDATE"):
@@ -582,3 +588,43 @@ def test_a_rollback_run_again_after_it_landed_moves_nothing(two_versions):
     assert champion(path) == "2" and all_tags(path) == tags_before
     with pytest.raises(RollbackRefusedError, match="has no previous champion on record"):
         roll_back_champion(versions, "2", {**again, "reason": "another reason"}, GATE)
+
+
+def test_rollback_to_a_version_whose_registration_was_interrupted_needs_force(two_versions, caplog):
+    """A kill between registering version 2 and tagging it left it with no tags, as here: with
+    no recorded figure the gate check let it through, and the champion moved to a model that
+    scored 0.28 while its retry (the same model, tagged) was refused. Refused, saying what it
+    may be and where to look; rollback.force=true rolls back to it with a warning."""
+    from medical_ct.datasets import RegisteredVersionsDataset
+    from medical_ct.pipelines.rollback.nodes import roll_back_champion
+
+    path = two_versions
+    before, tags_before = champion(path), all_tags(path)
+    assert lifecycle.TEST_ACCURACY not in tags_before["2"]
+    run_id = mlflow_client(path).get_model_version(MODEL_NAME, "2").run_id
+
+    params = "rollback.to_version=2,rollback.reason=x"
+    result = kedro(path, "run", "--pipeline", "rollback", "--params", params)
+
+    output = output_of(result)
+    assert result.returncode != 0
+    assert (
+        "version 2 records no test accuracy (tag test_accuracy missing or not a number): it may "
+        "be a version whose registration was interrupted (registered, then killed before its "
+        "tags were written: no recorded figures)" in output
+    )
+    assert (
+        f"See what it is in the MLflow UI: version 2 of {MODEL_NAME} (its tags) and its run "
+        f"{run_id} (what it logged)" in output
+    )
+    assert f"The champion stays version {before}" in output
+    assert "set rollback.force=true to roll back to it anyway" in output
+    assert champion(path) == before
+    assert all_tags(path) == tags_before
+    versions = RegisteredVersionsDataset(manifest_artifact=MANIFEST_ARTIFACT).load()
+    rollback = {"to_version": 2, "reason": "x", "by": "alice", "force": True}
+    with caplog.at_level(logging.WARNING, logger="medical_ct.pipelines.rollback.nodes"):
+        move, _ = roll_back_champion(versions, before, rollback, GATE)
+    assert move["to_version"] == "2"
+    assert "version 2 records no test accuracy" in caplog.text
+    assert "rolling back to it as rollback.force=true asks" in caplog.text

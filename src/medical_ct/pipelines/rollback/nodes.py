@@ -78,9 +78,10 @@ def roll_back_champion(
     it (class names, the preprocessing spec of this code) and load as the service loads it
     (its model file can be missing while its metadata reads fine). A target whose recorded
     test figures (accuracy, each class's recall, ECE) fail today's gate (a version the gate
-    refused, named by a typo) is refused unless ``rollback.force``. The move tags the version
-    rolled back from (when, why, by whom) and the target (the same, and the training data of
-    the version rolled back from, which the next weekly run will not train on again).
+    refused, named by a typo), or that records no test accuracy (a registration killed before
+    its tags), is refused unless ``rollback.force``. The move tags the version rolled back
+    from (when, why, by whom) and the target (the same, and the training data of the version
+    rolled back from, which the next weekly run will not train on again).
 
     Args:
         registered_versions: Every version of the registered model.
@@ -93,7 +94,8 @@ def roll_back_champion(
         The move, twice: for ``champion_move`` (which applies it) and as the run's record.
 
     Raises:
-        RollbackRefusedError: Nothing to roll back, or the target is missing or incomplete.
+        RollbackRefusedError: Nothing to roll back, or the target is missing, incomplete or
+            fails the gate.
     """
     params = RollbackParams.from_params(rollback)
     registered = ", ".join(sorted(registered_versions, key=int)) or "none"
@@ -126,7 +128,7 @@ def roll_back_champion(
             f"The champion stays version {champion_version}; roll back to another version "
             f"(registered: {registered})"
         )
-    _check_gate(target, tags_of[target], champion_gate, params.force, champion_version)
+    _check_gate(target, registered_versions[target], champion_gate, params.force, champion_version)
     unloadable = _load_problem(target, tags_of[target])
     if unloadable:
         raise RollbackRefusedError(
@@ -183,7 +185,11 @@ def _refuse_a_rerun(champion: str, tags: dict[str, str], params: RollbackParams)
 
 
 def _check_gate(
-    target: str, tags: dict[str, str], champion_gate: dict[str, Any], force: bool, champion: str
+    target: str,
+    details: RegisteredVersion,
+    champion_gate: dict[str, Any],
+    force: bool,
+    champion: str,
 ) -> None:
     """Refuse a target whose recorded test figures fail today's champion gate, unless ``force``.
 
@@ -191,11 +197,31 @@ def _check_gate(
     refused: at an accuracy far below what any promotion needs, or with one class's recall
     of 0.4 under a fine accuracy, or confidences off by 0.3. The comparison is the promotion
     gate's (``checks.gate_failures``). A version is checked on what its tags record: one
-    registered before ECE and recalls were on its accuracy alone, one registered by hand on
-    nothing, with a warning naming what was not checked.
+    registered before ECE and recalls were on its accuracy alone, with a warning naming what
+    was not checked. One without ``test_accuracy`` is refused unless ``force``: registration
+    tags it, so a version without it is most likely one whose registration was killed before
+    its tags were written (served at 0.28 while its retry, the same model, was refused), or
+    one registered by hand, which nobody checked either.
     """
-    figures = lifecycle.gate_figures(tags)
+    figures = lifecycle.gate_figures(details.tags)
     unchecked = _unchecked(target, figures)
+    if figures.accuracy is None:
+        untested = (
+            f"version {target} records no test accuracy (tag {lifecycle.TEST_ACCURACY} missing "
+            "or not a number): it may be a version whose registration was interrupted "
+            "(registered, then killed before its tags were written: no recorded figures), "
+            "which nobody checked against the gate. See what it is in the MLflow UI: version "
+            f"{target} of {MODEL_NAME} (its tags) and "
+            + (f"its run {details.run_id} (what it logged)" if details.run_id else "its source")
+            + "; a retried registration of the same model is a later version that records "
+            "its figures"
+        )
+        if not force:
+            raise RollbackRefusedError(
+                f"{untested}. The champion stays version {champion}; check "
+                "rollback.to_version, or set rollback.force=true to roll back to it anyway"
+            )
+        logger.warning("%s; rolling back to it as rollback.force=true asks", untested)
     gate = validate_gate(champion_gate)
     failures = gate_failures(gate, figures.accuracy, figures.recalls, figures.ece)
     problem = f"version {target}'s " + "; its ".join(
