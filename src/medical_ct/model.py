@@ -183,14 +183,7 @@ def feature_extractor(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
     """
     if isinstance(model, torch.fx.GraphModule):
         graph = copy.deepcopy(model.graph)
-        heads = [
-            node
-            for node in graph.nodes
-            if node.op == "call_function" and node.target is torch.ops.aten.linear.default
-        ]
-        if not heads:
-            raise ValueError("the model graph has no linear layer to take features before")
-        features = _average_part(heads[-1].args[0])
+        features = _features_node(graph)
         next(node for node in graph.nodes if node.op == "output").args = ((features,),)
         cut = torch.fx.GraphModule(model, graph)
         cut.graph.eliminate_dead_code()
@@ -225,17 +218,11 @@ def output_and_features(
         extract = feature_extractor(model)
         return lambda images: (model(images), extract(images))  # a module: tests only
     graph = copy.deepcopy(model.graph)
-    head = [
-        node
-        for node in graph.nodes
-        if node.op == "call_function" and node.target is torch.ops.aten.linear.default
-    ][-1]
+    features = _features_node(graph)
     output = next(node for node in graph.nodes if node.op == "output")
     (result,) = output.args[0]
     with graph.inserting_before(output):
-        both = graph.call_function(
-            torch.ops.aten.cat.default, ([result, _average_part(head.args[0])], 1)
-        )
+        both = graph.call_function(torch.ops.aten.cat.default, ([result, features], 1))
     output.args = ((both,),)
     joined = torch.fx.GraphModule(model, graph)
     joined.recompile()
@@ -245,6 +232,19 @@ def output_and_features(
         return combined[:, :classes], combined[:, classes:]
 
     return run
+
+
+def _features_node(graph: torch.fx.Graph) -> torch.fx.Node:
+    """The node of an exported graph that ``feature_extractor`` takes: the input of its last
+    ``aten.linear`` (the class head), its average part for ``avg_max`` pooling."""
+    heads = [
+        node
+        for node in graph.nodes
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default
+    ]
+    if not heads:
+        raise ValueError("the model graph has no linear layer to take features before")
+    return _average_part(heads[-1].args[0])
 
 
 def _average_part(node: torch.fx.Node) -> torch.fx.Node:
