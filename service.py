@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 import anyio
 import bentoml
 import numpy as np
-import torch
 from bentoml.validators import ContentType
 from pydantic import BeforeValidator
 
@@ -55,6 +54,7 @@ from medical_ct.serving.schemas import (
     ReviewDecision,
     Revocation,
 )
+from medical_ct.serving.worker import freeze_startup_heap, share_cores
 
 logger = logging.getLogger(__name__)
 # Kedro resolves the catalog's relative paths (data/...) and the sqlite store against the
@@ -75,8 +75,7 @@ class MedicalCT:
     packaged_model = PACKAGED_MODEL
 
     def __init__(self) -> None:
-        # Workers share the cores: one torch thread pool each would oversubscribe them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // serving.workers))
+        share_cores(serving.workers)  # each worker's share, for torch's and numpy's pools
         use_tracking_uri(project.tracking_uri)
         self.prediction_log = PredictionLog(
             project.catalog.get(PREDICTION_LOG),
@@ -104,6 +103,7 @@ class MedicalCT:
         reviewer_tokens()  # a malformed MEDICAL_CT_REVIEWER_TOKENS stops the start, saying why
         self.reviews = ReviewQueue(project.catalog, project.review)
         self.reviews.watch()
+        freeze_startup_heap()  # last: what start-up built is never walked by the collector
 
     def __is_ready__(self) -> bool:
         return self.holder.current is not None
