@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from medical_ct.datasets import (
     ImageFolderDataset,
+    MlflowRunIdDataset,
     OptionalJSONDataset,
     RecordsDataset,
     read_record,
@@ -493,3 +494,17 @@ def test_a_record_store_lists_names_reads_on_call_and_writes_whole(tmp_path):
     assert not store.has("Hand-3") and not store.has("Hand-6")
     with pytest.raises(DatasetError, match="would leave"):
         store.has("../backup")
+
+
+def test_the_run_id_dataset_names_the_active_mlflow_run_and_cannot_be_written(
+    tmp_path, monkeypatch
+):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dataset = MlflowRunIdDataset()
+    assert dataset.load() is None  # outside a run: a plain `kedro run` without kedro-mlflow
+    with mlflow.start_run() as run:
+        assert dataset.load() == run.info.run_id
+    with pytest.raises(DatasetError, match="read-only"):
+        dataset.save("a run id")

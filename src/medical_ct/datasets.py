@@ -983,6 +983,22 @@ class MlflowRunTagsDataset(AbstractDataset[dict[str, str], None]):
         return {}
 
 
+class MlflowRunIdDataset(AbstractDataset[None, str | None]):
+    """The id of the active MLflow run (``None`` outside one): what run a node's output
+    belongs to, for a state that a retry of the same run must not take as an earlier run's
+    (monitoring's). Read-only."""
+
+    def load(self) -> str | None:
+        run = mlflow.active_run()
+        return None if run is None else run.info.run_id
+
+    def save(self, data: None) -> None:
+        raise DatasetError(f"{type(self).__name__} is read-only: MLflow names its runs")
+
+    def _describe(self) -> dict[str, Any]:
+        return {}
+
+
 class OptionalJSONDataset(AbstractDataset[Any, Any]):
     """A JSON state a run reads back the next time (monitoring's: what it read through, the
     figures of its last runs): ``None`` while it does not exist (before a first run wrote it).

@@ -249,7 +249,7 @@ def assert_no_alert_in_random_draws(project: Path, monkeypatch, draws: int, size
     for seed in range(draws):
         params = {**conf["monitoring"], "seed": seed, "max_drift_images": size}
         summary, metrics, _, _ = monitor_predictions(
-            log, None, champion, reference, classes, {}, None, {}, params
+            log, None, None, champion, reference, classes, {}, None, {}, params
         )
         assert summary["alerts"] == [], (seed, summary["alerts"])
         assert metrics["monitoring.input_drift_detected"]["value"] == 0, seed

@@ -12,7 +12,7 @@ from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
 from kedro_datasets.matplotlib import MatplotlibDataset
 
-from medical_ct.datasets import OptionalJSONDataset, PredictionLogDataset
+from medical_ct.datasets import MlflowRunIdDataset, OptionalJSONDataset, PredictionLogDataset
 from medical_ct.model import build_classifier
 from medical_ct.pipelines.monitoring import create_pipeline
 from medical_ct.pipelines.monitoring.nodes import (
@@ -130,12 +130,13 @@ def run(
     reads=None,
     classes=CLASSES,
     revoked=(),
+    mlflow_run=None,
     **params,
 ):
     """``feedback``: the accepted records as stored; ``kept``: those data_processing kept last
     run; ``reads``: a list that gets the id of every record read from the store; ``classes``:
     the model input's class names, which the reference's labels index; ``revoked``: the ids
-    in the revocation store."""
+    in the revocation store; ``mlflow_run``: the id of the MLflow run it is part of."""
     reads = [] if reads is None else reads
 
     def load(key: str) -> object:
@@ -145,6 +146,7 @@ def run(
     return monitor_predictions(
         dataset.load(),
         state,
+        mlflow_run,
         champion,
         reference,
         classes,
@@ -403,6 +405,28 @@ def test_a_second_run_reads_only_new_partitions_and_a_third_says_nothing_is_new(
     assert "no new prediction log records since the last run" in caplog.text
 
 
+def test_a_retry_of_the_run_that_wrote_the_state_measures_the_same_records_again(
+    log, sample, reference, champion
+):
+    """An Airflow task cleared or retried after it saved the state (the DAG's tasks share one
+    MLflow run) found nothing new: it logged an empty summary over the week's in that run.
+    Another run, after it, still finds nothing new."""
+    held_out, labels = split(sample, "held_out")
+    write_log(log, held_out[:30], [CLASSES[label] for label in labels[:30]])
+    first, _, _, state = run(log, champion, reference, mlflow_run="dag-run-1")
+
+    retried, _, _, retried_state = run(
+        log, champion, reference, state=state, mlflow_run="dag-run-1"
+    )
+    assert retried["status"] == "measured" and retried["records"] == first["records"] == 30
+    assert retried["alerts"] == first["alerts"]
+    assert len(retried_state["history"]) == len(state["history"]) == 1  # counted once
+    next_week, _, _, kept = run(
+        log, champion, reference, state=retried_state, mlflow_run="dag-run-2"
+    )
+    assert next_week["status"] == "no_new_records" and kept == retried_state
+
+
 def listed_files(filesystem, monkeypatch) -> list[str]:
     """Every entry the store's listings (``ls``, ``find``) answer from now on."""
     listed: list[str] = []
@@ -440,7 +464,7 @@ def test_a_run_lists_only_the_hours_from_its_state_on_and_reads_what_a_full_list
     assert metric(metrics, "predictions") == 20
     assert summary["unreadable_files"] == []
     everything, _, _, full_state = monitor_predictions(
-        every_file, state, champion, reference, CLASSES, {}, None, {}, PARAMS
+        every_file, state, None, champion, reference, CLASSES, {}, None, {}, PARAMS
     )
     for key in ("records", "partitions", "period", "versions"):
         assert summary[key] == everything[key]
@@ -574,6 +598,7 @@ def test_a_run_whose_plot_save_fails_leaves_the_state_for_the_next_run_to_read_a
         {
             "prediction_log": log,
             "previous_monitoring_state": state,
+            "monitoring_run": MlflowRunIdDataset(),
             "champion_model": MemoryDataset(champion),
             "monitoring_reference": MemoryDataset(reference),
             "monitoring_reference_classes": MemoryDataset(CLASSES),

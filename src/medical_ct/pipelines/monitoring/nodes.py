@@ -146,13 +146,28 @@ def new_partitions(names: list[str], state: dict[str, Any], grace_ms: int) -> li
     )
 
 
+def starting_state(state: dict[str, Any], mlflow_run: str | None) -> dict[str, Any]:
+    """The state a run starts from: the one before the last, when the last was written by
+    this very MLflow run (an Airflow task cleared or retried after saving it; the DAG's tasks
+    share the DAG run's MLflow run). Started from the last, the retry found nothing new and
+    logged an empty summary and report over the week's into the same MLflow run."""
+    if mlflow_run is not None and state.get("written_by") == mlflow_run:
+        return state.get("before") or {}
+    return state
+
+
 def next_state(
-    state: dict[str, Any], read: list[str], grace_ms: int, run: dict[str, Any] | None
+    state: dict[str, Any],
+    read: list[str],
+    grace_ms: int,
+    run: dict[str, Any] | None,
+    mlflow_run: str | None = None,
 ) -> dict[str, Any]:
     """The state after reading ``read``: the last name, the names read in the hours the next
     run lists (from the hour of the grace window's start: ``recent_from``, so that run can
     tell a listed file never read, ``too_late``), and the run's figures appended to the
-    history (the drift-over-time plot)."""
+    history (the drift-over-time plot). Written by an MLflow run, it keeps ``state`` as
+    ``before``, for a retry of that run to start from (``starting_state``)."""
     recent = sorted({*state.get("recent", []), *read})
     read_through = max([*recent, state.get("read_through") or ""]) or None
     recent_from = None
@@ -161,12 +176,16 @@ def next_state(
         recent_from = since // _HOUR_MS * _HOUR_MS
         recent = [name for name in recent if partition_first_ms(name) >= recent_from]
     history = [*state.get("history", []), *([run] if run else [])][-_HISTORY_RUNS:]
-    return {
+    new = {
         "read_through": read_through,
         "recent": recent,
         "recent_from": recent_from,
         "history": history,
     }
+    if mlflow_run is not None:
+        before = {key: value for key, value in state.items() if key not in ("before", "written_by")}
+        new.update(written_by=mlflow_run, before=before)
+    return new
 
 
 def too_late(listed: list[str], new: list[str], state: dict[str, Any]) -> list[str]:
@@ -516,6 +535,7 @@ def sample_positions(size: int, limit: int, rng: np.random.Generator) -> np.ndar
 def monitor_predictions(
     prediction_log: Mapping[str, Callable[[], pd.DataFrame]],
     previous_state: dict[str, Any] | None,
+    mlflow_run: str | None,
     champion: RegisteredClassifier | None,
     reference_set: Mapping[str, Any] | None,
     reference_classes: list[str] | None,
@@ -530,6 +550,8 @@ def monitor_predictions(
         prediction_log: ``{partition: loader}`` of the service's prediction log (the
             catalog's ``LoggedFiles``: only the hours a run may read are listed).
         previous_state: The last run's state (``None`` before the first run).
+        mlflow_run: This run's MLflow run id (``None`` outside one): a retry of the run that
+            wrote ``previous_state`` starts from the state before it (``starting_state``).
         champion: The registry's champion; ``None`` before the first promotion.
         reference_set: The model input's train split (``None`` before data_processing).
         reference_classes: The model input's class names, which its labels index (``None``
@@ -549,7 +571,7 @@ def monitor_predictions(
         measurement was lost.
     """
     params = MonitoringParams.from_params(monitoring)
-    state = previous_state or {}
+    state = starting_state(previous_state or {}, mlflow_run)
     grace_ms = int(params.late_write_grace_hours * 3600 * 1000)
     summary: dict[str, Any] = {"run_at": datetime.now(UTC).isoformat(), "alerts": []}
     if champion is None:
@@ -570,7 +592,9 @@ def monitor_predictions(
     records = logged.records
     logger.info("Monitoring: %d new records in %d partitions", len(records), len(names))
     if records.empty:
-        return _nothing_readable(summary, next_state(state, names, grace_ms, None), logged, names)
+        return _nothing_readable(
+            summary, next_state(state, names, grace_ms, None, mlflow_run), logged, names
+        )
     threshold = champion.review_threshold or params.fallback_review_threshold
     training_shares = _training_shares(reference_set, reference_classes, champion.class_names)
     accepted, _ = mark_revoked(collect_records(accepted_feedback, kept_records), revoked_feedback)
@@ -605,7 +629,7 @@ def monitor_predictions(
         logger.warning("Monitoring alert (champion version %s): %s", champion.version, alert)
     run = _history_point(summary)
     summary["history"] = [*state.get("history", []), run][-_HISTORY_RUNS:]
-    new_state = next_state(state, names, grace_ms, run)
+    new_state = next_state(state, names, grace_ms, run, mlflow_run)
     return summary, metrics_of(summary), unusual_figure, new_state
 
 

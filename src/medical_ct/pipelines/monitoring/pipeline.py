@@ -13,6 +13,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "prediction_log",
                     "previous_monitoring_state",
+                    "monitoring_run",
                     "champion_model",
                     "monitoring_reference",
                     "monitoring_reference_classes",
