@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import (
     BIN,
     FAST_RUN_PARAMS,
+    PROJECT_ROOT,
     SAMPLE_DIR,
     free_port,
     multipart,
@@ -47,7 +48,7 @@ def two_versions(root: Path) -> Path:
     params = f"{FAST_RUN_PARAMS},retrain_on_same_data=true,champion_gate.min_improvement=-1"
     subprocess.run(
         [str(BIN / "kedro"), "run", "--params", params],
-        cwd=project, env=tree_env(project, Path.cwd()), check=True, capture_output=True,
+        cwd=project, env=tree_env(project, PROJECT_ROOT), check=True, capture_output=True,
     )  # fmt: skip
     return project
 
