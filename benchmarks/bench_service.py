@@ -14,6 +14,7 @@
 
 import argparse
 import asyncio
+import contextlib
 import http.client
 import os
 import shutil
@@ -26,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -155,14 +157,16 @@ def wait_until_ready(port: int, process: subprocess.Popen, path: str = "/readyz"
     raise RuntimeError("server did not become ready")
 
 
-def measure_server(
-    command: list[str], port: int, project: Path, bodies, requests: int, concurrency: int,
-    **env: str,
-) -> dict:  # fmt: skip
+@contextlib.contextmanager
+def running_server(
+    command: list[str], port: int, project: Path, cwd: Path = PROJECT_ROOT, **env: str
+) -> Iterator[None]:
+    """``command`` (a server on ``port``) run from ``cwd`` for ``project``, until ready; stopped
+    after. Its output goes to ``project/server-<port>.log``."""
     with open(project / f"server-{port}.log", "wb") as log:
         process = subprocess.Popen(
             command,
-            cwd=PROJECT_ROOT,
+            cwd=cwd,
             env=project_env(project, **env),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -170,14 +174,22 @@ def measure_server(
         )
     try:
         wait_until_ready(port, process)
-        load(port, bodies, min(300, requests), concurrency)  # warm-up
-        return load(port, bodies, requests, concurrency)
+        yield
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def measure_server(
+    command: list[str], port: int, project: Path, bodies, requests: int, concurrency: int,
+    **env: str,
+) -> dict:  # fmt: skip
+    with running_server(command, port, project, **env):
+        load(port, bodies, min(300, requests), concurrency)  # warm-up
+        return load(port, bodies, requests, concurrency)
 
 
 def ceiling(project: Path, images: list[bytes], count: int, batch_size: int) -> float:

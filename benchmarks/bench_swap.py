@@ -16,8 +16,8 @@ another git ref, side by side in one run.
 """
 
 import argparse
+import http.client
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import (
     BIN,
     FAST_RUN_PARAMS,
-    PROJECT_ROOT,
     SAMPLE_DIR,
     free_port,
     multipart,
+    project_env,
+    running_server,
     train_project,
-    wait_until_ready,
 )
 from project import checkouts, uptime
 
-MODEL_NAME, ALIAS = "medical_ct_classifier", "champion"
+from medical_ct.registry import CHAMPION_ALIAS, MODEL_NAME
 
 
 def two_versions(root: Path) -> Path:
@@ -48,28 +48,13 @@ def two_versions(root: Path) -> Path:
     params = f"{FAST_RUN_PARAMS},retrain_on_same_data=true,champion_gate.min_improvement=-1"
     subprocess.run(
         [str(BIN / "kedro"), "run", "--params", params],
-        cwd=project, env=tree_env(project, PROJECT_ROOT), check=True, capture_output=True,
+        cwd=project, env=project_env(project), check=True, capture_output=True,
     )  # fmt: skip
     return project
 
 
-def tree_env(project: Path, tree: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
-        "MEDICAL_CT_PROJECT_DIR": str(project),
-        "MEDICAL_CT_MODEL_POLL_INTERVAL_S": "2",
-        "MEDICAL_CT_WORKERS": "2",
-        "BENTOML_HOME": str(project / "bentoml-home"),
-        "KEDRO_DISABLE_TELEMETRY": "1",
-        "PYTHONPATH": str(tree / "src"),
-    }
-
-
 def predict_while_moving(port: int, project: Path, moves: int) -> dict:
     """4 clients on /predict while the alias moves ``moves`` times; latencies and failures."""
-    import http.client
-
     from mlflow import MlflowClient
 
     registry = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
@@ -94,13 +79,14 @@ def predict_while_moving(port: int, project: Path, moves: int) -> dict:
     try:
         for move in range(moves):
             time.sleep(6 if move else 3)
-            registry.set_registered_model_alias(MODEL_NAME, ALIAS, "1" if move % 2 == 0 else "2")
+            version = "1" if move % 2 == 0 else "2"
+            registry.set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, version)
         time.sleep(6)
     finally:
         stop.set()
         for thread in clients:
             thread.join()
-    registry.set_registered_model_alias(MODEL_NAME, ALIAS, "2")
+    registry.set_registered_model_alias(MODEL_NAME, CHAMPION_ALIAS, "2")
     cuts = statistics.quantiles(latencies, n=100)
     return {
         "answers": len(latencies),
@@ -112,19 +98,15 @@ def predict_while_moving(port: int, project: Path, moves: int) -> dict:
 
 
 def measure(tree: Path, project: Path, moves: int) -> dict:
+    """``tree``'s service (2 workers, the champion polled every 2 s) while the alias moves."""
     port = free_port()
-    with open(project / f"serve-{port}.log", "wb") as log:
-        server = subprocess.Popen(
-            [str(BIN / "bentoml"), "serve", "service:MedicalCT", "--port", str(port)],
-            cwd=tree, env=tree_env(project, tree), stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    try:
-        wait_until_ready(port, server)
+    command = [str(BIN / "bentoml"), "serve", "service:MedicalCT", "--port", str(port)]
+    env = {"MEDICAL_CT_MODEL_POLL_INTERVAL_S": "2", "MEDICAL_CT_WORKERS": "2"}
+    with running_server(
+        command, port, project, cwd=tree, PYTHONPATH=str(tree / "src"),
+        BENTOML_HOME=str(project / "bentoml-home"), **env,
+    ):  # fmt: skip
         return predict_while_moving(port, project, moves)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
 
 
 def main() -> None:

@@ -39,7 +39,8 @@ def freeze_startup_heap() -> None:
     every time, holding the interpreter: 200-550 ms every few seconds under load, and every
     request of the worker waited. Frozen (``gc.freeze``), they are skipped: full collections
     took 70-160 ms under the same load. The first model's own reference cycles are frozen with
-    it, so after the first swap its memory (0.4 MB on the sample) is kept, once a worker.
+    it, so after the first swap its memory (0.4 MB on the sample) is kept, once a worker. The
+    collection before freezing adds 0.4-0.5 s to each worker's start.
     """
     gc.collect()
     gc.freeze()
